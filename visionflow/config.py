@@ -1,0 +1,155 @@
+"""Typed pipeline configuration: one pydantic model, sections for data, model, optimization,
+training and output. It is the flow's parameter (the Prefect UI renders it as a form), it is
+saved resolved into every checkpoint and manifest, and bad values are rejected naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from visionflow.errors import ConfigError
+
+Optimizer = Literal["sgd", "adam", "adamw"]
+Scheduler = Literal["none", "step", "cosine", "onecycle"]
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key in a YAML file is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str = Field("sample", description="Dataset SPEC: 'sample', 'cifar10', or a folder path (ImageFolder layout).")
+    data_dir: str = Field("data", description="Where downloads, the bundled sample and the decoded-tensor cache live.")
+    image_size: int = Field(32, ge=8, le=1024, description="Square input size in pixels; images are resized to it.")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Held-out fraction when a folder has no val/ or test/ split.")
+    split_seed: int = Field(0, ge=0, description="Seed of that held-out split (independent of the training seed).")
+    on_invalid: Literal["skip", "fail"] = Field("skip", description="Unreadable images: leave them out and report ('skip') or stop ('fail').")
+    batch_size: int = Field(64, ge=1, le=65536, description="Images per optimizer step.")
+    shuffle: bool = Field(True, description="Reshuffle the training set every epoch.")
+    drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (only for file-backed loading).")
+    augment: bool | None = Field(None, description="Random crop (padding 4) + horizontal flip on training batches; None = from the recipe.")
+    mean: list[float] | None = Field(None, min_length=3, max_length=3, description="Per-channel normalization mean; None = computed from the train split.")
+    std: list[float] | None = Field(None, min_length=3, max_length=3, description="Per-channel normalization std; None = computed from the train split.")
+
+
+class ModelConfig(_Section):
+    name: str = Field("tudui", description="Model name from the registry: tudui (the tutorial's CIFAR-10 net) or resnet18.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from visionflow.models import MODELS  # late import: models imports torch
+
+        if value not in MODELS:
+            raise ValueError(f"Invalid model '{value}'. Choose from: {', '.join(sorted(MODELS))}")
+        return value
+
+
+class OptimConfig(_Section):
+    recipe: str = Field("default", description="Named preset filling the fields left empty below: default or tutorial.")
+    optimizer: Optimizer | None = Field(None, description="sgd, adam or adamw; None = from the recipe.")
+    lr: float | None = Field(None, gt=0.0, le=10.0, description="Peak learning rate; None = from the recipe.")
+    momentum: float | None = Field(None, ge=0.0, lt=1.0, description="SGD momentum; None = from the recipe.")
+    nesterov: bool | None = Field(None, description="SGD Nesterov momentum; None = from the recipe.")
+    weight_decay: float | None = Field(None, ge=0.0, description="Weight decay; None = from the recipe.")
+    scheduler: Scheduler | None = Field(None, description="none, step, cosine or onecycle; None = from the recipe.")
+    step_size: int | None = Field(None, ge=1, description="Epochs between decays for the step scheduler.")
+    gamma: float | None = Field(None, gt=0.0, le=1.0, description="Decay factor for the step scheduler.")
+    label_smoothing: float | None = Field(None, ge=0.0, lt=1.0, description="Cross-entropy label smoothing; None = from the recipe.")
+    grad_clip: float | None = Field(None, ge=0.0, description="Max gradient L2 norm, 0 = off; None = from the recipe.")
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, value: str) -> str:
+        if value not in RECIPES:
+            raise ValueError(f"Invalid recipe '{value}'. Choose from: {', '.join(sorted(RECIPES))}")
+        return value
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(5, ge=1, le=10000, description="Passes over the training split.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (CUDA and CPU).")
+    channels_last: bool = Field(False, description="Use channels_last memory format (faster convolutions on recent GPUs).")
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    seed: int = Field(0, ge=0, description="One seed for Python, NumPy, torch, shuffling and workers.")
+    monitor: Literal["eval_accuracy", "eval_loss"] = Field("eval_accuracy", description="Metric that picks the best checkpoint and drives early stopping.")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many epochs without improvement; None = never.")
+
+
+class OutputConfig(_Section):
+    output_dir: str = Field("artifacts", description="Root of run outputs: <output_dir>/runs/<run_name>/.")
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run directory name; None = generated, unique.")
+    refresh: bool = Field(False, description="Ignore cached task results and recompute everything.")
+
+
+class PipelineConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset and loading.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Architecture.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer, schedule and regularization.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Epochs, device, precision, seed.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+
+    def resolved(self) -> "PipelineConfig":
+        """Return a copy with every recipe-controlled field filled in (what a run really used)."""
+        recipe = RECIPES[self.optim.recipe]
+        optim = {k: (v if v is not None else recipe.get(k)) for k, v in self.optim.model_dump().items()}
+        data = self.data.model_dump()
+        if data["augment"] is None:
+            data["augment"] = recipe["augment"]
+        return self.model_copy(update={"optim": OptimConfig(**optim), "data": DataConfig(**data)})
+
+
+# Named presets. `tutorial` is the seed tutorial's recipe (plain SGD, lr 0.01, no augmentation) so
+# users can compare; `default` is what we recommend (see README's performance section for figures).
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                    scheduler="onecycle", step_size=30, gamma=0.1, label_smoothing=0.1,
+                    grad_clip=0.0, augment=True),
+    "tutorial": dict(optimizer="sgd", lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
+                     scheduler="none", step_size=30, gamma=0.1, label_smoothing=0.0,
+                     grad_clip=0.0, augment=False),
+}
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "config"
+    got = first.get("input")
+    return f"Invalid config field '{field}': {first['msg']} (got {got!r})"
+
+
+def build_config(values: dict[str, Any] | None = None) -> PipelineConfig:
+    """Validate a nested dict into a PipelineConfig; a bad value raises ConfigError naming the field."""
+    try:
+        return PipelineConfig.model_validate(values or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a YAML config (optional) and apply dotted overrides like {'training.epochs': 3}."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' not found: expected a YAML file with sections data, model, optim, training, output")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping of sections, got {type(values).__name__}")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        target = values.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"Invalid config field '{section}': expected a mapping")
+        target[key] = value
+    return build_config(values)
