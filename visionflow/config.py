@@ -87,6 +87,7 @@ class OutputConfig(_Section):
     output_dir: str = Field("artifacts", description="Root of run outputs: <output_dir>/runs/<run_name>/.")
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run directory name; None = generated, unique.")
     refresh: bool = Field(False, description="Ignore cached task results and recompute everything.")
+    champion: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Champion slot under <output_dir>/models/: promote this run there when it scores at least as well as the current champion on training.monitor; None = no promotion.")
 
 
 class PipelineConfig(_Section):
