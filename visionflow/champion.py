@@ -1,0 +1,256 @@
+"""Champion / challenger: compare a finished run (the challenger) with the model in a champion
+slot on the same evaluation split and the configured metric, and promote the challenger when
+it is at least as good.
+
+Layout of a slot (``<output_dir>/models/<slot>``)::
+
+    models/<slot>  ->  .<slot>/<version>/      # a relative symlink, swapped atomically
+    models/.<slot>/<version>/
+        model.safetensors, model.json          # the run's export (weights + ModelSpec)
+        manifest.json                          # the run's manifest, with the decision
+        decision.json                          # the decision that promoted it
+
+Decisions:
+- Promotion never exposes a half-written champion: the new version folder is built under a
+  temporary name, renamed into place, and only then is the slot link replaced with
+  ``os.replace`` (an atomic rename). Readers of ``models/<slot>`` see the old champion or the
+  new one, never a mix; the previous ``KEEP_PREVIOUS`` versions stay on disk for readers that
+  resolved the old link and for rollback (``ln -sfn .<slot>/<version> models/<slot>``).
+- Both models are scored on the challenger's evaluation split: the challenger's score is the
+  one its run measured (``manifest.metrics``), the champion is re-evaluated on that split, so a
+  champion promoted on older data is judged on today's data.
+- Identical weights (same ``weights_sha256``, e.g. a cached run on unchanged data) are "kept"
+  without evaluating anything: this keeps a scheduled run on unchanged data cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from visionflow.cache import load_decoded
+from visionflow.checkpoints import EXPORT_SPEC, EXPORT_WEIGHTS, atomic_write_bytes, atomic_write_json, load_model
+from visionflow.data import Split
+from visionflow.errors import CheckpointError, ConfigError
+from visionflow.evaluation import EvalReport, evaluate_model
+
+MODELS_SUBDIR = "models"
+MANIFEST = "manifest.json"
+DECISION = "decision.json"
+EXPORT_SUBDIR = "export"
+KEEP_PREVIOUS = 2
+# training.monitor -> (EvalReport field, higher is better)
+METRICS: dict[str, tuple[str, bool]] = {"eval_accuracy": ("accuracy", True), "eval_loss": ("loss", False)}
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The model currently in a slot."""
+
+    slot: str
+    path: Path  # the version folder the slot link points to; load_model(path) works on it
+    version: str  # the version folder it points to
+    run_name: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class ChampionDecision:
+    """Whether a run was promoted into a slot, both scores on the same split, and why."""
+
+    slot: str
+    metric: str
+    promoted: bool
+    reason: str
+    challenger_run: str
+    challenger_score: float
+    challenger_weights_sha256: str
+    champion_run: str | None  # the champion before this decision; None when the slot was empty
+    champion_score: float | None
+    champion_weights_sha256: str | None
+    eval_split: str
+    eval_images: int
+    decided_at: str  # ISO 8601, UTC
+
+    @property
+    def outcome(self) -> str:
+        return "promoted" if self.promoted else "kept"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "outcome": self.outcome}
+
+    def to_markdown(self) -> str:
+        """A small report for the Prefect UI: the outcome, the reason and a score table."""
+        def score(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.4f}"
+
+        champion = self.champion_run or "(none)"
+        return "\n".join([
+            f"## Champion `{self.slot}`: challenger **{self.outcome}**",
+            "",
+            f"Reason: {self.reason}",
+            "",
+            f"| model | run | {self.metric} | weights sha256 |",
+            "|---|---|---|---|",
+            f"| challenger | {self.challenger_run} | {score(self.challenger_score)} | `{self.challenger_weights_sha256[:12]}` |",
+            f"| champion | {champion} | {score(self.champion_score)} | `{(self.champion_weights_sha256 or '')[:12]}` |",
+            "",
+            f"Both scored on the `{self.eval_split}` split ({self.eval_images} images); decided {self.decided_at}.",
+        ])
+
+
+def slot_path(output_dir: Path | str, slot: str) -> Path:
+    """``<output_dir>/models/<slot>``: the link readers use."""
+    return Path(output_dir) / MODELS_SUBDIR / slot
+
+
+def _versions_dir(output_dir: Path | str, slot: str) -> Path:
+    return Path(output_dir) / MODELS_SUBDIR / f".{slot}"
+
+
+def _read_json(path: Path, expected: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"File '{path}' not found: expected {expected}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"'{path}' is not valid JSON: {err}") from None
+
+
+def metric_direction(metric: str) -> tuple[str, bool]:
+    """(EvalReport field, higher is better) of a training.monitor name."""
+    if metric not in METRICS:
+        raise ConfigError(f"Invalid champion metric '{metric}'. Choose from: {', '.join(sorted(METRICS))}")
+    return METRICS[metric]
+
+
+def read_champion(output_dir: Path | str, slot: str) -> Champion | None:
+    """The champion in ``slot``, or None when the slot is empty."""
+    path = slot_path(output_dir, slot)
+    if not path.exists():
+        return None
+    if not path.is_symlink():
+        raise CheckpointError(f"Champion slot '{path}' is a plain folder: expected a link to "
+                              f"{_versions_dir(output_dir, slot)}/<version> managed by visionflow; move it away")
+    version = path.resolve()  # one version for the whole comparison, even if the link is swapped meanwhile
+    expected = f"a champion folder with {EXPORT_WEIGHTS}, {EXPORT_SPEC}, {MANIFEST} and {DECISION}"
+    spec = _read_json(version / EXPORT_SPEC, expected)
+    decision = _read_json(version / DECISION, expected)
+    return Champion(slot=slot, path=version, version=version.name, run_name=str(decision["challenger_run"]),
+                    weights_sha256=str(spec["weights_sha256"]))
+
+
+def evaluate_export(path: Path, eval_split: Split, cache_dir: Path | str, device: str = "auto") -> EvalReport:
+    """Evaluate an exported model on ``eval_split``, decoded at the model's own input size."""
+    model, spec = load_model(path)
+    if list(spec.class_names) != list(eval_split.classes):
+        raise CheckpointError(f"Model '{path}' predicts classes {spec.class_names} but the evaluation split has "
+                              f"{list(eval_split.classes)}: use another output.champion slot for this dataset")
+    return evaluate_model(model, spec, load_decoded(eval_split, spec.input_size, cache_dir), device=device)
+
+
+def evaluate_champion(output_dir: Path | str, slot: str, eval_split: Split, cache_dir: Path | str,
+                      device: str = "auto") -> tuple[Champion, EvalReport]:
+    """The champion in ``slot`` and its report on ``eval_split``; an empty slot is an error."""
+    champion = read_champion(output_dir, slot)
+    if champion is None:
+        raise CheckpointError(f"Champion slot '{slot_path(output_dir, slot)}' is empty: "
+                              f"train with output.champion={slot} to promote a model into it")
+    return champion, evaluate_export(champion.path, eval_split, cache_dir, device)
+
+
+def _should_promote(challenger: float, champion: float, metric: str) -> bool:
+    """At least as good: >= for a higher-is-better metric, <= for a lower-is-better one."""
+    _, higher_is_better = metric_direction(metric)
+    return challenger >= champion if higher_is_better else challenger <= champion
+
+
+def _reason(challenger: float, champion: float | None, metric: str, promoted: bool, same_weights: bool) -> str:
+    if champion is None:
+        return "no champion in the slot yet"
+    if same_weights:
+        return "same weights"
+    better = "higher" if metric_direction(metric)[1] else "lower"
+    verdict = "is at least as good as" if promoted else "is worse than"
+    return f"challenger {metric} {challenger:.4f} {verdict} champion {champion:.4f} ({better} is better)"
+
+
+def decide(slot: str, metric: str, challenger_run: str, challenger_score: float, challenger_sha: str,
+           champion: Champion | None, champion_score: float | None, eval_split: Split) -> ChampionDecision:
+    """The decision for a challenger against the current champion (None: empty slot)."""
+    same_weights = champion is not None and champion.weights_sha256 == challenger_sha
+    if same_weights:
+        champion_score = challenger_score  # identical weights score identically on one split
+    promoted = champion is None or (not same_weights and _should_promote(challenger_score, champion_score, metric))
+    return ChampionDecision(
+        slot=slot, metric=metric, promoted=promoted,
+        reason=_reason(challenger_score, champion_score, metric, promoted, same_weights),
+        challenger_run=challenger_run, challenger_score=challenger_score, challenger_weights_sha256=challenger_sha,
+        champion_run=champion.run_name if champion else None, champion_score=champion_score,
+        champion_weights_sha256=champion.weights_sha256 if champion else None,
+        eval_split=eval_split.name, eval_images=len(eval_split),
+        decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _prune(versions: Path, current: str) -> None:
+    """Delete versions older than the current one and the KEEP_PREVIOUS before it."""
+    done = sorted(p.name for p in versions.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in done[: max(0, done.index(current) - KEEP_PREVIOUS)]:
+        shutil.rmtree(versions / name, ignore_errors=True)
+
+
+def promote(run_dir: Path, manifest: dict[str, Any], decision: ChampionDecision, output_dir: Path | str) -> Path:
+    """Install the run's export, manifest and decision as the slot's new version; swap the link atomically."""
+    link = slot_path(output_dir, decision.slot)
+    if link.exists() and not link.is_symlink():
+        raise CheckpointError(f"Champion slot '{link}' is a plain folder: expected a link managed by visionflow; move it away")
+    versions = _versions_dir(output_dir, decision.slot)
+    versions.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    version = f"{stamp}-{decision.challenger_weights_sha256[:12]}"
+    staging = Path(tempfile.mkdtemp(dir=versions, prefix=".staging-"))
+    try:
+        for name in (EXPORT_WEIGHTS, EXPORT_SPEC):
+            atomic_write_bytes(staging / name, (run_dir / EXPORT_SUBDIR / name).read_bytes())
+        atomic_write_json(staging / MANIFEST, manifest)
+        atomic_write_json(staging / DECISION, decision.to_dict())
+        os.replace(staging, versions / version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    new_link = link.with_name(f".{decision.slot}.link-{version}")
+    os.symlink(Path(versions.name) / version, new_link, target_is_directory=True)
+    os.replace(new_link, link)
+    _prune(versions, version)
+    return link
+
+
+def challenge(run_dir: Path | str, slot: str, metric: str, eval_split: Split, output_dir: Path | str,
+              cache_dir: Path | str, device: str = "auto") -> ChampionDecision:
+    """Compare the run in ``run_dir`` with the champion in ``slot``, promote it when it is at least
+    as good, and record the decision in the run's manifest (key ``champion``)."""
+    run_dir = Path(run_dir)
+    expected = f"a finished run folder with {MANIFEST} and {EXPORT_SUBDIR}/{EXPORT_SPEC}"
+    manifest = _read_json(run_dir / MANIFEST, expected)
+    spec = _read_json(run_dir / EXPORT_SUBDIR / EXPORT_SPEC, expected)
+    metrics = manifest.get("metrics", {})
+    if metric not in metrics:
+        raise CheckpointError(f"Manifest '{run_dir / MANIFEST}' has no metrics.{metric}: found {', '.join(sorted(metrics)) or 'none'}")
+    champion = read_champion(output_dir, slot)
+    challenger_sha = str(spec["weights_sha256"])
+    field, _ = metric_direction(metric)
+    champion_score = (float(getattr(evaluate_export(champion.path, eval_split, cache_dir, device), field))
+                      if champion is not None and champion.weights_sha256 != challenger_sha else None)
+    decision = decide(slot, metric, run_dir.name, float(metrics[metric]), challenger_sha,
+                      champion, champion_score, eval_split)
+    manifest = {**manifest, "champion": decision.to_dict()}
+    if decision.promoted:
+        promote(run_dir, manifest, decision, output_dir)
+    atomic_write_json(run_dir / MANIFEST, manifest)
+    return decision
