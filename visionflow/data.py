@@ -152,7 +152,8 @@ def resolve_folder(root: Path | str, spec: str | None = None, val_fraction: floa
     given = spec if spec is not None else str(root)
     root = Path(root).expanduser()
     if not root.exists():
-        raise DatasetError(f"Dataset '{given}' not found: no such folder; {_EXPECTED}")
+        raise DatasetError(f"Unknown dataset '{given}': not 'sample' or 'cifar10', and no such folder exists; "
+                           f"{_EXPECTED}")
     if not root.is_dir():
         raise DatasetError(f"Dataset '{given}' is a file, not a folder; {_EXPECTED}")
     root = root.resolve()
