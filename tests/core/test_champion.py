@@ -1,0 +1,162 @@
+"""Champion / challenger on real exports and a real (tiny) evaluation split."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from visionflow import champion as ch
+from visionflow.checkpoints import export_model, load_model
+from visionflow.data import DatasetInfo, resolve_dataset
+from visionflow.errors import CheckpointError, ConfigError
+from visionflow.models import ModelSpec, build_model
+
+CLASSES = ("airplane", "cat", "ship")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory, sample_dataset: Path) -> DatasetInfo:
+    root = tmp_path_factory.mktemp("tiny")
+    for split, count in (("train", 2), ("val", 4)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for src in sorted((sample_dataset / split / name).iterdir())[:count]:
+                shutil.copy(src, root / split / name / src.name)
+    return resolve_dataset(str(root))
+
+
+def make_run(out: Path, name: str, seed: int, metrics: dict[str, float]) -> Path:
+    """A finished run folder as the pipeline leaves it: export/ and manifest.json."""
+    torch.manual_seed(seed)
+    spec = ModelSpec("tudui", len(CLASSES), 32, list(CLASSES), [0.5] * 3, [0.25] * 3)
+    run_dir = out / "runs" / name
+    export_model(build_model("tudui", len(CLASSES)), spec, run_dir / "export")
+    (run_dir / "manifest.json").write_text(json.dumps({"run_name": name, "metrics": metrics}))
+    return run_dir
+
+
+def challenge(run_dir: Path, out: Path, dataset: DatasetInfo, metric: str = "eval_accuracy") -> ch.ChampionDecision:
+    return ch.challenge(run_dir, "nightly", metric, dataset.eval_split, out, out / "cache", device="cpu")
+
+
+def versions(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "models" / ".nightly").iterdir())
+
+
+@pytest.mark.parametrize("metric, challenger, champion, expected", [
+    ("eval_accuracy", 0.6, 0.5, True), ("eval_accuracy", 0.5, 0.5, True), ("eval_accuracy", 0.4, 0.5, False),
+    ("eval_loss", 0.9, 1.0, True), ("eval_loss", 1.0, 1.0, True), ("eval_loss", 1.1, 1.0, False),
+])
+def test_should_promote_when_at_least_as_good(metric: str, challenger: float, champion: float, expected: bool) -> None:
+    assert ch._should_promote(challenger, champion, metric) is expected
+
+
+def test_unknown_metric_names_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match="Invalid champion metric 'f1'. Choose from: eval_accuracy, eval_loss"):
+        ch.metric_direction("f1")
+
+
+def test_empty_slot_promotes_and_records_the_decision(tmp_path: Path, dataset: DatasetInfo) -> None:
+    run = make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3, "eval_loss": 1.1})
+    decision = challenge(run, tmp_path, dataset)
+    assert decision.promoted and decision.reason == "no champion in the slot yet"
+    assert decision.champion_run is None and decision.champion_score is None
+    slot = tmp_path / "models" / "nightly"
+    assert slot.is_symlink() and not os.path.isabs(os.readlink(slot))  # relative: the output folder can move
+    assert sorted(p.name for p in slot.iterdir()) == ["decision.json", "manifest.json", "model.json", "model.safetensors"]
+    _, spec = load_model(slot)
+    assert spec.class_names == list(CLASSES)
+    run_manifest = json.loads((run / "manifest.json").read_text())
+    assert run_manifest["champion"]["outcome"] == "promoted"
+    assert json.loads((slot / "manifest.json").read_text()) == run_manifest
+    current = ch.read_champion(tmp_path, "nightly")
+    assert current is not None and current.run_name == "run-a"
+    assert current.weights_sha256 == decision.challenger_weights_sha256
+
+
+def test_same_weights_are_kept_without_a_new_version(tmp_path: Path, dataset: DatasetInfo) -> None:
+    challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
+    before = versions(tmp_path)
+    decision = challenge(make_run(tmp_path, "run-b", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
+    assert (decision.outcome, decision.reason) == ("kept", "same weights")
+    assert decision.champion_score == decision.challenger_score == 0.3
+    assert decision.champion_run == "run-a"
+    assert versions(tmp_path) == before
+    assert json.loads((tmp_path / "runs" / "run-b" / "manifest.json").read_text())["champion"]["reason"] == "same weights"
+
+
+@pytest.mark.parametrize("metric, better, worse", [("eval_accuracy", 1.0, 0.0), ("eval_loss", 0.0, 1e9)])
+def test_champion_is_rescored_on_the_challengers_split(tmp_path: Path, dataset: DatasetInfo, metric: str,
+                                                       better: float, worse: float) -> None:
+    challenge(make_run(tmp_path, "run-a", seed=0, metrics={metric: 0.5}), tmp_path, dataset, metric)
+    kept = challenge(make_run(tmp_path, "run-b", seed=1, metrics={metric: worse}), tmp_path, dataset, metric)
+    assert kept.outcome == "kept" and "is worse than champion" in kept.reason
+    assert kept.champion_score is not None and kept.champion_score != 0.5  # measured now, not the stored 0.5
+    assert kept.eval_split == "val" and kept.eval_images == 4 * len(CLASSES)
+    assert ch.read_champion(tmp_path, "nightly").run_name == "run-a"
+    promoted = challenge(make_run(tmp_path, "run-c", seed=2, metrics={metric: better}), tmp_path, dataset, metric)
+    assert promoted.promoted and "is at least as good as champion" in promoted.reason
+    assert promoted.champion_run == "run-a"
+    assert ch.read_champion(tmp_path, "nightly").run_name == "run-c"
+
+
+def test_old_versions_are_pruned_beyond_keep_previous(tmp_path: Path, dataset: DatasetInfo) -> None:
+    for seed in range(ch.KEEP_PREVIOUS + 3):
+        challenge(make_run(tmp_path, f"run-{seed}", seed=seed, metrics={"eval_loss": -seed}), tmp_path, dataset, "eval_loss")
+    kept = versions(tmp_path)
+    assert len(kept) == ch.KEEP_PREVIOUS + 1
+    assert os.readlink(tmp_path / "models" / "nightly").endswith(kept[-1])
+
+
+def test_failed_promotion_leaves_the_champion_intact(tmp_path: Path, dataset: DatasetInfo) -> None:
+    challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.0}), tmp_path, dataset)
+    before = versions(tmp_path)
+    broken = make_run(tmp_path, "run-b", seed=1, metrics={"eval_accuracy": 1.0})
+    decision = ch.decide("nightly", "eval_accuracy", "run-b", 1.0, "f" * 64, ch.read_champion(tmp_path, "nightly"),
+                         0.0, dataset.eval_split)
+    (broken / "export" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError):
+        ch.promote(broken, {}, decision, tmp_path)
+    assert versions(tmp_path) == before  # no staging folder left behind
+    assert ch.read_champion(tmp_path, "nightly").run_name == "run-a"
+
+
+def test_plain_folder_in_the_slot_is_refused(tmp_path: Path, dataset: DatasetInfo) -> None:
+    (tmp_path / "models" / "nightly").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="is a plain folder: expected a link"):
+        challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
+
+
+def test_champion_with_other_classes_cannot_be_compared(tmp_path: Path, dataset: DatasetInfo) -> None:
+    challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
+    split = replace(dataset.eval_split, classes=("a", "b", "c"))
+    with pytest.raises(CheckpointError, match=r"predicts classes \['airplane', 'cat', 'ship'\] but the evaluation split has \['a', 'b', 'c'\]"):
+        ch.challenge(make_run(tmp_path, "run-b", seed=1, metrics={"eval_accuracy": 0.3}), "nightly", "eval_accuracy",
+                     split, tmp_path, tmp_path / "cache", device="cpu")
+
+
+def test_missing_metric_in_the_manifest_names_the_found_ones(tmp_path: Path, dataset: DatasetInfo) -> None:
+    with pytest.raises(CheckpointError, match="has no metrics.eval_loss: found eval_accuracy"):
+        challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset, "eval_loss")
+
+
+def test_evaluate_champion(tmp_path: Path, dataset: DatasetInfo) -> None:
+    with pytest.raises(CheckpointError, match="is empty: train with output.champion=nightly"):
+        ch.evaluate_champion(tmp_path, "nightly", dataset.eval_split, tmp_path / "cache", device="cpu")
+    challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
+    current, report = ch.evaluate_champion(tmp_path, "nightly", dataset.eval_split, tmp_path / "cache", device="cpu")
+    assert current.run_name == "run-a" and report.num_images == 4 * len(CLASSES)
+    assert 0.0 <= report.accuracy <= 1.0
+
+
+def test_decision_markdown_has_both_scores_and_the_reason(dataset: DatasetInfo) -> None:
+    decision = ch.decide("nightly", "eval_loss", "run-b", 0.9, "b" * 64, None, None, dataset.eval_split)
+    text = decision.to_markdown()
+    assert "challenger **promoted**" in text and "no champion in the slot yet" in text
+    assert "| challenger | run-b | 0.9000 |" in text and "| champion | (none) | n/a |" in text
