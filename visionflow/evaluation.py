@@ -1,0 +1,184 @@
+"""Evaluation reports (loss, accuracy, top-5, per-class metrics, confusion matrix, the most
+confidently wrong images) and prediction on image files with a model's own preprocessing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, get_args
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from visionflow import engine, transforms
+from visionflow.cache import DecodedSplit
+from visionflow.config import TrainingConfig
+from visionflow.errors import ConfigError, DatasetError
+from visionflow.images import load_rgb, thread_map
+from visionflow.models import ModelSpec
+
+CONFIDENTLY_WRONG_K = 16
+TOP_K = 5
+PER_CLASS_COLUMNS = ["precision", "recall", "f1", "support"]
+PRECISIONS = get_args(TrainingConfig.model_fields["precision"].annotation)  # ("fp32", "bf16")
+
+
+@dataclass
+class EvalReport:
+    """Metrics of one model on one labelled split."""
+
+    classes: list[str]
+    num_images: int
+    loss: float  # mean cross-entropy
+    accuracy: float  # top-1, in [0, 1]
+    top5: float | None  # None under TOP_K classes
+    per_class: pd.DataFrame  # index: class name; columns PER_CLASS_COLUMNS
+    confusion_matrix: list[list[int]]  # [true][predicted]
+    confidently_wrong: list[dict]  # {"file", "true", "predicted", "probability"}, most confident first
+
+    def to_dict(self) -> dict:
+        """JSON-ready: plain floats, ints and strings only."""
+        per_class = [{"class": name, "precision": float(row.precision), "recall": float(row.recall),
+                      "f1": float(row.f1), "support": int(row.support)}
+                     for name, row in self.per_class.iterrows()]
+        return {"accuracy": self.accuracy, "loss": self.loss, "top5": self.top5, "num_images": self.num_images,
+                "classes": list(self.classes), "per_class": per_class,
+                "confusion_matrix": self.confusion_matrix, "confidently_wrong": self.confidently_wrong}
+
+    def to_text(self) -> str:
+        """A readable summary: headline metrics, the per-class table, and the confusion matrix."""
+        top5 = "n/a" if self.top5 is None else f"{self.top5:.4f}"
+        confusion = pd.DataFrame(self.confusion_matrix, index=self.classes, columns=self.classes)
+        confusion = confusion.rename_axis(index="true \\ predicted")
+        return "\n".join([
+            f"images: {self.num_images}  loss: {self.loss:.4f}  accuracy: {self.accuracy:.4f}  top5: {top5}",
+            "", self.per_class.to_string(float_format=lambda v: f"{v:.4f}"),
+            "", confusion.to_string(),
+        ])
+
+
+def _safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator, 0.0 where the denominator is 0 (zero-division convention)."""
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.zeros_like(numerator))
+
+
+def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
+    """(C, C) int64 counts, rows = true class, columns = predicted class."""
+    flat = labels * num_classes + predictions  # (N,)
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_metrics(confusion: Tensor, classes: Sequence[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class from a confusion matrix (zero division -> 0.0)."""
+    confusion = confusion.double()
+    true_positives = confusion.diag()  # (C,)
+    support = confusion.sum(dim=1)  # (C,) images per true class
+    predicted = confusion.sum(dim=0)  # (C,) images per predicted class
+    precision = _safe_ratio(true_positives, predicted)
+    recall = _safe_ratio(true_positives, support)
+    f1 = _safe_ratio(2 * precision * recall, precision + recall)
+    return pd.DataFrame({"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+                         "support": support.long().tolist()}, index=pd.Index(list(classes), name="class"))
+
+
+def top_k_accuracy(logits: Tensor, labels: Tensor, k: int = TOP_K) -> float | None:
+    """Fraction of images whose label is among the k highest logits; None with fewer than k classes."""
+    if logits.shape[1] < k:
+        return None
+    hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)  # (N,)
+    return hits.double().mean().item()
+
+
+def confidently_wrong(probabilities: Tensor, labels: Tensor, classes: Sequence[str],
+                      files: Sequence[str], k: int = CONFIDENTLY_WRONG_K) -> list[dict]:
+    """The k misclassified images with the highest predicted probability, most confident first."""
+    confidence, predictions = probabilities.max(dim=1)  # (N,), (N,)
+    wrong = (predictions != labels).nonzero().flatten()  # (W,)
+    ranked = wrong[confidence[wrong].argsort(descending=True, stable=True)][:k]
+    return [{"file": files[i], "true": classes[labels[i]], "predicted": classes[predictions[i]],
+             "probability": confidence[i].item()} for i in ranked.tolist()]
+
+
+def report_from_logits(logits: Tensor, labels: Tensor, classes: Sequence[str], files: Sequence[str],
+                       k: int = CONFIDENTLY_WRONG_K) -> EvalReport:
+    """Every metric of an EvalReport from (N, C) logits, (N,) labels and the N files' names."""
+    logits, labels = logits.float().cpu(), labels.long().cpu()
+    confusion = confusion_matrix(labels, logits.argmax(dim=1), len(classes))
+    return EvalReport(
+        classes=list(classes), num_images=len(labels),
+        loss=F.cross_entropy(logits, labels).item(),
+        accuracy=(confusion.diag().sum() / len(labels)).item(),
+        top5=top_k_accuracy(logits, labels),
+        per_class=per_class_metrics(confusion, classes),
+        confusion_matrix=confusion.tolist(),
+        confidently_wrong=confidently_wrong(logits.softmax(dim=1), labels, classes, files, k),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a model
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"Invalid precision '{precision}'. Choose from: {', '.join(PRECISIONS)}")
+
+
+def _check_split_fits(spec: ModelSpec, decoded: DecodedSplit) -> None:
+    """The split must be non-empty, decoded at the model's input size, with the model's classes."""
+    if len(decoded.labels) == 0:
+        raise DatasetError("The split to evaluate has no images: expected at least one")
+    if tuple(decoded.classes) != tuple(spec.class_names):
+        raise DatasetError(f"Dataset classes {list(decoded.classes)} do not match the model's class_names "
+                           f"{list(spec.class_names)}: evaluate on a dataset with the classes the model was trained on")
+    size = tuple(decoded.images.shape[-2:])
+    if size != (spec.input_size, spec.input_size):
+        raise DatasetError(f"Images are decoded at {size[0]}x{size[1]} but the model expects "
+                           f"{spec.input_size}x{spec.input_size}: decode the split at the spec's input_size")
+
+
+def evaluate_model(model: nn.Module, spec: ModelSpec, decoded: DecodedSplit, device: str = "auto",
+                   batch_size: int = 256, precision: str = "fp32") -> EvalReport:
+    """Evaluate ``model`` (moved to ``device``) on a decoded split, normalized with the spec's mean/std."""
+    _check_precision(precision)
+    _check_split_fits(spec, decoded)
+    target = engine.resolve_device(device)
+    batches = engine.eval_batches(decoded.images, decoded.labels, spec.mean, spec.std, target, batch_size)
+    logits, labels = engine.collect_logits(model.to(target), batches, target, precision)  # (N, C), (N,)
+    return report_from_logits(logits, labels, decoded.classes, decoded.files)
+
+
+def predict_images(model: nn.Module, spec: ModelSpec, paths: Sequence[str | Path], device: str = "auto",
+                   batch_size: int = 256) -> list[dict]:
+    """Classify image files with the spec's preprocessing (resize to input_size, normalize).
+
+    One entry per path, in order: ``{"image", "label", "probability", "probabilities": {class: p}}``.
+    An unreadable image raises DatasetError naming it.
+    """
+    if not paths:
+        return []
+    target = engine.resolve_device(device)
+    pipeline = transforms.eval_pipeline(spec.input_size, spec.mean, spec.std)
+    logits, _ = engine.collect_logits(model.to(target), _image_batches(paths, pipeline, batch_size), target)  # (N, C)
+    probabilities = logits.softmax(dim=1)  # (N, C)
+    return [_prediction(path, row, spec.class_names) for path, row in zip(paths, probabilities)]
+
+
+def _image_batches(paths: Sequence[str | Path], pipeline: Callable[[Image.Image], Tensor],
+                   batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(model-ready (B, 3, S, S) images, (B,) positions in ``paths``), decoded on threads per batch.
+
+    collect_logits carries a tensor beside each batch (labels when evaluating): here, positions.
+    """
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        yield torch.stack(thread_map(lambda path: pipeline(load_rgb(path)), chunk)), torch.arange(start, start + len(chunk))
+
+
+def _prediction(path: str | Path, probabilities: Tensor, classes: Sequence[str]) -> dict:
+    best = int(probabilities.argmax())
+    return {"image": str(path), "label": classes[best], "probability": probabilities[best].item(),
+            "probabilities": dict(zip(classes, probabilities.tolist()))}
