@@ -1,0 +1,136 @@
+"""Prefect artifacts for a run: the summary, tables, images and a live training-progress bar.
+
+Call these from inside a task or flow run (that is what links an artifact to the run). Keys are
+stable (``ARTIFACT_KEYS``), so the UI's Artifacts page keeps one history per key across
+scheduled runs.
+
+Images: Prefect's image artifact only takes a URL the browser can fetch, and run outputs live on
+the worker's disk, which the UI cannot reach. So an image is published as a markdown artifact
+embedding the picture as a ``data:image/...;base64`` URI. Prefect's UI (v2, the 3.9 default)
+explicitly allows ``data:image/`` sources in markdown; the image is shrunk (JPEG, then smaller)
+until it fits ``MAX_IMAGE_BYTES``, because every artifact is stored in the API database and
+sent with each artifact listing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pandas as pd
+from PIL import Image
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from visionflow.engine import Callback, EpochMetrics, FitResult, FitStart
+
+SUMMARY_KEY = "run-summary"
+VALIDATION_KEY = "validation-report"
+PER_CLASS_KEY = "per-class-metrics"
+CONFUSION_KEY = "confusion-matrix"
+PREVIEW_KEY = "transform-preview"
+MISCLASSIFIED_KEY = "misclassified"
+PROGRESS_KEY = "training-progress"
+ARTIFACT_KEYS = (SUMMARY_KEY, VALIDATION_KEY, PER_CLASS_KEY, CONFUSION_KEY, PREVIEW_KEY,
+                 MISCLASSIFIED_KEY, PROGRESS_KEY)
+
+# Encoded image bytes per artifact (base64 adds a third). Small enough that listing a few
+# dozen artifacts stays fast; a 600 px confusion matrix or a preview grid fits as PNG.
+MAX_IMAGE_BYTES = 300_000
+_KEY_PATTERN = re.compile(r"^[a-z0-9-]+$")
+
+
+def _checked_key(key: str) -> str:
+    if not _KEY_PATTERN.match(key):
+        raise ValueError(f"Invalid artifact key '{key}': expected lowercase letters, digits and dashes only")
+    return key
+
+
+# `_sync=True` below: Prefect picks its async implementation whenever the caller runs inside an
+# async flow or task, which would hand our plain functions an un-awaited coroutine (and silently
+# create nothing). These helpers are synchronous, so they always take the synchronous path.
+
+
+def publish_markdown(key: str, markdown: str, description: str | None = None) -> UUID:
+    """Create a markdown artifact under ``key``."""
+    return create_markdown_artifact(markdown=markdown, key=_checked_key(key), description=description, _sync=True)
+
+
+def publish_summary(markdown: str, description: str | None = "Run summary") -> UUID:
+    """Publish the run summary markdown under ``run-summary``."""
+    return publish_markdown(SUMMARY_KEY, markdown, description)
+
+
+def table_records(table: pd.DataFrame | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts (numpy scalars become Python numbers, NaN becomes None)."""
+    frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(list(table))
+    # object dtype first so where() can hold None in numeric columns.
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def publish_table(key: str, table: pd.DataFrame | Sequence[Mapping[str, Any]], description: str | None = None) -> UUID:
+    """Create a table artifact under ``key`` from a DataFrame or a list of row dicts."""
+    return create_table_artifact(table=table_records(table), key=_checked_key(key), description=description, _sync=True)
+
+
+def image_data_uri(path: Path | str, max_bytes: int = MAX_IMAGE_BYTES) -> str:
+    """The image file as a ``data:`` URI of at most ``max_bytes`` encoded bytes: the PNG as is
+    when small enough, else a JPEG, halved in size until it fits."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if path.suffix.lower() == ".png" and len(raw) <= max_bytes:
+        return "data:image/png;base64," + base64.b64encode(raw).decode("ascii")
+    with Image.open(path) as source:
+        image = source.convert("RGB")
+    while True:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85, optimize=True)
+        if buffer.tell() <= max_bytes or min(image.size) <= 16:
+            return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        image = image.resize((max(1, image.width // 2), max(1, image.height // 2)), Image.Resampling.LANCZOS)
+
+
+def publish_image(key: str, png_path: Path | str, description: str | None = None) -> UUID:
+    """Publish an image file under ``key`` as markdown with the picture embedded (renders in the UI)."""
+    png_path = Path(png_path)
+    markdown = f"![{key}]({image_data_uri(png_path)})\n\nFull-size file: `{png_path}`\n"
+    return publish_markdown(key, markdown, description)
+
+
+class PrefectProgressCallback(Callback):
+    """Engine callback: a ``training-progress`` progress artifact, created at fit start and
+    updated after every epoch with the latest metrics in its description."""
+
+    def __init__(self, total_epochs: int, key: str = PROGRESS_KEY) -> None:
+        if total_epochs < 1:
+            raise ValueError(f"Invalid total_epochs {total_epochs}: expected an integer >= 1")
+        self.total_epochs = total_epochs
+        self.key = _checked_key(key)
+        self.artifact_id: UUID | None = None
+
+    def on_fit_start(self, state: FitStart) -> None:
+        # A resumed run starts at its checkpoint's epoch, not at 0.
+        self.artifact_id = create_progress_artifact(
+            progress=100.0 * state.epoch / self.total_epochs, key=self.key,
+            description=f"epoch {state.epoch}/{self.total_epochs}", _sync=True)
+
+    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+        description = (f"epoch {metrics.epoch}/{self.total_epochs}: train loss {metrics.train_loss:.4f}, "
+                       f"eval loss {metrics.eval_loss:.4f}, eval accuracy {metrics.eval_accuracy:.2%}")
+        update_progress_artifact(artifact_id=self.artifact_id, progress=100.0 * metrics.epoch / self.total_epochs,
+                                 description=description, _sync=True)
+
+    def on_fit_end(self, result: FitResult) -> None:
+        # Early stopping ends the fit before the last epoch; the bar still has to reach 100 %.
+        if result.stopped_early:
+            update_progress_artifact(artifact_id=self.artifact_id, progress=100.0,
+                                     description=f"stopped early after epoch {len(result.history)}", _sync=True)
