@@ -67,7 +67,7 @@ def open_image(path: Path | str) -> Image.Image:
         raise UnreadableImage(path, f"too many pixels ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        reason = "truncated image data" if "truncated" in message else f"decode error: {message}"
+        reason = "truncated image data" if "truncated" in message.lower() else f"decode error: {message}"
         raise UnreadableImage(path, reason) from None
 
 
