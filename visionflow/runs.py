@@ -1,0 +1,274 @@
+"""Run directories and manifests: naming, the `<output>/runs/<run-name>/` layout, the manifest
+written (atomically) at the start and end of every run, the run history, and the provenance
+recorded with each run (library versions, git commit).
+
+A run directory is complete on its own: a run whose steps were cached gets copies of the cached
+files, so deleting one run never breaks another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from visionflow.checkpoints import atomic_write_json
+from visionflow.errors import ConfigError
+
+RUNS_SUBDIR = "runs"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+STATUSES = ("running", "completed", "failed")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_PACKAGES = ("torch", "torchvision", "prefect")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where everything of one run lives, relative to its directory."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def preview(self) -> Path:
+        return self.root / "preview.png"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation.json"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.json"
+
+
+def runs_root(output_dir: Path | str) -> Path:
+    return Path(output_dir) / RUNS_SUBDIR
+
+
+def _slug(text: str) -> str:
+    # A folder spec like "/data/my ants/" names the run after its last component.
+    name = Path(text.rstrip("/\\")).name or text
+    return _UNSAFE.sub("-", name).strip("-._")[:40] or "data"
+
+
+def generate_run_name(dataset: str, model: str, now: datetime | None = None) -> str:
+    """`train-<dataset>-<model>-<YYYYmmdd-HHMMSS>-<4 hex>`: sortable by time, unique by the suffix."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return f"train-{_slug(dataset)}-{_slug(model)}-{stamp}-{secrets.token_hex(2)}"
+
+
+def create_run_dir(output_dir: Path | str, run_name: str | None, dataset: str, model: str) -> tuple[RunLayout, bool]:
+    """Create the run directory; returns its layout and whether an interrupted run is resumed.
+
+    A given name that exists is resumed unless that run completed (reusing it would mix two
+    runs' outputs); a generated name is retried until mkdir wins, so two runs started in the
+    same second still get different directories."""
+    root = runs_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    if run_name is not None:
+        layout = RunLayout(root / run_name)
+        if layout.root.is_dir():
+            status = _status_of(layout)
+            if status == "completed":
+                raise ConfigError(f"Run '{run_name}' already completed in {layout.root}; "
+                                  f"choose another --run-name or omit it for a generated one")
+            return layout, True
+        layout.root.mkdir()
+        return layout, False
+    while True:
+        layout = RunLayout(root / generate_run_name(dataset, model))
+        try:
+            layout.root.mkdir()
+        except FileExistsError:
+            continue
+        return layout, False
+
+
+def _status_of(layout: RunLayout) -> str | None:
+    try:
+        return json.loads(layout.manifest.read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def copy_atomic(source: Path | str, target: Path | str) -> Path:
+    """Copy a file so that `target` is either absent, its old version or the complete copy."""
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance
+
+
+def package_versions() -> dict[str, str]:
+    """Python and the libraries a result depends on (read from metadata: importing prefect is slow)."""
+    versions = {"python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def git_commit(path: Path | str | None = None) -> str | None:
+    """The commit checked out where this code lives (suffix `-dirty` with local changes);
+    None outside a git work tree or without git."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+
+
+def build_manifest(run_name: str, config: dict[str, Any], status: str, *, started_at: str,
+                   prefect_flow_run_id: str | None, data: dict[str, Any] | None = None,
+                   model: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                   timing: dict[str, Any] | None = None, checkpoint: dict[str, Any] | None = None,
+                   weights_sha256: str | None = None, tasks: dict[str, str] | None = None,
+                   device: str | None = None, error: str | None = None) -> dict[str, Any]:
+    """The manifest of a run. `config` is the fully resolved config (a dict); sections not known
+    yet (a run that failed early) stay None, so every manifest has the same keys."""
+    if status not in STATUSES:
+        raise ValueError(f"Invalid run status '{status}'. Choose from: {', '.join(STATUSES)}")
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "run_name": run_name,
+        "status": status,
+        "started_at": started_at,
+        "finished_at": None if status == "running" else utc_now(),
+        "config": config,
+        "seed": config["training"]["seed"],
+        "data": data,
+        "model": model,
+        "metrics": metrics,
+        "timing": timing,
+        "checkpoint": checkpoint,
+        "weights_sha256": weights_sha256,
+        "tasks": tasks or {},
+        "device": device,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "prefect_flow_run_id": prefect_flow_run_id,
+        "error": error,
+    }
+
+
+def write_manifest(run_dir: Path | str, manifest: dict[str, Any]) -> Path:
+    return atomic_write_json(Path(run_dir) / MANIFEST_NAME, manifest)
+
+
+def read_manifest(run_dir: Path | str) -> dict[str, Any]:
+    """The manifest of a run directory; ConfigError naming the directory when there is none."""
+    path = Path(run_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"Run directory '{run_dir}' has no {MANIFEST_NAME}: expected a directory "
+                          f"created by 'visionflow train' (<output>/{RUNS_SUBDIR}/<run-name>)") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"Manifest '{path}' is unreadable: {err}") from None
+    if not isinstance(manifest, dict) or "config" not in manifest:
+        raise ConfigError(f"Manifest '{path}' is not a visionflow run manifest (no 'config')")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# History
+
+
+def list_runs(output_dir: Path | str) -> list[dict[str, Any]]:
+    """One row per run directory, oldest first: name, date, data, model, accuracy, duration
+    (seconds), status and path. A directory without a readable manifest is listed as 'unknown'."""
+    root = runs_root(output_dir)
+    rows = []
+    for run_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        if not run_dir.is_dir() or run_dir.name.startswith("."):
+            continue
+        try:
+            manifest = read_manifest(run_dir)
+        except ConfigError:
+            manifest = {}
+        config = manifest.get("config") or {}
+        rows.append({
+            "name": run_dir.name,
+            "date": manifest.get("started_at"),
+            "data": (config.get("data") or {}).get("dataset"),
+            "model": (config.get("model") or {}).get("name"),
+            "accuracy": (manifest.get("metrics") or {}).get("eval_accuracy"),
+            "duration": (manifest.get("timing") or {}).get("total_seconds"),
+            "status": manifest.get("status", "unknown"),
+            "path": str(run_dir),
+        })
+    rows.sort(key=lambda row: (row["date"] or "", row["name"]))
+    return rows
+
+
+def format_runs(rows: list[dict[str, Any]]) -> str:
+    """The run history as an aligned text table."""
+    headers = ("name", "date", "data", "model", "accuracy", "duration", "status")
+    cells = [[row["name"], (row["date"] or "-").replace("T", " ")[:19], row["data"] or "-", row["model"] or "-",
+              "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}",
+              "-" if row["duration"] is None else f"{row['duration']:.1f}s", row["status"]] for row in rows]
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *cells)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
+                     for line in [headers, *cells])
