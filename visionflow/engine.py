@@ -1,0 +1,687 @@
+"""Training engine: device and seeding, batch loading, and the building blocks `train_one_epoch`,
+`evaluate`, `collect_logits` and `fit` (the torchvision references' layout), with callbacks,
+progress and resumable checkpoints. No Prefect here: flows observe training through `Callback`.
+
+Data path. `fit` takes decoded splits (uint8 (N, 3, H, W) tensors). By default the whole split
+is moved to the training device once, each epoch draws a permutation from the seeded shuffle
+generator and slices batches from it, and augmentation + normalization run batch-wise on the
+device. A custom `sampler` or `collate_fn` switches to a real torch DataLoader over a
+TensorDataset (the tutorial's knobs); with the default collate it yields the very same batches.
+
+Schedules are stepped once per optimizer step (batch), including `step` (its step_size is in
+epochs, converted to batches), so every schedule resumes exactly from its saved state.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LRScheduler, OneCycleLR, StepLR
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler, TensorDataset
+
+from visionflow import checkpoints
+from visionflow.config import DataConfig, OptimConfig, PipelineConfig
+from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
+from visionflow.models import ModelSpec
+from visionflow.transforms import BatchTransform, mean_std
+
+DEVICE_NAMES = "auto, cpu, mps, cuda, cuda:N"
+MONITOR_MODES = {"eval_accuracy": "max", "eval_loss": "min"}
+# Config fields that may differ between a checkpoint and the run resuming it: they change where
+# things are written or how fast it runs, not the numbers.
+_RESUME_FREE_FIELDS = ("output.", "data.data_dir", "data.num_workers", "training.device", "training.compile")
+_PROGRESS_INTERVAL = 0.25  # seconds between progress-bar redraws (each redraw is one device sync)
+
+# ---------------------------------------------------------------------------------------------
+# Device, precision, seeding
+
+
+def _mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` -> cuda, then mps, then cpu; `cpu`, `mps`, `cuda`, `cuda:N` -> that device or DeviceError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "mps", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise DeviceError(f"Invalid device '{name}'. Choose from: {DEVICE_NAMES}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"Device '{name}' requested but CUDA is not available on this machine: use device 'auto' or 'cpu'")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise DeviceError(f"Device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not _mps_available():
+        raise DeviceError(f"Device '{name}' requested but MPS (Apple GPU) is not available on this machine: use device 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast on `device` for precision 'bf16'; a disabled context for 'fp32'."""
+    # bf16 keeps fp32's exponent range, so no GradScaler (loss scaling) is needed.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (every device) from `seed`; return a CPU generator seeded with it.
+
+    Call it before building the model so the initial weights are reproducible too.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class Generators:
+    """A run's random streams, all derived from the one seed and saved in every checkpoint."""
+
+    shuffle: torch.Generator  # CPU: per-epoch permutations (also drives the DataLoader's RandomSampler)
+    augment: torch.Generator  # on the training device: crop offsets and flips
+    workers: torch.Generator  # CPU: DataLoader worker base seeds
+
+    @classmethod
+    def seeded(cls, seed: int, device: torch.device) -> "Generators":
+        return cls(shuffle=seed_everything(seed),
+                   augment=torch.Generator(device).manual_seed(seed + 1),
+                   workers=torch.Generator().manual_seed(seed + 2))
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Python and NumPy follow the worker's torch seed (base seed + id)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def rng_state(generators: Generators) -> dict[str, Any]:
+    """Every random state of the run as tensors and plain Python values (weights_only-loadable)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "shuffle": generators.shuffle.get_state(),
+        "augment": generators.augment.get_state(),
+        "augment_device": generators.augment.device.type,
+        "workers": generators.workers.get_state(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any], generators: Generators) -> None:
+    """Inverse of `rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generators.shuffle.set_state(state["shuffle"])
+    generators.augment.set_state(state["augment"])
+    generators.workers.set_state(state["workers"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Copy to `device`; through pinned memory with an async copy when it is a CUDA device."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+class DeviceLoader:
+    """The fast path: a whole split resident on one device, sliced into (uint8 images, labels) batches.
+
+    Each pass draws a fresh permutation from `generator` (when shuffling), exactly as
+    RandomSampler would, so a DataLoader over the same data yields the same batches.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False,
+                 drop_last: bool = False, generator: torch.Generator | None = None):
+        self.images, self.labels = images, labels  # (N, 3, H, W) uint8, (N,) int64, same device
+        self.batch_size, self.shuffle, self.drop_last, self.generator = batch_size, shuffle, drop_last, generator
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator).to(self.labels.device) if self.shuffle else None
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            if order is None:
+                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+            else:
+                index = order[start:start + self.batch_size]  # (B,)
+                yield self.images[index], self.labels[index]
+
+
+class Batches:
+    """Model-ready batches: (uint8 images, labels) from `source`, moved to `device`, then `transform`ed."""
+
+    def __init__(self, source: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+                 transform: Callable[[Tensor], Tensor]):
+        self.source, self.device, self.transform = source, device, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in self.source:
+            images = images.to(self.device, non_blocking=True)  # no-op on the fast path
+            yield self.transform(images), labels.to(self.device, non_blocking=True)
+
+
+def make_loader(images: Tensor, labels: Tensor, batch_size: int, device: torch.device, *,
+                shuffle: bool = False, drop_last: bool = False, generators: Generators | None = None,
+                num_workers: int = 0, sampler: Sampler | None = None,
+                collate_fn: Callable | None = None) -> Iterable[tuple[Tensor, Tensor]]:
+    """(uint8 images, labels) batches of a decoded split: the on-device fast path by default.
+
+    A `sampler` or `collate_fn` gets a torch DataLoader over a TensorDataset instead, honouring
+    batch_size, shuffle (ignored when a sampler is given), num_workers and drop_last, with worker
+    seeds drawn from `generators.workers`. `collate_fn` must return (uint8 (B, 3, H, W), (B,) labels).
+    """
+    if shuffle and generators is None:
+        raise ValueError("make_loader(shuffle=True) needs the run's generators for a reproducible order")
+    shuffle_gen = generators.shuffle if generators is not None else None
+    if sampler is None and collate_fn is None:
+        return DeviceLoader(_to_device(images, device), _to_device(labels, device), batch_size,
+                            shuffle, drop_last, shuffle_gen)
+    dataset = TensorDataset(images, labels)
+    if sampler is None:
+        sampler = RandomSampler(dataset, generator=shuffle_gen) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=num_workers, collate_fn=collate_fn, worker_init_fn=_seed_worker,
+                      generator=generators.workers if generators is not None else None,
+                      pin_memory=device.type == "cuda")
+
+
+def eval_batches(images: Tensor, labels: Tensor, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device, batch_size: int = 256, channels_last: bool = False) -> Batches:
+    """Normalized float batches of a decoded split in order, for `evaluate` and `collect_logits`."""
+    loader = make_loader(images, labels, batch_size, device)
+    return Batches(loader, device, BatchTransform(mean, std, device, channels_last=channels_last))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers, schedules
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay weight matrices and kernels only: decaying biases and norm gains just hurts (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], Optimizer]] = {
+    "sgd": lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov),
+    "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.lr),
+    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.lr),
+}
+
+# (optimizer, optim config, total steps, steps per epoch) -> a scheduler stepped once per batch.
+SCHEDULERS: dict[str, Callable[[Optimizer, OptimConfig, int, int], LRScheduler]] = {
+    "none": lambda opt, o, total, per_epoch: ConstantLR(opt, factor=1.0, total_iters=0),
+    "step": lambda opt, o, total, per_epoch: StepLR(opt, step_size=o.step_size * per_epoch, gamma=o.gamma),
+    "cosine": lambda opt, o, total, per_epoch: CosineAnnealingLR(opt, T_max=total),
+    # Warm up over the first 25% of steps, then anneal to lr / 25e4; momentum stays as configured.
+    "onecycle": lambda opt, o, total, per_epoch: OneCycleLR(opt, max_lr=o.lr, total_steps=total, pct_start=0.25,
+                                                            cycle_momentum=False),
+}
+
+
+def _choose(kind: str, name: str | None, registry: dict) -> Callable:
+    if name not in registry:
+        raise ConfigError(f"Invalid {kind} '{name}'. Choose from: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> Optimizer:
+    """The optimizer named by `optim.optimizer` (resolved config), weight decay on >= 2-D params."""
+    build = _choose("optimizer", optim.optimizer, OPTIMIZERS)
+    if optim.optimizer == "sgd" and optim.nesterov and not optim.momentum:
+        raise ConfigError(f"Invalid config field 'optim.nesterov': Nesterov needs optim.momentum > 0 (got {optim.momentum})")
+    return build(_param_groups(model, optim.weight_decay), optim)
+
+
+def build_scheduler(optimizer: Optimizer, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> LRScheduler:
+    """The schedule named by `optim.scheduler`, stepped once per batch over `epochs` epochs."""
+    return _choose("scheduler", optim.scheduler, SCHEDULERS)(optimizer, optim, epochs * steps_per_epoch, steps_per_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, callbacks, progress
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int  # 1-based
+    step: int  # optimizer steps so far
+    train_loss: float  # mean per image, with label smoothing
+    train_accuracy: float  # fraction in [0, 1], on augmented batches
+    eval_loss: float  # mean cross-entropy per image, no smoothing
+    eval_accuracy: float  # fraction in [0, 1]
+    lr: float  # after the epoch's last step
+    images_per_second: float  # training images / training-loop seconds
+    seconds: float  # training loop + evaluation, wall clock
+
+
+@dataclass
+class TrainStats:
+    loss: float  # mean per image
+    accuracy: float  # fraction in [0, 1]
+    images: int
+    seconds: float  # wall clock of the loop, device synced
+    step: int  # optimizer steps so far, after this epoch
+
+
+@dataclass
+class FitResult:
+    history: list[EpochMetrics]
+    best_metric: float | None  # value of config.training.monitor at best_epoch
+    best_epoch: int | None
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    train_seconds: float  # training loops only (no evaluation, no checkpoint writes), all sessions
+    train_images_per_second: float
+    weights_sha256: str  # of the final weights
+    stopped_early: bool
+    device: str
+    spec: ModelSpec  # the input spec with the normalization the run used
+
+
+@dataclass
+class FitStart:
+    """What `Callback.on_fit_start` receives; `epoch`/`step` are nonzero when resuming."""
+
+    epoch: int  # last finished epoch (0 for a fresh run)
+    step: int  # optimizer steps already taken
+    epochs: int  # config.training.epochs
+    steps_per_epoch: int
+    train_images: int
+    eval_images: int
+    device: str
+    config: dict[str, Any]  # resolved, with the normalization the run uses
+    spec: dict[str, Any]
+
+
+class Callback:
+    """Hooks into `fit`; override what you need. Steps are reported every `every_n_steps` steps.
+
+    on_step_end costs one device sync (to read the loss) each time it is called, so it is only
+    called for callbacks that override it.
+    """
+
+    every_n_steps: int = 1
+
+    def on_fit_start(self, state: FitStart) -> None:
+        """Before the first (or first resumed) epoch."""
+
+    def on_step_end(self, step: int, loss: float, lr: float) -> None:
+        """After optimizer step `step` (1-based, counted across epochs); `loss` of that batch."""
+
+    def on_epoch_end(self, metrics: EpochMetrics) -> None:
+        """After the epoch is evaluated and its checkpoints are written."""
+
+    def on_fit_end(self, result: FitResult) -> None:
+        """After the last epoch (or early stop)."""
+
+
+def _step_listeners(callbacks: Sequence[Callback]) -> list[Callback]:
+    return [cb for cb in callbacks if type(cb).on_step_end is not Callback.on_step_end]
+
+
+class Progress:
+    """Training progress on `stream`: a throttled carriage-return bar on a TTY, else one line per epoch."""
+
+    def __init__(self, epochs: int, stream: TextIO | None = None):
+        self.epochs, self.stream = epochs, stream or sys.stderr
+        self.live = self.stream.isatty()
+        self._drawn = 0.0  # time.perf_counter() of the last redraw
+
+    def update(self, epoch: int, batch: int, batches: int, loss_sum: Tensor, correct: Tensor,
+               images: int, seconds: float) -> None:
+        now = time.perf_counter()
+        if not self.live or now - self._drawn < _PROGRESS_INTERVAL:
+            return
+        self._drawn = now
+        self.stream.write(f"\repoch {epoch}/{self.epochs} [{batch}/{batches}] loss {loss_sum.item() / images:.4f} "
+                          f"acc {correct.item() / images:.3f} {images / seconds:,.0f} img/s")
+        self.stream.flush()
+
+    def epoch_end(self, m: EpochMetrics) -> None:
+        line = (f"epoch {m.epoch}/{self.epochs} train_loss {m.train_loss:.4f} train_acc {m.train_accuracy:.3f} "
+                f"eval_loss {m.eval_loss:.4f} eval_acc {m.eval_accuracy:.3f} lr {m.lr:.3g} "
+                f"{m.images_per_second:,.0f} img/s {m.seconds:.1f}s")
+        self.stream.write(("\r\033[K" if self.live else "") + line + "\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer, scheduler: LRScheduler,
+                    batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, *, precision: str = "fp32",
+                    grad_clip: float = 0.0, epoch: int = 1, step: int = 0, callbacks: Sequence[Callback] = (),
+                    progress: Progress | None = None) -> TrainStats:
+    """One pass over model-ready `batches`; the scheduler steps per batch; `grad_clip` 0 = off."""
+    model.train()
+    # Running sums stay on the device: reading them (.item()) would sync every step.
+    loss_sum = torch.zeros((), device=device)  # sum of per-image losses
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    images, listeners, start = 0, _step_listeners(callbacks), time.perf_counter()
+    for batch, (inputs, labels) in enumerate(batches, 1):
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(inputs)  # (B, num_classes)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        loss_sum += loss.detach().float() * labels.shape[0]
+        correct += (logits.argmax(1) == labels).sum()
+        images += labels.shape[0]
+        for cb in listeners:
+            if step % cb.every_n_steps == 0:
+                cb.on_step_end(step, loss.item(), optimizer.param_groups[0]["lr"])
+        if progress is not None:
+            progress.update(epoch, batch, len(batches), loss_sum, correct, images, time.perf_counter() - start)
+    mean_loss, accuracy = loss_sum.item() / images, correct.item() / images  # the epoch's one sync
+    return TrainStats(mean_loss, accuracy, images, time.perf_counter() - start, step)
+
+
+@torch.no_grad()
+def collect_logits(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+                   precision: str = "fp32") -> tuple[Tensor, Tensor]:
+    """Run `model` (eval mode) over model-ready `batches`: (N, C) float32 logits and (N,) labels, on CPU."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for inputs, labels in batches:
+        with autocast(device, precision):
+            logits = model(inputs.to(device, non_blocking=True))  # (B, C)
+        all_logits.append(logits.float().cpu())
+        all_labels.append(labels.cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+             precision: str = "fp32") -> tuple[float, float]:
+    """(mean cross-entropy per image, accuracy in [0, 1]) of `model` on model-ready `batches`."""
+    logits, labels = collect_logits(model, batches, device, precision)  # (N, C), (N,)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# fit: decisions, state, checkpoints
+
+
+def _should_save_best(value: float, best: float | None, monitor: str) -> bool:
+    """Whether the monitored value beats the best so far (strictly: a tie is no improvement)."""
+    if best is None:
+        return True
+    return value > best if MONITOR_MODES[monitor] == "max" else value < best
+
+
+def _should_stop_early(epoch: int, best_epoch: int | None, patience: int | None) -> bool:
+    return patience is not None and best_epoch is not None and epoch - best_epoch >= patience
+
+
+def _is_finished(stored: dict, epochs: int) -> bool:
+    return stored["epoch"] >= epochs or stored["metrics"]["stopped_early"]
+
+
+@dataclass
+class _FitState:
+    """What fit carries from epoch to epoch (and through a checkpoint)."""
+
+    epoch: int = 0  # last finished, 1-based
+    step: int = 0
+    history: list[EpochMetrics] = field(default_factory=list)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    train_seconds: float = 0.0
+    train_images: int = 0
+    stopped_early: bool = False
+    improved: bool = False  # whether the last epoch improved the monitored metric
+
+    def metrics(self) -> dict[str, Any]:
+        last = asdict(self.history[-1]) if self.history else {}
+        return {**last, "train_seconds": self.train_seconds, "train_images": self.train_images,
+                "stopped_early": self.stopped_early}
+
+    @classmethod
+    def from_checkpoint(cls, stored: dict) -> "_FitState":
+        m = stored["metrics"]
+        return cls(stored["epoch"], stored["step"], [EpochMetrics(**h) for h in stored["history"]],
+                   stored["best_metric"], stored["best_epoch"], m["train_seconds"], m["train_images"], m["stopped_early"])
+
+
+def _checkpoint(state: _FitState, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler,
+                generators: Generators, config: PipelineConfig, spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "format_version": checkpoints.FORMAT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": None,  # no loss scaling: fp32 or bf16 only (see autocast)
+        "epoch": state.epoch,
+        "step": state.step,
+        "rng": rng_state(generators),
+        "config": config.model_dump(mode="json"),
+        "spec": spec.to_dict(),
+        "metrics": state.metrics(),
+        "history": [asdict(m) for m in state.history],
+        "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
+    }
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def _check_resumable(stored: dict, config: PipelineConfig, path: Path, device: torch.device) -> None:
+    """Resuming must continue the same computation: same config (up to free fields), same device type."""
+    before, now = _flatten(stored["config"]), _flatten(config.model_dump(mode="json"))
+    changed = [k for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and not k.startswith(_RESUME_FREE_FIELDS)]
+    if changed:
+        diffs = ", ".join(f"{k} (checkpoint {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:3])
+        raise ConfigError(f"Cannot resume from '{path}': the config differs in {diffs}")
+    if stored["rng"]["augment_device"] != device.type:
+        raise DeviceError(f"Cannot resume '{path}' on {device.type}: it was trained on "
+                          f"{stored['rng']['augment_device']}, whose random streams cannot continue elsewhere")
+
+
+def _with_normalization(config: PipelineConfig, train_images: Tensor) -> PipelineConfig:
+    """Fill data.mean/std left empty with the train split's statistics (recorded in the resolved config)."""
+    data = config.data
+    if data.mean is not None and data.std is not None:
+        return config
+    mean, std = mean_std(train_images)
+    data = DataConfig(**{**data.model_dump(), "mean": data.mean or mean, "std": data.std or std})
+    return config.model_copy(update={"data": data})
+
+
+def _check_data(train: Any, eval: Any, spec: ModelSpec, config: PipelineConfig) -> None:
+    for name, split in (("train", train), ("eval", eval)):
+        if len(split.labels) == 0:
+            raise DatasetError(f"The {name} split has no images: training needs at least one in each split")
+        if int(split.labels.max()) >= spec.num_classes:
+            raise DatasetError(f"The {name} split has label {int(split.labels.max())} but the model has "
+                               f"{spec.num_classes} classes (labels 0..{spec.num_classes - 1})")
+    if config.data.drop_last and len(train.labels) < config.data.batch_size:
+        raise ConfigError(f"Invalid config field 'data.batch_size': {config.data.batch_size} with drop_last leaves "
+                          f"no training batch for {len(train.labels)} images")
+
+
+def _result(state: _FitState, model: nn.Module, checkpoint_dir: Path | None, device: torch.device,
+            spec: ModelSpec) -> FitResult:
+    best = checkpoint_dir / "best.pt" if checkpoint_dir is not None and state.best_epoch is not None else None
+    return FitResult(
+        history=state.history, best_metric=state.best_metric, best_epoch=state.best_epoch,
+        last_checkpoint=checkpoint_dir / "last.pt" if checkpoint_dir is not None else None, best_checkpoint=best,
+        train_seconds=state.train_seconds,
+        train_images_per_second=state.train_images / state.train_seconds if state.train_seconds else 0.0,
+        weights_sha256=checkpoints.weights_sha256(model.state_dict()), stopped_early=state.stopped_early,
+        device=str(device), spec=spec)
+
+
+@dataclass
+class _Run:
+    """Everything `fit` builds from the config before the first epoch."""
+
+    model: nn.Module  # the module whose state_dict is saved
+    forward: nn.Module  # what batches run through: `model`, or torch.compile(model)
+    optimizer: Optimizer
+    scheduler: LRScheduler
+    criterion: nn.Module
+    generators: Generators
+    train_batches: Batches
+    eval_batches: Batches
+
+
+def _build_run(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, device: torch.device,
+               sampler: Sampler | None, collate_fn: Callable | None) -> _Run:
+    data, training = config.data, config.training
+    generators = Generators.seeded(training.seed, device)
+    fmt = torch.channels_last if training.channels_last else torch.preserve_format
+    model = model.to(device, memory_format=fmt)
+    train_loader = make_loader(train.images, train.labels, data.batch_size, device, shuffle=data.shuffle,
+                               drop_last=data.drop_last, generators=generators, num_workers=data.num_workers,
+                               sampler=sampler, collate_fn=collate_fn)
+    augment = generators.augment if data.augment else None
+    train_batches = Batches(train_loader, device, BatchTransform(data.mean, data.std, device, augment, training.channels_last))
+    optimizer = build_optimizer(model, config.optim)
+    return _Run(model=model, forward=torch.compile(model) if training.compile else model, optimizer=optimizer,
+                scheduler=build_scheduler(optimizer, config.optim, training.epochs, len(train_batches)),
+                criterion=nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
+                generators=generators, train_batches=train_batches,
+                eval_batches=eval_batches(eval.images, eval.labels, data.mean, data.std, device,
+                                          data.batch_size, training.channels_last))
+
+
+def _resume(run: _Run, path: Path, config: PipelineConfig, device: torch.device) -> tuple[_FitState, bool]:
+    """Restore `run` from a training checkpoint; returns its state and whether that run had finished."""
+    stored = checkpoints.load_checkpoint(path)
+    _check_resumable(stored, config, path, device)
+    checkpoints.apply_state_dict(run.model, stored["model"], path)
+    if _is_finished(stored, config.training.epochs):
+        return _FitState.from_checkpoint(stored), True
+    try:
+        run.optimizer.load_state_dict(stored["optimizer"])
+        run.scheduler.load_state_dict(stored["scheduler"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"Checkpoint '{path}' has optimizer/scheduler state that does not fit this run: {err}") from None
+    restore_rng_state(stored["rng"], run.generators)
+    return _FitState.from_checkpoint(stored), False
+
+
+def _run_epoch(run: _Run, state: _FitState, epoch: int, config: PipelineConfig, device: torch.device,
+               callbacks: Sequence[Callback], progress: Progress) -> EpochMetrics:
+    """Train and evaluate one epoch, and fold its figures into `state`."""
+    precision = config.training.precision
+    start = time.perf_counter()
+    stats = train_one_epoch(run.forward, run.criterion, run.optimizer, run.scheduler, run.train_batches, device,
+                            precision=precision, grad_clip=config.optim.grad_clip, epoch=epoch, step=state.step,
+                            callbacks=callbacks, progress=progress)
+    eval_loss, eval_accuracy = evaluate(run.forward, run.eval_batches, device, precision)
+    metrics = EpochMetrics(epoch=epoch, step=stats.step, train_loss=stats.loss, train_accuracy=stats.accuracy,
+                           eval_loss=eval_loss, eval_accuracy=eval_accuracy, lr=run.optimizer.param_groups[0]["lr"],
+                           images_per_second=stats.images / stats.seconds, seconds=time.perf_counter() - start)
+    state.epoch, state.step = epoch, stats.step
+    state.history.append(metrics)
+    state.train_seconds += stats.seconds
+    state.train_images += stats.images
+    monitor = config.training.monitor
+    state.improved = _should_save_best(getattr(metrics, monitor), state.best_metric, monitor)
+    if state.improved:
+        state.best_metric, state.best_epoch = getattr(metrics, monitor), epoch
+    state.stopped_early = _should_stop_early(epoch, state.best_epoch, config.training.early_stopping_patience)
+    return metrics
+
+
+def _save_checkpoints(checkpoint_dir: Path | None, state: _FitState, run: _Run, config: PipelineConfig,
+                      spec: ModelSpec) -> None:
+    """last.pt every epoch; best.pt too when this epoch improved the monitored metric."""
+    if checkpoint_dir is None:
+        return
+    saved = _checkpoint(state, run.model, run.optimizer, run.scheduler, run.generators, config, spec)
+    checkpoints.save_checkpoint(checkpoint_dir / "last.pt", saved)
+    if state.improved:
+        checkpoints.save_checkpoint(checkpoint_dir / "best.pt", saved)
+
+
+def _start_info(run: _Run, state: _FitState, config: PipelineConfig, spec: ModelSpec, device: torch.device,
+                train: Any, eval: Any) -> FitStart:
+    return FitStart(epoch=state.epoch, step=state.step, epochs=config.training.epochs,
+                    steps_per_epoch=len(run.train_batches), train_images=len(train.labels),
+                    eval_images=len(eval.labels), device=str(device), config=config.model_dump(mode="json"),
+                    spec=spec.to_dict())
+
+
+def fit(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, spec: ModelSpec,
+        checkpoint_dir: Path | None = None, resume_from: Path | None = None,
+        callbacks: Sequence[Callback] = (), *, sampler: Sampler | None = None,
+        collate_fn: Callable | None = None) -> FitResult:
+    """Train `model` in place on decoded splits (`.images` uint8 (N, 3, H, W), `.labels` (N,)).
+
+    Writes checkpoint_dir/last.pt every epoch and best.pt when config.training.monitor improves.
+    `resume_from` continues a run at its next epoch (checkpoints go beside it unless
+    `checkpoint_dir` says otherwise); a finished run returns its stored result at once.
+    `sampler` / `collate_fn` select the DataLoader path (see make_loader).
+    """
+    config = _with_normalization(config.resolved(), train.images)
+    spec = replace(spec, mean=config.data.mean, std=config.data.std)
+    _check_data(train, eval, spec, config)
+    device = resolve_device(config.training.device)
+    run = _build_run(model, train, eval, config, device, sampler, collate_fn)
+    state, finished = _FitState(), False
+    if resume_from is not None:
+        resume_from = Path(resume_from)
+        checkpoint_dir = checkpoint_dir or resume_from.parent
+        state, finished = _resume(run, resume_from, config, device)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if finished:
+        return _result(state, run.model, checkpoint_dir, device, spec)
+    for cb in callbacks:
+        cb.on_fit_start(_start_info(run, state, config, spec, device, train, eval))
+    progress = Progress(config.training.epochs)
+    for epoch in range(state.epoch + 1, config.training.epochs + 1):
+        metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress)
+        progress.epoch_end(metrics)
+        _save_checkpoints(checkpoint_dir, state, run, config, spec)
+        for cb in callbacks:
+            cb.on_epoch_end(metrics)
+        if state.stopped_early:
+            break
+    result = _result(state, run.model, checkpoint_dir, device, spec)
+    for cb in callbacks:
+        cb.on_fit_end(result)
+    return result

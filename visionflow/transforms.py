@@ -1,0 +1,128 @@
+"""Image transforms, in two forms.
+
+PIL pipelines (torchvision's Resize, ToTensor, Normalize, Compose) turn one file's image into a
+model input for evaluation, prediction and previews. The training fast path never touches PIL:
+the decoded split is a uint8 (N, 3, H, W) tensor already on the training device, and each batch
+is augmented there (random crop with zero padding, horizontal flip) from a seeded
+torch.Generator, then normalized by one fused multiply-add. Both forms use the same statistics:
+mean and std per channel on [0, 1] pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision import transforms as T
+
+CROP_PADDING = 4  # pixels of zero padding around each image before the random crop (CIFAR standard)
+_STATS_CHUNK = 4096  # images per bincount pass: bounds the temporary copy to ~12 MB at 32x32
+_MIN_STD = 1 / 255  # one grey level: a constant channel would otherwise divide by zero
+
+# ---------------------------------------------------------------------------------------------
+# PIL pipelines (one image at a time)
+
+
+def resize(image_size: int) -> T.Resize:
+    """To `image_size` x `image_size`, bilinear with antialiasing: exactly what cache.py stores, so a
+    model sees the same pixels whether an image comes from the decoded cache or from a file."""
+    return T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BILINEAR)
+
+
+def eval_pipeline(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """PIL image -> normalized float32 (3, S, S): what evaluation and prediction feed the model."""
+    return T.Compose([resize(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def train_pipeline(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """Per-image PIL form of the training augmentation, for file-backed loaders (the tutorial's style)."""
+    return T.Compose([resize(image_size), T.RandomCrop(image_size, padding=CROP_PADDING),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def preview_pipeline(image_size: int) -> T.Compose:
+    """PIL image -> float32 (3, S, S) in [0, 1], not normalized: for image grids and previews."""
+    return T.Compose([resize(image_size), T.ToTensor()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def mean_std(images: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std on [0, 1] pixels of a uint8 (N, 3, H, W) tensor.
+
+    Exact and memory-light: a 256-bin histogram per channel instead of a float copy of the split.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"mean_std expects a non-empty uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+    channels = images.shape[1]
+    counts = torch.zeros(channels, 256, dtype=torch.float64)  # pixels per grey level, per channel
+    for chunk in images.split(_STATS_CHUNK):
+        for c in range(channels):
+            counts[c] += torch.bincount(chunk[:, c].reshape(-1).cpu(), minlength=256).double()
+    levels = torch.arange(256, dtype=torch.float64) / 255  # (256,) pixel values on [0, 1]
+    total = counts.sum(1)  # (C,)
+    mean = (counts * levels).sum(1) / total
+    var = (counts * levels**2).sum(1) / total - mean**2
+    std = var.clamp_min(0).sqrt().clamp_min(_MIN_STD)
+    return mean.tolist(), std.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch ops on uint8 tensors, on the training device
+
+
+def random_crop(images: Tensor, generator: torch.Generator, padding: int = CROP_PADDING) -> Tensor:
+    """Zero-pad each image by `padding` pixels and crop back to (H, W) at an independent random offset.
+
+    Same distribution as torchvision's RandomCrop(size, padding), done for the whole batch by one
+    gather instead of a Python loop. uint8 (B, C, H, W) in, uint8 (B, C, H, W) out.
+    """
+    b, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), device=device, generator=generator)  # (2, B): dy, dx
+    rows = (offsets[0, :, None] + torch.arange(h, device=device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (offsets[1, :, None] + torch.arange(w, device=device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b, device=device)[:, None, None, None]  # (B, 1, 1, 1)
+    channel = torch.arange(c, device=device)[None, :, None, None]  # (1, C, 1, 1)
+    return padded[batch, channel, rows, cols]  # (B, C, H, W)
+
+
+def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Mirror each image left-right with probability 1/2. (B, C, H, W) in and out."""
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5  # (B,)
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def augment_batch(images: Tensor, generator: torch.Generator) -> Tensor:
+    """The training augmentation: random crop (padding 4) then horizontal flip, uint8 in and out."""
+    return random_flip(random_crop(images, generator), generator)
+
+
+class BatchTransform:
+    """uint8 (B, 3, H, W) batch on the device -> float32 model input: augment (optional), normalize.
+
+    Normalization is fused into one multiply-add, x * (1 / (255 std)) - mean / std, which equals
+    ToTensor + Normalize's (x / 255 - mean) / std up to float rounding.
+    `augment`: a seeded generator on the images' device to apply `augment_batch`, None for none.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
+                 augment: torch.Generator | None = None, channels_last: bool = False):
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale = (1 / (255 * std_t)).to(device)
+        self.shift = (-mean_t / std_t).to(device)
+        self.augment = augment
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if self.augment is not None:
+            images = augment_batch(images, self.augment)
+        # Layout change on the uint8 batch (1 byte/value) rather than on the float result.
+        images = images.contiguous(memory_format=self.memory_format)
+        return torch.addcmul(self.shift, images.float(), self.scale)  # (B, C, H, W) float32
