@@ -69,6 +69,8 @@ def _is_retriable(err: Exception) -> bool:
 
 
 def _one_line(err: Exception) -> str:
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
     text = str(getattr(err, "reason", "") or err) or type(err).__name__
     return " ".join(text.split())
 
@@ -148,9 +150,11 @@ def safe_extract(archive: Path | str, target: Path | str) -> None:
 
 class _BatchUnpickler(pickle.Unpickler):
     """CIFAR-10 batches are pickles; plain pickle.load would run arbitrary code from the archive.
-    Only the numpy globals needed to rebuild arrays are allowed."""
+    Only the numpy globals needed to rebuild arrays are allowed, plus _codecs.encode, a pure
+    str -> bytes function that protocol-2 pickles written by Python 3 use for bytes values."""
 
     _ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
@@ -224,10 +228,11 @@ def prepare_cifar10(data_dir: Path | str = "data", url: str = CIFAR10_URL, retri
     if (tree / "train").is_dir() and (tree / "test").is_dir():
         return tree
     archive = base / CIFAR10_ARCHIVE
-    if not download and not archive.is_file():
-        raise DatasetError(f"CIFAR-10 is not in {base}/ and downloading is off; "
+    if download:
+        download_url(url, archive, md5=md5, retries=retries, backoff=backoff)
+    elif not (archive.is_file() and file_md5(archive) == md5):
+        raise DatasetError(f"CIFAR-10 is not in {base}/ (or fails its md5 check) and downloading is off; "
                            f"put {CIFAR10_ARCHIVE} (from {url}) in {base}/")
-    download_url(url, archive, md5=md5, retries=retries, backoff=backoff)
     log.info("converting %s to PNG files under %s", archive, tree)
     # The temp folder is hidden (leading dot) so folder scans of data_dir never pick it up.
     with tempfile.TemporaryDirectory(dir=base, prefix=".prepare-") as tmp:
