@@ -20,10 +20,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from visionflow.checkpoints import atomic_write_bytes, atomic_write_text
 from visionflow.images import load_rgb
+from visionflow.runs import RunLayout, runs_root
 
 FONT_SIZE = 12
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
+MAX_LISTED = 10  # list items (classes, issues) shown in markdown before "... and N more"
 # Darkest cell colour of the confusion matrix (a full row on one cell); white is 0.
 CELL_DARK = np.array([8, 48, 107], dtype=np.float64)
 
@@ -68,6 +70,162 @@ def confusion_frame(matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
     frame = pd.DataFrame(counts.astype(np.int64), columns=list(classes))
     frame.insert(0, "true", list(classes))
     return frame
+
+
+def per_class_frame(evaluation: Mapping[str, Any]) -> pd.DataFrame:
+    """Per-class precision, recall, F1 and support from ``EvalReport.to_dict()``."""
+    return pd.DataFrame(evaluation["per_class"], columns=["class", "precision", "recall", "f1", "support"])
+
+
+def validation_counts_frame(validation: Mapping[str, Any]) -> pd.DataFrame:
+    """Images per class (rows) and split (columns, plus ``total``) from ``ValidationReport.to_dict()``."""
+    splits = validation["splits"]
+    frame = pd.DataFrame({"class": list(validation["classes"])})
+    for name, split in splits.items():
+        frame[name] = [int(split["classes"].get(c, 0)) for c in frame["class"]]
+    frame["total"] = frame[list(splits)].sum(axis=1)
+    return frame
+
+
+def validation_issues_frame(validation: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per finding (``issue``, ``path``, ``detail``): unreadable files (left out),
+    duplicate images within a split, and train/eval leakage."""
+    rows = [{"issue": "unreadable", "path": item["path"], "detail": item["reason"]} for item in validation["invalid"]]
+    duplicates = validation["duplicates"]
+    rows += [{"issue": "duplicate", "path": group[0], "detail": "same image as " + ", ".join(group[1:])}
+             for group in duplicates["within_split"]]
+    rows += [{"issue": "train/eval leakage", "path": train, "detail": f"same image as {evaluated}"}
+             for train, evaluated in duplicates["across_splits"]]
+    return pd.DataFrame(rows, columns=["issue", "path", "detail"])
+
+
+def write_evaluation_csvs(evaluation: Mapping[str, Any], out_dir: Path | str) -> dict[str, Path]:
+    """``per_class_metrics.csv`` and ``confusion_matrix.csv`` from ``EvalReport.to_dict()``."""
+    out_dir = Path(out_dir)
+    return {
+        "per_class_metrics": write_csv(per_class_frame(evaluation), out_dir / "per_class_metrics.csv"),
+        "confusion_matrix": write_csv(confusion_frame(evaluation["confusion_matrix"], evaluation["classes"]),
+                                      out_dir / "confusion_matrix.csv"),
+    }
+
+
+def write_validation_csvs(validation: Mapping[str, Any], out_dir: Path | str) -> dict[str, Path]:
+    """``validation_counts.csv`` and ``validation_issues.csv`` from ``ValidationReport.to_dict()``."""
+    out_dir = Path(out_dir)
+    return {
+        "validation_counts": write_csv(validation_counts_frame(validation), out_dir / "validation_counts.csv"),
+        "validation_issues": write_csv(validation_issues_frame(validation), out_dir / "validation_issues.csv"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def tensorboard_command(log_dir: Path | str) -> str:
+    """The shell command that opens TensorBoard on ``log_dir``."""
+    return f"tensorboard --logdir {Path(log_dir)}"
+
+
+def _format_value(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if "accuracy" in key or key.endswith("top5"):
+            return f"{value:.2%}"
+        return f"{value:.1f} s" if key.endswith("seconds") else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        shown = ", ".join(str(item) for item in value[:MAX_LISTED])
+        return shown + (f", ... ({len(value)} in all)" if len(value) > MAX_LISTED else "")
+    return str(value)
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _cell(text: str) -> str:
+    # A pipe would end the markdown cell early; a newline would end the row.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
+    """``frame`` (index left out) as a GitHub-flavoured markdown table."""
+    def text(value: Any) -> str:
+        return float_format.format(value) if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(_cell(str(c)) for c in frame.columns) + " |",
+             "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(_cell(text(v)) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _key_value_table(values: Mapping[str, Any]) -> str:
+    rows = [f"| {_cell(key)} | {_cell(_format_value(key, value))} |" for key, value in _flatten(values).items()]
+    return "\n".join(["| | |", "|---|---|", *rows])
+
+
+def run_summary_markdown(manifest: Mapping[str, Any], run_dir: Path | str) -> str:
+    """The run summary as markdown, from ``runs.build_manifest``'s dict: headline, metrics,
+    data, model (parameter count), timing, where the outputs are (checkpoints, export,
+    TensorBoard logs, with the command that opens TensorBoard) and what reproduces the run."""
+    layout = RunLayout(Path(run_dir))
+    config = manifest["config"]
+    metrics = manifest.get("metrics") or {}
+    headline = (f"Model **{config['model']['name']}** on **{config['data']['dataset']}**, "
+                f"{config['training']['epochs']} epochs, seed {manifest['seed']}, device {manifest.get('device') or '-'}")
+    if "eval_accuracy" in metrics:
+        headline += f": eval accuracy **{_format_value('eval_accuracy', metrics['eval_accuracy'])}**"
+    parts = [f"# Run `{manifest['run_name']}`: {manifest['status']}", "", headline + "."]
+    if manifest.get("error"):
+        parts += ["", f"**Error:** {manifest['error']}"]
+    for title, key in (("Metrics", "metrics"), ("Data", "data"), ("Model", "model"), ("Timing", "timing")):
+        if manifest.get(key):
+            parts += ["", f"## {title}", "", _key_value_table(manifest[key])]
+
+    outputs = {"run directory": layout.root, "last checkpoint": layout.last_checkpoint,
+               "best checkpoint": layout.best_checkpoint, "export": layout.export_dir,
+               "TensorBoard logs": layout.tensorboard, "manifest": layout.manifest}
+    parts += ["", "## Outputs", "", "| | |", "|---|---|"]
+    parts += [f"| {name} | `{path}` |" for name, path in outputs.items() if path.exists()]
+    parts += ["", "Open this run in TensorBoard:", "", "```bash", tensorboard_command(layout.tensorboard), "```",
+              "", "Compare it with every other run:", "", "```bash",
+              tensorboard_command(runs_root(layout.root.parent.parent)), "```"]
+
+    reproduce = {"seed": manifest["seed"], "git commit": manifest.get("git_commit"),
+                 "weights sha256": manifest.get("weights_sha256"),
+                 "prefect flow run": manifest.get("prefect_flow_run_id"), **(manifest.get("versions") or {})}
+    parts += ["", "## Reproduce", "", _key_value_table(reproduce), "", "```bash",
+              f"visionflow reproduce {layout.root}", "```", ""]
+    return "\n".join(parts)
+
+
+def validation_markdown(validation: Mapping[str, Any]) -> str:
+    """The dataset validation report as markdown: fingerprint, images per class and split, and
+    the first findings (unreadable files, duplicates, leakage)."""
+    issues = validation_issues_frame(validation)
+    parts = [f"# Dataset `{validation['spec']}`", "", f"Fingerprint `{validation['fingerprint']}`", "",
+             "## Images per class", "", markdown_table(validation_counts_frame(validation)), "",
+             "## Findings", ""]
+    if issues.empty:
+        parts.append("No unreadable files, duplicates or train/eval leakage.")
+    else:
+        counts = issues["issue"].value_counts()
+        parts.append(", ".join(f"{name}: {count}" for name, count in counts.items()))
+        parts += ["", markdown_table(issues.head(MAX_LISTED))]
+        if len(issues) > MAX_LISTED:
+            parts.append(f"\n... and {len(issues) - MAX_LISTED} more (see validation_issues.csv)")
+    return "\n".join(parts) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

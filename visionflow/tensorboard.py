@@ -3,9 +3,9 @@ functions for the transform preview, the model graph, hyperparameters with final
 confusion matrix and per-class precision-recall curves.
 
 Decisions:
-- One folder per run (``<output_dir>/runs/<run_name>/tensorboard``, see ``run_log_dir``), as the
-  tutorial advises: two trainings in one folder draw on top of each other. Pointing TensorBoard at
-  the parent (``tensorboard --logdir <output_dir>/runs``) compares runs side by side.
+- One folder per run (``runs.RunLayout.tensorboard``: ``<output_dir>/runs/<run_name>/tensorboard``),
+  as the tutorial advises: two trainings in one folder draw on top of each other. Pointing
+  TensorBoard at the parent (``tensorboard --logdir <output_dir>/runs``) compares runs.
 - Every function opens its own short-lived writer on the run folder: the flow calls them from
   different tasks (maybe processes), and each writer adds its own uniquely named event file,
   which TensorBoard merges.
@@ -32,18 +32,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from visionflow.engine import Callback, EpochMetrics, FitResult, FitStart
 from visionflow.reports import render_confusion_matrix
 
-TENSORBOARD_SUBDIR = "tensorboard"
 HPARAM_METRIC_PREFIX = "hparam/"
-
-
-def run_log_dir(output_dir: Path | str, run_name: str) -> Path:
-    """The run's TensorBoard folder: ``<output_dir>/runs/<run_name>/tensorboard``."""
-    return Path(output_dir) / "runs" / run_name / TENSORBOARD_SUBDIR
-
-
-def tensorboard_command(log_dir: Path | str) -> str:
-    """The shell command that opens TensorBoard on ``log_dir``."""
-    return f"tensorboard --logdir {Path(log_dir)}"
 
 
 class TensorBoardCallback(Callback):
