@@ -38,12 +38,11 @@ from visionflow.cache import load_decoded
 from visionflow.checkpoints import EXPORT_SPEC, EXPORT_WEIGHTS, atomic_write_bytes, atomic_write_json, load_model
 from visionflow.data import Split
 from visionflow.errors import CheckpointError, ConfigError
-from visionflow.evaluation import EvalReport, evaluate_model
+from visionflow.evaluation import EvalReport, check_classes_match, evaluate_model
+from visionflow.runs import MANIFEST_NAME, RunLayout, read_manifest, write_manifest
 
 MODELS_SUBDIR = "models"
-MANIFEST = "manifest.json"
 DECISION = "decision.json"
-EXPORT_SUBDIR = "export"
 KEEP_PREVIOUS = 2
 # training.monitor -> (EvalReport field, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {"eval_accuracy": ("accuracy", True), "eval_loss": ("loss", False)}
@@ -139,7 +138,7 @@ def read_champion(output_dir: Path | str, slot: str) -> Champion | None:
         raise CheckpointError(f"Champion slot '{path}' is a plain folder: expected a link to "
                               f"{_versions_dir(output_dir, slot)}/<version> managed by visionflow; move it away")
     version = path.resolve()  # one version for the whole comparison, even if the link is swapped meanwhile
-    expected = f"a champion folder with {EXPORT_WEIGHTS}, {EXPORT_SPEC}, {MANIFEST} and {DECISION}"
+    expected = f"a champion folder with {EXPORT_WEIGHTS}, {EXPORT_SPEC}, {MANIFEST_NAME} and {DECISION}"
     spec = _read_json(version / EXPORT_SPEC, expected)
     decision = _read_json(version / DECISION, expected)
     return Champion(slot=slot, path=version, version=version.name, run_name=str(decision["challenger_run"]),
@@ -149,9 +148,7 @@ def read_champion(output_dir: Path | str, slot: str) -> Champion | None:
 def evaluate_export(path: Path, eval_split: Split, cache_dir: Path | str, device: str = "auto") -> EvalReport:
     """Evaluate an exported model on ``eval_split``, decoded at the model's own input size."""
     model, spec = load_model(path)
-    if list(spec.class_names) != list(eval_split.classes):
-        raise CheckpointError(f"Model '{path}' predicts classes {spec.class_names} but the evaluation split has "
-                              f"{list(eval_split.classes)}: use another output.champion slot for this dataset")
+    check_classes_match(spec, eval_split.classes)
     return evaluate_model(model, spec, load_decoded(eval_split, spec.input_size, cache_dir), device=device)
 
 
@@ -217,8 +214,8 @@ def promote(run_dir: Path, manifest: dict[str, Any], decision: ChampionDecision,
     staging = Path(tempfile.mkdtemp(dir=versions, prefix=".staging-"))
     try:
         for name in (EXPORT_WEIGHTS, EXPORT_SPEC):
-            atomic_write_bytes(staging / name, (run_dir / EXPORT_SUBDIR / name).read_bytes())
-        atomic_write_json(staging / MANIFEST, manifest)
+            atomic_write_bytes(staging / name, (RunLayout(run_dir).export_dir / name).read_bytes())
+        write_manifest(staging, manifest)
         atomic_write_json(staging / DECISION, decision.to_dict())
         os.replace(staging, versions / version)
     except BaseException:
@@ -235,22 +232,21 @@ def challenge(run_dir: Path | str, slot: str, metric: str, eval_split: Split, ou
               cache_dir: Path | str, device: str = "auto") -> ChampionDecision:
     """Compare the run in ``run_dir`` with the champion in ``slot``, promote it when it is at least
     as good, and record the decision in the run's manifest (key ``champion``)."""
-    run_dir = Path(run_dir)
-    expected = f"a finished run folder with {MANIFEST} and {EXPORT_SUBDIR}/{EXPORT_SPEC}"
-    manifest = _read_json(run_dir / MANIFEST, expected)
-    spec = _read_json(run_dir / EXPORT_SUBDIR / EXPORT_SPEC, expected)
-    metrics = manifest.get("metrics", {})
+    layout = RunLayout(Path(run_dir))
+    manifest = read_manifest(layout.root)
+    spec = _read_json(layout.export_dir / EXPORT_SPEC, f"the run's export ({EXPORT_WEIGHTS} + {EXPORT_SPEC})")
+    metrics = manifest.get("metrics") or {}
     if metric not in metrics:
-        raise CheckpointError(f"Manifest '{run_dir / MANIFEST}' has no metrics.{metric}: found {', '.join(sorted(metrics)) or 'none'}")
+        raise CheckpointError(f"Manifest '{layout.manifest}' has no metrics.{metric}: found {', '.join(sorted(metrics)) or 'none'}")
     champion = read_champion(output_dir, slot)
     challenger_sha = str(spec["weights_sha256"])
     field, _ = metric_direction(metric)
     champion_score = (float(getattr(evaluate_export(champion.path, eval_split, cache_dir, device), field))
                       if champion is not None and champion.weights_sha256 != challenger_sha else None)
-    decision = decide(slot, metric, run_dir.name, float(metrics[metric]), challenger_sha,
+    decision = decide(slot, metric, layout.name, float(metrics[metric]), challenger_sha,
                       champion, champion_score, eval_split)
     manifest = {**manifest, "champion": decision.to_dict()}
     if decision.promoted:
-        promote(run_dir, manifest, decision, output_dir)
-    atomic_write_json(run_dir / MANIFEST, manifest)
+        promote(layout.root, manifest, decision, output_dir)
+    write_manifest(layout.root, manifest)
     return decision

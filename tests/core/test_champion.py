@@ -14,7 +14,7 @@ import torch
 from visionflow import champion as ch
 from visionflow.checkpoints import export_model, load_model
 from visionflow.data import DatasetInfo, resolve_dataset
-from visionflow.errors import CheckpointError, ConfigError
+from visionflow.errors import CheckpointError, ConfigError, DatasetError
 from visionflow.models import ModelSpec, build_model
 
 CLASSES = ("airplane", "cat", "ship")
@@ -37,7 +37,7 @@ def make_run(out: Path, name: str, seed: int, metrics: dict[str, float]) -> Path
     spec = ModelSpec("tudui", len(CLASSES), 32, list(CLASSES), [0.5] * 3, [0.25] * 3)
     run_dir = out / "runs" / name
     export_model(build_model("tudui", len(CLASSES)), spec, run_dir / "export")
-    (run_dir / "manifest.json").write_text(json.dumps({"run_name": name, "metrics": metrics}))
+    (run_dir / "manifest.json").write_text(json.dumps({"run_name": name, "config": {}, "metrics": metrics}))
     return run_dir
 
 
@@ -91,13 +91,13 @@ def test_same_weights_are_kept_without_a_new_version(tmp_path: Path, dataset: Da
     assert json.loads((tmp_path / "runs" / "run-b" / "manifest.json").read_text())["champion"]["reason"] == "same weights"
 
 
-@pytest.mark.parametrize("metric, better, worse", [("eval_accuracy", 1.0, 0.0), ("eval_loss", 0.0, 1e9)])
+@pytest.mark.parametrize("metric, better, worse", [("eval_accuracy", 1.0, -1.0), ("eval_loss", 0.0, 1e9)])
 def test_champion_is_rescored_on_the_challengers_split(tmp_path: Path, dataset: DatasetInfo, metric: str,
                                                        better: float, worse: float) -> None:
-    challenge(make_run(tmp_path, "run-a", seed=0, metrics={metric: 0.5}), tmp_path, dataset, metric)
+    challenge(make_run(tmp_path, "run-a", seed=0, metrics={metric: 0.123457}), tmp_path, dataset, metric)
     kept = challenge(make_run(tmp_path, "run-b", seed=1, metrics={metric: worse}), tmp_path, dataset, metric)
     assert kept.outcome == "kept" and "is worse than champion" in kept.reason
-    assert kept.champion_score is not None and kept.champion_score != 0.5  # measured now, not the stored 0.5
+    assert kept.champion_score is not None and kept.champion_score != 0.123457  # measured now
     assert kept.eval_split == "val" and kept.eval_images == 4 * len(CLASSES)
     assert ch.read_champion(tmp_path, "nightly").run_name == "run-a"
     promoted = challenge(make_run(tmp_path, "run-c", seed=2, metrics={metric: better}), tmp_path, dataset, metric)
@@ -136,7 +136,7 @@ def test_plain_folder_in_the_slot_is_refused(tmp_path: Path, dataset: DatasetInf
 def test_champion_with_other_classes_cannot_be_compared(tmp_path: Path, dataset: DatasetInfo) -> None:
     challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
     split = replace(dataset.eval_split, classes=("a", "b", "c"))
-    with pytest.raises(CheckpointError, match=r"predicts classes \['airplane', 'cat', 'ship'\] but the evaluation split has \['a', 'b', 'c'\]"):
+    with pytest.raises(DatasetError, match=r"classes \['a', 'b', 'c'\] do not match the model's class_names \['airplane', 'cat', 'ship'\]"):
         ch.challenge(make_run(tmp_path, "run-b", seed=1, metrics={"eval_accuracy": 0.3}), "nightly", "eval_accuracy",
                      split, tmp_path, tmp_path / "cache", device="cpu")
 
