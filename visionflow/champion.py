@@ -162,6 +162,22 @@ def evaluate_champion(output_dir: Path | str, slot: str, eval_split: Split, cach
     return champion, evaluate_export(champion.path, eval_split, cache_dir, device)
 
 
+def champion_report_markdown(champion: Champion, report: EvalReport, split_name: str) -> str:
+    """The champion's evaluation for the Prefect UI: headline metrics and the per-class table."""
+    top5 = "n/a" if report.top5 is None else f"{report.top5:.4f}"
+    rows = [f"| {name} | {row.precision:.4f} | {row.recall:.4f} | {row.f1:.4f} | {int(row.support)} |"
+            for name, row in report.per_class.iterrows()]
+    return "\n".join([
+        f"## Champion `{champion.slot}`: run {champion.run_name}",
+        "",
+        f"Version `{champion.version}`, evaluated on the `{split_name}` split ({report.num_images} images).",
+        "",
+        "| accuracy | loss | top-5 |", "|---|---|---|", f"| {report.accuracy:.4f} | {report.loss:.4f} | {top5} |",
+        "",
+        "| class | precision | recall | f1 | support |", "|---|---|---|---|---|", *rows,
+    ])
+
+
 def _should_promote(challenger: float, champion: float, metric: str) -> bool:
     """At least as good: >= for a higher-is-better metric, <= for a lower-is-better one."""
     _, higher_is_better = metric_direction(metric)

@@ -160,3 +160,12 @@ def test_decision_markdown_has_both_scores_and_the_reason(dataset: DatasetInfo) 
     text = decision.to_markdown()
     assert "challenger **promoted**" in text and "no champion in the slot yet" in text
     assert "| challenger | run-b | 0.9000 |" in text and "| champion | (none) | n/a |" in text
+
+
+def test_champion_report_markdown(tmp_path: Path, dataset: DatasetInfo) -> None:
+    challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
+    current, report = ch.evaluate_champion(tmp_path, "nightly", dataset.eval_split, tmp_path / "cache", device="cpu")
+    text = ch.champion_report_markdown(current, report, "val")
+    assert "## Champion `nightly`: run run-a" in text and f"({report.num_images} images)" in text
+    assert f"| {report.accuracy:.4f} | {report.loss:.4f} | n/a |" in text
+    assert sum(line.startswith(("| airplane |", "| cat |", "| ship |")) for line in text.splitlines()) == 3

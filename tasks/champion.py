@@ -1,0 +1,44 @@
+"""Champion tasks: challenge a slot's champion with a finished run, and score the champion.
+
+Never cached: both read the slot as it is now, and the challenge moves it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.artifacts import publish_markdown
+from tasks.data import DatasetRef, ValidatedData
+from visionflow.champion import champion_report_markdown, challenge, evaluate_champion
+from visionflow.config import PipelineConfig
+
+DECISION_KEY = "champion-decision"
+EVALUATION_KEY = "champion-evaluation"
+
+
+@task(cache_policy=NO_CACHE)
+def challenge_champion(run_dir: str, dataset: DatasetRef, validated: ValidatedData, config: PipelineConfig) -> dict[str, Any]:
+    """Compare the run with the champion on its eval split; promote it when at least as good."""
+    eval_split = validated.apply(dataset.load()).eval_split
+    decision = challenge(run_dir, config.output.champion, config.training.monitor, eval_split,
+                         config.output.output_dir, Path(config.data.data_dir) / "cache", config.training.device)
+    publish_markdown(DECISION_KEY, decision.to_markdown(), f"Champion '{decision.slot}': challenger {decision.outcome}")
+    get_run_logger().info("champion '%s': challenger %s (%s)", decision.slot, decision.outcome, decision.reason)
+    return decision.to_dict()
+
+
+@task(cache_policy=NO_CACHE)
+def score_champion(dataset: DatasetRef, config: PipelineConfig) -> dict[str, Any]:
+    """Evaluate the champion in config.output.champion on the dataset's eval split."""
+    eval_split = dataset.load().eval_split
+    champion, report = evaluate_champion(config.output.output_dir, config.output.champion, eval_split,
+                                         Path(config.data.data_dir) / "cache", config.training.device)
+    publish_markdown(EVALUATION_KEY, champion_report_markdown(champion, report, eval_split.name),
+                     f"Champion '{champion.slot}' ({champion.run_name}): accuracy {report.accuracy:.2%}")
+    get_run_logger().info("champion '%s' (%s): accuracy %.4f, loss %.4f on %s", champion.slot, champion.run_name,
+                          report.accuracy, report.loss, eval_split.name)
+    return {"slot": champion.slot, "version": champion.version, "run_name": champion.run_name, **report.to_dict()}
