@@ -152,9 +152,11 @@ def evaluate_export(path: Path, eval_split: Split, cache_dir: Path | str, device
     return evaluate_model(model, spec, load_decoded(eval_split, spec.input_size, cache_dir), device=device)
 
 
-def evaluate_champion(output_dir: Path | str, slot: str, eval_split: Split, cache_dir: Path | str,
+def evaluate_champion(output_dir: Path | str, slot: str | None, eval_split: Split, cache_dir: Path | str,
                       device: str = "auto") -> tuple[Champion, EvalReport]:
-    """The champion in ``slot`` and its report on ``eval_split``; an empty slot is an error."""
+    """The champion in ``slot`` and its report on ``eval_split``; no slot or an empty one is an error."""
+    if slot is None:
+        raise ConfigError("Invalid config field 'output.champion': None; expected the champion slot to evaluate, e.g. 'nightly'")
     champion = read_champion(output_dir, slot)
     if champion is None:
         raise CheckpointError(f"Champion slot '{slot_path(output_dir, slot)}' is empty: "

@@ -169,3 +169,8 @@ def test_champion_report_markdown(tmp_path: Path, dataset: DatasetInfo) -> None:
     assert "## Champion `nightly`: run run-a" in text and f"({report.num_images} images)" in text
     assert f"| {report.accuracy:.4f} | {report.loss:.4f} | n/a |" in text
     assert sum(line.startswith(("| airplane |", "| cat |", "| ship |")) for line in text.splitlines()) == 3
+
+
+def test_evaluate_champion_needs_a_slot(tmp_path: Path, dataset: DatasetInfo) -> None:
+    with pytest.raises(ConfigError, match="'output.champion': None; expected the champion slot"):
+        ch.evaluate_champion(tmp_path, None, dataset.eval_split, tmp_path / "cache", device="cpu")

@@ -1,0 +1,30 @@
+"""The champion evaluation flow: score the model in a champion slot on a dataset's evaluation
+split (read-only: it never trains or promotes). The `evaluate-champion` deployment runs it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.caching import bind
+from tasks.champion import score_champion
+from tasks.data import DataSource, download_dataset, fingerprint_data
+from visionflow.config import PipelineConfig
+
+
+def evaluation_name() -> str:
+    """The flow run's name: `evaluate-<slot>-<YYYYmmdd-HHMMSS>`."""
+    config = PipelineConfig.model_validate(flow_run.get_parameters()["config"])
+    return f"evaluate-{config.output.champion}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+@flow(name="evaluate-champion", flow_run_name=evaluation_name, validate_parameters=True)
+def evaluate_champion(config: PipelineConfig) -> dict[str, Any]:
+    """Score the champion in config.output.champion on config.data.dataset's evaluation split."""
+    source = DataSource.of(config.data)
+    location = bind(download_dataset, config.output.output_dir, config.output.refresh)(source)
+    dataset = fingerprint_data(source, location)
+    return score_champion(dataset, config)
