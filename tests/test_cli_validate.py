@@ -1,0 +1,143 @@
+"""`visionflow validate` run as a real subprocess, the way users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).parent / "visionflow"
+
+
+def cli_command() -> list[str]:
+    # The console script is only regenerated when the package is reinstalled; an install older
+    # than `[project.scripts] visionflow = "flows.cli:main"` still points elsewhere, so fall back
+    # to the module, which runs the same main().
+    if SCRIPT.is_file() and "flows.cli" in SCRIPT.read_text(errors="replace"):
+        return [str(SCRIPT)]
+    return [sys.executable, "-m", "flows.cli"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cli_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def counts(report: dict) -> dict[str, dict[str, int]]:
+    return {name: split["classes"] for name, split in report["splits"].items()}
+
+
+def test_json_report_on_hymenoptera(hymenoptera, tmp_path):
+    result = run("validate", "--dataset", str(hymenoptera), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # exactly one JSON document on stdout
+    assert counts(report) == {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
+    assert report["splits"]["train"]["images"] == 245 and report["splits"]["val"]["images"] == 153
+    assert len(report["fingerprint"]) == 64 and report["invalid"] == []
+    assert set(report["duplicates"]) == {"within_split", "across_splits"}
+
+
+def test_json_report_on_cifar_mini(cifar_mini, tmp_path):
+    result = run("validate", "--dataset", str(cifar_mini), "--json", "--on-invalid", "fail", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    assert counts(report) == {"train": dict.fromkeys(classes, 500), "val": dict.fromkeys(classes, 100)}
+    assert report["splits"]["train"]["sizes"] == {"32x32": 5000}
+
+
+@pytest.fixture
+def small_broken(tmp_path) -> Path:
+    """Two classes of tiny PNGs, a zero-byte file and a training image leaked into val."""
+    from PIL import Image
+
+    root = tmp_path / "ds"
+    for split in ("train", "val"):
+        for label, shade in (("a", 10), ("b", 200)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (4, 4), (shade, i, 0 if split == "train" else 99)).save(root / split / label / f"{i}.png")
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"")
+    Image.new("RGB", (4, 4), (10, 0, 0)).save(root / "val" / "a" / "leak.png")
+    return root
+
+
+def test_skip_reports_invalid_and_leak_and_exits_zero(small_broken, tmp_path):
+    result = run("validate", "--dataset", str(small_broken), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["invalid"] == [{"path": "train/b/broken.jpg", "reason": "empty file"}]
+    assert report["duplicates"]["across_splits"] == [["train/a/0.png", "val/a/leak.png"]]
+
+
+def test_fail_policy_names_the_file(small_broken, tmp_path):
+    result = run("validate", "--dataset", str(small_broken), "--on-invalid", "fail", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: Invalid image 'train/b/broken.jpg'")
+    assert result.stderr.count("\n") == 1
+
+
+def test_bad_input_process_prints_one_line_without_traceback(tmp_path):
+    result = run("validate", "--dataset", "imagenet-21k", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: Unknown dataset 'imagenet-21k'")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# In-process from here: main() is exactly what the console script calls, and each extra
+# subprocess costs a full torch import (seconds on a busy 2-core machine).
+
+def test_human_summary(small_broken, capsys):
+    from flows.cli import main
+
+    assert main(["validate", "--dataset", str(small_broken)]) == 0
+    out = capsys.readouterr().out
+    assert "train: 4 images" in out and "train/b/broken.jpg: empty file" in out
+    assert "train/a/0.png = val/a/leak.png" in out
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("missing", "Unknown dataset 'missing'"),
+    ("empty", "is empty"),
+    ("flat", "has no class subfolders"),
+    ("cifar100", "Unknown dataset 'cifar100'"),
+])
+def test_bad_inputs_give_one_error_line(tmp_path, capsys, monkeypatch, spec, expected):
+    from flows.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.png").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)  # the specs above are relative paths
+    assert main(["validate", "--dataset", spec]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and expected in captured.err
+    assert captured.err.count("\n") == 1
+
+
+def test_usage_errors_exit_2(capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["validate", "--dataset", "sample", "--on-invalid", "maybe"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+def test_cli_module_does_not_import_prefect():
+    code = "import sys, flows.cli; sys.exit('prefect' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+
+
+def test_sample_json_in_process(tmp_path, capsys, monkeypatch):
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no data/ here: the bundled sample is used
+    assert main(["validate", "--dataset", "sample", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["spec"] == "sample" and report["splits"]["train"]["images"] > 0
