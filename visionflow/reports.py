@@ -196,8 +196,8 @@ def run_summary_markdown(manifest: Mapping[str, Any], run_dir: Path | str) -> st
     outputs = {"run directory": layout.root, "last checkpoint": layout.last_checkpoint,
                "best checkpoint": layout.best_checkpoint, "export": layout.export_dir,
                "TensorBoard logs": layout.tensorboard, "manifest": layout.manifest}
-    parts += ["", "## Outputs", "", "| | |", "|---|---|"]
-    parts += [f"| {name} | `{path}` |" for name, path in outputs.items() if path.exists()]
+    written = [f"| {name} | `{path}` |" for name, path in outputs.items() if path.exists()]
+    parts += ["", "## Outputs", ""] + (["| | |", "|---|---|", *written] if written else ["Nothing written yet."])
     parts += ["", "Open this run in TensorBoard:", "", "```bash", tensorboard_command(layout.tensorboard), "```",
               "", "Compare it with every other run:", "", "```bash",
               tensorboard_command(runs_root(layout.root.parent.parent)), "```"]
