@@ -19,7 +19,8 @@ import importlib
 import inspect
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,19 @@ class TaskOutput(BaseModel):
 def outputs_in(run_dir: Path | str, relpaths: list[str]) -> dict[str, FileRef]:
     """`files` for a TaskOutput: the given run-directory-relative paths, hashed now."""
     return {relpath: FileRef.of(Path(run_dir) / relpath) for relpath in relpaths}
+
+
+@contextmanager
+def created_files(run_dir: Path | str, folder: Path | str) -> Iterator[dict[str, FileRef]]:
+    """Collects, on exit, the files that appeared under `folder` during the block (TensorBoard
+    names its event files itself), as `files` entries relative to `run_dir`."""
+    run_dir, folder = Path(run_dir).resolve(), Path(folder).resolve()
+    before = set(folder.rglob("*")) if folder.is_dir() else set()
+    created: dict[str, FileRef] = {}
+    yield created
+    for path in sorted(set(folder.rglob("*")) - before):
+        if path.is_file():
+            created[path.relative_to(run_dir).as_posix()] = FileRef.of(path)
 
 
 def results_dir(output_dir: Path | str) -> Path:

@@ -96,29 +96,32 @@ def generate_run_name(dataset: str, model: str, now: datetime | None = None) -> 
     return f"train-{_slug(dataset)}-{_slug(model)}-{stamp}-{secrets.token_hex(2)}"
 
 
-def create_run_dir(output_dir: Path | str, run_name: str | None, dataset: str, model: str) -> tuple[RunLayout, bool]:
+def create_run_dir(output_dir: Path | str, run_name: str | None, dataset: str, model: str,
+                   proposed: str | None = None) -> tuple[RunLayout, bool]:
     """Create the run directory; returns its layout and whether an interrupted run is resumed.
 
-    A given name that exists is resumed unless that run completed (reusing it would mix two
-    runs' outputs); a generated name is retried until mkdir wins, so two runs started in the
-    same second still get different directories."""
+    A given `run_name` that exists is resumed, unless that run completed (reusing it would mix
+    two runs' outputs). Without one, `proposed` (e.g. the orchestrator's run name) is tried,
+    then generated names, until mkdir wins: two runs started in the same second still get
+    different directories, and a generated name never resumes another run."""
     root = runs_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     if run_name is not None:
         layout = RunLayout(root / run_name)
         if layout.root.is_dir():
-            status = _status_of(layout)
-            if status == "completed":
+            if _status_of(layout) == "completed":
                 raise ConfigError(f"Run '{run_name}' already completed in {layout.root}; "
                                   f"choose another --run-name or omit it for a generated one")
             return layout, True
         layout.root.mkdir()
         return layout, False
+    name = proposed or generate_run_name(dataset, model)
     while True:
-        layout = RunLayout(root / generate_run_name(dataset, model))
+        layout = RunLayout(root / name)
         try:
             layout.root.mkdir()
         except FileExistsError:
+            name = generate_run_name(dataset, model)
             continue
         return layout, False
 
