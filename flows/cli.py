@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from visionflow.errors import VisionflowError
+from visionflow.errors import DatasetError, VisionflowError
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +48,63 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive integer")
+    return value
+
+
+def select_split(info: Any, name: str | None) -> Any:
+    """The named split of a resolved dataset, or its eval split (val, else test) when name is None."""
+    if name is None:
+        return info.eval_split
+    if name not in info.splits:
+        raise DatasetError(f"Dataset '{info.spec}' has no '{name}' split: it has {', '.join(sorted(info.splits))}")
+    return info.splits[name]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from visionflow.cache import load_decoded
+    from visionflow.checkpoints import load_model
+    from visionflow.data import resolve_dataset
+    from visionflow.evaluation import check_classes_match, evaluate_model
+
+    model, spec = load_model(args.checkpoint)
+    info = resolve_dataset(args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction,
+                           split_seed=args.split_seed)
+    check_classes_match(spec, info.classes)  # before decoding anything
+    split = select_split(info, args.split)
+    decoded = load_decoded(split, spec.input_size, Path(args.data_dir) / "cache")
+    report = evaluate_model(model, spec, decoded, device=args.device, batch_size=args.batch_size)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(f"checkpoint: {args.checkpoint}  dataset: {args.dataset}  split: {split.name}")
+        print(report.to_text())
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from visionflow.checkpoints import load_model
+    from visionflow.evaluation import predict_images
+
+    model, spec = load_model(args.checkpoint)
+    predictions = predict_images(model, spec, args.images, device=args.device)
+    if args.json:
+        print_json(predictions)
+    else:
+        for p in predictions:
+            print(f"{p['image']}\t{p['label']}\t{p['probability']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="visionflow", description="Train, evaluate and serve image classifiers.")
@@ -60,6 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave unreadable files out and report them (skip, default) or stop at the first (fail)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=cmd_validate)
+
+    checkpoint_help = "a training checkpoint (.pt), an export folder, or its model.safetensors (beside model.json)"
+    p = commands.add_parser("evaluate", help="evaluate a checkpoint: loss, accuracy, per-class metrics, confusion matrix")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help=checkpoint_help)
+    add_dataset_arguments(p)
+    p.add_argument("--split", choices=("val", "test", "train"), default=None,
+                   help="split to evaluate (default: the dataset's eval split, val or else test)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N")
+    p.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per forward pass (default: 256)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = commands.add_parser("predict", help="classify image files with a checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help=checkpoint_help)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {image, label, probability, probabilities}")
+    p.set_defaults(handler=cmd_predict)
 
     return parser
 

@@ -127,13 +127,18 @@ def _check_precision(precision: str) -> None:
         raise ConfigError(f"Invalid precision '{precision}'. Choose from: {', '.join(PRECISIONS)}")
 
 
+def check_classes_match(spec: ModelSpec, classes: Sequence[str]) -> None:
+    """A dataset's classes must be the model's class_names, in order (label i = class i); else DatasetError."""
+    if tuple(classes) != tuple(spec.class_names):
+        raise DatasetError(f"Dataset classes {list(classes)} do not match the model's class_names "
+                           f"{list(spec.class_names)}: evaluate on a dataset with the classes the model was trained on")
+
+
 def _check_split_fits(spec: ModelSpec, decoded: DecodedSplit) -> None:
     """The split must be non-empty, decoded at the model's input size, with the model's classes."""
     if len(decoded.labels) == 0:
         raise DatasetError("The split to evaluate has no images: expected at least one")
-    if tuple(decoded.classes) != tuple(spec.class_names):
-        raise DatasetError(f"Dataset classes {list(decoded.classes)} do not match the model's class_names "
-                           f"{list(spec.class_names)}: evaluate on a dataset with the classes the model was trained on")
+    check_classes_match(spec, decoded.classes)
     size = tuple(decoded.images.shape[-2:])
     if size != (spec.input_size, spec.input_size):
         raise DatasetError(f"Images are decoded at {size[0]}x{size[1]} but the model expects "
