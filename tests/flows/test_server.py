@@ -1,0 +1,176 @@
+"""The deployments of prefect.yaml on a real Prefect server, run by a real process worker.
+
+One server for the module (SQLite in a temporary PREFECT_HOME, on 127.0.0.1:<free port>); the
+repository's own prefect.yaml is deployed with `prefect deploy --all`, and runs are triggered with
+test parameters (tiny data, one epoch, outputs in a temporary folder) through
+`prefect deployment run --params`: a run's `config` replaces the deployment's. Then the UI
+(headless Chromium) must show the run's artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.objects import FlowRun
+from prefect.exceptions import PrefectHTTPStatusError
+
+from tests.flows.server_fixtures import (CHROMIUM, PREFECT, PrefectServer, chromium_text, copy_tiny_dataset,
+                                         prefect_server, run_cli, run_worker_once)
+
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+POOL = "visionflow"  # prefect.yaml's work pool
+ON_DEMAND = "train-pipeline/train-on-demand"
+CLASSES = ("airplane", "cat", "frog", "ship")
+SLOT = "ondemand-test"
+RUN_KEYS = ("run-summary", "champion-decision")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: PrefectServer) -> Iterator[SyncPrefectClient]:
+    with SyncPrefectClient(server.api_url) as prefect_client:
+        yield prefect_client
+
+
+@pytest.fixture(scope="module")
+def deployed(server: PrefectServer) -> str:
+    """The work pool and every deployment of the repository's prefect.yaml; returns the deploy output."""
+    run_cli([PREFECT, "work-pool", "create", POOL, "--type", "process"], server.env, REPO)
+    return run_cli([PREFECT, "--no-prompt", "deploy", "--all"], server.env, REPO, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory: pytest.TempPathFactory, sample_dataset: Path) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("server-run")
+    tiny = copy_tiny_dataset(sample_dataset, root / "tiny", CLASSES, train=10, val=5)
+    return {"data": {"dataset": str(tiny), "data_dir": str(root / "data"), "batch_size": 16},
+            "model": {"name": "tudui"},
+            "training": {"epochs": 1, "device": "cpu"},
+            "output": {"output_dir": str(root / "out"), "champion": SLOT}}
+
+
+def trigger(server: PrefectServer, deployment: str, config: dict[str, Any]) -> UUID:
+    """`prefect deployment run` with the whole config as --params; returns the flow run id."""
+    output = run_cli([PREFECT, "deployment", "run", deployment, "--params", json.dumps({"config": config})],
+                     server.env, REPO)
+    return UUID(re.search(r"UUID: ([0-9a-f-]{36})", output).group(1))
+
+
+def run_to_end(server: PrefectServer, client: SyncPrefectClient, flow_run_id: UUID, log: Path) -> FlowRun:
+    run_worker_once(server, POOL, REPO, log)
+    flow_run = client.read_flow_run(flow_run_id)
+    assert flow_run.state is not None and flow_run.state.is_final(), f"run still {flow_run.state}"
+    return flow_run
+
+
+def logs_of(client: SyncPrefectClient, flow_run_id: UUID) -> list[str]:
+    """The run's stored log messages (the flow-run process ships them just before it exits)."""
+    deadline = time.monotonic() + 15
+    while True:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+        if logs or time.monotonic() > deadline:
+            return [log.message for log in logs]
+        time.sleep(0.5)
+
+
+def artifact_keys(client: SyncPrefectClient, flow_run_id: UUID) -> set[str]:
+    artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key for artifact in artifacts if artifact.key}
+
+
+def manifest_of(config: dict[str, Any], flow_run: FlowRun) -> dict[str, Any]:
+    runs = Path(config["output"]["output_dir"]) / "runs"
+    return json.loads((runs / flow_run.name / "manifest.json").read_text())
+
+
+def test_nightly_schedule_and_deployments_are_registered(deployed: str, client: SyncPrefectClient) -> None:
+    nightly = client.read_deployment_by_name("train-pipeline/nightly-retrain")
+    assert [(s.active, s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [(True, "30 2 * * *", "Europe/Berlin")]
+    assert nightly.work_pool_name == POOL and nightly.enforce_parameter_schema
+    assert nightly.global_concurrency_limit.limit == 1
+    assert nightly.concurrency_options.collision_strategy == "CANCEL_NEW"
+    assert nightly.parameters["config"]["output"]["champion"] == "nightly"
+    # `{{ $PWD }}` resolved by `prefect deploy` to the clone it ran in.
+    assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    on_demand = client.read_deployment_by_name(ON_DEMAND)
+    assert on_demand.schedules == [] and on_demand.concurrency_options.collision_strategy == "ENQUEUE"
+    evaluate = client.read_deployment_by_name("evaluate-champion/evaluate-champion")
+    assert evaluate.entrypoint == "flows/champion.py:evaluate_champion" and evaluate.enforce_parameter_schema
+
+
+def test_parameter_schema_rejects_a_bad_config_before_any_worker(deployed: str, client: SyncPrefectClient) -> None:
+    deployment = client.read_deployment_by_name(ON_DEMAND)
+    with pytest.raises(PrefectHTTPStatusError, match="epochs"):
+        client.create_flow_run_from_deployment(deployment.id, parameters={"config": {"training": {"epochs": 0}}})
+
+
+@pytest.fixture(scope="module")
+def first_run(deployed: str, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any]) -> FlowRun:
+    flow_run_id = trigger(server, ON_DEMAND, run_config)
+    return run_to_end(server, client, flow_run_id, server.home / "worker-1.log")
+
+
+def test_on_demand_run_completes_with_artifacts_and_logs(first_run: FlowRun, client: SyncPrefectClient,
+                                                         server: PrefectServer, run_config: dict[str, Any]) -> None:
+    assert first_run.state.is_completed(), f"{first_run.state.name}: {first_run.state.message}\n{(server.home / 'worker-1.log').read_text()[-3000:]}"
+    assert first_run.name.startswith("train-tiny-tudui-")
+    assert {"visionflow", "on-demand"} <= set(first_run.tags)
+    assert set(RUN_KEYS) <= artifact_keys(client, first_run.id)
+    assert any("champion" in message for message in logs_of(client, first_run.id))
+    manifest = manifest_of(run_config, first_run)
+    assert manifest["status"] == "completed" and manifest["prefect_flow_run_id"] == str(first_run.id)
+    assert (manifest["champion"]["outcome"], manifest["champion"]["reason"]) == ("promoted", "no champion in the slot yet")
+    slot = Path(run_config["output"]["output_dir"]) / "models" / SLOT
+    assert json.loads((slot / "manifest.json").read_text())["run_name"] == first_run.name
+
+
+def test_rerun_on_unchanged_data_is_cached_and_keeps_the_champion(first_run: FlowRun, server: PrefectServer,
+                                                                  client: SyncPrefectClient, run_config: dict[str, Any]) -> None:
+    second = run_to_end(server, client, trigger(server, ON_DEMAND, run_config), server.home / "worker-2.log")
+    assert second.state.is_completed(), f"{second.state.name}: {second.state.message}"
+    manifest = manifest_of(run_config, second)
+    assert manifest["tasks"]["train_model"] == "cached"
+    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[second.id])))
+    assert {run.state.name for run in task_runs if run.name.startswith("train_model")} == {"Cached"}
+    decision = manifest["champion"]
+    assert (decision["outcome"], decision["reason"]) == ("kept", "same weights")
+    assert decision["champion_run"] == first_run.name
+    assert decision["challenger_score"] == decision["champion_score"] == manifest["metrics"]["eval_accuracy"]
+    assert "champion-decision" in artifact_keys(client, second.id)
+
+
+def test_failed_run_is_failed_with_the_reason(deployed: str, server: PrefectServer, client: SyncPrefectClient,
+                                              run_config: dict[str, Any], tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dataset"
+    config = {**run_config, "data": {**run_config["data"], "dataset": str(missing)}}
+    failed = run_to_end(server, client, trigger(server, ON_DEMAND, config), server.home / "worker-3.log")
+    assert failed.state.is_failed()
+    assert str(missing) in failed.state.message
+    assert any(str(missing) in message for message in logs_of(client, failed.id))
+
+
+@pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
+def test_ui_shows_the_runs_artifacts(first_run: FlowRun, server: PrefectServer, tmp_path: Path) -> None:
+    text = chromium_text(f"{server.url}/runs/flow-run/{first_run.id}", tmp_path / "chromium-profile",
+                         click_tab="Artifacts", expect=(first_run.name, *RUN_KEYS))
+    assert first_run.name in text and "Completed" in text
+    for key in RUN_KEYS:
+        assert key in text, f"artifact {key} not shown on the flow run page; page text:\n{text[:3000]}"
+    assert f"Champion '{SLOT}': challenger promoted" in text
