@@ -15,7 +15,7 @@ import hashlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -47,6 +47,11 @@ class Split:
 
     def relpath(self, i: int) -> str:
         """Posix path of file i relative to the split root, e.g. "ants/1.jpg"."""
+        file, root = str(self.files[i]), str(self.root)
+        # Slicing the string is ~10x faster than Path.relative_to, which matters because
+        # fingerprints call this for every one of 60,000 files; files are built as root / relpath.
+        if file.startswith(root + os.sep):
+            return file[len(root) + 1:].replace(os.sep, "/")
         return self.files[i].relative_to(self.root).as_posix()
 
     def without(self, paths: Iterable[Path]) -> "Split":
@@ -91,31 +96,42 @@ def _class_dirs(folder: Path) -> list[str]:
         return sorted(e.name for e in entries if _visible(e) and e.is_dir())
 
 
+def _walk(folder: Path, prefix: str = "") -> Iterator[tuple[str, Path]]:
+    """(prefix + posix relative path, path) of the visible regular files below folder, at any
+    depth like ImageFolder; symlinked folders are not followed (no loops, nothing outside)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not _visible(entry):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from _walk(Path(entry.path), f"{prefix}{entry.name}/")
+            elif entry.is_file():
+                yield f"{prefix}{entry.name}", Path(entry.path)
+
+
 def _files_under(folder: Path) -> list[Path]:
-    """Visible regular files below folder at any depth (like ImageFolder), sorted by posix
-    relative path; symlinked folders are not followed (no loops, nothing outside the dataset)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        base = Path(dirpath)
-        found += [base / n for n in filenames if not n.startswith(".") and (base / n).is_file()]
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    """Visible regular files below folder, sorted by relative path."""
+    return [path for _, path in sorted(_walk(folder))]
 
 
-def _scan(folder: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
-    """(file, label) for every class sub-folder of folder, sorted by (class, relative path)."""
+# (posix path relative to the split root, absolute path, label)
+_Item = tuple[str, Path, int]
+
+
+def _scan(folder: Path, classes: tuple[str, ...]) -> list[_Item]:
+    """Every file of every class sub-folder of folder."""
     present = _class_dirs(folder)
     unknown = sorted(set(present) - set(classes))
     if unknown:
         raise DatasetError(f"Folder {folder} has class folder(s) {unknown} not present in train; "
                            f"expected only classes {list(classes)}")
-    return [(f, label) for label, name in enumerate(classes) if name in present
-            for f in _files_under(folder / name)]
+    return [(rel, path, label) for label, name in enumerate(classes) if name in present
+            for rel, path in _walk(folder / name, f"{name}/")]
 
 
-def _make_split(name: str, root: Path, classes: tuple[str, ...], items: list[tuple[Path, int]]) -> Split:
-    items = sorted(items, key=lambda item: (classes[item[1]], item[0].relative_to(root).as_posix()))
-    return Split(name, root, classes, tuple(f for f, _ in items), tuple(y for _, y in items))
+def _make_split(name: str, root: Path, classes: tuple[str, ...], items: list[_Item]) -> Split:
+    items = sorted(items, key=lambda item: (classes[item[2]], item[0]))
+    return Split(name, root, classes, tuple(path for _, path, _ in items), tuple(y for _, _, y in items))
 
 
 def _held_out(relpaths: list[str], val_fraction: float, split_seed: int) -> set[str]:
@@ -135,13 +151,15 @@ def _fraction_split(scan_root: Path, classes: tuple[str, ...], val_fraction: flo
                     split_seed: int) -> dict[str, Split]:
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"Invalid val_fraction {val_fraction}: expected a number between 0 and 1 (exclusive)")
-    items = _scan(scan_root, classes)
-    train, val = [], []
-    for label in range(len(classes)):
-        files = [f for f, y in items if y == label]
-        held = _held_out([f.relative_to(scan_root).as_posix() for f in files], val_fraction, split_seed)
-        for f in files:
-            (val if f.relative_to(scan_root).as_posix() in held else train).append((f, label))
+    by_class: dict[int, list[_Item]] = {label: [] for label in range(len(classes))}
+    for item in _scan(scan_root, classes):
+        by_class[item[2]].append(item)
+    train: list[_Item] = []
+    val: list[_Item] = []
+    for members in by_class.values():
+        held = _held_out([rel for rel, _, _ in members], val_fraction, split_seed)
+        for item in members:
+            (val if item[0] in held else train).append(item)
     return {"train": _make_split("train", scan_root, classes, train),
             "val": _make_split("val", scan_root, classes, val)}
 

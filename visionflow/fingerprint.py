@@ -14,10 +14,18 @@ from visionflow.data import DatasetInfo, Split
 from visionflow.images import thread_map
 
 
+_CHUNK = 1 << 20
+
+
 def file_sha256(path: Path | str) -> str:
     """sha256 hex digest of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    # Unbuffered reads of up to 1 MiB: a small file costs one read. (hashlib.file_digest zero-fills
+    # a fresh 256 KiB buffer per call, which dominates for 60,000 files of a few KiB.)
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fingerprint_from_digests(split: Split, digests: Sequence[str]) -> str:
