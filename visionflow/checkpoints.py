@@ -188,7 +188,7 @@ def _listed(names: list[str]) -> str:
 def _mismatch_summary(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any]) -> str:
     """'missing keys a, b; unexpected keys c; shape mismatches d (file [2] vs model [3])', or ''."""
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
+    unexpected = sorted(str(name) for name in set(found) - set(expected))
     shapes = [f"{name} (file {list(found[name].shape)} vs model {list(tensor.shape)})"
               for name, tensor in sorted(expected.items())
               if name in found and isinstance(found[name], torch.Tensor) and found[name].shape != tensor.shape]

@@ -134,3 +134,25 @@ def test_predict_images_names_an_unreadable_image(tmp_path):
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(DatasetError, match="broken.png"):
         predict_images(ChannelMeans(), SPEC, [bad], device="cpu")
+
+
+def test_predict_images_agrees_with_evaluating_the_cached_split(tmp_path):
+    """Both preprocessing paths (PIL pipeline per file, decoded uint8 cache + batch normalization)
+    must feed the model the same input, for images larger than the input size and not square."""
+    from visionflow.cache import load_decoded
+    from visionflow.data import resolve_dataset
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in ("x", "y"):
+            (tmp_path / split / label).mkdir(parents=True)
+            pixels = torch.randint(0, 256, (40, 56, 3), dtype=torch.uint8, generator=generator).numpy()
+            Image.fromarray(pixels).save(tmp_path / split / label / "0.png")
+    split = resolve_dataset(str(tmp_path)).eval_split
+    spec = ModelSpec(name="tudui", num_classes=2, input_size=16, class_names=["x", "y"], mean=[0.4] * 3, std=[0.3] * 3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 2))
+    report = evaluate_model(model, spec, load_decoded(split, 16, tmp_path / "cache"), device="cpu")
+    predictions = predict_images(model, spec, split.files, device="cpu")
+    expected_loss = -sum(math.log(p["probabilities"][name]) for p, name in zip(predictions, ["x", "y"])) / 2
+    assert report.loss == pytest.approx(expected_loss, rel=1e-4)
