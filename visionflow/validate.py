@@ -96,7 +96,10 @@ def _top(counts: dict[str, int], limit: int = 5) -> str:
 
 def check_file(path: Path) -> FileCheck:
     """Read and fully decode one file (thread-safe)."""
-    digest = file_sha256(path)
+    try:
+        digest = file_sha256(path)
+    except OSError as err:  # e.g. deleted or unreadable since the dataset was resolved
+        return FileCheck("", reason=f"cannot read file: {err.strerror or err}")
     if not is_image_file(path):
         return FileCheck(digest, reason=f"not an image (extension '{path.suffix}')")
     try:
@@ -135,41 +138,49 @@ def _duplicates(paths: dict[str, list[str]], pixels: dict[str, list[str]], eval_
     return tuple(sorted(within)), across
 
 
-def validate_dataset(info: DatasetInfo, on_invalid: str = "skip") -> tuple[ValidationReport, DatasetInfo]:
-    """Check every file of every split. Returns the report and the dataset without invalid files
-    (on_invalid="skip"); with on_invalid="fail" the first invalid file (split order, then path
-    order) raises DatasetError naming it."""
-    if on_invalid not in ON_INVALID:
-        raise ConfigError(f"Invalid on_invalid '{on_invalid}'. Choose from: {', '.join(ON_INVALID)}")
-    order = ["train"] + [name for name in info.splits if name != "train"]
-    flat = [(name, i) for name in order for i in range(len(info.splits[name]))]
-    results = thread_map(lambda item: check_file(info.splits[item[0]].files[item[1]]), flat)
+def _report_paths(info: DatasetInfo, split: Split) -> list[str]:
+    """Dataset-relative posix paths ("train/ants/x.jpg") of a split's files, in order."""
+    prefix = split.root.relative_to(info.root).as_posix()
+    prefix = "" if prefix == "." else prefix + "/"
+    return [prefix + split.relpath(i) for i in range(len(split))]
 
-    def report_path(file: Path) -> str:
-        return file.relative_to(info.root).as_posix()
 
-    invalid = [(report_path(info.splits[name].files[i]), check.reason, info.splits[name].files[i])
-               for (name, i), check in zip(flat, results) if check.reason is not None]
-    if invalid and on_invalid == "fail":
-        path, reason, _ = invalid[0]
-        raise DatasetError(f"Invalid image '{path}' in dataset '{info.spec}': {reason} "
-                           f"(on_invalid='fail'; use 'skip' to leave invalid files out)")
-    bad = {file for _, _, file in invalid}
-    splits = {name: info.splits[name].without(bad) for name in order}
+def _without(info: DatasetInfo, bad: set[Path]) -> DatasetInfo:
+    """info without the bad files; a split left empty is an error (nothing to train/evaluate on)."""
+    splits = {name: split.without(bad) for name, split in info.splits.items()}
     for name, split in splits.items():
         if not len(split):
             raise DatasetError(f"Split '{name}' of dataset '{info.spec}' has no readable images; "
                                f"expected at least one valid image per split")
-    valid = {name: [c for (n, _), c in zip(flat, results) if n == name and c.reason is None] for name in order}
-    paths = {name: [report_path(f) for f in split.files] for name, split in splits.items()}
-    within, across = _duplicates(paths, {n: [c.pixels for c in valid[n]] for n in order},
-                                 next(n for n in order if n != "train"))
-    fingerprints = {name: fingerprint_from_digests(split, [c.sha256 for c in valid[name]])
-                    for name, split in splits.items()}
+    return replace(info, splits=splits)
+
+
+def validate_dataset(info: DatasetInfo, on_invalid: str = "skip") -> tuple[ValidationReport, DatasetInfo]:
+    """Check every file of every split. Returns the report and the dataset without invalid files
+    (on_invalid="skip"); with on_invalid="fail" the first invalid file (train first, then path
+    order) raises DatasetError naming it."""
+    if on_invalid not in ON_INVALID:
+        raise ConfigError(f"Invalid on_invalid '{on_invalid}'. Choose from: {', '.join(ON_INVALID)}")
+    order = ["train"] + [name for name in info.splits if name != "train"]
+    checks = {name: thread_map(check_file, info.splits[name].files) for name in order}
+    paths = {name: _report_paths(info, info.splits[name]) for name in order}
+    invalid = [(paths[name][i], check.reason, info.splits[name].files[i])
+               for name in order for i, check in enumerate(checks[name]) if check.reason is not None]
+    if invalid and on_invalid == "fail":
+        path, reason, _ = invalid[0]
+        raise DatasetError(f"Invalid image '{path}' in dataset '{info.spec}': {reason} "
+                           f"(on_invalid='fail'; use 'skip' to leave invalid files out)")
+    clean = _without(info, {file for _, _, file in invalid})
+    valid = {name: [c for c in checks[name] if c.reason is None] for name in order}
+    valid_paths = {name: [p for p, c in zip(paths[name], checks[name]) if c.reason is None] for name in order}
+    within, across = _duplicates(valid_paths, {name: [c.pixels for c in valid[name]] for name in order},
+                                 clean.eval_split.name)
+    fingerprints = {name: fingerprint_from_digests(clean.splits[name], [c.sha256 for c in valid[name]])
+                    for name in order}
     report = ValidationReport(
         spec=info.spec, root=str(info.root), fingerprint=combine_fingerprints(fingerprints),
-        classes=info.classes, splits={name: _split_report(splits[name], valid[name]) for name in order},
+        classes=info.classes, splits={name: _split_report(clean.splits[name], valid[name]) for name in order},
         invalid=tuple((path, reason) for path, reason, _ in invalid),
         duplicates_within=within, duplicates_across=across,
     )
-    return report, replace(info, splits={name: splits[name] for name in info.splits})
+    return report, clean
