@@ -38,8 +38,8 @@ HPARAM_METRIC_PREFIX = "hparam/"
 class TensorBoardCallback(Callback):
     """Engine callback: the training loss (of that step's batch) and the learning rate every
     ``every_n_steps`` optimizer steps; per epoch the train/eval loss and accuracy, throughput
-    and the epoch number; at the end, the run's hyperparameters with its final metrics.
-    The event file is flushed every epoch, so a crash loses at most the current epoch."""
+    and the epoch number. The event file is flushed every epoch, so a crash loses at most the
+    current epoch. Hyperparameters are logged once, after evaluation, by ``log_hparams``."""
 
     def __init__(self, log_dir: Path | str, every_n_steps: int = 10) -> None:
         if every_n_steps < 1:
@@ -48,14 +48,12 @@ class TensorBoardCallback(Callback):
         # Read by the engine: it only calls on_step_end (one device sync each) every N steps.
         self.every_n_steps = every_n_steps
         self.writer: SummaryWriter | None = None
-        self.config: dict[str, Any] = {}
 
     def on_fit_start(self, state: FitStart) -> None:
         # On resume, TensorBoard hides what the crashed session logged after its last checkpoint
         # (steps > state.step), so the curves continue instead of forking.
         purge_step = state.step + 1 if state.step else None
         self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
-        self.config = state.config
 
     def on_step_end(self, step: int, loss: float, lr: float) -> None:
         self.writer.add_scalar("loss/train_step", loss, step)
@@ -72,12 +70,6 @@ class TensorBoardCallback(Callback):
         self.writer.flush()
 
     def on_fit_end(self, result: FitResult) -> None:
-        last = result.history[-1]
-        metrics = {"eval_accuracy": last.eval_accuracy, "eval_loss": last.eval_loss,
-                   "train_loss": last.train_loss, "epochs": last.epoch}
-        if result.best_metric is not None:
-            metrics["best_metric"] = result.best_metric
-        _write_hparams(self.writer, self.config, metrics, last.step)
         self.writer.close()
 
 
@@ -133,24 +125,19 @@ def flatten_hparams(values: Mapping[str, Any], prefix: str = "") -> dict[str, bo
     return flat
 
 
-def _write_hparams(writer: SummaryWriter, hparams: Mapping[str, Any], metrics: Mapping[str, float],
-                   step: int) -> None:
-    flat = flatten_hparams(hparams)
-    tagged = {f"{HPARAM_METRIC_PREFIX}{name}": float(value) for name, value in metrics.items()}
-    # The three summaries add_hparams writes, but into this writer's folder (the run's own).
-    for summary in hparams_summary(flat, tagged):
-        writer.file_writer.add_summary(summary, step)
-    for tag, value in tagged.items():
-        writer.add_scalar(tag, value, step)
-
-
 def log_hparams(log_dir: Path | str, hparams: Mapping[str, Any], metrics: Mapping[str, float],
                 step: int = 0) -> None:
     """Log hyperparameters (nested mappings allowed, e.g. the resolved config's model_dump())
     with final metrics into the run folder (the HPARAMS tab); metrics become ``hparam/<name>``
-    scalars. TensorBoardCallback does this at fit end; call it for metrics known later."""
+    scalars. Call it once per run, when the final metrics are known."""
+    flat = flatten_hparams(hparams)
+    tagged = {f"{HPARAM_METRIC_PREFIX}{name}": float(value) for name, value in metrics.items()}
     with SummaryWriter(str(log_dir)) as writer:
-        _write_hparams(writer, hparams, metrics, step)
+        # The three summaries add_hparams writes, but into this writer's folder (the run's own).
+        for summary in hparams_summary(flat, tagged):
+            writer.file_writer.add_summary(summary, step)
+        for tag, value in tagged.items():
+            writer.add_scalar(tag, value, step)
 
 
 def log_confusion_matrix(log_dir: Path | str, matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
