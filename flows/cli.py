@@ -105,6 +105,117 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# Prefect settings for a CLI run, applied before prefect is imported (it reads them at import);
+# a value the user set in the environment wins. Analytics off: no network call on a first run.
+# The ephemeral API server (used when PREFECT_API_URL is unset) starts in a subprocess; on a busy
+# machine it can take longer than Prefect's default startup timeout.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+TRAIN_OVERRIDES = {  # CLI flag (argparse dest) -> dotted config field
+    "dataset": "data.dataset", "model": "model.name", "recipe": "optim.recipe", "epochs": "training.epochs",
+    "batch_size": "data.batch_size", "lr": "optim.lr", "device": "training.device", "seed": "training.seed",
+    "output": "output.output_dir", "run_name": "output.run_name",
+}
+
+
+def prefect_environment() -> None:
+    """Call before importing prefect."""
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    # Prefect installs its console handler (timestamps, flow and task run names) only when the
+    # root logger has no handler of its own; main()'s basicConfig one would swallow that format.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+
+
+def prefect_ui_hint(flow_run_id: str | None) -> str:
+    """Where to see a flow run in the Prefect UI."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    path = f"/runs/flow-run/{flow_run_id}" if flow_run_id else ""
+    if PREFECT_API_URL.value() and PREFECT_UI_URL.value():
+        return f"{PREFECT_UI_URL.value()}{path}"
+    return f"run `prefect server start`, then open http://127.0.0.1:4200{path}"
+
+
+def check_before_run(config: Any) -> None:
+    """Reject a missing dataset or an unavailable device before the flow creates anything.
+    CIFAR-10 is exempt: the flow downloads it."""
+    from visionflow.data import resolve_dataset
+    from visionflow.engine import resolve_device
+
+    if config.data.dataset != "cifar10":
+        resolve_dataset(config.data.dataset, config.data.data_dir, config.data.val_fraction,
+                        config.data.split_seed, download=False)
+    resolve_device(config.training.device)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from visionflow.config import load_config
+
+    overrides = {field: getattr(args, dest) for dest, field in TRAIN_OVERRIDES.items() if getattr(args, dest) is not None}
+    if args.refresh:
+        overrides["output.refresh"] = True
+    config = load_config(args.config, overrides)
+    check_before_run(config)
+    prefect_environment()
+    from prefect import tags
+
+    from flows.train import train_pipeline
+    from visionflow.runs import RunLayout, runs_root
+    from visionflow.reports import tensorboard_command
+
+    with tags("visionflow", f"model:{config.model.name}", f"recipe:{config.optim.recipe}"):
+        manifest = train_pipeline(config)
+    layout = RunLayout(runs_root(config.output.output_dir) / manifest["run_name"])
+    statuses = list(manifest["tasks"].values())
+    print(f"\nrun {manifest['run_name']}: {manifest['status']}, eval accuracy "
+          f"{manifest['metrics']['eval_accuracy']:.2%}, {manifest['timing']['total_seconds']:.1f} s "
+          f"({statuses.count('cached')} of {len(statuses)} tasks cached)")
+    print(f"  run directory: {layout.root}")
+    print(f"  TensorBoard:   {tensorboard_command(layout.tensorboard)}")
+    print(f"  Prefect UI:    {prefect_ui_hint(manifest['prefect_flow_run_id'])}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from visionflow.runs import format_runs, list_runs
+
+    rows = list_runs(args.output)
+    if args.json:
+        print_json(rows)
+    elif rows:
+        print(format_runs(rows))
+    else:
+        print(f"no runs under {args.output}/runs")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from visionflow.runs import read_manifest
+
+    read_manifest(args.run_dir)  # a wrong directory fails here, before Prefect starts
+    prefect_environment()
+    from flows.reproduce import reproduce_run
+
+    result = reproduce_run(args.run_dir)
+    if args.json:
+        print_json(result)
+    else:
+        verdict = "identical" if result["identical"] else "DIFFERENT"
+        print(f"\nreproduced {result['original_run']} as {result['reproduced_run']}: weights {verdict}")
+        print(f"  weights sha256: {result['original_weights_sha256']} (original)")
+        print(f"                  {result['reproduced_weights_sha256']} (reproduced)")
+        for name, metrics in result["metrics"].items():
+            print(f"  {name:<10} eval accuracy {metrics['eval_accuracy']:.2%}, eval loss {metrics['eval_loss']:.4f}")
+        print(f"  run directory: {result['reproduced_run_dir']}")
+    return 0 if result["identical"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="visionflow", description="Train, evaluate and serve image classifiers.")
@@ -135,6 +246,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print a JSON list of {image, label, probability, probabilities}")
     p.set_defaults(handler=cmd_predict)
+
+    p = commands.add_parser("train", help="run the training flow (cached steps, resumable with --run-name)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data, model, optim, training, output); flags override it")
+    p.add_argument("--dataset", metavar="SPEC", help="'sample', 'cifar10', or a folder (default: sample)")
+    p.add_argument("--model", metavar="NAME", help="tudui or resnet18 (default: tudui)")
+    p.add_argument("--recipe", metavar="NAME", help="default or tutorial (default: default)")
+    p.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per optimizer step")
+    p.add_argument("--lr", type=float, metavar="F", help="peak learning rate (default: from the recipe)")
+    p.add_argument("--device", metavar="auto|cpu|cuda|mps", help="training device (default: auto)")
+    p.add_argument("--seed", type=int, metavar="N", help="seed for everything random (default: 0)")
+    p.add_argument("--output", metavar="DIR", help="root of run outputs (default: artifacts)")
+    p.add_argument("--run-name", metavar="NAME", help="run directory name; an interrupted run with this name is resumed")
+    p.add_argument("--refresh", action="store_true", help="ignore cached results and recompute every step")
+    p.set_defaults(handler=cmd_train)
+
+    p = commands.add_parser("runs", help="list the runs under an output directory")
+    p.add_argument("--output", default="artifacts", metavar="DIR", help="root of run outputs (default: artifacts)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of runs")
+    p.set_defaults(handler=cmd_runs)
+
+    p = commands.add_parser("reproduce", help="rerun a run from its manifest (caches bypassed) and compare weights")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (<output>/runs/<run-name>)")
+    p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.set_defaults(handler=cmd_reproduce)
 
     return parser
 

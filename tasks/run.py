@@ -21,7 +21,8 @@ from tasks.model import ModelInfo
 from tasks.training import TrainOutput
 from visionflow.config import PipelineConfig
 from visionflow.reports import confusion_frame, per_class_frame, run_summary_markdown, validation_markdown
-from visionflow.runs import RunLayout, build_manifest, create_run_dir, utc_now, write_manifest
+from visionflow.runs import (RunLayout, build_manifest, check_same_data, compare_runs, create_run_dir, read_manifest,
+                             reproduction_config, utc_now, write_manifest)
 from visionflow.tensorboard import log_hparams
 
 
@@ -100,3 +101,33 @@ def fail_run(run: RunInfo, config: PipelineConfig, error: str, tasks: dict[str, 
                               timing={"total_seconds": time.time() - run.started_time}, error=error)
     write_manifest(layout.root, manifest)
     publish_summary(run_summary_markdown(manifest, layout.root))
+
+
+class Reproduction(BaseModel):
+    """A completed run to rerun: its manifest and the config that reruns it."""
+
+    model_config = ConfigDict(frozen=True)
+    manifest: dict[str, Any]
+    config: PipelineConfig
+
+
+@task(cache_policy=NO_CACHE)
+def plan_reproduction(run_dir: str) -> Reproduction:
+    """Read a run's manifest and derive the config that reruns it, caches bypassed."""
+    manifest = read_manifest(run_dir)
+    return Reproduction(manifest=manifest, config=reproduction_config(manifest, run_dir))
+
+
+@task(cache_policy=NO_CACHE)
+def check_reproducible(plan: Reproduction, dataset: DatasetRef) -> None:
+    """Refuse to reproduce on data that differs from what the run trained on."""
+    check_same_data(plan.manifest, dataset.fingerprint)
+
+
+@task(cache_policy=NO_CACHE)
+def compare_reproduction(plan: Reproduction, reproduced: dict[str, Any]) -> dict[str, Any]:
+    """Compare the rerun's weights and metrics with the original's."""
+    comparison = compare_runs(plan.manifest, reproduced)
+    get_run_logger().info("reproduction of %s: weights %s", comparison["original_run"],
+                          "identical" if comparison["identical"] else "DIFFER")
+    return comparison

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from visionflow.checkpoints import atomic_write_json
-from visionflow.errors import ConfigError
+from visionflow.config import PipelineConfig, build_config
+from visionflow.errors import ConfigError, DatasetError
 
 RUNS_SUBDIR = "runs"
 MANIFEST_NAME = "manifest.json"
@@ -275,3 +276,48 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *cells)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
                      for line in [headers, *cells])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproduction
+
+
+def reproduction_config(manifest: dict[str, Any], run_dir: Path | str) -> PipelineConfig:
+    """The config that reruns a run: its resolved config, caches bypassed, into a new run
+    directory beside the original (`reproduce-<original name>-<4 hex>`)."""
+    config = build_config(manifest["config"])
+    output = config.output.model_copy(update={
+        "output_dir": str(Path(run_dir).resolve().parent.parent),
+        "run_name": f"reproduce-{manifest['run_name'][:80]}-{secrets.token_hex(2)}",
+        "refresh": True})
+    return config.model_copy(update={"output": output})
+
+
+def check_same_data(manifest: dict[str, Any], fingerprint: str) -> None:
+    """DatasetError unless the data now has the fingerprint the run recorded."""
+    recorded = (manifest.get("data") or {}).get("fingerprint")
+    spec = manifest["config"]["data"]["dataset"]
+    if recorded is None:
+        raise DatasetError(f"Run '{manifest['run_name']}' recorded no data fingerprint (status "
+                           f"{manifest.get('status')}); only a completed run can be reproduced")
+    if recorded != fingerprint:
+        raise DatasetError(f"Dataset '{spec}' changed since run '{manifest['run_name']}': fingerprint "
+                           f"{fingerprint[:12]}... now, {recorded[:12]}... then; reproducing needs the same data")
+
+
+def compare_runs(original: dict[str, Any], reproduced: dict[str, Any]) -> dict[str, Any]:
+    """Whether two runs produced the same weights, with both runs' metrics."""
+    def metrics(manifest: dict[str, Any]) -> dict[str, Any]:
+        values = manifest.get("metrics") or {}
+        return {key: values.get(key) for key in ("eval_accuracy", "eval_loss", "eval_top5")}
+
+    return {
+        "identical": original.get("weights_sha256") is not None
+                     and original.get("weights_sha256") == reproduced.get("weights_sha256"),
+        "original_run": original["run_name"],
+        "reproduced_run": reproduced["run_name"],
+        "reproduced_run_dir": str(Path(runs_root(reproduced["config"]["output"]["output_dir"])) / reproduced["run_name"]),
+        "original_weights_sha256": original.get("weights_sha256"),
+        "reproduced_weights_sha256": reproduced.get("weights_sha256"),
+        "metrics": {"original": metrics(original), "reproduced": metrics(reproduced)},
+    }
