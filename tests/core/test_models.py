@@ -1,0 +1,93 @@
+"""The model registry, the tutorial's convolution arithmetic and its network's shapes, ModelSpec."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visionflow.errors import ConfigError
+from visionflow.models import MODELS, ModelSpec, build_model, summarize
+
+# The tutorial's F.conv2d example: a 5x5 input and a 3x3 kernel, as (N, C, H, W) tensors.
+INPUT = torch.tensor([[1, 2, 0, 3, 1],
+                      [0, 1, 2, 3, 1],
+                      [1, 2, 1, 0, 3],
+                      [5, 2, 3, 1, 1],
+                      [2, 1, 0, 1, 1]]).reshape(1, 1, 5, 5)
+KERNEL = torch.tensor([[1, 2, 1],
+                       [0, 1, 0],
+                       [2, 1, 0]]).reshape(1, 1, 3, 3)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"stride": 1}, [[10, 12, 12], [18, 16, 16], [13, 9, 6]]),
+    ({"stride": 2}, [[10, 12], [13, 6]]),
+    ({"stride": 1, "padding": 1}, [[1, 3, 4, 10, 8], [5, 10, 12, 12, 9], [7, 18, 16, 16, 11],
+                                   [11, 13, 9, 6, 10], [14, 13, 9, 7, 4]]),
+])
+def test_conv2d_matches_the_tutorial(kwargs, expected):
+    out = F.conv2d(INPUT.float(), KERNEL.float(), **kwargs)
+    assert out.shape == (1, 1, len(expected), len(expected))
+    assert out.squeeze().tolist() == expected
+
+
+def test_tudui_shape_walk_through():
+    summary = summarize(build_model("tudui", 10), input_size=32)
+    shapes = [(layer.kind, layer.output_shape[1:]) for layer in summary.layers]
+    assert shapes == [
+        ("Conv2d", [32, 32, 32]), ("MaxPool2d", [32, 16, 16]),
+        ("Conv2d", [32, 16, 16]), ("MaxPool2d", [32, 8, 8]),
+        ("Conv2d", [64, 8, 8]), ("MaxPool2d", [64, 4, 4]),
+        ("Flatten", [1024]), ("Linear", [64]), ("Linear", [10]),
+    ]
+
+
+def test_tudui_parameter_count():
+    # conv 3->32 5x5, conv 32->32 5x5, conv 32->64 5x5, linear 1024->64, linear 64->10 (weights + biases)
+    expected = (3 * 32 * 25 + 32) + (32 * 32 * 25 + 32) + (32 * 64 * 25 + 64) + (1024 * 64 + 64) + (64 * 10 + 10)
+    summary = summarize(build_model("tudui", 10))
+    assert summary.num_parameters == summary.trainable_parameters == expected == 145_578
+    assert sum(layer.num_parameters for layer in summary.layers) == expected
+    assert "total parameters: 145,578" in summary.to_text()
+
+
+def test_resnet18_keeps_spatial_size_on_32x32():
+    model = build_model("resnet18", 10)
+    summary = summarize(model, input_size=32)
+    assert summary.layers[0].output_shape == [1, 64, 32, 32]  # 3x3 stride-1 stem, no max-pool
+    last_conv = [layer for layer in summary.layers if layer.kind == "Conv2d"][-1]
+    assert last_conv.output_shape[-2:] == [4, 4]
+    assert summary.layers[-1].output_shape == [1, 10]
+    assert 11_000_000 < summary.num_parameters < 11_300_000
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_summarize_restores_training_mode():
+    model = build_model("resnet18", 3).train()
+    summarize(model)
+    assert model.training
+
+
+def test_unknown_model_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"Invalid model 'vgg'\. Choose from: resnet18, tudui"):
+        build_model("vgg", 10)
+
+
+def test_too_few_classes_is_a_config_error():
+    with pytest.raises(ConfigError, match="num_classes 1"):
+        build_model("tudui", 1)
+
+
+def test_registry_names():
+    assert sorted(MODELS) == ["resnet18", "tudui"]
+
+
+def test_model_spec_round_trip_and_build():
+    spec = ModelSpec("tudui", 2, 32, ["ants", "bees"], mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])
+    again = ModelSpec.from_dict({**spec.to_dict(), "extra": "ignored"})
+    assert again == spec
+    assert again.build()(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_model_spec_missing_fields():
+    with pytest.raises(ConfigError, match="missing class_names, input_size"):
+        ModelSpec.from_dict({"name": "tudui", "num_classes": 2})
