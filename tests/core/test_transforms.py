@@ -1,0 +1,128 @@
+"""PIL pipelines, statistics, and the batch-wise uint8 augmentation and fused normalization."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+from visionflow.transforms import (CROP_PADDING, BatchTransform, augment_batch, eval_pipeline, mean_std,
+                                   preview_pipeline, random_crop, random_flip, resize, train_pipeline)
+
+MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+
+
+def _images(n: int = 16, size: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)  # (N, 3, S, S)
+
+
+def _pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def test_mean_std_matches_float_computation():
+    images = _images(40, 16)
+    mean, std = mean_std(images)
+    pixels = images.double() / 255
+    assert mean == pytest.approx(pixels.mean((0, 2, 3)).tolist(), abs=1e-9)
+    assert std == pytest.approx(pixels.std((0, 2, 3), unbiased=False).tolist(), abs=1e-9)
+
+
+def test_mean_std_of_a_constant_channel_is_not_zero():
+    images = torch.full((4, 3, 8, 8), 7, dtype=torch.uint8)
+    mean, std = mean_std(images)
+    assert mean == pytest.approx([7 / 255] * 3)
+    assert all(s > 0 for s in std)
+
+
+def test_mean_std_rejects_float_input():
+    with pytest.raises(ValueError, match="uint8"):
+        mean_std(torch.zeros(2, 3, 4, 4))
+
+
+def test_fused_normalization_equals_to_tensor_then_normalize():
+    images = _images(4, 8)
+    fused = BatchTransform(MEAN, STD, "cpu")(images)
+    reference = torch.stack([eval_pipeline(8, MEAN, STD)(_pil(img)) for img in images])
+    assert fused.dtype == torch.float32 and fused.shape == (4, 3, 8, 8)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=0)
+
+
+def test_batch_transform_channels_last_layout():
+    out = BatchTransform(MEAN, STD, "cpu", channels_last=True)(_images(4, 8))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_resize_matches_the_decoded_cache():
+    # cache.py stores image.resize((S, S), BILINEAR); the PIL pipeline must give the same pixels.
+    photo = _pil(_images(1, 40)[0]).resize((60, 40))
+    expected = np.asarray(photo.resize((32, 32), Image.Resampling.BILINEAR))
+    assert np.array_equal(np.asarray(resize(32)(photo)), expected)
+
+
+def test_pil_pipelines_output():
+    photo = _pil(_images(1, 40)[0]).resize((50, 30))
+    assert eval_pipeline(32, MEAN, STD)(photo).shape == (3, 32, 32)
+    assert train_pipeline(32, MEAN, STD)(photo).shape == (3, 32, 32)
+    preview = preview_pipeline(32)(photo)
+    assert preview.shape == (3, 32, 32) and 0 <= preview.min() and preview.max() <= 1
+
+
+def _is_padded_crop(out: torch.Tensor, image: torch.Tensor) -> bool:
+    """Whether `out` is some (H, W) window of `image` zero-padded by CROP_PADDING."""
+    h, w = image.shape[-2:]
+    padded = F.pad(image, (CROP_PADDING,) * 4)
+    return any(torch.equal(out, padded[:, dy:dy + h, dx:dx + w])
+               for dy in range(2 * CROP_PADDING + 1) for dx in range(2 * CROP_PADDING + 1))
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    images = _images(16, 8)
+    out = random_crop(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert all(_is_padded_crop(o, i) for o, i in zip(out, images))
+    assert sum(torch.equal(o, i) for o, i in zip(out, images)) < len(images)  # offsets vary per image
+
+
+def test_random_flip_mirrors_about_half():
+    images = _images(200, 4)
+    out = random_flip(images, torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(o, i.flip(2)) for o, i in zip(out, images)])
+    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, images)])
+    assert bool((flipped | kept).all())
+    assert 70 < int(flipped.sum()) < 130
+
+
+def test_augmentation_is_deterministic_per_seed():
+    images = _images(32, 8)
+    first = augment_batch(images, torch.Generator().manual_seed(3))
+    again = augment_batch(images, torch.Generator().manual_seed(3))
+    other = augment_batch(images, torch.Generator().manual_seed(4))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_batch_transform_augments_only_with_a_generator():
+    images = _images(16, 8)
+    plain = BatchTransform(MEAN, STD, "cpu")
+    augmented = BatchTransform(MEAN, STD, "cpu", augment=torch.Generator().manual_seed(0))
+    assert torch.equal(plain(images), plain(images))
+    expected = plain(augment_batch(images, torch.Generator().manual_seed(0)))
+    assert torch.equal(augmented(images), expected)
+
+
+@pytest.mark.gpu
+def test_augmentation_on_cuda_matches_shapes_and_seed():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    images = _images(64, 32).cuda()
+    first = BatchTransform(MEAN, STD, "cuda", augment=torch.Generator("cuda").manual_seed(0), channels_last=True)
+    again = BatchTransform(MEAN, STD, "cuda", augment=torch.Generator("cuda").manual_seed(0), channels_last=True)
+    out = first(images)
+    assert out.device.type == "cuda" and out.shape == (64, 3, 32, 32)
+    assert torch.equal(out, again(images))
+    crops = augment_batch(images, torch.Generator("cuda").manual_seed(1)).cpu()
+    flips = [c.flip(2) for c in crops]
+    assert all(_is_padded_crop(c, i) or _is_padded_crop(f, i) for c, f, i in zip(crops, flips, images.cpu()))
