@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LRScheduler, OneCycleLR, StepLR
-from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, SequentialSampler, TensorDataset
 
 from visionflow import checkpoints
 from visionflow.config import DataConfig, OptimConfig, PipelineConfig
@@ -87,7 +87,7 @@ def seed_everything(seed: int) -> torch.Generator:
 class Generators:
     """A run's random streams, all derived from the one seed and saved in every checkpoint."""
 
-    shuffle: torch.Generator  # CPU: per-epoch permutations (also drives the DataLoader's RandomSampler)
+    shuffle: torch.Generator  # CPU: per-epoch permutations (fast path and DataLoader path alike)
     augment: torch.Generator  # on the training device: crop offsets and flips
     workers: torch.Generator  # CPU: DataLoader worker base seeds
 
@@ -148,8 +148,8 @@ def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
 class DeviceLoader:
     """The fast path: a whole split resident on one device, sliced into (uint8 images, labels) batches.
 
-    Each pass draws a fresh permutation from `generator` (when shuffling), exactly as
-    RandomSampler would, so a DataLoader over the same data yields the same batches.
+    Each pass draws one fresh permutation from `generator` (when shuffling), like
+    PermutationSampler, so a DataLoader over the same data yields the same batches.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False,
@@ -170,6 +170,20 @@ class DeviceLoader:
             else:
                 index = order[start:start + self.batch_size]  # (B,)
                 yield self.images[index], self.labels[index]
+
+
+class PermutationSampler(Sampler[int]):
+    """One fresh permutation of range(n) per pass, drawn like DeviceLoader's. (RandomSampler draws
+    an extra, unused permutation at the end of every pass, which would desynchronize the paths.)"""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
 
 
 class Batches:
@@ -206,7 +220,7 @@ def make_loader(images: Tensor, labels: Tensor, batch_size: int, device: torch.d
                             shuffle, drop_last, shuffle_gen)
     dataset = TensorDataset(images, labels)
     if sampler is None:
-        sampler = RandomSampler(dataset, generator=shuffle_gen) if shuffle else SequentialSampler(dataset)
+        sampler = PermutationSampler(len(dataset), shuffle_gen) if shuffle else SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, collate_fn=collate_fn, worker_init_fn=_seed_worker,
                       generator=generators.workers if generators is not None else None,

@@ -1,0 +1,469 @@
+"""The training engine on tiny data: devices, registries, loaders, determinism, resume, callbacks,
+checkpoints, early stopping, regularization. Each fit is a few steps of tudui on 32x32 images."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import SequentialSampler, default_collate
+
+from visionflow import checkpoints, engine
+from visionflow.config import build_config
+from visionflow.errors import ConfigError, DatasetError, DeviceError
+from visionflow.models import ModelSpec, build_model
+from visionflow.transforms import BatchTransform, mean_std
+
+NUM_CLASSES = 4
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _split(n: int, seed: int) -> SimpleNamespace:
+    """A DecodedSplit-like object: class-dependent brightness so there is something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % NUM_CLASSES  # (N,)
+    noise = torch.randint(0, 128, (n, 3, 32, 32), generator=g)
+    images = (noise + labels[:, None, None, None] * 40).to(torch.uint8)  # (N, 3, 32, 32)
+    return SimpleNamespace(images=images, labels=labels, classes=tuple("abcd"))
+
+
+TRAIN, EVAL = _split(96, 0), _split(32, 1)
+SPEC = ModelSpec("tudui", NUM_CLASSES, 32, list("abcd"))
+
+
+def _config(epochs: int = 2, **sections):
+    values = {"data": {"batch_size": 32}, "training": {"epochs": epochs, "device": "cpu"}}
+    for section, fields in sections.items():
+        values.setdefault(section, {}).update(fields)
+    return build_config(values)
+
+
+def _fit(config, checkpoint_dir=None, resume_from=None, callbacks=(), **kwargs) -> engine.FitResult:
+    engine.seed_everything(config.training.seed)
+    model = build_model("tudui", NUM_CLASSES)
+    return engine.fit(model, TRAIN, EVAL, config, SPEC, checkpoint_dir=checkpoint_dir, resume_from=resume_from,
+                      callbacks=callbacks, **kwargs)
+
+
+class Recorder(engine.Callback):
+    def __init__(self):
+        self.starts, self.steps, self.epochs, self.ends = [], [], [], []
+
+    def on_fit_start(self, state):
+        self.starts.append(state)
+
+    def on_step_end(self, step, loss, lr):
+        self.steps.append((step, loss, lr))
+
+    def on_epoch_end(self, metrics):
+        self.epochs.append(metrics)
+
+    def on_fit_end(self, result):
+        self.ends.append(result)
+
+
+class KillAfter(engine.Callback):
+    """Simulates a crash right after epoch `epoch` was checkpointed."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, metrics):
+        if metrics.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and seeding
+
+
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engine, "_mps_available", lambda: False)
+    assert engine.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(engine, "_mps_available", lambda: True)
+    assert engine.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine.resolve_device("auto") == torch.device("cuda")
+
+
+def test_explicit_devices(monkeypatch):
+    assert engine.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert engine.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DeviceError, match="Device 'cuda:2' does not exist: this machine has 2 CUDA device"):
+        engine.resolve_device("cuda:2")
+
+
+def test_missing_accelerators_are_clear_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engine, "_mps_available", lambda: False)
+    with pytest.raises(DeviceError, match="Device 'cuda' requested but CUDA is not available"):
+        engine.resolve_device("cuda")
+    with pytest.raises(DeviceError, match="Device 'mps' requested but MPS"):
+        engine.resolve_device("mps")
+    with pytest.raises(DeviceError, match=r"Invalid device 'tpu'\. Choose from: auto, cpu, mps, cuda, cuda:N"):
+        engine.resolve_device("tpu")
+    with pytest.raises(DeviceError, match="Invalid device 'cpu:1'"):
+        engine.resolve_device("cpu:1")
+
+
+def test_seed_everything_drives_every_generator():
+    def draws():
+        g = engine.seed_everything(7)
+        return random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item()
+    assert draws() == draws()
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries
+
+
+def _optim(**fields):
+    return _config(optim=fields).resolved().optim
+
+
+def test_optimizer_registry():
+    model = build_model("tudui", NUM_CLASSES)
+    sgd = engine.build_optimizer(model, _optim(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    decayed, plain = sgd.param_groups
+    assert decayed["weight_decay"] == 1e-3 and all(p.dim() >= 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])  # biases
+    assert isinstance(engine.build_optimizer(model, _optim(optimizer="adam")), torch.optim.Adam)
+    assert isinstance(engine.build_optimizer(model, _optim(optimizer="adamw")), torch.optim.AdamW)
+    with pytest.raises(ConfigError, match=r"Invalid optimizer 'lion'\. Choose from: adam, adamw, sgd"):
+        engine.build_optimizer(model, _optim().model_copy(update={"optimizer": "lion"}))
+    with pytest.raises(ConfigError, match="Nesterov needs optim.momentum > 0"):
+        engine.build_optimizer(model, _optim(momentum=0.0, nesterov=True))
+
+
+def _lrs(scheduler_name: str, epochs: int = 4, per_epoch: int = 10, **fields) -> list[float]:
+    optim = _optim(optimizer="sgd", lr=0.1, scheduler=scheduler_name, **fields)
+    optimizer = engine.build_optimizer(build_model("tudui", NUM_CLASSES), optim)
+    scheduler = engine.build_scheduler(optimizer, optim, epochs, per_epoch)
+    lrs = []
+    for _ in range(epochs * per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_scheduler_registry_shapes():
+    assert _lrs("none") == [pytest.approx(0.1)] * 40
+    step = _lrs("step", step_size=1, gamma=0.5)  # step_size in epochs, stepped per batch
+    assert step[9] == pytest.approx(0.1) and step[10] == pytest.approx(0.05) and step[39] == pytest.approx(0.0125)
+    cosine = _lrs("cosine")
+    assert cosine[0] == pytest.approx(0.1) and cosine[-1] < 0.001 and cosine == sorted(cosine, reverse=True)
+    onecycle = _lrs("onecycle")
+    assert max(onecycle) == pytest.approx(0.1) and onecycle.index(max(onecycle)) == 9  # warm-up: 25 % of 40 steps
+    assert onecycle[0] < 0.01 and onecycle[-1] < 1e-4
+    optim = _optim().model_copy(update={"scheduler": "plateau"})
+    with pytest.raises(ConfigError, match=r"Invalid scheduler 'plateau'\. Choose from: cosine, none, onecycle, step"):
+        engine.build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), optim, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _epoch_batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_device_loader_covers_the_split_once_per_epoch():
+    gens = engine.Generators.seeded(0, torch.device("cpu"))
+    loader = engine.make_loader(TRAIN.images, TRAIN.labels, 40, torch.device("cpu"), shuffle=True, generators=gens)
+    assert isinstance(loader, engine.DeviceLoader) and len(loader) == 3
+    first, second = _epoch_batches(loader), _epoch_batches(loader)
+    assert [len(y) for _, y in first] == [40, 40, 16]
+    for epoch in (first, second):
+        assert sorted(torch.cat([y for _, y in epoch]).tolist()) == sorted(TRAIN.labels.tolist())
+    assert not torch.equal(first[0][0], second[0][0])  # reshuffled every epoch
+    dropped = engine.make_loader(TRAIN.images, TRAIN.labels, 40, torch.device("cpu"), drop_last=True)
+    assert len(dropped) == 2 and [len(y) for _, y in dropped] == [40, 40]
+    assert torch.equal(next(iter(dropped))[0], TRAIN.images[:40])  # no shuffle: in order
+
+
+def test_dataloader_path_yields_the_same_batches():
+    def batches(**kwargs):
+        gens = engine.Generators.seeded(3, torch.device("cpu"))
+        loader = engine.make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cpu"), shuffle=True,
+                                    generators=gens, **kwargs)
+        return loader, _epoch_batches(loader) + _epoch_batches(loader)
+    fast_loader, fast = batches()
+    slow_loader, slow = batches(collate_fn=default_collate)
+    assert isinstance(slow_loader, torch.utils.data.DataLoader) and len(slow_loader) == len(fast_loader)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(fast, slow))
+
+
+def test_make_loader_refuses_an_unseeded_shuffle():
+    with pytest.raises(ValueError, match="generators"):
+        engine.make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cpu"), shuffle=True)
+
+
+def test_collect_logits_and_evaluate():
+    model = build_model("tudui", NUM_CLASSES)
+    mean, std = mean_std(EVAL.images)
+    batches = engine.eval_batches(EVAL.images, EVAL.labels, mean, std, torch.device("cpu"), batch_size=10)
+    logits, labels = engine.collect_logits(model, batches, torch.device("cpu"), "fp32")
+    assert logits.shape == (32, NUM_CLASSES) and logits.dtype == torch.float32 and torch.equal(labels, EVAL.labels)
+    with torch.no_grad():
+        expected = model(BatchTransform(mean, std, "cpu")(EVAL.images))
+    torch.testing.assert_close(logits, expected)
+    loss, accuracy = engine.evaluate(model, batches, torch.device("cpu"), "fp32")
+    assert loss == pytest.approx(nn.functional.cross_entropy(expected, EVAL.labels).item(), rel=1e-5)
+    assert accuracy == pytest.approx((expected.argmax(1) == EVAL.labels).float().mean().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# fit: reproducibility, resume, checkpoints
+
+
+def test_same_seed_same_weights():
+    a, b = _fit(_config()), _fit(_config())
+    assert a.weights_sha256 == b.weights_sha256
+    assert [asdict_loss(m) for m in a.history] == [asdict_loss(m) for m in b.history]
+    c = _fit(_config(training={"seed": 1}))
+    assert c.weights_sha256 != a.weights_sha256
+
+
+def asdict_loss(m: engine.EpochMetrics) -> tuple:
+    return m.train_loss, m.train_accuracy, m.eval_loss, m.eval_accuracy
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path):
+    config = _config(epochs=3)
+    straight = _fit(config, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        _fit(config, tmp_path / "crashed", callbacks=[KillAfter(1)])
+    assert checkpoints.load_checkpoint(tmp_path / "crashed" / "last.pt")["epoch"] == 1
+    recorder = Recorder()
+    resumed = _fit(config, resume_from=tmp_path / "crashed" / "last.pt", callbacks=[recorder])
+    assert resumed.weights_sha256 == straight.weights_sha256
+    assert [m.epoch for m in resumed.history] == [1, 2, 3] and [m.epoch for m in recorder.epochs] == [2, 3]
+    assert recorder.starts[0].epoch == 1 and recorder.starts[0].step == 3
+    assert resumed.last_checkpoint == tmp_path / "crashed" / "last.pt"  # continues beside its checkpoint
+    assert resumed.best_metric == straight.best_metric and resumed.best_epoch == straight.best_epoch
+
+
+def test_resume_of_a_finished_run_returns_the_stored_result(tmp_path):
+    done = _fit(_config(), tmp_path)
+    recorder = Recorder()
+    again = _fit(_config(), resume_from=tmp_path / "last.pt", callbacks=[recorder])
+    assert recorder.starts == [] and recorder.epochs == []
+    assert again.weights_sha256 == done.weights_sha256 and again.history == done.history
+    assert again.train_seconds == done.train_seconds
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    _fit(_config(), tmp_path)
+    with pytest.raises(ConfigError, match=r"config differs in optim\.lr \(checkpoint 0\.05, now 0\.2\)"):
+        _fit(_config(optim={"lr": 0.2}), resume_from=tmp_path / "last.pt")
+
+
+def test_checkpoints_every_epoch(tmp_path):
+    seen = []
+
+    class Inspect(engine.Callback):
+        def on_epoch_end(self, metrics):
+            seen.append(checkpoints.load_checkpoint(tmp_path / "last.pt")["epoch"])
+
+    result = _fit(_config(epochs=3), tmp_path, callbacks=[Inspect()])
+    assert seen == [1, 2, 3]
+    last = checkpoints.load_checkpoint(tmp_path / "last.pt")  # weights_only=True
+    assert checkpoints.TRAINING_KEYS <= set(last)
+    assert last["step"] == 9 and len(last["history"]) == 3 and last["scaler"] is None
+    assert checkpoints.weights_sha256(last["model"]) == result.weights_sha256
+    best = checkpoints.load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == result.best_epoch == last["best_epoch"]
+    assert best["metrics"]["eval_accuracy"] == result.best_metric
+    assert last["config"]["data"]["mean"] == result.spec.mean == last["spec"]["mean"]
+    assert result.best_checkpoint == tmp_path / "best.pt" and result.last_checkpoint == tmp_path / "last.pt"
+
+
+def test_normalization_from_config_or_train_split():
+    computed = _fit(_config(epochs=1))
+    mean, std = mean_std(TRAIN.images)
+    assert computed.spec.mean == mean and computed.spec.std == std
+    given = _fit(_config(epochs=1, data={"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}))
+    assert given.spec.mean == [0.5, 0.5, 0.5] and given.spec.std == [0.2, 0.2, 0.2]
+
+
+def test_fit_result_figures():
+    result = _fit(_config(epochs=2))
+    assert result.device == "cpu" and not result.stopped_early and len(result.history) == 2
+    assert result.train_seconds > 0 and result.train_images_per_second == pytest.approx(2 * 96 / result.train_seconds)
+    assert result.last_checkpoint is None and result.best_checkpoint is None
+    m = result.history[-1]
+    assert m.step == 6 and 0 <= m.train_accuracy <= 1 and 0 <= m.eval_accuracy <= 1 and m.images_per_second > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fit: training decisions
+
+
+def test_early_stopping_on_the_monitored_metric():
+    # lr 1e-12 leaves the weights unchanged: the metric never improves after epoch 1.
+    config = _config(epochs=5, optim={"recipe": "tutorial", "lr": 1e-12},
+                     training={"early_stopping_patience": 2, "monitor": "eval_loss"})
+    result = _fit(config)
+    assert result.stopped_early and [m.epoch for m in result.history] == [1, 2, 3] and result.best_epoch == 1
+    assert result.best_metric == result.history[0].eval_loss
+
+
+def test_early_stopping_predicate():
+    assert not engine._should_stop_early(epoch=3, best_epoch=2, patience=2)
+    assert engine._should_stop_early(epoch=4, best_epoch=2, patience=2)
+    assert not engine._should_stop_early(epoch=40, best_epoch=1, patience=None)
+
+
+def test_should_save_best_follows_the_monitor_direction():
+    assert engine._should_save_best(0.5, None, "eval_accuracy")
+    assert engine._should_save_best(0.6, 0.5, "eval_accuracy") and not engine._should_save_best(0.5, 0.5, "eval_accuracy")
+    assert engine._should_save_best(0.4, 0.5, "eval_loss") and not engine._should_save_best(0.6, 0.5, "eval_loss")
+
+
+def test_label_smoothing_changes_the_training_loss():
+    plain = _fit(_config(epochs=1, optim={"label_smoothing": 0.0}))
+    smooth = _fit(_config(epochs=1, optim={"label_smoothing": 0.5}))
+    assert smooth.history[0].train_loss != plain.history[0].train_loss
+    assert smooth.weights_sha256 != plain.weights_sha256
+
+
+def _one_step_change(grad_clip: float) -> float:
+    """L2 norm of the parameter change after one plain-SGD step (lr 1) on one batch."""
+    torch.manual_seed(0)
+    model = build_model("tudui", NUM_CLASSES)
+    before = nn.utils.parameters_to_vector(model.parameters()).clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = engine.build_scheduler(optimizer, _optim(scheduler="none"), 1, 1)
+    inputs = BatchTransform([0.5] * 3, [0.25] * 3, "cpu")(TRAIN.images[:32])
+    engine.train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, scheduler, [(inputs, TRAIN.labels[:32])],
+                           torch.device("cpu"), grad_clip=grad_clip)
+    return (nn.utils.parameters_to_vector(model.parameters()) - before).norm().item()
+
+
+def test_gradient_clipping_bounds_the_step():
+    assert _one_step_change(0.0) > 0.01
+    assert _one_step_change(1e-3) == pytest.approx(1e-3, rel=1e-3)  # lr 1 x clipped norm 1e-3
+
+
+def test_labels_beyond_the_model_classes_are_a_dataset_error():
+    spec = ModelSpec("tudui", 3, 32, list("abc"))
+    with pytest.raises(DatasetError, match="label 3 but the model has 3 classes"):
+        engine.fit(build_model("tudui", 3), TRAIN, EVAL, _config(), spec)
+
+
+def test_bf16_autocast_on_cpu_trains():
+    result = _fit(_config(epochs=1, training={"precision": "bf16", "channels_last": True}))
+    assert np.isfinite(result.history[0].train_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# fit: callbacks, custom loaders, progress
+
+
+def test_callbacks_receive_metrics():
+    recorder = Recorder()
+    result = _fit(_config(epochs=2), callbacks=[recorder])
+    start = recorder.starts[0]
+    assert (start.epoch, start.step, start.epochs, start.steps_per_epoch) == (0, 0, 2, 3)
+    assert start.train_images == 96 and start.eval_images == 32 and start.config["data"]["mean"] is not None
+    assert [s for s, _, _ in recorder.steps] == [1, 2, 3, 4, 5, 6]
+    assert all(isinstance(loss, float) and isinstance(lr, float) for _, loss, lr in recorder.steps)
+    assert recorder.epochs == result.history and recorder.ends == [result]
+
+
+def test_step_callbacks_every_n_steps():
+    class EveryTwo(Recorder):
+        every_n_steps = 2
+    recorder = EveryTwo()
+    _fit(_config(epochs=2), callbacks=[recorder])
+    assert [s for s, _, _ in recorder.steps] == [2, 4, 6]
+
+
+def test_default_collate_fn_path_matches_the_fast_path():
+    fast = _fit(_config())
+    calls = []
+
+    def collate(samples):
+        calls.append(len(samples))
+        return default_collate(samples)
+
+    slow = _fit(_config(), collate_fn=collate)
+    assert calls == [32] * 6
+    assert slow.weights_sha256 == fast.weights_sha256
+
+
+def test_custom_sampler_sets_the_epoch():
+    recorder = Recorder()
+    subset = torch.utils.data.SubsetRandomSampler(range(64), generator=torch.Generator().manual_seed(0))
+    result = _fit(_config(epochs=1), callbacks=[recorder], sampler=subset)
+    assert recorder.starts[0].steps_per_epoch == 2
+    assert result.history[0].step == 2
+    ordered = _fit(_config(epochs=1), sampler=SequentialSampler(range(96)))
+    assert ordered.history[0].step == 3
+
+
+def test_progress_plain_lines_off_a_tty():
+    stream = io.StringIO()
+    progress = engine.Progress(2, stream)
+    metrics = engine.EpochMetrics(1, 3, 1.2, 0.5, 1.1, 0.6, 0.01, 1234.0, 2.0)
+    progress.update(1, 1, 3, torch.tensor(3.0), torch.tensor(1), 2, 0.1)
+    progress.epoch_end(metrics)
+    assert stream.getvalue() == ("epoch 1/2 train_loss 1.2000 train_acc 0.500 eval_loss 1.1000 eval_acc 0.600 "
+                                 "lr 0.01 1,234 img/s 2.0s\n")
+
+
+def test_progress_bar_on_a_tty():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    stream = Tty()
+    progress = engine.Progress(2, stream)
+    progress.update(1, 1, 3, torch.tensor(3.0), torch.tensor(1), 2, 0.1)
+    progress.update(1, 2, 3, torch.tensor(3.0), torch.tensor(1), 2, 0.1)  # throttled: not redrawn
+    assert stream.getvalue() == "\repoch 1/2 [1/3] loss 1.5000 acc 0.500 20 img/s"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_bf16_channels_last_fast_path():
+    config = _config(epochs=2, training={"device": "cuda", "precision": "bf16", "channels_last": True})
+    result = _fit(config)
+    assert result.device.startswith("cuda") and np.isfinite(result.history[-1].train_loss)
+    loader = engine.make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cuda"))
+    images, labels = next(iter(loader))
+    assert images.device.type == "cuda" and images.dtype == torch.uint8 and labels.device.type == "cuda"
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_resume_is_bit_identical(tmp_path):
+    config = _config(epochs=3, training={"device": "cuda"})
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    straight = _fit(config, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _fit(config, tmp_path / "b", callbacks=[KillAfter(2)])
+    resumed = _fit(config, resume_from=tmp_path / "b" / "last.pt")
+    assert resumed.weights_sha256 == straight.weights_sha256
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_compile_trains():
+    result = _fit(_config(epochs=1, training={"device": "cuda", "compile": True}))
+    assert np.isfinite(result.history[0].train_loss)
