@@ -78,7 +78,7 @@ def finish_run(run: RunInfo, config: PipelineConfig, dataset: DatasetRef, valida
         timing={"train_seconds": training.train_seconds, "train_images_per_second": training.train_images_per_second,
                 "total_seconds": time.time() - run.started_time},
         checkpoint={"path": best.path, "sha256": best.sha256},
-        weights_sha256=export.weights_sha256, tasks=tasks, device=training.device)
+        weights_sha256=export.weights_sha256, tasks=tasks, device=training.device, resumed_from=run.resume_from)
     write_manifest(layout.root, manifest)
     log_hparams(layout.tensorboard, resolved, {"eval_accuracy": evaluation.accuracy, "eval_loss": evaluation.loss})
     evaluated = json.loads(layout.evaluation.read_text())

@@ -13,7 +13,7 @@ from tasks.caching import TaskOutput, created_files, outputs_in, verified_cache
 from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
 from visionflow.cache import load_decoded
 from visionflow.config import PipelineConfig
-from visionflow.engine import Callback, EpochMetrics, Progress, fit
+from visionflow.engine import Callback, EpochMetrics, Progress, fit, seed_everything
 from visionflow.models import ModelSpec
 from visionflow.runs import RunLayout
 from visionflow.tensorboard import TensorBoardCallback
@@ -82,8 +82,10 @@ def train_model(dataset: DatasetRef, validated: ValidatedData, config: PipelineC
                  RunLogCallback(config.training.epochs)]
     if resume_from:
         get_run_logger().info("resuming from %s", resume_from)
+    seed_everything(config.training.seed)  # before building: the initial weights are part of the result
+    model = spec.build()
     with created_files(run_dir, layout.tensorboard) as events:
-        result = fit(spec.build(), train, evaluation, config, spec, checkpoint_dir=layout.checkpoints,
+        result = fit(model, train, evaluation, config, spec, checkpoint_dir=layout.checkpoints,
                      resume_from=Path(resume_from) if resume_from else None, callbacks=callbacks)
     checkpoints = [p.relative_to(layout.root).as_posix() for p in (layout.last_checkpoint, layout.best_checkpoint)
                    if p.is_file()]

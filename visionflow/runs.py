@@ -189,7 +189,8 @@ def build_manifest(run_name: str, config: dict[str, Any], status: str, *, starte
                    model: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                    timing: dict[str, Any] | None = None, checkpoint: dict[str, Any] | None = None,
                    weights_sha256: str | None = None, tasks: dict[str, str] | None = None,
-                   device: str | None = None, error: str | None = None) -> dict[str, Any]:
+                   device: str | None = None, resumed_from: str | None = None,
+                   error: str | None = None) -> dict[str, Any]:
     """The manifest of a run. `config` is the fully resolved config (a dict); sections not known
     yet (a run that failed early) stay None, so every manifest has the same keys."""
     if status not in STATUSES:
@@ -213,6 +214,7 @@ def build_manifest(run_name: str, config: dict[str, Any], status: str, *, starte
         "versions": package_versions(),
         "git_commit": git_commit(),
         "prefect_flow_run_id": prefect_flow_run_id,
+        "resumed_from": resumed_from,  # last.pt of the interrupted run this one continued
         "error": error,
     }
 

@@ -1,0 +1,72 @@
+"""Flow-test fixtures: one temporary Prefect API for the session, tiny data, tiny configs, and
+read-back helpers through the Prefect client.
+
+The harness is opt-in (`pytestmark = pytest.mark.usefixtures("prefect_harness")`): the
+real-server tests in this folder run their own server and must not see the harness settings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from tests.flows.server_fixtures import copy_tiny_dataset
+from visionflow.config import PipelineConfig, load_config
+
+TINY_CLASSES = ("airplane", "automobile", "cat", "ship")
+HEAVY_TASKS = ("download_dataset", "validate_data", "preview_transforms", "describe_model", "train_model",
+               "evaluate_checkpoint", "export_checkpoint")
+FINAL_STATES = {"Completed", "Cached", "Failed", "Crashed", "Cancelled"}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory, sample_dataset: Path) -> Path:
+    """4 classes x (8 train + 4 val) images of the bundled sample: one batch per epoch."""
+    return copy_tiny_dataset(sample_dataset, tmp_path_factory.mktemp("tiny") / "data", TINY_CLASSES, 8, 4)
+
+
+def tiny_config(dataset: Path, output: Path, **overrides: Any) -> PipelineConfig:
+    """One CPU epoch on `dataset`, everything written under `output`; overrides by dotted field."""
+    values = {"data.dataset": str(dataset), "data.data_dir": str(output / "data"), "data.batch_size": 16,
+              "training.epochs": 1, "training.device": "cpu", "output.output_dir": str(output)}
+    return load_config(None, {**values, **overrides})
+
+
+def run_dir_of(manifest: dict[str, Any]) -> Path:
+    return Path(manifest["config"]["output"]["output_dir"]) / "runs" / manifest["run_name"]
+
+
+def task_states(flow_run_id: str, timeout: float = 30.0) -> dict[str, str]:
+    """Task name -> state name of a flow run's task runs, read through the API (task run states
+    arrive as events, so wait until every one is final)."""
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            # Task run names are "<task name>-<3 hex>".
+            states = {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.state is not None}
+            if states and set(states.values()) <= FINAL_STATES and len(states) == len(runs):
+                return states
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task runs of {flow_run_id} not final after {timeout}s: {states}")
+            time.sleep(0.5)
+
+
+def artifact_keys(flow_run_id: str) -> set[str]:
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key for artifact in artifacts if artifact.key}

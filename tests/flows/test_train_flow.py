@@ -1,0 +1,164 @@
+"""The training flow end to end on tiny data: manifest, run directory, TensorBoard events,
+artifacts and task states, and the cache behaviour (hit, data change, epochs change, vanished
+or changed file, refresh) plus reproduction."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from flows.reproduce import reproduce_run
+from flows.train import train_pipeline
+from tasks.artifacts import ARTIFACT_KEYS
+from tests.flows.conftest import HEAVY_TASKS, artifact_keys, run_dir_of, task_states, tiny_config
+from visionflow.errors import DatasetError
+from visionflow.fingerprint import file_sha256
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(300)]
+
+MANIFEST_KEYS = {"run_name", "config", "seed", "data", "model", "metrics", "timing", "checkpoint", "weights_sha256",
+                 "tasks", "device", "versions", "git_commit", "prefect_flow_run_id", "status"}
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("output")
+
+
+@pytest.fixture(scope="module")
+def first(tiny_data: Path, output: Path) -> dict[str, Any]:
+    """The first run in the module's output directory: nothing cached yet."""
+    return train_pipeline(tiny_config(tiny_data, output))
+
+
+def statuses(manifest: dict[str, Any], names: tuple[str, ...] = HEAVY_TASKS) -> dict[str, str]:
+    return {name: manifest["tasks"][name] for name in names}
+
+
+def test_manifest_records_the_run(first: dict[str, Any], tiny_data: Path) -> None:
+    run_dir = run_dir_of(first)
+    on_disk = json.loads((run_dir / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(first))
+    assert MANIFEST_KEYS <= set(on_disk)
+    assert on_disk["status"] == "completed" and on_disk["run_name"] == run_dir.name
+    assert on_disk["run_name"].startswith("train-data-tudui-")
+    assert on_disk["config"]["optim"]["optimizer"] == "sgd"  # recipe fields resolved
+    assert len(on_disk["config"]["data"]["mean"]) == 3  # normalization as computed
+    assert on_disk["seed"] == 0
+    data = on_disk["data"]
+    assert (data["num_train"], data["num_eval"], len(data["fingerprint"])) == (32, 16, 64)
+    assert data["classes"] == ["airplane", "automobile", "cat", "ship"]
+    assert on_disk["model"]["name"] == "tudui" and on_disk["model"]["num_parameters"] > 100_000
+    metrics = on_disk["metrics"]
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
+    assert [row["class"] for row in metrics["per_class"]] == data["classes"]
+    timing = on_disk["timing"]
+    assert timing["train_seconds"] > 0 and timing["train_images_per_second"] > 0
+    assert timing["total_seconds"] >= timing["train_seconds"]
+    checkpoint = on_disk["checkpoint"]
+    assert Path(checkpoint["path"]) == run_dir / "checkpoints" / "best.pt"
+    assert file_sha256(checkpoint["path"]) == checkpoint["sha256"]
+    assert on_disk["weights_sha256"] == json.loads((run_dir / "export" / "model.json").read_text())["weights_sha256"]
+    assert statuses(on_disk) == {name: "completed" for name in HEAVY_TASKS}
+    assert on_disk["device"] == "cpu"
+    assert set(on_disk["versions"]) == {"python", "torch", "torchvision", "prefect"}
+    assert on_disk["prefect_flow_run_id"]
+
+
+def test_run_directory_is_complete(first: dict[str, Any]) -> None:
+    run_dir = run_dir_of(first)
+    for relpath in ("manifest.json", "checkpoints/last.pt", "checkpoints/best.pt", "export/model.safetensors",
+                    "export/model.json", "preview.png", "model.txt", "validation.json", "evaluation.json",
+                    "per_class_metrics.csv", "confusion_matrix.csv", "validation_counts.csv", "confusion_matrix.png",
+                    "misclassified.png"):
+        assert (run_dir / relpath).is_file(), relpath
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_events_read_back(first: dict[str, Any]) -> None:
+    events = EventAccumulator(str(run_dir_of(first) / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss/train", "loss/eval", "accuracy/eval", "hparam/eval_accuracy"} <= set(tags["scalars"])
+    assert {"data/transform_preview", "eval/confusion_matrix"} <= set(tags["images"])
+    assert tags["graph"]
+    assert [e.step for e in events.Scalars("accuracy/eval")] == [2]  # 32 images / batch 16 = 2 steps
+    assert events.Scalars("hparam/eval_accuracy")[0].value == pytest.approx(first["metrics"]["eval_accuracy"])
+
+
+def test_artifacts_and_task_states_in_prefect(first: dict[str, Any]) -> None:
+    flow_run_id = first["prefect_flow_run_id"]
+    assert set(ARTIFACT_KEYS) <= artifact_keys(flow_run_id)
+    states = task_states(flow_run_id)
+    assert {states[name] for name in HEAVY_TASKS} == {"Completed"}
+
+
+def test_identical_rerun_is_cached_and_complete(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
+    again = train_pipeline(tiny_config(tiny_data, output))
+    assert statuses(again) == {name: "cached" for name in HEAVY_TASKS}
+    assert {task_states(again["prefect_flow_run_id"])[name] for name in HEAVY_TASKS} == {"Cached"}
+    assert again["run_name"] != first["run_name"]
+    assert again["weights_sha256"] == first["weights_sha256"]
+    assert again["metrics"] == first["metrics"]
+    run_dir = run_dir_of(again)
+    for relpath in ("checkpoints/last.pt", "checkpoints/best.pt", "export/model.safetensors", "preview.png"):
+        assert file_sha256(run_dir / relpath) == file_sha256(run_dir_of(first) / relpath), relpath
+    assert again["checkpoint"]["path"] == str(run_dir / "checkpoints" / "best.pt")
+    assert set(ARTIFACT_KEYS) - {"training-progress"} <= artifact_keys(again["prefect_flow_run_id"])
+
+
+def test_changing_epochs_retrains_but_keeps_data_steps(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
+    longer = train_pipeline(tiny_config(tiny_data, output, **{"training.epochs": 3}))
+    assert statuses(longer) == {"download_dataset": "cached", "validate_data": "cached", "preview_transforms": "cached",
+                                "describe_model": "cached", "train_model": "completed",
+                                "evaluate_checkpoint": "completed", "export_checkpoint": "completed"}
+    assert longer["metrics"]["epochs_trained"] == 3
+
+
+def test_changed_image_revalidates_retrains_and_blocks_reproduce(first: dict[str, Any], tiny_data: Path, output: Path,
+                                                                 tmp_path: Path) -> None:
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    one, other = sorted((data / "train" / "cat").iterdir())[:2]
+    shutil.copyfile(other, one)  # same name, different content
+    changed = train_pipeline(tiny_config(data, output))
+    assert changed["data"]["fingerprint"] != first["data"]["fingerprint"]
+    assert {changed["tasks"][n] for n in ("validate_data", "train_model", "evaluate_checkpoint")} == {"completed"}
+    assert changed["tasks"]["describe_model"] == "cached"
+
+    shutil.copyfile(sorted((data / "val" / "ship").iterdir())[0], one)
+    with pytest.raises(DatasetError, match="changed since run"):
+        reproduce_run(str(run_dir_of(changed)))
+    assert not list((output / "runs").glob("reproduce-*"))
+
+
+def test_vanished_or_changed_file_is_a_miss(tiny_data: Path, tmp_path: Path) -> None:
+    before = train_pipeline(tiny_config(tiny_data, tmp_path))
+    (run_dir_of(before) / "checkpoints" / "best.pt").unlink()
+    (run_dir_of(before) / "validation.json").write_text("{}")
+    after = train_pipeline(tiny_config(tiny_data, tmp_path))
+    assert after["status"] == "completed"
+    assert after["tasks"]["validate_data"] == after["tasks"]["train_model"] == "completed"
+    assert after["tasks"]["preview_transforms"] == "cached"
+    assert after["weights_sha256"] == before["weights_sha256"]  # retrained, deterministically
+    assert (run_dir_of(after) / "checkpoints" / "best.pt").is_file()
+
+
+def test_refresh_recomputes_everything(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
+    refreshed = train_pipeline(tiny_config(tiny_data, output, **{"output.refresh": True}))
+    assert statuses(refreshed) == {name: "completed" for name in HEAVY_TASKS}
+    assert refreshed["weights_sha256"] == first["weights_sha256"]
+
+
+def test_reproduce_gives_identical_weights(first: dict[str, Any]) -> None:
+    result = reproduce_run(str(run_dir_of(first)))
+    assert result["identical"] is True
+    assert result["original_weights_sha256"] == result["reproduced_weights_sha256"] == first["weights_sha256"]
+    assert result["metrics"]["original"]["eval_accuracy"] == result["metrics"]["reproduced"]["eval_accuracy"]
+    reproduced = json.loads((Path(result["reproduced_run_dir"]) / "manifest.json").read_text())
+    assert reproduced["run_name"].startswith("reproduce-" + first["run_name"])
+    assert statuses(reproduced) == {name: "completed" for name in HEAVY_TASKS}  # caches bypassed
