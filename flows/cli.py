@@ -143,11 +143,14 @@ def prefect_ui_hint(flow_run_id: str | None) -> str:
 
 
 def check_before_run(config: Any) -> None:
-    """Reject a missing dataset or an unavailable device before the flow creates anything.
-    CIFAR-10 is exempt: the flow downloads it."""
+    """Reject a missing dataset, an unavailable device or a completed run's name before the flow
+    creates anything. CIFAR-10 is exempt from the dataset check: the flow downloads it."""
     from visionflow.data import resolve_dataset
     from visionflow.engine import resolve_device
+    from visionflow.runs import resumable_run
 
+    if config.output.run_name is not None:
+        resumable_run(config.output.output_dir, config.output.run_name)
     if config.data.dataset != "cifar10":
         resolve_dataset(config.data.dataset, config.data.data_dir, config.data.val_fraction,
                         config.data.split_seed, download=False)

@@ -101,19 +101,15 @@ def create_run_dir(output_dir: Path | str, run_name: str | None, dataset: str, m
                    proposed: str | None = None) -> tuple[RunLayout, bool]:
     """Create the run directory; returns its layout and whether an interrupted run is resumed.
 
-    A given `run_name` that exists is resumed, unless that run completed (reusing it would mix
-    two runs' outputs). Without one, `proposed` (e.g. the orchestrator's run name) is tried,
+    A given `run_name` that exists is resumed (see resumable_run). Without one, `proposed` (e.g. the orchestrator's run name) is tried,
     then generated names, until mkdir wins: two runs started in the same second still get
     different directories, and a generated name never resumes another run."""
     root = runs_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     if run_name is not None:
+        if (existing := resumable_run(output_dir, run_name)) is not None:
+            return existing, True
         layout = RunLayout(root / run_name)
-        if layout.root.is_dir():
-            if _status_of(layout) == "completed":
-                raise ConfigError(f"Run '{run_name}' already completed in {layout.root}; "
-                                  f"choose another --run-name or omit it for a generated one")
-            return layout, True
         layout.root.mkdir()
         return layout, False
     name = proposed or generate_run_name(dataset, model)
@@ -125,6 +121,18 @@ def create_run_dir(output_dir: Path | str, run_name: str | None, dataset: str, m
             name = generate_run_name(dataset, model)
             continue
         return layout, False
+
+
+def resumable_run(output_dir: Path | str, run_name: str) -> RunLayout | None:
+    """The interrupted run named `run_name`, None when there is none; ConfigError when that run
+    completed (reusing it would mix two runs' outputs)."""
+    layout = RunLayout(runs_root(output_dir) / run_name)
+    if not layout.root.is_dir():
+        return None
+    if _status_of(layout) == "completed":
+        raise ConfigError(f"Run '{run_name}' already completed in {layout.root}; "
+                          f"choose another --run-name or omit it for a generated one")
+    return layout
 
 
 def _status_of(layout: RunLayout) -> str | None:

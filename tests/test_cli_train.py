@@ -1,0 +1,87 @@
+"""`visionflow train` and `visionflow runs`: one-line errors with nothing written for bad input,
+and a first run on a brand-new PREFECT_HOME (ephemeral API) that prints no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tests.conftest import REPO
+from tests.flows.server_fixtures import copy_tiny_dataset
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--epochs", "0"], "Invalid config field 'training.epochs'"),
+    (["--model", "vgg"], "Invalid model 'vgg'. Choose from: resnet18, tudui"),
+    (["--lr", "-1"], "Invalid config field 'optim.lr'"),
+    (["--device", "tpu"], "Invalid config field 'training.device'"),
+])
+def test_bad_value_is_one_line_and_writes_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                   flags: list[str], expected: str) -> None:
+    code, out, err = run_main(capsys, "train", "--output", str(tmp_path / "out"), *flags)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_dataset_is_one_line_and_writes_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_main(capsys, "train", "--dataset", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and "nowhere" in err and "no such folder" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_config_file_value_names_the_field(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("data:\n  image_size: 3\n")
+    code, _, err = run_main(capsys, "train", "--config", str(config), "--output", str(tmp_path / "out"))
+    assert code == 2 and "Invalid config field 'data.image_size'" in err and err.count("\n") == 1
+
+
+def test_runs_on_an_empty_output(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert run_main(capsys, "runs", "--output", str(tmp_path), "--json")[:2] == (0, "[]\n")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_first_run_on_a_new_prefect_home(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                         sample_dataset: Path) -> None:
+    data = copy_tiny_dataset(sample_dataset, tmp_path / "data", ("bird", "frog", "truck"), 6, 3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--dataset", str(data), "--epochs", "1",
+                           "--batch-size", "9", "--device", "cpu", "--output", str(tmp_path / "out"),
+                           "--run-name", "first"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed
+    assert "Traceback" not in printed and "ERROR" not in printed
+    run_dir = tmp_path / "out" / "runs" / "first"
+    assert f"run directory: {run_dir}" in done.stdout
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in done.stdout
+    assert "Prefect UI:" in done.stdout
+    assert "epoch 1/1" in done.stderr  # the engine's progress line, also in the Prefect log
+
+    code, out, _ = run_main(capsys, "runs", "--output", str(tmp_path / "out"), "--json")
+    rows = json.loads(out)
+    assert code == 0 and [(r["name"], r["status"], r["model"]) for r in rows] == [("first", "completed", "tudui")]
+    assert 0.0 <= rows[0]["accuracy"] <= 1.0 and rows[0]["duration"] > 0
+    code, out, _ = run_main(capsys, "runs", "--output", str(tmp_path / "out"))
+    assert out.splitlines()[0].split() == ["name", "date", "data", "model", "accuracy", "duration", "status"]
+    assert out.splitlines()[1].startswith("first ")
+
+    # The same name again: the run completed, so it is not reused.
+    code, _, err = run_main(capsys, "train", "--dataset", str(data), "--output", str(tmp_path / "out"),
+                            "--run-name", "first")
+    assert code == 2 and "already completed" in err
