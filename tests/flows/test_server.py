@@ -149,11 +149,22 @@ def test_rerun_on_unchanged_data_is_cached_and_keeps_the_champion(first_run: Flo
     assert manifest["tasks"]["train_model"] == "cached"
     task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[second.id])))
     assert {run.state.name for run in task_runs if run.name.startswith("train_model")} == {"Cached"}
+    assert all({f"dataset:{run_config['data']['dataset']}", "model:tudui"} <= set(run.tags) for run in task_runs)
     decision = manifest["champion"]
     assert (decision["outcome"], decision["reason"]) == ("kept", "same weights")
     assert decision["champion_run"] == first_run.name
     assert decision["challenger_score"] == decision["champion_score"] == manifest["metrics"]["eval_accuracy"]
     assert "champion-decision" in artifact_keys(client, second.id)
+
+
+def test_evaluate_champion_scores_the_promoted_model(first_run: FlowRun, server: PrefectServer,
+                                                    client: SyncPrefectClient, run_config: dict[str, Any]) -> None:
+    scored = run_to_end(server, client, trigger(server, "evaluate-champion/evaluate-champion", run_config),
+                        server.home / "worker-evaluate.log")
+    assert scored.state.is_completed(), f"{scored.state.name}: {scored.state.message}"
+    assert scored.name.startswith(f"evaluate-{SLOT}-")
+    assert "champion-evaluation" in artifact_keys(client, scored.id)
+    assert any(f"champion '{SLOT}' ({first_run.name}): accuracy" in message for message in logs_of(client, scored.id))
 
 
 def test_failed_run_is_failed_with_the_reason(deployed: str, server: PrefectServer, client: SyncPrefectClient,
@@ -164,6 +175,9 @@ def test_failed_run_is_failed_with_the_reason(deployed: str, server: PrefectServ
     assert failed.state.is_failed()
     assert str(missing) in failed.state.message
     assert any(str(missing) in message for message in logs_of(client, failed.id))
+    # The download step is the retryable one: 1 try + 2 retries before the run fails.
+    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[failed.id])))
+    assert [(run.state.name, run.run_count) for run in task_runs if run.name.startswith("download_dataset")] == [("Failed", 3)]
 
 
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
