@@ -1,0 +1,98 @@
+"""tasks/caching.py on a toy task: keys from the named inputs only, stale records become misses,
+refresh, adoption of cached files into a new run directory, and the flock lock manager."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect import flow, task
+
+from tasks.caching import FlockLockManager, TaskLedger, TaskOutput, bind, outputs_in, verified_cache
+
+CALLS: list[str] = []
+
+
+class Written(TaskOutput):
+    text: str
+
+
+@task(cache_policy=verified_cache("text"))
+def write_text(text: str, run_dir: str) -> Written:
+    """Write `text` to out.txt in the run directory (records each real call)."""
+    CALLS.append(text)
+    Path(run_dir, "out.txt").write_text(text)
+    return Written(text=text, files=outputs_in(run_dir, ["out.txt"]))
+
+
+@flow
+def write_flow(text: str, output: str, run_dir: str, refresh: bool = False) -> tuple[Written, dict[str, str]]:
+    ledger = TaskLedger()
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    result = ledger.run(bind(write_text, output, refresh), text, run_dir, run_dir=Path(run_dir))
+    return result, ledger.statuses
+
+
+def run(tmp_path: Path, name: str, text: str = "hello", refresh: bool = False) -> tuple[Written, str]:
+    result, statuses = write_flow(text, str(tmp_path / "out"), str(tmp_path / "runs" / name), refresh)
+    return result, statuses["write_text"]
+
+
+def test_key_ignores_unnamed_inputs_and_cached_files_are_adopted(tmp_path: Path) -> None:
+    first, status = run(tmp_path, "a")
+    assert status == "completed"
+    second, status = run(tmp_path, "b")  # another run_dir: not part of the key
+    assert status == "cached"
+    assert second.file("out.txt") == (tmp_path / "runs" / "b" / "out.txt").resolve()
+    assert second.file("out.txt").read_text() == "hello"
+    assert run(tmp_path, "c", text="other")[1] == "completed"
+    assert (tmp_path / "out" / ".prefect-results").is_dir()
+
+
+@pytest.mark.parametrize("damage", ["delete", "modify"])
+def test_missing_or_changed_file_makes_a_miss(tmp_path: Path, damage: str) -> None:
+    first, _ = run(tmp_path, "a")
+    if damage == "delete":
+        first.file("out.txt").unlink()
+    else:
+        first.file("out.txt").write_text("tampered")
+    CALLS.clear()
+    again, status = run(tmp_path, "b")
+    assert status == "completed" and CALLS == ["hello"]
+    assert again.file("out.txt").read_text() == "hello"
+    assert run(tmp_path, "c")[1] == "cached"  # the recomputed record is valid again
+
+
+def test_refresh_recomputes(tmp_path: Path) -> None:
+    run(tmp_path, "a")
+    assert run(tmp_path, "b", refresh=True)[1] == "completed"
+
+
+def test_flock_locks_exclude_other_holders_and_die_with_their_process(tmp_path: Path) -> None:
+    locks = FlockLockManager(tmp_path)
+    assert locks.acquire_lock("k", "one") and locks.is_lock_holder("k", "one")
+    other = FlockLockManager(tmp_path)  # another manager: a second open file, as in another run
+    assert other.is_locked("k")
+    assert not other.acquire_lock("k", "two", acquire_timeout=0.2)
+    with pytest.raises(ValueError, match="No lock held by two"):
+        locks.release_lock("k", "two")
+    locks.release_lock("k", "one")
+    assert not other.is_locked("k") and other.acquire_lock("k", "two", acquire_timeout=1)
+    other.release_lock("k", "two")
+
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from tasks.caching import FlockLockManager;"
+                               f"FlockLockManager({str(tmp_path)!r}).acquire_lock('k', 'child');"
+                               "print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert locks.is_locked("k")
+    finally:
+        holder.kill()
+        holder.wait()
+    start = time.monotonic()
+    assert locks.acquire_lock("k", "one", acquire_timeout=5) and time.monotonic() - start < 5
