@@ -14,6 +14,7 @@ epochs, converted to batches), so every schedule resumes exactly from its saved 
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -626,6 +627,9 @@ def _run_epoch(run: _Run, state: _FitState, epoch: int, config: PipelineConfig, 
                             precision=precision, grad_clip=config.optim.grad_clip, epoch=epoch, step=state.step,
                             callbacks=callbacks, progress=progress)
     eval_loss, eval_accuracy = evaluate(run.forward, run.eval_batches, device, precision)
+    if not (math.isfinite(stats.loss) and math.isfinite(eval_loss)):
+        raise ConfigError(f"Training diverged in epoch {epoch} (train loss {stats.loss:.4g}, eval loss {eval_loss:.4g}) "
+                          f"with optim.lr {config.optim.lr}: lower optim.lr or set optim.grad_clip")
     metrics = EpochMetrics(epoch=epoch, step=stats.step, train_loss=stats.loss, train_accuracy=stats.accuracy,
                            eval_loss=eval_loss, eval_accuracy=eval_accuracy, lr=run.optimizer.param_groups[0]["lr"],
                            images_per_second=stats.images / stats.seconds, seconds=time.perf_counter() - start)

@@ -357,6 +357,13 @@ def test_gradient_clipping_bounds_the_step():
     assert _one_step_change(1e-3) == pytest.approx(1e-3, rel=1e-3)  # lr 1 x clipped norm 1e-3
 
 
+def test_divergence_is_a_clear_error(tmp_path):
+    config = _config(epochs=2, optim={"recipe": "tutorial", "lr": 10.0})
+    with pytest.raises(ConfigError, match=r"Training diverged in epoch 1 \(train loss .*, eval loss nan\) with optim.lr 10\.0"):
+        _fit(config, tmp_path)
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_labels_beyond_the_model_classes_are_a_dataset_error():
     spec = ModelSpec("tudui", 3, 32, list("abc"))
     with pytest.raises(DatasetError, match="label 3 but the model has 3 classes"):
