@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Sequence
 
 from visionflow.errors import DatasetError, VisionflowError
 
@@ -132,6 +133,34 @@ def prefect_environment() -> None:
         root.removeHandler(handler)
 
 
+def start_prefect_api() -> Callable[[], None]:
+    """Without PREFECT_API_URL, Prefect starts a temporary API server (a subprocess) when the flow
+    is called and waits seconds for it. Starting it here, on a thread, overlaps that startup with
+    importing the flow; the returned function waits for it and re-raises a failed start."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return lambda: None
+    failed: list[Exception] = []
+
+    def start() -> None:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()  # the instance the flow's client will use
+        except Exception as err:  # noqa: BLE001 - handed to the waiting thread
+            failed.append(err)
+
+    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+    return wait
+
+
 def prefect_ui_hint(flow_run_id: str | None) -> str:
     """Where to see a flow run in the Prefect UI."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
@@ -166,12 +195,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     check_before_run(config)
     prefect_environment()
+    wait_for_api = start_prefect_api()
     from prefect import tags
 
     from flows.train import train_pipeline
-    from visionflow.runs import RunLayout, runs_root
     from visionflow.reports import tensorboard_command
+    from visionflow.runs import RunLayout, runs_root
 
+    wait_for_api()
     with tags("visionflow", f"model:{config.model.name}", f"recipe:{config.optim.recipe}"):
         manifest = train_pipeline(config)
     layout = RunLayout(runs_root(config.output.output_dir) / manifest["run_name"])
@@ -203,8 +234,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     read_manifest(args.run_dir)  # a wrong directory fails here, before Prefect starts
     prefect_environment()
+    wait_for_api = start_prefect_api()
     from flows.reproduce import reproduce_run
 
+    wait_for_api()
     result = reproduce_run(args.run_dir)
     if args.json:
         print_json(result)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.exceptions import ParameterTypeError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from flows.reproduce import reproduce_run
@@ -162,3 +163,12 @@ def test_reproduce_gives_identical_weights(first: dict[str, Any]) -> None:
     reproduced = json.loads((Path(result["reproduced_run_dir"]) / "manifest.json").read_text())
     assert reproduced["run_name"].startswith("reproduce-" + first["run_name"])
     assert statuses(reproduced) == {name: "completed" for name in HEAVY_TASKS}  # caches bypassed
+
+
+def test_parameter_schema_is_the_config_and_bad_values_fail_before_any_work(tmp_path: Path) -> None:
+    schema = train_pipeline.parameters.model_dump()
+    assert schema["properties"]["config"]["$ref"].endswith("/PipelineConfig")
+    assert {"data", "model", "optim", "training", "output"} <= set(schema["definitions"]["PipelineConfig"]["properties"])
+    with pytest.raises(ParameterTypeError, match="epochs"):
+        train_pipeline(config={"training": {"epochs": 0}, "output": {"output_dir": str(tmp_path)}})
+    assert not (tmp_path / "runs").exists()

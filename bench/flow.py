@@ -1,0 +1,103 @@
+"""Training-flow benchmark (not a test). Run from the repo root:
+
+    .venv/bin/python bench/flow.py [--dataset sample] [--epochs N]
+
+Runs `visionflow train` twice as a user would (a fresh PREFECT_HOME, the ephemeral API, a
+temporary output folder and decoded-tensor cache) and times each whole command, Prefect's
+startup included:
+
+  first   nothing cached: decoding, validation, training, evaluation, export
+  rerun   the identical command: every heavy task must come back Cached
+
+It also trains the same resolved config with engine.fit directly (no Prefect, no callbacks) on
+the same data, once before and once after the flow runs, and compares the flow's training
+images/s with the engine's (the mean of the two: the machine is shared).
+The last line is `first_s=<x> rerun_s=<y> flow_vs_engine=<z>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from visionflow.cache import load_decoded  # noqa: E402
+from visionflow.config import build_config, load_config  # noqa: E402
+from visionflow.data import resolve_dataset  # noqa: E402
+from visionflow.engine import fit, seed_everything  # noqa: E402
+from visionflow.models import ModelSpec  # noqa: E402
+
+HEAVY_TASKS = ("download_dataset", "validate_data", "preview_transforms", "describe_model", "train_model",
+               "evaluate_checkpoint", "export_checkpoint")
+
+
+def timed_train(config_file: Path, work: Path, run_name: str) -> tuple[float, dict]:
+    """Wall-clock seconds of one `visionflow train` and the run's manifest."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(work / "prefect-home"), PYTHONPATH=str(REPO))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--config", str(config_file),
+                           "--run-name", run_name], cwd=work, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"visionflow train failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return seconds, json.loads((work / "out" / "runs" / run_name / "manifest.json").read_text())
+
+
+def engine_images_per_second(config_values: dict) -> float:
+    """engine.fit alone on the run's data and resolved config: its train_images_per_second."""
+    config = build_config(config_values)
+    info = resolve_dataset(config.data.dataset, config.data.data_dir, config.data.val_fraction,
+                           config.data.split_seed, download=False)
+    cache = Path(config.data.data_dir) / "cache"
+    train = load_decoded(info.train, config.data.image_size, cache)
+    evaluation = load_decoded(info.eval_split, config.data.image_size, cache)
+    spec = ModelSpec(config.model.name, len(info.classes), config.data.image_size, list(info.classes))
+    seed_everything(config.training.seed)
+    return fit(spec.build(), train, evaluation, config, spec).train_images_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="sample", help="dataset SPEC (default: sample)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the config default (what `make run` uses)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="visionflow-bench-") as tmp:
+        work = Path(tmp)
+        overrides = {"data.dataset": args.dataset, "data.data_dir": str(work / "data"),
+                     "output.output_dir": str(work / "out")}
+        if args.epochs is not None:
+            overrides["training.epochs"] = args.epochs
+        config_file = work / "config.yaml"
+        config_file.write_text(yaml.safe_dump(load_config(None, overrides).model_dump(mode="json")))
+
+        # engine.fit alone, on its own copy of the decoded cache, before and after the flow runs
+        # (the machine is shared: bracketing evens out load that changes during the bench).
+        engine_config = load_config(None, {**overrides, "data.data_dir": str(work / "engine-data")}).resolved()
+        engine_runs = [engine_images_per_second(engine_config.model_dump(mode="json"))]
+        first_s, first = timed_train(config_file, work, "first")
+        print(f"first run:  {first_s:6.1f} s  (tasks: {first['tasks']})")
+        rerun_s, rerun = timed_train(config_file, work, "rerun")
+        not_cached = [name for name in HEAVY_TASKS if rerun["tasks"][name] != "cached"]
+        print(f"rerun:      {rerun_s:6.1f} s  ({'all heavy tasks cached' if not not_cached else f'NOT cached: {not_cached}'})")
+        engine_runs.append(engine_images_per_second(engine_config.model_dump(mode="json")))
+        engine = sum(engine_runs) / len(engine_runs)
+        flow = first["timing"]["train_images_per_second"]
+        print(f"training images/s: flow {flow:,.0f}, engine alone {engine:,.0f} "
+              f"(before {engine_runs[0]:,.0f}, after {engine_runs[1]:,.0f})")
+        print(f"first_s={first_s:.1f} rerun_s={rerun_s:.1f} flow_vs_engine={flow / engine:.3f}")
+
+
+if __name__ == "__main__":
+    main()
