@@ -459,9 +459,10 @@ def test_cuda_bf16_channels_last_fast_path():
 
 @pytest.mark.gpu
 @gpu
-def test_cuda_resume_is_bit_identical(tmp_path):
+def test_cuda_resume_is_bit_identical(tmp_path, monkeypatch):
     config = _config(epochs=3, training={"device": "cuda"})
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # same kernels in both runs
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     straight = _fit(config, tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         _fit(config, tmp_path / "b", callbacks=[KillAfter(2)])
