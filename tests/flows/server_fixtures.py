@@ -1,12 +1,15 @@
 """A real Prefect server, CLI and process worker for tests, and headless Chromium on its UI.
 
 Every process is started in its own session (process group). Teardown signals the group and
-every descendant found in /proc (a flow-run process may leave the group), waits, then kills what
-is left, so nothing keeps running after a test, passed or failed.
+every descendant found in /proc (the process worker starts each flow run in a group of its
+own), waits, then kills what is left, so nothing keeps running after a test, passed or failed.
+While a server runs, SIGTERM to pytest (a CI timeout) raises KeyboardInterrupt so that this
+teardown still runs, and each child is killed if pytest dies without any teardown (SIGKILL).
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
@@ -29,6 +32,7 @@ BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
 CHROMIUM = "/usr/bin/chromium"
 STOP_SECONDS = 20
+_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -82,12 +86,18 @@ def stop_process(process: subprocess.Popen) -> None:
     _signal_all([pid for pid in tree if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL when pytest dies (Linux prctl). Not SIGTERM: a
+    worker stopping gracefully waits forever to flush events to a server that died with pytest."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @contextmanager
 def background(args: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path) -> Iterator[subprocess.Popen]:
     """Run `args` in its own session with output to `log`; stopped (with its descendants) on exit."""
     with open(log, "ab") as out:
         process = subprocess.Popen(list(args), env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_die_with_parent)
     try:
         yield process
     finally:
@@ -150,9 +160,23 @@ def wait_healthy(api_url: str, process: subprocess.Popen, log: Path, timeout: fl
     pytest.fail(f"prefect server not healthy at {api_url}/health after {timeout}s:\n{tail(log)}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextmanager
 def prefect_server(root: Path, timeout: float = 120) -> Iterator[PrefectServer]:
     """`prefect server start` on 127.0.0.1:<free port> with SQLite under `root`; stopped on exit."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with _started_server(root, timeout) as server:
+            yield server
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _started_server(root: Path, timeout: float) -> Iterator[PrefectServer]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     home = root / "prefect-home"
