@@ -19,16 +19,21 @@ Decisions:
 - Both models are scored on the challenger's evaluation split: the challenger's score is the
   one its run measured (``manifest.metrics``), the champion is re-evaluated on that split, so a
   champion promoted on older data is judged on today's data.
+- One run at a time per slot: a file lock (``models/.<slot>.lock``) covers reading the champion,
+  scoring it and swapping the link, so concurrent challengers are judged one after the other.
 - Identical weights (same ``weights_sha256``, e.g. a cached run on unchanged data) are "kept"
   without evaluating anything: this keeps a scheduled run on unchanged data cheap.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -213,6 +218,17 @@ def decide(slot: str, metric: str, challenger_run: str, challenger_score: float,
         decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
+@contextmanager
+def _slot_lock(output_dir: Path | str, slot: str) -> Iterator[None]:
+    """Exclusive lock on a slot from reading the champion to swapping it: two runs challenging
+    one slot at once (nightly and on-demand) queue, and the second is judged against the first."""
+    path = Path(output_dir) / MODELS_SUBDIR / f".{slot}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, also if the process dies
+        yield
+
+
 def _prune(versions: Path, current: str) -> None:
     """Delete versions older than the current one and the KEEP_PREVIOUS before it."""
     done = sorted(p.name for p in versions.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -256,15 +272,16 @@ def challenge(run_dir: Path | str, slot: str, metric: str, eval_split: Split, ou
     metrics = manifest.get("metrics") or {}
     if metric not in metrics:
         raise CheckpointError(f"Manifest '{layout.manifest}' has no metrics.{metric}: found {', '.join(sorted(metrics)) or 'none'}")
-    champion = read_champion(output_dir, slot)
     challenger_sha = str(spec["weights_sha256"])
     field, _ = metric_direction(metric)
-    champion_score = (float(getattr(evaluate_export(champion.path, eval_split, cache_dir, device), field))
-                      if champion is not None and champion.weights_sha256 != challenger_sha else None)
-    decision = decide(slot, metric, layout.name, float(metrics[metric]), challenger_sha,
-                      champion, champion_score, eval_split)
-    manifest = {**manifest, "champion": decision.to_dict()}
-    if decision.promoted:
-        promote(layout.root, manifest, decision, output_dir)
+    with _slot_lock(output_dir, slot):
+        champion = read_champion(output_dir, slot)
+        champion_score = (float(getattr(evaluate_export(champion.path, eval_split, cache_dir, device), field))
+                          if champion is not None and champion.weights_sha256 != challenger_sha else None)
+        decision = decide(slot, metric, layout.name, float(metrics[metric]), challenger_sha,
+                          champion, champion_score, eval_split)
+        manifest = {**manifest, "champion": decision.to_dict()}
+        if decision.promoted:
+            promote(layout.root, manifest, decision, output_dir)
     write_manifest(layout.root, manifest)
     return decision

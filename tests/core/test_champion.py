@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -174,3 +175,12 @@ def test_champion_report_markdown(tmp_path: Path, dataset: DatasetInfo) -> None:
 def test_evaluate_champion_needs_a_slot(tmp_path: Path, dataset: DatasetInfo) -> None:
     with pytest.raises(ConfigError, match="'output.champion': None; expected the champion slot"):
         ch.evaluate_champion(tmp_path, None, dataset.eval_split, tmp_path / "cache", device="cpu")
+
+
+def test_concurrent_challengers_are_judged_one_after_the_other(tmp_path: Path, dataset: DatasetInfo) -> None:
+    runs = [make_run(tmp_path, f"run-{seed}", seed=seed, metrics={"eval_accuracy": 1.0}) for seed in (0, 1)]
+    with ThreadPoolExecutor(2) as pool:
+        decisions = list(pool.map(lambda run: challenge(run, tmp_path, dataset), runs))
+    assert all(d.promoted for d in decisions)
+    first, second = sorted(decisions, key=lambda d: d.champion_run is not None)
+    assert first.champion_run is None and second.champion_run == first.challenger_run
