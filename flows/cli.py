@@ -128,8 +128,9 @@ def prefect_environment() -> None:
         os.environ.setdefault(name, value)
     # Prefect installs its console handler (timestamps, flow and task run names) only when the
     # root logger has no handler of its own; main()'s basicConfig one would swallow that format.
+    # (Exact type: subclasses belong to someone else, e.g. a test runner's log capture.)
     root = logging.getLogger()
-    for handler in list(root.handlers):
+    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
         root.removeHandler(handler)
 
 

@@ -13,6 +13,7 @@ import pytest
 from prefect.exceptions import ParameterTypeError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from flows.cli import main
 from flows.reproduce import reproduce_run
 from flows.train import train_pipeline
 from tasks.artifacts import ARTIFACT_KEYS
@@ -155,11 +156,13 @@ def test_refresh_recomputes_everything(first: dict[str, Any], tiny_data: Path, o
     assert refreshed["weights_sha256"] == first["weights_sha256"]
 
 
-def test_reproduce_gives_identical_weights(first: dict[str, Any]) -> None:
-    result = reproduce_run(str(run_dir_of(first)))
+def test_reproduce_gives_identical_weights(first: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", str(run_dir_of(first)), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert result["identical"] is True
     assert result["original_weights_sha256"] == result["reproduced_weights_sha256"] == first["weights_sha256"]
-    assert result["metrics"]["original"]["eval_accuracy"] == result["metrics"]["reproduced"]["eval_accuracy"]
+    assert result["metrics"]["original"] == result["metrics"]["reproduced"]
+    assert result["metrics"]["original"]["eval_accuracy"] == first["metrics"]["eval_accuracy"]
     reproduced = json.loads((Path(result["reproduced_run_dir"]) / "manifest.json").read_text())
     assert reproduced["run_name"].startswith("reproduce-" + first["run_name"])
     assert statuses(reproduced) == {name: "completed" for name in HEAVY_TASKS}  # caches bypassed
