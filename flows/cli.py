@@ -149,7 +149,7 @@ def start_prefect_api() -> Callable[[], None]:
             from prefect.server.api.server import SubprocessASGIServer
 
             SubprocessASGIServer().start()  # the instance the flow's client will use
-        except Exception as err:  # noqa: BLE001 - handed to the waiting thread
+        except Exception as err:  # re-raised by wait(), in the thread that runs the flow
             failed.append(err)
 
     thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)

@@ -110,7 +110,8 @@ def fingerprint_data(source: DataSource, location: DataLocation) -> DatasetRef:
     return DatasetRef(source=source, root=str(info.root), fingerprint=fingerprint, classes=info.classes)
 
 
-@task(cache_policy=verified_cache("on_invalid", dataset=by_fingerprint, modules=("visionflow.validate", "visionflow.reports")))
+@task(cache_policy=verified_cache("on_invalid", dataset=by_fingerprint,
+                                  modules=("visionflow.validate", "visionflow.reports")))
 def validate_data(dataset: DatasetRef, on_invalid: str, run_dir: str) -> ValidatedData:
     """Validate every image (report: validation.json and CSVs); invalid files are left out."""
     report, clean = validate_dataset(dataset.load(), on_invalid=on_invalid)
