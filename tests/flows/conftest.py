@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
+                                           LogFilter, LogFilterFlowRunId)
 from prefect.testing.utilities import prefect_test_harness
 
 from tests.flows.server_fixtures import copy_tiny_dataset
@@ -70,3 +71,16 @@ def artifact_keys(flow_run_id: str) -> set[str]:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return {artifact.key for artifact in artifacts if artifact.key}
+
+
+def log_messages(flow_run_id: str, containing: str, timeout: float = 30.0) -> list[str]:
+    """The flow run's log messages (its tasks' included) that contain `containing`; logs are
+    shipped to the API in the background, so wait for at least one."""
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            found = [log.message for log in logs if containing in log.message]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)

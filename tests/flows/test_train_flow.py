@@ -17,7 +17,7 @@ from flows.cli import main
 from flows.reproduce import reproduce_run
 from flows.train import train_pipeline
 from tasks.artifacts import ARTIFACT_KEYS
-from tests.flows.conftest import HEAVY_TASKS, artifact_keys, run_dir_of, task_states, tiny_config
+from tests.flows.conftest import HEAVY_TASKS, artifact_keys, log_messages, run_dir_of, task_states, tiny_config
 from visionflow.errors import DatasetError
 from visionflow.fingerprint import file_sha256
 
@@ -93,11 +93,12 @@ def test_tensorboard_events_read_back(first: dict[str, Any]) -> None:
     assert events.Scalars("hparam/eval_accuracy")[0].value == pytest.approx(first["metrics"]["eval_accuracy"])
 
 
-def test_artifacts_and_task_states_in_prefect(first: dict[str, Any]) -> None:
+def test_artifacts_task_states_and_logs_in_prefect(first: dict[str, Any]) -> None:
     flow_run_id = first["prefect_flow_run_id"]
     assert set(ARTIFACT_KEYS) <= artifact_keys(flow_run_id)
     states = task_states(flow_run_id)
     assert {states[name] for name in HEAVY_TASKS} == {"Completed"}
+    assert [m.split(" train_loss")[0] for m in log_messages(flow_run_id, "train_loss")] == ["epoch 1/1"]
 
 
 def test_identical_rerun_is_cached_and_complete(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
