@@ -234,8 +234,11 @@ class VerifiedCache(CachePolicy):
         try:
             if not store.exists(key):
                 return
-            result = store.read(key, holder=holder).result
-            problems = result.problems() if isinstance(result, TaskOutput) else []
+            try:
+                result = store.read(key, holder=holder).result
+                problems = result.problems() if isinstance(result, TaskOutput) else []
+            except Exception as err:  # a record this code cannot load is as useless as a stale one
+                problems = [f"stored record unreadable: {err}"]
             if problems:
                 get_run_logger().warning("Cached result of %s is stale (%s); recomputing",
                                          task_ctx.task.name, "; ".join(problems))
@@ -256,6 +259,8 @@ def bind(task: Task, output_dir: Path | str, refresh: bool) -> Task:
     flock locks (a concurrent run waits for the result instead of recomputing it), and
     `refresh` forcing recomputation. Results are not kept in memory: a record on disk may be
     replaced by another process, and only the disk copy is verified."""
+    if not isinstance(task.cache_policy, VerifiedCache):
+        raise TypeError(f"Task {task.name} has no VerifiedCache policy; only cached tasks are bound")
     store = results_dir(output_dir)
     policy = task.cache_policy.configure(isolation_level="SERIALIZABLE", lock_manager=FlockLockManager(store / "locks"))
     return task.with_options(result_storage=store, cache_policy=policy, persist_result=True,
