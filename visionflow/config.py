@@ -109,8 +109,14 @@ class PipelineConfig(_Section):
 
 # Named presets. `tutorial` is the seed tutorial's recipe (plain SGD, lr 0.01, no augmentation) so
 # users can compare; `default` is what we recommend (see README's performance section for figures).
+# `default` uses AdamW because the tutorial's net has no activations and no normalization layers:
+# SGD with momentum at ResNet learning rates (0.05) diverges on it, while AdamW's per-parameter
+# steps train it and ResNet-18 alike. Measured on cifar10-mini (5,000 train / 1,000 val), tudui,
+# 10 epochs, seed 0: tutorial 39.0 % val accuracy, SGD nesterov lr 0.01 52.5 %, AdamW 60.6 %
+# (without augmentation 53.8 %: the net overfits 5,000 images). momentum/nesterov only apply when
+# optim.optimizer is switched to sgd (then lower weight_decay to ~5e-4: AdamW's is decoupled).
 RECIPES: dict[str, dict[str, Any]] = {
-    "default": dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+    "default": dict(optimizer="adamw", lr=3e-3, momentum=0.9, nesterov=True, weight_decay=0.05,
                     scheduler="onecycle", step_size=30, gamma=0.1, label_smoothing=0.1,
                     grad_clip=0.0, augment=True),
     "tutorial": dict(optimizer="sgd", lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
