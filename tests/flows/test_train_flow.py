@@ -20,6 +20,7 @@ from tasks.artifacts import ARTIFACT_KEYS
 from tests.flows.conftest import HEAVY_TASKS, artifact_keys, log_messages, run_dir_of, task_states, tiny_config
 from visionflow.errors import DatasetError
 from visionflow.fingerprint import file_sha256
+from visionflow.runs import list_runs
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -167,6 +168,19 @@ def test_reproduce_gives_identical_weights(first: dict[str, Any], capsys: pytest
     reproduced = json.loads((Path(result["reproduced_run_dir"]) / "manifest.json").read_text())
     assert reproduced["run_name"].startswith("reproduce-" + first["run_name"])
     assert statuses(reproduced) == {name: "completed" for name in HEAVY_TASKS}  # caches bypassed
+
+
+def test_failed_run_is_recorded_as_failed(tiny_data: Path, tmp_path: Path) -> None:
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    broken = sorted((data / "train" / "ship").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match=broken.name):
+        train_pipeline(tiny_config(data, tmp_path / "out", **{"data.on_invalid": "fail"}))
+    [row] = list_runs(tmp_path / "out")
+    assert row["status"] == "failed"
+    manifest = json.loads((Path(row["path"]) / "manifest.json").read_text())
+    assert broken.name in manifest["error"] and "validate_data" not in manifest["tasks"]
+    assert manifest["tasks"]["download_dataset"] == "completed" and manifest["metrics"] is None
 
 
 def test_parameter_schema_is_the_config_and_bad_values_fail_before_any_work(tmp_path: Path) -> None:
