@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
 
@@ -22,7 +24,7 @@ from tasks.training import TrainOutput
 from visionflow.config import PipelineConfig
 from visionflow.reports import confusion_frame, per_class_frame, run_summary_markdown, validation_markdown
 from visionflow.runs import (RunLayout, build_manifest, check_same_data, compare_runs, create_run_dir, read_manifest,
-                             reproduction_config, utc_now, write_manifest)
+                             reproduction_config, write_manifest)
 from visionflow.tensorboard import log_hparams
 
 
@@ -38,12 +40,15 @@ class RunInfo(BaseModel):
 @task(cache_policy=NO_CACHE)
 def start_run(config: PipelineConfig) -> RunInfo:
     """Create the run directory (or reopen an interrupted one) and write its 'running' manifest."""
-    started = time.time()
+    # The run's clock starts with the flow run (data preparation included), not with this task.
+    context = FlowRunContext.get()
+    started = context.start_time if context is not None else datetime.now(timezone.utc)
     layout, resumed = create_run_dir(config.output.output_dir, config.output.run_name, config.data.dataset,
                                      config.model.name, proposed=flow_run.get_name())
     resume_from = layout.last_checkpoint if resumed and layout.last_checkpoint.is_file() else None
     run = RunInfo(run_name=layout.name, run_dir=str(layout.root.resolve()),
-                  resume_from=str(resume_from) if resume_from else None, started_at=utc_now(), started_time=started)
+                  resume_from=str(resume_from) if resume_from else None,
+                  started_at=started.isoformat(timespec="seconds"), started_time=started.timestamp())
     write_manifest(layout.root, build_manifest(run.run_name, config.resolved().model_dump(mode="json"), "running",
                                                started_at=run.started_at, prefect_flow_run_id=flow_run.get_id()))
     get_run_logger().info("run %s in %s%s", run.run_name, run.run_dir, " (resuming)" if resumed else "")
