@@ -18,6 +18,7 @@ from flows.reproduce import reproduce_run
 from flows.train import train_pipeline
 from tasks.artifacts import ARTIFACT_KEYS
 from tests.flows.conftest import HEAVY_TASKS, artifact_keys, log_messages, run_dir_of, task_states, tiny_config
+from visionflow.config import RECIPES
 from visionflow.errors import DatasetError
 from visionflow.fingerprint import file_sha256
 from visionflow.runs import list_runs
@@ -50,7 +51,7 @@ def test_manifest_records_the_run(first: dict[str, Any], tiny_data: Path) -> Non
     assert MANIFEST_KEYS <= set(on_disk)
     assert on_disk["status"] == "completed" and on_disk["run_name"] == run_dir.name
     assert on_disk["run_name"].startswith("train-data-tudui-")
-    assert on_disk["config"]["optim"]["optimizer"] == "sgd"  # recipe fields resolved
+    assert on_disk["config"]["optim"]["optimizer"] == RECIPES["default"]["optimizer"]  # recipe fields resolved
     assert len(on_disk["config"]["data"]["mean"]) == 3  # normalization as computed
     assert on_disk["seed"] == 0
     data = on_disk["data"]
