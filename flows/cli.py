@@ -304,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of runs")
     p.set_defaults(handler=cmd_runs)
 
-    p = commands.add_parser("reproduce", help="rerun a run from its manifest (caches bypassed) and compare weights")
+    p = commands.add_parser("reproduce", help="rerun a run from its manifest (caches bypassed) and compare weights",
+                            description="Rerun a run from its manifest, caches bypassed, into a new run directory. "
+                                        "Exit status 0 when the weights are identical, 1 when they differ.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (<output>/runs/<run-name>)")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
     p.set_defaults(handler=cmd_reproduce)

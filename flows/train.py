@@ -14,7 +14,7 @@ from tasks.champion import challenge_champion
 from tasks.data import DataSource, download_dataset, fingerprint_data, preview_transforms, validate_data
 from tasks.evaluation import evaluate_checkpoint, export_checkpoint
 from tasks.model import describe_model
-from tasks.run import fail_run, finish_run, start_run
+from tasks.run import fail_run, finish_run, publish_run, start_run
 from tasks.training import train_model
 from visionflow.config import PipelineConfig
 from visionflow.runs import generate_run_name
@@ -52,6 +52,7 @@ def train_pipeline(config: PipelineConfig) -> dict[str, Any]:
                                     config.training.device, config.data.data_dir, run_dir, run_dir=run_dir)
             export = ledger.run(bind(export_checkpoint, output, refresh), best, run_dir, run_dir=run_dir)
             manifest = finish_run(run, config, dataset, validated, model, training, evaluation, export, ledger.statuses)
+            publish_run(run, manifest)
             if config.output.champion is not None:
                 manifest["champion"] = challenge_champion(run_dir, dataset, validated, config)
             return manifest

@@ -65,7 +65,7 @@ def _resolved_config(config: PipelineConfig, training: TrainOutput) -> dict[str,
 @task(cache_policy=NO_CACHE)
 def finish_run(run: RunInfo, config: PipelineConfig, dataset: DatasetRef, validated: ValidatedData, model: ModelInfo,
                training: TrainOutput, evaluation: EvalOutput, export: ExportOutput, tasks: dict[str, str]) -> dict[str, Any]:
-    """Write the completed manifest, TensorBoard hparams and the run's Prefect artifacts."""
+    """Write the completed manifest and the run's hyperparameters with its final metrics (TensorBoard)."""
     layout = RunLayout(Path(run.run_dir))
     resolved = _resolved_config(config, training)
     best = training.files.get("checkpoints/best.pt") or training.files["checkpoints/last.pt"]
@@ -86,6 +86,13 @@ def finish_run(run: RunInfo, config: PipelineConfig, dataset: DatasetRef, valida
         weights_sha256=export.weights_sha256, tasks=tasks, device=training.device, resumed_from=run.resume_from)
     write_manifest(layout.root, manifest)
     log_hparams(layout.tensorboard, resolved, {"eval_accuracy": evaluation.accuracy, "eval_loss": evaluation.loss})
+    return manifest
+
+
+@task(cache_policy=NO_CACHE)
+def publish_run(run: RunInfo, manifest: dict[str, Any]) -> None:
+    """Publish the run's Prefect artifacts: summary, validation, per-class and confusion tables, images."""
+    layout = RunLayout(Path(run.run_dir))
     evaluated = json.loads(layout.evaluation.read_text())
     publish_summary(run_summary_markdown(manifest, layout.root))
     publish_markdown(VALIDATION_KEY, validation_markdown(json.loads(layout.validation.read_text())), "Dataset validation")
@@ -94,7 +101,6 @@ def finish_run(run: RunInfo, config: PipelineConfig, dataset: DatasetRef, valida
                   "Confusion matrix (rows: true class)")
     publish_image(PREVIEW_KEY, layout.preview, "Transform preview: original | eval input | train input")
     publish_image(MISCLASSIFIED_KEY, layout.root / MISCLASSIFIED_PNG, "Most confidently wrong eval images")
-    return manifest
 
 
 @task(cache_policy=NO_CACHE)
