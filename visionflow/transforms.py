@@ -75,38 +75,31 @@ def mean_std(images: Tensor) -> tuple[list[float], list[float]]:
 # Batch ops on uint8 tensors, on the training device
 
 
-def random_crop(images: Tensor, generator: torch.Generator, padding: int = CROP_PADDING) -> Tensor:
-    """Zero-pad each image by `padding` pixels and crop back to (H, W) at an independent random offset.
+def augment_batch(images: Tensor, generator: torch.Generator, padding: int = CROP_PADDING) -> Tensor:
+    """The training augmentation, per image: random crop after zero padding by `padding` pixels,
+    then a horizontal flip with probability 1/2 (torchvision's RandomCrop(padding) +
+    RandomHorizontalFlip). uint8 (B, C, H, W) in and out.
 
-    Same distribution as torchvision's RandomCrop(size, padding), done for the whole batch by one
-    gather instead of a Python loop. uint8 (B, C, H, W) in, uint8 (B, C, H, W) out.
+    One gather over the padded batch does both (a flip is just reversed column indices): no
+    Python loop over images, the same kernels on every device.
     """
     b, c, h, w = images.shape
     device = images.device
-    padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
+    padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, Hp, Wp), Hp = H + 2p
     offsets = torch.randint(0, 2 * padding + 1, (2, b), device=device, generator=generator)  # (2, B): dy, dx
-    rows = (offsets[0, :, None] + torch.arange(h, device=device))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (offsets[1, :, None] + torch.arange(w, device=device))[:, None, None, :]  # (B, 1, 1, W)
-    batch = torch.arange(b, device=device)[:, None, None, None]  # (B, 1, 1, 1)
-    channel = torch.arange(c, device=device)[None, :, None, None]  # (1, C, 1, 1)
-    return padded[batch, channel, rows, cols]  # (B, C, H, W)
-
-
-def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Mirror each image left-right with probability 1/2. (B, C, H, W) in and out."""
-    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5  # (B,)
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
-
-
-def augment_batch(images: Tensor, generator: torch.Generator) -> Tensor:
-    """The training augmentation: random crop (padding 4) then horizontal flip, uint8 in and out."""
-    return random_flip(random_crop(images, generator), generator)
+    flip = torch.rand(b, device=device, generator=generator) < 0.5  # (B,)
+    col_order = torch.arange(w, device=device)  # (W,)
+    rows = offsets[0, :, None] + torch.arange(h, device=device)  # (B, H) row in the padded image
+    cols = offsets[1, :, None] + torch.where(flip[:, None], col_order.flip(0), col_order)  # (B, W)
+    index = rows[:, :, None] * padded.shape[-1] + cols[:, None, :]  # (B, H, W) flat pixel in (Hp, Wp)
+    out = padded.flatten(2).gather(2, index.view(b, 1, h * w).expand(b, c, h * w))  # (B, C, H*W)
+    return out.unflatten(2, (h, w))  # (B, C, H, W)
 
 
 class BatchTransform:
     """uint8 (B, 3, H, W) batch on the device -> float32 model input: augment (optional), normalize.
 
-    Normalization is fused into one multiply-add, x * (1 / (255 std)) - mean / std, which equals
+    Normalization is folded into one multiply-add, x * (1 / (255 std)) - mean / std, which equals
     ToTensor + Normalize's (x / 255 - mean) / std up to float rounding.
     `augment`: a seeded generator on the images' device to apply `augment_batch`, None for none.
     """
@@ -121,8 +114,10 @@ class BatchTransform:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images: Tensor) -> Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"BatchTransform expects uint8 image batches, got {images.dtype}")
         if self.augment is not None:
             images = augment_batch(images, self.augment)
-        # Layout change on the uint8 batch (1 byte/value) rather than on the float result.
-        images = images.contiguous(memory_format=self.memory_format)
-        return torch.addcmul(self.shift, images.float(), self.scale)  # (B, C, H, W) float32
+        x = images.float().mul_(self.scale).add_(self.shift)  # (B, C, H, W) float32, in place after the cast
+        # Layout change last, on the float result: permuting uint8 is slower than permuting float32.
+        return x.contiguous(memory_format=self.memory_format)
