@@ -15,7 +15,7 @@ from tasks.data import DataSource, download_dataset, fingerprint_data, preview_t
 from tasks.evaluation import evaluate_checkpoint, export_checkpoint
 from tasks.model import describe_model
 from tasks.run import fail_run, finish_run, publish_run, start_run
-from tasks.training import train_model
+from tasks.training import BEST, train_model
 from visionflow.config import PipelineConfig
 from visionflow.runs import generate_run_name
 
@@ -47,7 +47,7 @@ def train_pipeline(config: PipelineConfig) -> dict[str, Any]:
                                config.data.image_size, run_dir, run_dir=run_dir)
             training = ledger.run(bind(train_model, output, refresh), dataset, validated, config, run_dir, run.resume_from,
                                   run_dir=run_dir)
-            best = training.files.get("checkpoints/best.pt") or training.files["checkpoints/last.pt"]
+            best = training.files[BEST]
             evaluation = ledger.run(bind(evaluate_checkpoint, output, refresh), dataset, validated, best,
                                     config.training.device, config.data.data_dir, run_dir, run_dir=run_dir)
             export = ledger.run(bind(export_checkpoint, output, refresh), best, run_dir, run_dir=run_dir)

@@ -20,7 +20,7 @@ from tasks.artifacts import (CONFUSION_KEY, MISCLASSIFIED_KEY, PER_CLASS_KEY, PR
 from tasks.data import DatasetRef, ValidatedData
 from tasks.evaluation import MISCLASSIFIED_PNG, EvalOutput, ExportOutput
 from tasks.model import ModelInfo
-from tasks.training import TrainOutput
+from tasks.training import BEST, TrainOutput
 from visionflow.config import PipelineConfig
 from visionflow.reports import confusion_frame, per_class_frame, run_summary_markdown, validation_markdown
 from visionflow.runs import (RunLayout, build_manifest, check_same_data, compare_runs, create_run_dir, read_manifest,
@@ -68,7 +68,7 @@ def finish_run(run: RunInfo, config: PipelineConfig, dataset: DatasetRef, valida
     """Write the completed manifest and the run's hyperparameters with its final metrics (TensorBoard)."""
     layout = RunLayout(Path(run.run_dir))
     resolved = _resolved_config(config, training)
-    best = training.files.get("checkpoints/best.pt") or training.files["checkpoints/last.pt"]
+    best = training.files[BEST]
     manifest = build_manifest(
         run.run_name, resolved, "completed", started_at=run.started_at, prefect_flow_run_id=flow_run.get_id(),
         data={"spec": dataset.source.dataset, "root": dataset.root, "fingerprint": dataset.fingerprint,

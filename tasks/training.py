@@ -14,10 +14,12 @@ from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
 from visionflow.cache import load_decoded
 from visionflow.config import PipelineConfig
 from visionflow.engine import Callback, EpochMetrics, Progress, fit, seed_everything
+from visionflow.errors import CheckpointError
 from visionflow.models import ModelSpec
 from visionflow.runs import RunLayout
 from visionflow.tensorboard import TensorBoardCallback
 
+LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"  # run-directory-relative, as RunLayout has them
 TRAINING_MODULES = ("visionflow.engine", "visionflow.transforms", "visionflow.models", "visionflow.cache",
                     "visionflow.checkpoints")
 
@@ -87,10 +89,12 @@ def train_model(dataset: DatasetRef, validated: ValidatedData, config: PipelineC
     with created_files(run_dir, layout.tensorboard) as events:
         result = fit(model, train, evaluation, config, spec, checkpoint_dir=layout.checkpoints,
                      resume_from=Path(resume_from) if resume_from else None, callbacks=callbacks)
-    checkpoints = [p.relative_to(layout.root).as_posix() for p in (layout.last_checkpoint, layout.best_checkpoint)
-                   if p.is_file()]
+    # The engine writes best.pt after last.pt: a run killed between the two and resumed lacks it.
+    if not layout.best_checkpoint.is_file():
+        raise CheckpointError(f"Training in {run_dir} ended without {layout.best_checkpoint}; "
+                              f"start over under a new --run-name")
     return TrainOutput(history=[asdict(m) for m in result.history], best_epoch=result.best_epoch,
                        best_metric=result.best_metric, train_seconds=result.train_seconds,
                        train_images_per_second=result.train_images_per_second, weights_sha256=result.weights_sha256,
                        stopped_early=result.stopped_early, device=result.device, spec=result.spec.to_dict(),
-                       files={**outputs_in(run_dir, checkpoints), **events})
+                       files={**outputs_in(run_dir, [LAST, BEST]), **events})
