@@ -288,6 +288,8 @@ def build_scheduler(optimizer: Optimizer, optim: OptimConfig, epochs: int, steps
 
 @dataclass
 class EpochMetrics:
+    """One epoch's figures, as callbacks, the history and checkpoints see them."""
+
     epoch: int  # 1-based
     step: int  # optimizer steps so far
     train_loss: float  # mean per image, with label smoothing
@@ -301,6 +303,8 @@ class EpochMetrics:
 
 @dataclass
 class TrainStats:
+    """What `train_one_epoch` returns."""
+
     loss: float  # mean per image
     accuracy: float  # fraction in [0, 1]
     images: int
@@ -310,6 +314,8 @@ class TrainStats:
 
 @dataclass
 class FitResult:
+    """What `fit` returns (and `Callback.on_fit_end` receives)."""
+
     history: list[EpochMetrics]
     best_metric: float | None  # value of config.training.monitor at best_epoch
     best_epoch: int | None
@@ -374,6 +380,7 @@ class Progress:
 
     def update(self, epoch: int, batch: int, batches: int, loss_sum: Tensor, correct: Tensor,
                images: int, seconds: float) -> None:
+        """Redraw the bar (TTY only, at most every _PROGRESS_INTERVAL s) from the on-device running sums."""
         now = time.perf_counter()
         if not self.live or now - self._drawn < _PROGRESS_INTERVAL:
             return
@@ -383,6 +390,7 @@ class Progress:
         self.stream.flush()
 
     def epoch_end(self, m: EpochMetrics) -> None:
+        """The epoch's summary line (replacing the bar on a TTY)."""
         line = (f"epoch {m.epoch}/{self.epochs} train_loss {m.train_loss:.4f} train_acc {m.train_accuracy:.3f} "
                 f"eval_loss {m.eval_loss:.4f} eval_acc {m.eval_accuracy:.3f} lr {m.lr:.3g} "
                 f"{m.images_per_second:,.0f} img/s {m.seconds:.1f}s")

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms as T
 
 from visionflow.transforms import (CROP_PADDING, BatchTransform, augment_batch, eval_pipeline, mean_std,
                                    preview_pipeline, resize, train_pipeline)
