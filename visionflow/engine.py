@@ -94,6 +94,7 @@ class Generators:
 
     @classmethod
     def seeded(cls, seed: int, device: torch.device) -> "Generators":
+        """`seed_everything(seed)`, then the three streams at fixed offsets from `seed`."""
         return cls(shuffle=seed_everything(seed),
                    augment=torch.Generator(device).manual_seed(seed + 1),
                    workers=torch.Generator().manual_seed(seed + 2))
