@@ -14,7 +14,6 @@ from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
 from visionflow.cache import load_decoded
 from visionflow.config import PipelineConfig
 from visionflow.engine import Callback, EpochMetrics, Progress, fit, seed_everything
-from visionflow.errors import CheckpointError
 from visionflow.models import ModelSpec
 from visionflow.runs import RunLayout
 from visionflow.tensorboard import TensorBoardCallback
@@ -89,10 +88,6 @@ def train_model(dataset: DatasetRef, validated: ValidatedData, config: PipelineC
     with created_files(run_dir, layout.tensorboard) as events:
         result = fit(model, train, evaluation, config, spec, checkpoint_dir=layout.checkpoints,
                      resume_from=Path(resume_from) if resume_from else None, callbacks=callbacks)
-    # The engine writes best.pt after last.pt: a run killed between the two and resumed lacks it.
-    if not layout.best_checkpoint.is_file():
-        raise CheckpointError(f"Training in {run_dir} ended without {layout.best_checkpoint}; "
-                              f"start over under a new --run-name")
     return TrainOutput(history=[asdict(m) for m in result.history], best_epoch=result.best_epoch,
                        best_metric=result.best_metric, train_seconds=result.train_seconds,
                        train_images_per_second=result.train_images_per_second, weights_sha256=result.weights_sha256,

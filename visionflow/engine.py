@@ -259,8 +259,8 @@ SCHEDULERS: dict[str, Callable[[Optimizer, OptimConfig, int, int], LRScheduler]]
     "step": lambda opt, o, total, per_epoch: StepLR(opt, step_size=o.step_size * per_epoch, gamma=o.gamma),
     "cosine": lambda opt, o, total, per_epoch: CosineAnnealingLR(opt, T_max=total),
     # Warm up over the first 25% of steps, then anneal to lr / 25e4; momentum stays as configured.
-    "onecycle": lambda opt, o, total, per_epoch: OneCycleLR(opt, max_lr=o.lr, total_steps=total, pct_start=0.25,
-                                                            cycle_momentum=False),
+    "onecycle": lambda opt, o, total, per_epoch: OneCycleLR(opt, max_lr=o.lr, total_steps=total,
+                                                            pct_start=_warmup_fraction(total), cycle_momentum=False),
 }
 
 
@@ -276,6 +276,12 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> Optimizer:
     if optim.optimizer == "sgd" and optim.nesterov and not optim.momentum:
         raise ConfigError(f"Invalid config field 'optim.nesterov': Nesterov needs optim.momentum > 0 (got {optim.momentum})")
     return build(_param_groups(model, optim.weight_decay), optim)
+
+
+def _warmup_fraction(total_steps: int) -> float:
+    """25% warm-up, stretched on tiny runs: OneCycleLR divides by (pct_start * total - 1), which
+    is zero at 4 total steps, so the warm-up must span more than one step (and stay under 100%)."""
+    return min(0.9, max(0.25, 1.5 / total_steps))
 
 
 def build_scheduler(optimizer: Optimizer, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> LRScheduler:
@@ -660,9 +666,11 @@ def _save_checkpoints(checkpoint_dir: Path | None, state: _FitState, run: _Run, 
     if checkpoint_dir is None:
         return
     saved = _checkpoint(state, run.model, run.optimizer, run.scheduler, run.generators, config, spec)
-    checkpoints.save_checkpoint(checkpoint_dir / "last.pt", saved)
+    # best.pt first: a crash between the two writes leaves last.pt one epoch behind, and resuming
+    # retrains that epoch (bit-identical on CPU) instead of leaving an epoch's best unsaved.
     if state.improved:
         checkpoints.save_checkpoint(checkpoint_dir / "best.pt", saved)
+    checkpoints.save_checkpoint(checkpoint_dir / "last.pt", saved)
 
 
 def _start_info(run: _Run, state: _FitState, config: PipelineConfig, spec: ModelSpec, device: torch.device,

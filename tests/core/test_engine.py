@@ -165,6 +165,9 @@ def test_scheduler_registry_shapes():
     onecycle = _lrs("onecycle")
     assert max(onecycle) == pytest.approx(0.1) and onecycle.index(max(onecycle)) == 9  # warm-up: 25 % of 40 steps
     assert onecycle[0] < 0.01 and onecycle[-1] < 1e-4
+    for total in range(1, 9):  # tiny runs: OneCycleLR's own phase arithmetic divides by zero at 4 steps
+        tiny = _lrs("onecycle", epochs=1, per_epoch=total)
+        assert len(tiny) == total and all(0 < lr <= 0.1 + 1e-12 for lr in tiny)
     optim = _optim().model_copy(update={"scheduler": "plateau"})
     with pytest.raises(ConfigError, match=r"Invalid scheduler 'plateau'\. Choose from: cosine, none, onecycle, step"):
         engine.build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), optim, 1, 1)

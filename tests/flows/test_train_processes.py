@@ -68,8 +68,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_data: Path, tmp_path: 
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        # Both checkpoints of epoch 1 (best.pt is written after last.pt), then kill during epoch 2.
-        while not (run_dir / "checkpoints" / "best.pt").exists() and proc.poll() is None:
+        # Both checkpoints of epoch 1 (last.pt is written after best.pt), then kill during epoch 2.
+        while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint written in time"
             time.sleep(0.02)
     finally:
