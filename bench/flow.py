@@ -11,7 +11,9 @@ startup included:
 
 It also trains the same resolved config with engine.fit directly (no Prefect, no callbacks) on
 the same data, once before and once after the flow runs, and compares the flow's training
-images/s with the engine's (the mean of the two: the machine is shared).
+images/s with the engine's. Each side's figure is the median of its per-epoch images/s, first
+epoch left out (it pays one-time kernel setup): one whole-run average swings by +-10% on this
+shared machine, run to run, with or without Prefect.
 The last line is `first_s=<x> rerun_s=<y> flow_vs_engine=<z>`.
 """
 
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -32,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from visionflow.cache import load_decoded  # noqa: E402
+from visionflow.checkpoints import load_checkpoint  # noqa: E402
 from visionflow.config import build_config, load_config  # noqa: E402
 from visionflow.data import resolve_dataset  # noqa: E402
 from visionflow.engine import fit, seed_everything  # noqa: E402
@@ -54,8 +59,14 @@ def timed_train(config_file: Path, work: Path, run_name: str) -> tuple[float, di
     return seconds, json.loads((work / "out" / "runs" / run_name / "manifest.json").read_text())
 
 
-def engine_images_per_second(config_values: dict) -> float:
-    """engine.fit alone on the run's data and resolved config: its train_images_per_second."""
+def steady_rates(history: list[dict]) -> list[float]:
+    """Per-epoch training images/s, the first (warm-up) epoch left out when there are more."""
+    rates = [epoch["images_per_second"] for epoch in history]
+    return rates[1:] or rates
+
+
+def engine_images_per_second(config_values: dict) -> list[float]:
+    """engine.fit alone on the run's data and resolved config: its steady per-epoch images/s."""
     config = build_config(config_values)
     info = resolve_dataset(config.data.dataset, config.data.data_dir, config.data.val_fraction,
                            config.data.split_seed, download=False)
@@ -64,7 +75,8 @@ def engine_images_per_second(config_values: dict) -> float:
     evaluation = load_decoded(info.eval_split, config.data.image_size, cache)
     spec = ModelSpec(config.model.name, len(info.classes), config.data.image_size, list(info.classes))
     seed_everything(config.training.seed)
-    return fit(spec.build(), train, evaluation, config, spec).train_images_per_second
+    result = fit(spec.build(), train, evaluation, config, spec)
+    return steady_rates([asdict(epoch) for epoch in result.history])
 
 
 def main() -> None:
@@ -85,17 +97,18 @@ def main() -> None:
         # engine.fit alone, on its own copy of the decoded cache, before and after the flow runs
         # (the machine is shared: bracketing evens out load that changes during the bench).
         engine_config = load_config(None, {**overrides, "data.data_dir": str(work / "engine-data")}).resolved()
-        engine_runs = [engine_images_per_second(engine_config.model_dump(mode="json"))]
+        engine_rates = engine_images_per_second(engine_config.model_dump(mode="json"))
         first_s, first = timed_train(config_file, work, "first")
         print(f"first run:  {first_s:6.1f} s  (tasks: {first['tasks']})")
         rerun_s, rerun = timed_train(config_file, work, "rerun")
         not_cached = [name for name in HEAVY_TASKS if rerun["tasks"][name] != "cached"]
         print(f"rerun:      {rerun_s:6.1f} s  ({'all heavy tasks cached' if not not_cached else f'NOT cached: {not_cached}'})")
-        engine_runs.append(engine_images_per_second(engine_config.model_dump(mode="json")))
-        engine = sum(engine_runs) / len(engine_runs)
-        flow = first["timing"]["train_images_per_second"]
-        print(f"training images/s: flow {flow:,.0f}, engine alone {engine:,.0f} "
-              f"(before {engine_runs[0]:,.0f}, after {engine_runs[1]:,.0f})")
+        engine_rates += engine_images_per_second(engine_config.model_dump(mode="json"))
+        engine = statistics.median(engine_rates)
+        flow_history = load_checkpoint(work / "out" / "runs" / "first" / "checkpoints" / "last.pt")["history"]
+        flow = statistics.median(steady_rates(flow_history))
+        print(f"training images/s (median per epoch): flow {flow:,.0f}, engine alone {engine:,.0f} "
+              f"(manifest average: flow {first['timing']['train_images_per_second']:,.0f})")
         print(f"first_s={first_s:.1f} rerun_s={rerun_s:.1f} flow_vs_engine={flow / engine:.3f}")
 
 
