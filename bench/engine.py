@@ -1,14 +1,15 @@
 """Training-engine throughput and memory benchmark (not a test). Run from the repo root:
 
-    .venv/bin/python bench/engine.py [--rounds 15]
+    .venv/bin/python bench/engine.py [--rounds 15] [--precision bf16|fp32] [--no-channels-last]
 
 On cifar10-mini/train (5,000 32x32 images), model tudui, batch 64, it measures images/s of
 
   tutorial  the seed tutorial's loop: ImageFolder + ToTensor + DataLoader(shuffle=True, batch 64)
             + SGD(lr 0.01), decoding every JPEG as it goes
   engine    engine.fit with the default recipe (augmentation on the device, folded normalization)
-            and the engine's fast settings for this CPU: bf16 autocast + channels_last (PRECISION,
-            CHANNELS_LAST). Its train_images_per_second: evaluation excluded
+            and, by default, the engine's fast settings for this CPU: bf16 autocast + channels_last
+            (--precision fp32 --no-channels-last measures the plain fp32 engine). Its
+            train_images_per_second: evaluation excluded
   ceiling   the same model, optimizer and loss: forward + backward + step on preloaded, normalized
             float batches in a tight loop (same precision and memory format)
 
@@ -156,15 +157,23 @@ def peak_rss_child() -> None:
 
 
 def peak_rss_mb() -> dict:
-    out = subprocess.run([sys.executable, __file__, "--rss-child"], capture_output=True, text=True, check=True)
+    settings = ["--precision", PRECISION] + ([] if CHANNELS_LAST else ["--no-channels-last"])
+    out = subprocess.run([sys.executable, __file__, "--rss-child", *settings], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
+    global PRECISION, CHANNELS_LAST  # one setting for every method and the RSS subprocess
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved slices per method (best is kept)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=PRECISION,
+                        help="engine and ceiling precision (the tutorial loop is fp32 as written)")
+    parser.add_argument("--no-channels-last", action="store_true", help="engine and ceiling in NCHW layout")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    PRECISION, CHANNELS_LAST = args.precision, not args.no_channels_last
+    print(f"engine and ceiling: {PRECISION}, channels_last={CHANNELS_LAST}", flush=True)
     if args.rss_child:
         return peak_rss_child()
     train, val = _decoded()
