@@ -13,7 +13,7 @@ from tasks.caching import TaskOutput, created_files, outputs_in, verified_cache
 from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
 from visionflow.cache import load_decoded
 from visionflow.config import PipelineConfig
-from visionflow.engine import Callback, EpochMetrics, Progress, fit, seed_everything
+from visionflow.engine import fit, seed_everything
 from visionflow.models import ModelSpec
 from visionflow.runs import RunLayout
 from visionflow.tensorboard import TensorBoardCallback
@@ -58,16 +58,6 @@ class _LogStream:
         return False
 
 
-class RunLogCallback(Callback):
-    """Engine callback: the engine's own per-epoch progress line, into the Prefect run log."""
-
-    def __init__(self, epochs: int) -> None:
-        self.progress = Progress(epochs, stream=_LogStream(get_run_logger()))
-
-    def on_epoch_end(self, metrics: EpochMetrics) -> None:
-        self.progress.epoch_end(metrics)
-
-
 @task(cache_policy=verified_cache(dataset=by_fingerprint, validated=by_exclusions, config=by_training_fields,
                                   modules=TRAINING_MODULES))
 def train_model(dataset: DatasetRef, validated: ValidatedData, config: PipelineConfig, run_dir: str,
@@ -79,15 +69,15 @@ def train_model(dataset: DatasetRef, validated: ValidatedData, config: PipelineC
     train = load_decoded(info.train, config.data.image_size, cache_dir)
     evaluation = load_decoded(info.eval_split, config.data.image_size, cache_dir)
     spec = ModelSpec(config.model.name, len(info.classes), config.data.image_size, list(info.classes))
-    callbacks = [TensorBoardCallback(layout.tensorboard), PrefectProgressCallback(config.training.epochs),
-                 RunLogCallback(config.training.epochs)]
+    callbacks = [TensorBoardCallback(layout.tensorboard), PrefectProgressCallback(config.training.epochs)]
     if resume_from:
         get_run_logger().info("resuming from %s", resume_from)
     seed_everything(config.training.seed)  # before building: the initial weights are part of the result
     model = spec.build()
     with created_files(run_dir, layout.tensorboard) as events:
         result = fit(model, train, evaluation, config, spec, checkpoint_dir=layout.checkpoints,
-                     resume_from=Path(resume_from) if resume_from else None, callbacks=callbacks)
+                     resume_from=Path(resume_from) if resume_from else None, callbacks=callbacks,
+                     progress_stream=_LogStream(get_run_logger()))  # epoch lines once, in the run log
     return TrainOutput(history=[asdict(m) for m in result.history], best_epoch=result.best_epoch,
                        best_metric=result.best_metric, train_seconds=result.train_seconds,
                        train_images_per_second=result.train_images_per_second, weights_sha256=result.weights_sha256,

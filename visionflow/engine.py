@@ -684,13 +684,14 @@ def _start_info(run: _Run, state: _FitState, config: PipelineConfig, spec: Model
 def fit(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, spec: ModelSpec,
         checkpoint_dir: Path | None = None, resume_from: Path | None = None,
         callbacks: Sequence[Callback] = (), *, sampler: Sampler | None = None,
-        collate_fn: Callable | None = None) -> FitResult:
+        collate_fn: Callable | None = None, progress_stream: TextIO | None = None) -> FitResult:
     """Train `model` in place on decoded splits (`.images` uint8 (N, 3, H, W), `.labels` (N,)).
 
     Writes checkpoint_dir/last.pt every epoch and best.pt when config.training.monitor improves.
     `resume_from` continues a run at its next epoch (checkpoints go beside it unless
     `checkpoint_dir` says otherwise); a finished run returns its stored result at once.
     `sampler` / `collate_fn` select the DataLoader path (see make_loader).
+    `progress_stream` receives the progress bar / epoch lines (default stderr).
     """
     config = _with_normalization(config.resolved(), train.images)
     spec = replace(spec, mean=config.data.mean, std=config.data.std)
@@ -707,7 +708,7 @@ def fit(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, spec: M
         return _result(state, run.model, checkpoint_dir, device, spec)
     for cb in callbacks:
         cb.on_fit_start(_start_info(run, state, config, spec, device, train, eval))
-    progress = Progress(config.training.epochs)
+    progress = Progress(config.training.epochs, progress_stream)
     for epoch in range(state.epoch + 1, config.training.epochs + 1):
         metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress)
         progress.epoch_end(metrics)
