@@ -50,6 +50,14 @@ def test_bad_config_file_value_names_the_field(capsys: pytest.CaptureFixture[str
     assert code == 2 and "Invalid config field 'data.image_size'" in err and err.count("\n") == 1
 
 
+def test_binary_config_file_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "model.pt"
+    config.write_bytes(b"\x80\xa0\xff binary, not YAML")
+    code, _, err = run_main(capsys, "train", "--config", str(config), "--output", str(tmp_path / "out"))
+    assert code == 2 and err.startswith("error: Config file") and "model.pt" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_runs_on_an_empty_output(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert run_main(capsys, "runs", "--output", str(tmp_path), "--json")[:2] == (0, "[]\n")
 

@@ -148,7 +148,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.is_file():
             raise ConfigError(f"Config file '{path}' not found: expected a YAML file with sections data, model, optim, training, output")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"Config file '{path}' cannot be read as UTF-8 text ({type(err).__name__}): "
+                              f"expected a YAML file with sections data, model, optim, training, output") from None
+        try:
+            values = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"Config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(values, dict):
