@@ -258,7 +258,8 @@ SCHEDULERS: dict[str, Callable[[Optimizer, OptimConfig, int, int], LRScheduler]]
     "none": lambda opt, o, total, per_epoch: ConstantLR(opt, factor=1.0, total_iters=0),
     "step": lambda opt, o, total, per_epoch: StepLR(opt, step_size=o.step_size * per_epoch, gamma=o.gamma),
     "cosine": lambda opt, o, total, per_epoch: CosineAnnealingLR(opt, T_max=total),
-    # Warm up over the first 25% of steps, then anneal to lr / 25e4; momentum stays as configured.
+    # Warm up over the first 25% of steps (more on tiny runs: _warmup_fraction), then anneal to
+    # lr / 25e4; momentum stays as configured.
     "onecycle": lambda opt, o, total, per_epoch: OneCycleLR(opt, max_lr=o.lr, total_steps=total,
                                                             pct_start=_warmup_fraction(total), cycle_momentum=False),
 }
