@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from visionflow.checkpoints import atomic_write
 from visionflow.data import Split
 from visionflow.fingerprint import fingerprint_split
 from visionflow.images import load_rgb, thread_map
@@ -100,23 +99,14 @@ def _read(path: Path, split: Split, image_size: int, fingerprint: str) -> Decode
 
 
 def _write(path: Path, decoded: DecodedSplit) -> None:
-    """Atomic write: a unique temp file (so concurrent writers of the same key never share one),
-    flushed and fsynced, then os.replace'd; readers see the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    """Atomic write (checkpoints.atomic_write: a unique temp file, so concurrent writers of the
+    same key never share one); readers see the old file or the complete new one."""
     payload = {
         "format": _FORMAT, "fingerprint": decoded.fingerprint, "images": decoded.images,
         "labels": decoded.labels, "classes": list(decoded.classes), "files": list(decoded.files),
         "checksum": _checksum(decoded.images, decoded.labels),
     }
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_decoded(split: Split, image_size: int, cache_dir: Path | str = "data/cache") -> DecodedSplit:

@@ -55,7 +55,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temp file beside ``path``, fsync it, and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (readers see the old file or the new one, never a part)."""
-    return _atomic_write(path, lambda handle: handle.write(data))
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -119,7 +119,7 @@ def _validate_training_state(state: Mapping[str, Any]) -> None:
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
     """Atomically ``torch.save`` a training checkpoint dict (all ``TRAINING_KEYS``, weights-only safe)."""
     _validate_training_state(state)
-    return _atomic_write(path, lambda handle: torch.save(dict(state), handle))
+    return atomic_write(path, lambda handle: torch.save(dict(state), handle))
 
 
 def _one_line_load_error(err: Exception) -> str:
@@ -335,7 +335,7 @@ def export_model(model: nn.Module, spec: ModelSpec, out_dir: str | Path) -> dict
 
 def save_whole_module(model: nn.Module, path: str | Path) -> Path:
     """Tutorial method 1: ``torch.save(model)`` (structure + weights; loading it needs trust)."""
-    return _atomic_write(path, lambda handle: torch.save(model, handle))
+    return atomic_write(path, lambda handle: torch.save(model, handle))
 
 
 def load_whole_module(path: str | Path, trust: bool = False) -> nn.Module:
@@ -357,7 +357,7 @@ def load_whole_module(path: str | Path, trust: bool = False) -> nn.Module:
 
 def save_state_dict(model: nn.Module, path: str | Path) -> Path:
     """Tutorial method 2 (recommended): ``torch.save(model.state_dict())``, atomically."""
-    return _atomic_write(path, lambda handle: torch.save(model.state_dict(), handle))
+    return atomic_write(path, lambda handle: torch.save(model.state_dict(), handle))
 
 
 def load_state_dict(model: nn.Module, path: str | Path) -> nn.Module:

@@ -9,20 +9,18 @@ files, so deleting one run never breaks another.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import secrets
 import shutil
 import subprocess
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from visionflow.checkpoints import atomic_write_json
+from visionflow.checkpoints import atomic_write, atomic_write_json
 from visionflow.config import PipelineConfig, build_config
 from visionflow.errors import ConfigError, DatasetError
 
@@ -143,16 +141,13 @@ def _status_of(layout: RunLayout) -> str | None:
 
 
 def copy_atomic(source: Path | str, target: Path | str) -> Path:
-    """Copy a file so that `target` is either absent, its old version or the complete copy."""
-    source, target = Path(source), Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    """Copy a file so that `target` is either absent, its old version or the complete copy
+    (written like every other output, with checkpoints.atomic_write)."""
+    def copy(handle: IO[bytes]) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle)
+
+    return atomic_write(target, copy)
 
 
 # ---------------------------------------------------------------------------------------------
