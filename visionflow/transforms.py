@@ -42,11 +42,6 @@ def train_pipeline(image_size: int, mean: Sequence[float], std: Sequence[float])
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def preview_pipeline(image_size: int) -> T.Compose:
-    """PIL image -> float32 (3, S, S) in [0, 1], not normalized: for image grids and previews."""
-    return T.Compose([resize(image_size), T.ToTensor()])
-
-
 # ---------------------------------------------------------------------------------------------
 # Statistics
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.transforms import (CROP_PADDING, BatchTransform, augment_batch, eval_pipeline, mean_std,
-                                   preview_pipeline, resize, train_pipeline)
+from visionflow.transforms import (CROP_PADDING, BatchTransform, augment_batch, eval_pipeline, mean_std, resize,
+                                   train_pipeline)
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -70,8 +70,6 @@ def test_pil_pipelines_output():
     photo = _pil(_images(1, 40)[0]).resize((50, 30))
     assert eval_pipeline(32, MEAN, STD)(photo).shape == (3, 32, 32)
     assert train_pipeline(32, MEAN, STD)(photo).shape == (3, 32, 32)
-    preview = preview_pipeline(32)(photo)
-    assert preview.shape == (3, 32, 32) and 0 <= preview.min() and preview.max() <= 1
 
 
 def _crop_offset(out: torch.Tensor, image: torch.Tensor) -> tuple[int, int] | None:
