@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, get_args
+from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -15,15 +15,13 @@ from torch import Tensor, nn
 
 from visionflow import engine, transforms
 from visionflow.cache import DecodedSplit
-from visionflow.config import TrainingConfig
-from visionflow.errors import ConfigError, DatasetError
+from visionflow.errors import DatasetError
 from visionflow.images import load_rgb, thread_map
 from visionflow.models import ModelSpec
 
 CONFIDENTLY_WRONG_K = 16
 TOP_K = 5
 PER_CLASS_COLUMNS = ["precision", "recall", "f1", "support"]
-PRECISIONS = get_args(TrainingConfig.model_fields["precision"].annotation)  # ("fp32", "bf16")
 
 
 @dataclass
@@ -122,11 +120,6 @@ def report_from_logits(logits: Tensor, labels: Tensor, classes: Sequence[str], f
 # Running a model
 
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"Invalid precision '{precision}'. Choose from: {', '.join(PRECISIONS)}")
-
-
 def check_classes_match(spec: ModelSpec, classes: Sequence[str]) -> None:
     """A dataset's classes must be the model's class_names, in order (label i = class i); else DatasetError."""
     if tuple(classes) != tuple(spec.class_names):
@@ -146,13 +139,12 @@ def _check_split_fits(spec: ModelSpec, decoded: DecodedSplit) -> None:
 
 
 def evaluate_model(model: nn.Module, spec: ModelSpec, decoded: DecodedSplit, device: str = "auto",
-                   batch_size: int = 256, precision: str = "fp32") -> EvalReport:
+                   batch_size: int = 256) -> EvalReport:
     """Evaluate ``model`` (moved to ``device``) on a decoded split, normalized with the spec's mean/std."""
-    _check_precision(precision)
     _check_split_fits(spec, decoded)
     target = engine.resolve_device(device)
     batches = engine.eval_batches(decoded.images, decoded.labels, spec.mean, spec.std, target, batch_size)
-    logits, labels = engine.collect_logits(model.to(target), batches, target, precision)  # (N, C), (N,)
+    logits, labels = engine.collect_logits(model.to(target), batches, target)  # (N, C), (N,)
     return report_from_logits(logits, labels, decoded.classes, decoded.files)
 
 
