@@ -111,7 +111,8 @@ def fingerprint_data(source: DataSource, location: DataLocation) -> DatasetRef:
 
 
 @task(cache_policy=verified_cache("on_invalid", dataset=by_fingerprint,
-                                  modules=("visionflow.validate", "visionflow.reports")))
+                                  modules=("visionflow.validate", "visionflow.reports", "visionflow.images",
+                                           "visionflow.fingerprint", "visionflow.data")))
 def validate_data(dataset: DatasetRef, on_invalid: str, run_dir: str) -> ValidatedData:
     """Validate every image (report: validation.json and CSVs); invalid files are left out."""
     report, clean = validate_dataset(dataset.load(), on_invalid=on_invalid)
@@ -133,7 +134,8 @@ def by_transform(data: DataConfig) -> tuple:
 
 
 @task(cache_policy=verified_cache("seed", dataset=by_fingerprint, validated=by_exclusions, data=by_transform,
-                                  modules=("visionflow.preview", "visionflow.transforms")))
+                                  modules=("visionflow.preview", "visionflow.transforms", "visionflow.images",
+                                           "visionflow.cache", "visionflow.tensorboard", "visionflow.data")))
 def preview_transforms(dataset: DatasetRef, validated: ValidatedData, data: DataConfig, seed: int,
                        run_dir: str) -> PreviewOutput:
     """Render what the model sees (original | eval input | train input) to preview.png and TensorBoard."""

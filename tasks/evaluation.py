@@ -38,7 +38,9 @@ def by_sha256(ref: FileRef) -> str:
 
 
 @task(cache_policy=verified_cache("device", dataset=by_fingerprint, validated=by_exclusions, checkpoint=by_sha256,
-                                  modules=("visionflow.evaluation", "visionflow.checkpoints", "visionflow.reports")))
+                                  modules=("visionflow.evaluation", "visionflow.checkpoints", "visionflow.reports",
+                                           "visionflow.engine", "visionflow.transforms", "visionflow.models",
+                                           "visionflow.cache", "visionflow.tensorboard", "visionflow.images")))
 def evaluate_checkpoint(dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str,
                         data_dir: str, run_dir: str) -> EvalOutput:
     """Evaluate the checkpoint on the eval split: evaluation.json, CSVs, confusion and misclassified images."""

@@ -21,7 +21,7 @@ class ModelInfo(TaskOutput):
     trainable_parameters: int
 
 
-@task(cache_policy=verified_cache("name", "num_classes", "image_size", modules=("visionflow.models",)))
+@task(cache_policy=verified_cache("name", "num_classes", "image_size", modules=("visionflow.models", "visionflow.tensorboard")))
 def describe_model(name: str, num_classes: int, image_size: int, run_dir: str) -> ModelInfo:
     """Build the model to write its layer summary (model.txt) and graph (TensorBoard)."""
     layout = RunLayout(Path(run_dir))

@@ -20,7 +20,7 @@ from visionflow.tensorboard import TensorBoardCallback
 
 LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"  # run-directory-relative, as RunLayout has them
 TRAINING_MODULES = ("visionflow.engine", "visionflow.transforms", "visionflow.models", "visionflow.cache",
-                    "visionflow.checkpoints")
+                    "visionflow.checkpoints", "visionflow.tensorboard")
 
 
 class TrainOutput(TaskOutput):
