@@ -1,14 +1,13 @@
-"""Flow-test fixtures: one temporary Prefect API for the session, tiny data, tiny configs, and
-read-back helpers through the Prefect client.
+"""Flow-test fixtures: tiny data, tiny configs, and read-back helpers through the Prefect client.
 
-The harness is opt-in (`pytestmark = pytest.mark.usefixtures("prefect_harness")`): the
-real-server tests in this folder run their own server and must not see the harness settings.
+Tests opt in to the session's temporary Prefect API (`prefect_harness`, tests/conftest.py) with
+`pytestmark = pytest.mark.usefixtures("prefect_harness")`: the real-server tests in this folder
+run their own server and must not see the harness settings.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
                                            LogFilter, LogFilterFlowRunId)
-from prefect.testing.utilities import prefect_test_harness
 
 from tests.flows.server_fixtures import copy_tiny_dataset
 from visionflow.config import PipelineConfig, load_config
@@ -25,12 +23,6 @@ TINY_CLASSES = ("airplane", "automobile", "cat", "ship")
 HEAVY_TASKS = ("download_dataset", "validate_data", "preview_transforms", "describe_model", "train_model",
                "evaluate_checkpoint", "export_checkpoint")
 FINAL_STATES = {"Completed", "Cached", "Failed", "Crashed", "Cancelled"}
-
-
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,9 @@
-"""Task-layer fixtures: one temporary Prefect API (SQLite in a temp dir) for the whole session.
-
-Session scope because starting the ephemeral server costs seconds; every test in tests/tasks
-shares it, so tests must filter what they read back (by artifact key, flow run id, ...).
-"""
-
-from collections.abc import Iterator
+"""Task-layer fixtures: every test here runs against the session's temporary Prefect API
+(tests/conftest.py), so tests must filter what they read back (by artifact key, flow run id, ...)."""
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 
-@pytest.fixture(scope="session", autouse=True)
-def prefect_harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+@pytest.fixture(autouse=True)
+def _prefect_api(prefect_harness: None) -> None:
+    """Use the session's harness in every task-layer test."""
