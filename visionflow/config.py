@@ -5,6 +5,7 @@ saved resolved into every checkpoint and manifest, and bad values are rejected n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,6 +124,17 @@ RECIPES: dict[str, dict[str, Any]] = {
                      scheduler="none", step_size=30, gamma=0.1, label_smoothing=0.0,
                      grad_clip=0.0, augment=False),
 }
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys: {'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _format_validation_error(err: ValidationError) -> str:

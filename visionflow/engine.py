@@ -31,7 +31,7 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LRScheduler,
 from torch.utils.data import DataLoader, Sampler, SequentialSampler, TensorDataset
 
 from visionflow import checkpoints
-from visionflow.config import DataConfig, OptimConfig, PipelineConfig
+from visionflow.config import DataConfig, OptimConfig, PipelineConfig, flatten
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.models import ModelSpec
 from visionflow.transforms import BatchTransform, mean_std
@@ -530,16 +530,9 @@ def _checkpoint(state: _FitState, model: nn.Module, optimizer: Optimizer, schedu
     }
 
 
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
-
-
 def _check_resumable(stored: dict, config: PipelineConfig, path: Path, device: torch.device) -> None:
     """Resuming must continue the same computation: same config (up to free fields), same device type."""
-    before, now = _flatten(stored["config"]), _flatten(config.model_dump(mode="json"))
+    before, now = flatten(stored["config"]), flatten(config.model_dump(mode="json"))
     changed = [k for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k) and not k.startswith(_RESUME_FREE_FIELDS)]
     if changed:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from visionflow.checkpoints import atomic_write_bytes, atomic_write_text
+from visionflow.config import flatten
 from visionflow.images import load_rgb
 from visionflow.runs import RunLayout, runs_root
 
@@ -144,16 +145,6 @@ def _format_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _cell(text: str) -> str:
     # A pipe would end the markdown cell early; a newline would end the row.
     return text.replace("|", "\\|").replace("\n", " ")
@@ -171,7 +162,7 @@ def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
 
 
 def _key_value_table(values: Mapping[str, Any]) -> str:
-    rows = [f"| {_cell(key)} | {_cell(_format_value(key, value))} |" for key, value in _flatten(values).items()]
+    rows = [f"| {_cell(key)} | {_cell(_format_value(key, value))} |" for key, value in flatten(values).items()]
     return "\n".join(["| | |", "|---|---|", *rows])
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from visionflow.config import flatten
 from visionflow.engine import Callback, EpochMetrics, FitResult, FitStart
 from visionflow.reports import render_confusion_matrix
 
@@ -112,11 +113,8 @@ def flatten_hparams(values: Mapping[str, Any], prefix: str = "") -> dict[str, bo
     lists become strings (the HPARAMS tab shows numbers, strings and booleans only) and None
     values are left out (an unset field has no value to compare)."""
     flat: dict[str, bool | int | float | str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_hparams(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
+    for name, value in flatten(values, prefix).items():
+        if isinstance(value, (bool, int, float, str)):
             flat[name] = value
         elif isinstance(value, (list, tuple)):
             flat[name] = str(list(value))
