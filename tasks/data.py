@@ -23,7 +23,7 @@ from visionflow.preview import write_preview
 from visionflow.reports import write_validation_csvs
 from visionflow.runs import RunLayout
 from visionflow.tensorboard import log_image
-from visionflow.transforms import mean_std
+from visionflow.transforms import fill_mean_std
 from visionflow.validate import validate_dataset
 
 
@@ -143,8 +143,8 @@ def preview_transforms(dataset: DatasetRef, validated: ValidatedData, data: Data
     train = validated.apply(dataset.load()).train
     mean, std = data.mean, data.std
     if mean is None or std is None:  # the train split's statistics, as fit() computes them
-        computed = mean_std(load_decoded(train, data.image_size, Path(data.data_dir) / "cache").images)
-        mean, std = mean or computed[0], std or computed[1]
+        decoded = load_decoded(train, data.image_size, Path(data.data_dir) / "cache")
+        mean, std = fill_mean_std(mean, std, decoded.images)
     _, image = write_preview(layout.preview, train, data.image_size, mean, std, bool(data.augment), seed)
     with created_files(run_dir, layout.tensorboard) as events:
         log_image(layout.tensorboard, "data/transform_preview", image)

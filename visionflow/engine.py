@@ -34,7 +34,7 @@ from visionflow import checkpoints
 from visionflow.config import DataConfig, OptimConfig, PipelineConfig, flatten
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.models import ModelSpec
-from visionflow.transforms import BatchTransform, mean_std
+from visionflow.transforms import BatchTransform, fill_mean_std
 
 DEVICE_NAMES = "auto, cpu, mps, cuda, cuda:N"
 MONITOR_MODES = {"eval_accuracy": "max", "eval_loss": "min"}
@@ -545,11 +545,8 @@ def _check_resumable(stored: dict, config: PipelineConfig, path: Path, device: t
 
 def _with_normalization(config: PipelineConfig, train_images: Tensor) -> PipelineConfig:
     """Fill data.mean/std left empty with the train split's statistics (recorded in the resolved config)."""
-    data = config.data
-    if data.mean is not None and data.std is not None:
-        return config
-    mean, std = mean_std(train_images)
-    data = DataConfig(**{**data.model_dump(), "mean": data.mean or mean, "std": data.std or std})
+    mean, std = fill_mean_std(config.data.mean, config.data.std, train_images)
+    data = DataConfig(**{**config.data.model_dump(), "mean": mean, "std": std})
     return config.model_copy(update={"data": data})
 
 
