@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from visionflow.data import Split
 from visionflow.errors import DatasetError
 from visionflow.images import load_rgb
-from visionflow.reports import write_png
+from visionflow.reports import BLACK, WHITE, default_font, fit_to_tile, write_png
 from visionflow.transforms import BatchTransform, eval_pipeline, resize
 
 PREVIEW_COUNT = 8
@@ -28,9 +28,6 @@ MAX_TILE = 128  # display pixels per picture; small inputs are enlarged up to th
 MIN_TILE = 96
 LABEL_WIDTH = 96
 HEADER_HEIGHT = 20
-FONT_SIZE = 12
-WHITE = (255, 255, 255)
-BLACK = (0, 0, 0)
 
 
 def preview_indices(split: Split, count: int = PREVIEW_COUNT, seed: int = 0) -> list[int]:
@@ -51,9 +48,7 @@ def _to_pixels(normalized: torch.Tensor, mean: Sequence[float], std: Sequence[fl
 def _tile(picture: Image.Image, tile: int, pixelated: bool) -> Image.Image:
     """``picture`` scaled to fit a ``tile`` square, keeping its aspect ratio; nearest-neighbour
     for model inputs so each input pixel stays a visible block."""
-    scale = tile / max(picture.size)
-    size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
-    return picture.resize(size, Image.Resampling.NEAREST if pixelated else Image.Resampling.LANCZOS)
+    return fit_to_tile(picture, tile, Image.Resampling.NEAREST if pixelated else Image.Resampling.LANCZOS)
 
 
 def build_preview(split: Split, image_size: int, mean: Sequence[float], std: Sequence[float], augment: bool,
@@ -79,7 +74,7 @@ def build_preview(split: Split, image_size: int, mean: Sequence[float], std: Seq
     cell = tile + 8
     grid = Image.new("RGB", (LABEL_WIDTH + cell * len(titles), HEADER_HEIGHT + cell * len(indices)), WHITE)
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default(size=FONT_SIZE)
+    font = default_font()
     for col, title in enumerate(titles):
         draw.text((LABEL_WIDTH + col * cell + cell / 2, HEADER_HEIGHT / 2), title, font=font, anchor="mm", fill=BLACK)
     for row, (index, original) in enumerate(zip(indices, originals)):

@@ -31,9 +31,15 @@ MAX_LISTED = 10  # list items (classes, issues) shown in markdown before "... an
 CELL_DARK = np.array([8, 48, 107], dtype=np.float64)
 
 
-def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    # Pillow's bundled default font: no font file needed on the machine.
+def default_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's bundled default font at FONT_SIZE: no font file needed on the machine."""
     return ImageFont.load_default(size=FONT_SIZE)
+
+
+def fit_to_tile(picture: Image.Image, tile: int, resample: Image.Resampling) -> Image.Image:
+    """``picture`` scaled to fit a ``tile`` x ``tile`` square, keeping its aspect ratio."""
+    scale = tile / max(picture.size)
+    return picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), resample)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +250,7 @@ def render_confusion_matrix(matrix: np.ndarray | torch.Tensor | Sequence[Sequenc
     readable as common ones; each cell shows its count when the cell is big enough."""
     counts = _square_matrix(matrix, classes)
     num_classes = len(classes)
-    font = _font()
+    font = default_font()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     # Cells shrink with more classes so the figure stays around 600 px wide.
     cell = int(np.clip(600 // max(num_classes, 1), 14, 48))
@@ -288,7 +294,7 @@ def render_misclassified(examples: Sequence[Mapping[str, Any]], root: Path | str
     """A grid of the most confidently wrong examples (``EvalReport.confidently_wrong``: dicts
     with ``file``, ``true``, ``predicted``, ``probability``), each captioned with its true and
     predicted class. Relative ``file`` paths are resolved against ``root``."""
-    font = _font()
+    font = default_font()
     line = FONT_SIZE + 4
     caption_height = 2 * line + 4
     if not examples:
@@ -305,10 +311,7 @@ def render_misclassified(examples: Sequence[Mapping[str, Any]], root: Path | str
         if root is not None and not path.is_absolute():
             path = Path(root) / path
         picture = load_rgb(path)
-        # Scale to the tile, keeping the aspect ratio (CIFAR's 32 px images are upscaled 3x).
-        scale = tile / max(picture.size)
-        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
-                                 Image.Resampling.BICUBIC)
+        picture = fit_to_tile(picture, tile, Image.Resampling.BICUBIC)  # CIFAR's 32 px: upscaled 3x
         x0, y0 = (index % columns) * cell_width + 4, (index // columns) * cell_height + 4
         image.paste(picture, (x0 + (tile - picture.width) // 2, y0 + (tile - picture.height) // 2))
         true_text = _fit_text(draw, f"true: {example['true']}", font, tile)
