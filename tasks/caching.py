@@ -34,8 +34,7 @@ from prefect.locking.protocol import LockManager
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel, ConfigDict
 
-from visionflow.fingerprint import file_sha256
-from visionflow.runs import copy_atomic
+from visionflow.fileio import copy_atomic, file_sha256
 
 RESULTS_SUBDIR = ".prefect-results"
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.caching import TaskOutput, created_files, outputs_in, verified_cache
 from visionflow.cache import load_decoded
-from visionflow.checkpoints import atomic_write_json
+from visionflow.fileio import atomic_write_json
 from visionflow.config import DataConfig
 from visionflow.data import DatasetInfo, resolve_dataset, resolve_folder
 from visionflow.fingerprint import fingerprint_dataset

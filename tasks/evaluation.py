@@ -10,7 +10,8 @@ from prefect import get_run_logger, task
 from tasks.caching import FileRef, TaskOutput, created_files, outputs_in, verified_cache
 from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
 from visionflow.cache import load_decoded
-from visionflow.checkpoints import atomic_write_json, export_model, load_model
+from visionflow.checkpoints import export_model, load_model
+from visionflow.fileio import atomic_write_json
 from visionflow.evaluation import evaluate_model
 from visionflow.reports import render_misclassified, write_evaluation_csvs, write_png
 from visionflow.runs import RunLayout

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from tasks.caching import TaskOutput, created_files, outputs_in, verified_cache
-from visionflow.checkpoints import atomic_write_text
+from visionflow.fileio import atomic_write_text
 from visionflow.models import build_model, summarize
 from visionflow.runs import RunLayout
 from visionflow.tensorboard import log_model_graph

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionflow.checkpoints import atomic_write
+from visionflow.fileio import atomic_write
 from visionflow.data import Split
 from visionflow.fingerprint import fingerprint_split
 from visionflow.images import load_rgb, thread_map
@@ -99,7 +99,7 @@ def _read(path: Path, split: Split, image_size: int, fingerprint: str) -> Decode
 
 
 def _write(path: Path, decoded: DecodedSplit) -> None:
-    """Atomic write (checkpoints.atomic_write: a unique temp file, so concurrent writers of the
+    """Atomic write (fileio.atomic_write: a unique temp file, so concurrent writers of the
     same key never share one); readers see the old file or the complete new one."""
     payload = {
         "format": _FORMAT, "fingerprint": decoded.fingerprint, "images": decoded.images,

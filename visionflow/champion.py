@@ -27,30 +27,27 @@ Decisions:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from visionflow.cache import load_decoded
-from visionflow.checkpoints import EXPORT_SPEC, EXPORT_WEIGHTS, atomic_write_bytes, atomic_write_json, load_model
+from visionflow.checkpoints import EXPORT_SPEC, EXPORT_WEIGHTS, load_model
+from visionflow.config import MONITOR_MODES, is_improvement
 from visionflow.data import Split
 from visionflow.errors import CheckpointError, ConfigError
 from visionflow.evaluation import EvalReport, check_classes_match, evaluate_model
+from visionflow.fileio import atomic_write_bytes, atomic_write_json, locked
 from visionflow.runs import MANIFEST_NAME, RunLayout, read_manifest, write_manifest
 
 MODELS_SUBDIR = "models"
 DECISION = "decision.json"
 KEEP_PREVIOUS = 2
-# training.monitor -> (EvalReport field, higher is better)
-METRICS: dict[str, tuple[str, bool]] = {"eval_accuracy": ("accuracy", True), "eval_loss": ("loss", False)}
 
 
 @dataclass(frozen=True)
@@ -128,10 +125,10 @@ def _read_json(path: Path, expected: str) -> dict[str, Any]:
 
 
 def metric_direction(metric: str) -> tuple[str, bool]:
-    """(EvalReport field, higher is better) of a training.monitor name."""
-    if metric not in METRICS:
-        raise ConfigError(f"Invalid champion metric '{metric}'. Choose from: {', '.join(sorted(METRICS))}")
-    return METRICS[metric]
+    """(EvalReport field, higher is better) of a training.monitor name (config.MONITOR_MODES)."""
+    if metric not in MONITOR_MODES:
+        raise ConfigError(f"Invalid champion metric '{metric}'. Choose from: {', '.join(sorted(MONITOR_MODES))}")
+    return metric.removeprefix("eval_"), MONITOR_MODES[metric] == "max"
 
 
 def read_champion(output_dir: Path | str, slot: str) -> Champion | None:
@@ -187,8 +184,8 @@ def champion_report_markdown(champion: Champion, report: EvalReport, split_name:
 
 def _should_promote(challenger: float, champion: float, metric: str) -> bool:
     """At least as good: >= for a higher-is-better metric, <= for a lower-is-better one."""
-    _, higher_is_better = metric_direction(metric)
-    return challenger >= champion if higher_is_better else challenger <= champion
+    metric_direction(metric)  # an unknown metric is a ConfigError naming the champion
+    return is_improvement(challenger, champion, metric, ties=True)
 
 
 def _reason(challenger: float, champion: float | None, metric: str, promoted: bool, same_weights: bool) -> str:
@@ -216,17 +213,6 @@ def decide(slot: str, metric: str, challenger_run: str, challenger_score: float,
         champion_weights_sha256=champion.weights_sha256 if champion else None,
         eval_split=eval_split.name, eval_images=len(eval_split),
         decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-
-@contextmanager
-def _slot_lock(output_dir: Path | str, slot: str) -> Iterator[None]:
-    """Exclusive lock on a slot from reading the champion to swapping it: two runs challenging
-    one slot at once (nightly and on-demand) queue, and the second is judged against the first."""
-    path = Path(output_dir) / MODELS_SUBDIR / f".{slot}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, also if the process dies
-        yield
 
 
 def _prune(versions: Path, current: str) -> None:
@@ -274,7 +260,9 @@ def challenge(run_dir: Path | str, slot: str, metric: str, eval_split: Split, ou
         raise CheckpointError(f"Manifest '{layout.manifest}' has no metrics.{metric}: found {', '.join(sorted(metrics)) or 'none'}")
     challenger_sha = str(spec["weights_sha256"])
     field, _ = metric_direction(metric)
-    with _slot_lock(output_dir, slot):
+    # One challenger per slot from reading the champion to swapping it: two runs challenging one
+    # slot at once (nightly and on-demand) queue, and the second is judged against the first.
+    with locked(Path(output_dir) / MODELS_SUBDIR / f".{slot}.lock"):
         champion = read_champion(output_dir, slot)
         champion_score = (float(getattr(evaluate_export(champion.path, eval_split, cache_dir, device), field))
                           if champion is not None and champion.weights_sha256 != challenger_sha else None)

@@ -1,7 +1,7 @@
-"""Checkpoints and exports: atomic writes, safe (weights-only) loading, and model rebuilding.
+"""Checkpoints and exports: safe (weights-only) loading and model rebuilding.
 
-Every write goes to a temporary file in the destination folder, is flushed and fsynced, then
-renamed over the target, so a crash at any moment leaves the previous file intact. Every read
+Every write is atomic (``fileio.atomic_write``): a crash at any moment leaves the previous file
+intact. Every read
 of a ``.pt`` file uses ``torch.load(weights_only=True)``: a file that would run code on
 unpickling is refused with ``CheckpointError`` before anything in it executes. The only
 exception is ``load_whole_module``, which demands an explicit ``trust=True``.
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from visionflow.errors import CheckpointError, VisionflowError
+from visionflow.fileio import atomic_write, atomic_write_bytes, atomic_write_json
 from visionflow.models import ModelSpec
 
 FORMAT_VERSION = 1
@@ -30,6 +31,8 @@ TRAINING_KEYS = frozenset({
     "format_version", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng",
     "config", "spec", "metrics", "history", "best_metric", "best_epoch",
 })
+LAST_CHECKPOINT = "last.pt"  # rewritten every epoch
+BEST_CHECKPOINT = "best.pt"  # rewritten when the monitored metric improves
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_SPEC = "model.json"
 EXPECTED_MODEL_FILE = "a training checkpoint (.pt), an export folder, or a .safetensors file beside its .json spec"
@@ -38,54 +41,6 @@ EXPECTED_MODEL_FILE = "a training checkpoint (.pt), an export folder, or a .safe
 _SAFE_LEAF_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 _SAFE_CONTAINER_TYPES = (dict, OrderedDict, list, tuple)
 _MAX_LISTED_KEYS = 5
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename: the directory entry itself must reach the disk (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync it, and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (readers see the old file or the new one, never a part)."""
-    return atomic_write(path, lambda handle: handle.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ from visionflow.errors import ConfigError
 
 Optimizer = Literal["sgd", "adam", "adamw"]
 Scheduler = Literal["none", "step", "cosine", "onecycle"]
+Monitor = Literal["eval_accuracy", "eval_loss"]
+# training.monitor -> whether a higher ("max") or a lower ("min") value is better: the one table.
+MONITOR_MODES: dict[str, Literal["max", "min"]] = {"eval_accuracy": "max", "eval_loss": "min"}
 
 
 class _Section(BaseModel):
@@ -80,7 +83,7 @@ class TrainingConfig(_Section):
     channels_last: bool = Field(False, description="Use channels_last memory format (faster convolutions on recent GPUs).")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     seed: int = Field(0, ge=0, description="One seed for Python, NumPy, torch, shuffling and workers.")
-    monitor: Literal["eval_accuracy", "eval_loss"] = Field("eval_accuracy", description="Metric that picks the best checkpoint and drives early stopping.")
+    monitor: Monitor = Field("eval_accuracy", description="Metric that picks the best checkpoint and drives early stopping.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many epochs without improvement; None = never.")
 
 
@@ -124,6 +127,16 @@ RECIPES: dict[str, dict[str, Any]] = {
                      scheduler="none", step_size=30, gamma=0.1, label_smoothing=0.0,
                      grad_clip=0.0, augment=False),
 }
+
+
+def is_improvement(value: float, reference: float | None, monitor: str, *, ties: bool = False) -> bool:
+    """Whether ``value`` of metric ``monitor`` beats ``reference`` (None: nothing to beat yet);
+    ``ties`` counts an equal value as an improvement."""
+    if monitor not in MONITOR_MODES:
+        raise ConfigError(f"Invalid metric '{monitor}'. Choose from: {', '.join(sorted(MONITOR_MODES))}")
+    if reference is None or (ties and value == reference):
+        return True
+    return value > reference if MONITOR_MODES[monitor] == "max" else value < reference
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

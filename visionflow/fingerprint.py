@@ -11,21 +11,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from visionflow.data import DatasetInfo, Split
+from visionflow.fileio import file_sha256
 from visionflow.images import thread_map
-
-
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: Path | str) -> str:
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    # Unbuffered reads of up to 1 MiB: a small file costs one read. (hashlib.file_digest zero-fills
-    # a fresh 256 KiB buffer per call, which dominates for 60,000 files of a few KiB.)
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fingerprint_from_digests(split: Split, digests: Sequence[str]) -> str:

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from visionflow.checkpoints import atomic_write_bytes, atomic_write_text
+from visionflow.fileio import atomic_write_bytes, atomic_write_text
 from visionflow.config import flatten
 from visionflow.images import load_rgb
 from visionflow.runs import RunLayout, runs_root

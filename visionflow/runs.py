@@ -12,15 +12,14 @@ import json
 import platform
 import re
 import secrets
-import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from visionflow.checkpoints import atomic_write, atomic_write_json
+from visionflow.fileio import atomic_write_json
 from visionflow.config import PipelineConfig, build_config
 from visionflow.errors import ConfigError, DatasetError
 
@@ -138,16 +137,6 @@ def _status_of(layout: RunLayout) -> str | None:
         return json.loads(layout.manifest.read_text()).get("status")
     except (OSError, ValueError):
         return None
-
-
-def copy_atomic(source: Path | str, target: Path | str) -> Path:
-    """Copy a file so that `target` is either absent, its old version or the complete copy
-    (written like every other output, with checkpoints.atomic_write)."""
-    def copy(handle: IO[bytes]) -> None:
-        with open(source, "rb") as original:
-            shutil.copyfileobj(original, handle)
-
-    return atomic_write(target, copy)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from typing import Any
 
 from visionflow.data import DatasetInfo, Split
 from visionflow.errors import ConfigError, DatasetError
-from visionflow.fingerprint import combine_fingerprints, file_sha256, fingerprint_from_digests
+from visionflow.fileio import file_sha256
+from visionflow.fingerprint import combine_fingerprints, fingerprint_from_digests
 from visionflow.images import UnreadableImage, is_image_file, open_image, thread_map, to_rgb
 
 ON_INVALID = ("skip", "fail")

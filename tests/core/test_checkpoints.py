@@ -13,11 +13,12 @@ import torch
 
 from visionflow import checkpoints
 from visionflow.checkpoints import (
-    FORMAT_VERSION, TRAINING_KEYS, atomic_write_json, atomic_write_text, export_model, load_checkpoint,
+    FORMAT_VERSION, TRAINING_KEYS, export_model, load_checkpoint,
     load_model, load_state_dict, load_whole_module, save_checkpoint, save_state_dict, save_whole_module,
     weights_sha256,
 )
 from visionflow.errors import CheckpointError
+from visionflow.fileio import atomic_write_json, atomic_write_text
 from visionflow.models import ModelSpec
 
 CLASSES = ["cat", "dog", "frog"]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from visionflow.data import resolve_folder
-from visionflow.fingerprint import file_sha256, fingerprint_dataset, fingerprint_split
+from visionflow.fileio import file_sha256
+from visionflow.fingerprint import fingerprint_dataset, fingerprint_split
 
 
 def fingerprints(root: Path) -> tuple[str, str]:

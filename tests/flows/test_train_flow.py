@@ -20,7 +20,7 @@ from tasks.artifacts import ARTIFACT_KEYS
 from tests.flows.conftest import HEAVY_TASKS, artifact_keys, log_messages, run_dir_of, task_states, tiny_config
 from visionflow.config import RECIPES
 from visionflow.errors import DatasetError
-from visionflow.fingerprint import file_sha256
+from visionflow.fileio import file_sha256
 from visionflow.runs import list_runs
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(300)]

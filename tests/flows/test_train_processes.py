@@ -19,7 +19,7 @@ from flows.train import train_pipeline
 from tasks.caching import FlockLockManager
 from tests.conftest import REPO
 from tests.flows.conftest import HEAVY_TASKS, tiny_config
-from visionflow.fingerprint import file_sha256
+from visionflow.fileio import file_sha256
 from visionflow.runs import list_runs, read_manifest
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(300)]
