@@ -36,12 +36,6 @@ def eval_pipeline(image_size: int, mean: Sequence[float], std: Sequence[float]) 
     return T.Compose([resize(image_size), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def train_pipeline(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """Per-image PIL form of the training augmentation, for file-backed loaders (the tutorial's style)."""
-    return T.Compose([resize(image_size), T.RandomCrop(image_size, padding=CROP_PADDING),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-
-
 # ---------------------------------------------------------------------------------------------
 # Statistics
 

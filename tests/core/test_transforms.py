@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.transforms import (CROP_PADDING, BatchTransform, augment_batch, eval_pipeline, mean_std, resize,
-                                   train_pipeline)
+from visionflow.transforms import CROP_PADDING, BatchTransform, augment_batch, eval_pipeline, mean_std, resize
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -69,7 +68,6 @@ def test_resize_matches_the_decoded_cache():
 def test_pil_pipelines_output():
     photo = _pil(_images(1, 40)[0]).resize((50, 30))
     assert eval_pipeline(32, MEAN, STD)(photo).shape == (3, 32, 32)
-    assert train_pipeline(32, MEAN, STD)(photo).shape == (3, 32, 32)
 
 
 def _crop_offset(out: torch.Tensor, image: torch.Tensor) -> tuple[int, int] | None:
