@@ -46,7 +46,10 @@ from visionflow import engine  # noqa: E402
 from visionflow.cache import DecodedSplit, load_decoded  # noqa: E402
 from visionflow.config import PipelineConfig, build_config  # noqa: E402
 from visionflow.data import resolve_dataset  # noqa: E402
+from visionflow.device import autocast  # noqa: E402
 from visionflow.models import ModelSpec, build_model  # noqa: E402
+from visionflow.optim import build_optimizer  # noqa: E402
+from visionflow.rng import seed_everything  # noqa: E402
 from visionflow.transforms import BatchTransform, mean_std  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cifar10-mini"
@@ -112,7 +115,7 @@ class Engine:
         self.train, self.val = _subset(train, SLICE_BATCHES * BATCH), _subset(val, BATCH)
 
     def images_per_second(self) -> float:
-        engine.seed_everything(0)
+        seed_everything(0)
         model = build_model(MODEL, len(self.train.classes))
         return engine.fit(model, self.train, self.val, _config(2), _spec(self.train)).history[-1].images_per_second
 
@@ -128,13 +131,13 @@ class Ceiling:
         self.batches = [(prepare(x), y) for x, y in zip(subset.images.split(BATCH), subset.labels.split(BATCH))]
         layout = torch.channels_last if CHANNELS_LAST else torch.contiguous_format
         self.model = build_model(MODEL, len(train.classes)).to(memory_format=layout)
-        self.optimizer = engine.build_optimizer(self.model, config.optim)
+        self.optimizer = build_optimizer(self.model, config.optim)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
 
     def images_per_second(self) -> float:
         start = time.perf_counter()
         for inputs, labels in self.batches:
-            with engine.autocast(torch.device("cpu"), PRECISION):
+            with autocast(torch.device("cpu"), PRECISION):
                 loss = self.loss_fn(self.model(inputs), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -149,7 +152,7 @@ def peak_rss_child() -> None:
     big = SimpleNamespace(images=train.images.repeat(repeats, 1, 1, 1)[:RSS_IMAGES],  # (50000, 3, 32, 32) uint8
                           labels=train.labels.repeat(repeats)[:RSS_IMAGES], classes=train.classes)
     del train
-    engine.seed_everything(0)
+    seed_everything(0)
     result = engine.fit(build_model(MODEL, len(big.classes)), big, val, _config(1), _spec(big))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     print(json.dumps({"peak_rss_mb": peak_mb, "images": len(big.labels),

@@ -1,294 +1,45 @@
-"""Training engine: device and seeding, batch loading, and the building blocks `train_one_epoch`,
-`evaluate`, `collect_logits` and `fit` (the torchvision references' layout), with callbacks,
-progress and resumable checkpoints. No Prefect here: flows observe training through `Callback`.
+"""Training engine: the building blocks `train_one_epoch`, `evaluate`, `collect_logits` and `fit`
+(the torchvision references' layout), with callbacks, progress and resumable checkpoints. No
+Prefect here: flows observe training through `Callback`.
 
-Data path. `fit` takes decoded splits (uint8 (N, 3, H, W) tensors). By default the whole split
-is moved to the training device once, each epoch draws a permutation from the seeded shuffle
-generator and slices batches from it, and augmentation + normalization run batch-wise on the
-device. A custom `sampler` or `collate_fn` switches to a real torch DataLoader over a
-TensorDataset (the tutorial's knobs); with the default collate it yields the very same batches.
-
-Schedules are stepped once per optimizer step (batch), including `step` (its step_size is in
-epochs, converted to batches), so every schedule resumes exactly from its saved state.
+`fit` takes decoded splits (uint8 (N, 3, H, W) tensors) and builds the run from the core
+modules: the device and precision (`visionflow.device`), the seeded random streams
+(`visionflow.rng`), on-device batches (`visionflow.loaders`) and the optimizer and per-batch
+schedule (`visionflow.optim`). A custom `sampler` or `collate_fn` switches to a real torch
+DataLoader over a TensorDataset (see `visionflow.loaders.make_loader`).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterable, Sequence, TextIO
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LRScheduler, OneCycleLR, StepLR
-from torch.utils.data import DataLoader, Sampler, SequentialSampler, TensorDataset
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import Sampler
 
 from visionflow import checkpoints
-from visionflow.config import DataConfig, OptimConfig, PipelineConfig, flatten
+from visionflow.config import DataConfig, PipelineConfig, flatten
+from visionflow.device import autocast, resolve_device
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
+from visionflow.loaders import Batches, eval_batches, make_loader
 from visionflow.models import ModelSpec
+from visionflow.optim import build_optimizer, build_scheduler
+from visionflow.rng import Generators, restore_rng_state, rng_state
 from visionflow.transforms import BatchTransform, fill_mean_std
 
-DEVICE_NAMES = "auto, cpu, mps, cuda, cuda:N"
 MONITOR_MODES = {"eval_accuracy": "max", "eval_loss": "min"}
 # Config fields that may differ between a checkpoint and the run resuming it: they change where
 # things are written or how fast it runs, not the numbers.
 _RESUME_FREE_FIELDS = ("output.", "data.data_dir", "data.num_workers", "training.device", "training.compile")
 _PROGRESS_INTERVAL = 0.25  # seconds between progress-bar redraws (each redraw is one device sync)
-
-# ---------------------------------------------------------------------------------------------
-# Device, precision, seeding
-
-
-def _mps_available() -> bool:
-    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` -> cuda, then mps, then cpu; `cpu`, `mps`, `cuda`, `cuda:N` -> that device or DeviceError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "mps", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
-        raise DeviceError(f"Invalid device '{name}'. Choose from: {DEVICE_NAMES}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"Device '{name}' requested but CUDA is not available on this machine: use device 'auto' or 'cpu'")
-    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise DeviceError(f"Device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if kind == "mps" and not _mps_available():
-        raise DeviceError(f"Device '{name}' requested but MPS (Apple GPU) is not available on this machine: use device 'auto' or 'cpu'")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """bf16 autocast on `device` for precision 'bf16'; a disabled context for 'fp32'."""
-    # bf16 keeps fp32's exponent range, so no GradScaler (loss scaling) is needed.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch (every device) from `seed`; return a CPU generator seeded with it.
-
-    Call it before building the model so the initial weights are reproducible too.
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-@dataclass
-class Generators:
-    """A run's random streams, all derived from the one seed and saved in every checkpoint."""
-
-    shuffle: torch.Generator  # CPU: per-epoch permutations (fast path and DataLoader path alike)
-    augment: torch.Generator  # on the training device: crop offsets and flips
-    workers: torch.Generator  # CPU: DataLoader worker base seeds
-
-    @classmethod
-    def seeded(cls, seed: int, device: torch.device) -> "Generators":
-        """`seed_everything(seed)`, then the three streams at fixed offsets from `seed`."""
-        return cls(shuffle=seed_everything(seed),
-                   augment=torch.Generator(device).manual_seed(seed + 1),
-                   workers=torch.Generator().manual_seed(seed + 2))
-
-
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: Python and NumPy follow the worker's torch seed (base seed + id)."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def rng_state(generators: Generators) -> dict[str, Any]:
-    """Every random state of the run as tensors and plain Python values (weights_only-loadable)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "shuffle": generators.shuffle.get_state(),
-        "augment": generators.augment.get_state(),
-        "augment_device": generators.augment.device.type,
-        "workers": generators.workers.get_state(),
-    }
-
-
-def restore_rng_state(state: dict[str, Any], generators: Generators) -> None:
-    """Inverse of `rng_state`."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generators.shuffle.set_state(state["shuffle"])
-    generators.augment.set_state(state["augment"])
-    generators.workers.set_state(state["workers"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-
-
-def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """Copy to `device`; through pinned memory with an async copy when it is a CUDA device."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-class DeviceLoader:
-    """The fast path: a whole split resident on one device, sliced into (uint8 images, labels) batches.
-
-    Each pass draws one fresh permutation from `generator` (when shuffling), like
-    PermutationSampler, so a DataLoader over the same data yields the same batches.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False,
-                 drop_last: bool = False, generator: torch.Generator | None = None):
-        self.images, self.labels = images, labels  # (N, 3, H, W) uint8, (N,) int64, same device
-        self.batch_size, self.shuffle, self.drop_last, self.generator = batch_size, shuffle, drop_last, generator
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator).to(self.labels.device) if self.shuffle else None
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            if order is None:
-                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
-            else:
-                index = order[start:start + self.batch_size]  # (B,)
-                yield self.images[index], self.labels[index]
-
-
-class PermutationSampler(Sampler[int]):
-    """One fresh permutation of range(n) per pass, drawn like DeviceLoader's. (RandomSampler draws
-    an extra, unused permutation at the end of every pass, which would desynchronize the paths.)"""
-
-    def __init__(self, n: int, generator: torch.Generator):
-        self.n, self.generator = n, generator
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(torch.randperm(self.n, generator=self.generator).tolist())
-
-
-class Batches:
-    """Model-ready batches: (uint8 images, labels) from `source`, moved to `device`, then `transform`ed."""
-
-    def __init__(self, source: Iterable[tuple[Tensor, Tensor]], device: torch.device,
-                 transform: Callable[[Tensor], Tensor]):
-        self.source, self.device, self.transform = source, device, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in self.source:
-            images = images.to(self.device, non_blocking=True)  # no-op on the fast path
-            yield self.transform(images), labels.to(self.device, non_blocking=True)
-
-
-def make_loader(images: Tensor, labels: Tensor, batch_size: int, device: torch.device, *,
-                shuffle: bool = False, drop_last: bool = False, generators: Generators | None = None,
-                num_workers: int = 0, sampler: Sampler | None = None,
-                collate_fn: Callable | None = None) -> Iterable[tuple[Tensor, Tensor]]:
-    """(uint8 images, labels) batches of a decoded split: the on-device fast path by default.
-
-    A `sampler` or `collate_fn` gets a torch DataLoader over a TensorDataset instead, honouring
-    batch_size, shuffle (ignored when a sampler is given), num_workers and drop_last, with worker
-    seeds drawn from `generators.workers`. `collate_fn` must return (uint8 (B, 3, H, W), (B,) labels).
-    """
-    if shuffle and generators is None:
-        raise ValueError("make_loader(shuffle=True) needs the run's generators for a reproducible order")
-    shuffle_gen = generators.shuffle if generators is not None else None
-    if sampler is None and collate_fn is None:
-        return DeviceLoader(_to_device(images, device), _to_device(labels, device), batch_size,
-                            shuffle, drop_last, shuffle_gen)
-    dataset = TensorDataset(images, labels)
-    if sampler is None:
-        sampler = PermutationSampler(len(dataset), shuffle_gen) if shuffle else SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=num_workers, collate_fn=collate_fn, worker_init_fn=_seed_worker,
-                      generator=generators.workers if generators is not None else None,
-                      pin_memory=device.type == "cuda")
-
-
-def eval_batches(images: Tensor, labels: Tensor, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device, batch_size: int = 256, channels_last: bool = False) -> Batches:
-    """Normalized float batches of a decoded split in order, for `evaluate` and `collect_logits`."""
-    loader = make_loader(images, labels, batch_size, device)
-    return Batches(loader, device, BatchTransform(mean, std, device, channels_last=channels_last))
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizers, schedules
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weight matrices and kernels only: decaying biases and norm gains just hurts (nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], Optimizer]] = {
-    "sgd": lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov),
-    "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.lr),
-    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.lr),
-}
-
-# (optimizer, optim config, total steps, steps per epoch) -> a scheduler stepped once per batch.
-SCHEDULERS: dict[str, Callable[[Optimizer, OptimConfig, int, int], LRScheduler]] = {
-    "none": lambda opt, o, total, per_epoch: ConstantLR(opt, factor=1.0, total_iters=0),
-    "step": lambda opt, o, total, per_epoch: StepLR(opt, step_size=o.step_size * per_epoch, gamma=o.gamma),
-    "cosine": lambda opt, o, total, per_epoch: CosineAnnealingLR(opt, T_max=total),
-    # Warm up over the first 25% of steps (more on tiny runs: _warmup_fraction), then anneal to
-    # lr / 25e4; momentum stays as configured.
-    "onecycle": lambda opt, o, total, per_epoch: OneCycleLR(opt, max_lr=o.lr, total_steps=total,
-                                                            pct_start=_warmup_fraction(total), cycle_momentum=False),
-}
-
-
-def _choose(kind: str, name: str | None, registry: dict) -> Callable:
-    if name not in registry:
-        raise ConfigError(f"Invalid {kind} '{name}'. Choose from: {', '.join(sorted(registry))}")
-    return registry[name]
-
-
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> Optimizer:
-    """The optimizer named by `optim.optimizer` (resolved config), weight decay on >= 2-D params."""
-    build = _choose("optimizer", optim.optimizer, OPTIMIZERS)
-    if optim.optimizer == "sgd" and optim.nesterov and not optim.momentum:
-        raise ConfigError(f"Invalid config field 'optim.nesterov': Nesterov needs optim.momentum > 0 (got {optim.momentum})")
-    return build(_param_groups(model, optim.weight_decay), optim)
-
-
-def _warmup_fraction(total_steps: int) -> float:
-    """25% warm-up, stretched on tiny runs: OneCycleLR divides by (pct_start * total - 1), which
-    is zero at 4 total steps, so the warm-up must span more than one step (and stay under 100%)."""
-    return min(0.9, max(0.25, 1.5 / total_steps))
-
-
-def build_scheduler(optimizer: Optimizer, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> LRScheduler:
-    """The schedule named by `optim.scheduler`, stepped once per batch over `epochs` epochs."""
-    return _choose("scheduler", optim.scheduler, SCHEDULERS)(optimizer, optim, epochs * steps_per_epoch, steps_per_epoch)
-
 
 # ---------------------------------------------------------------------------------------------
 # Metrics, callbacks, progress

@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from visionflow import engine, transforms
+from visionflow import transforms
 from visionflow.cache import DecodedSplit
+from visionflow.device import resolve_device
+from visionflow.engine import collect_logits
 from visionflow.errors import DatasetError
 from visionflow.images import load_rgb, thread_map
+from visionflow.loaders import eval_batches
 from visionflow.models import ModelSpec
 
 CONFIDENTLY_WRONG_K = 16
@@ -142,9 +145,9 @@ def evaluate_model(model: nn.Module, spec: ModelSpec, decoded: DecodedSplit, dev
                    batch_size: int = 256) -> EvalReport:
     """Evaluate ``model`` (moved to ``device``) on a decoded split, normalized with the spec's mean/std."""
     _check_split_fits(spec, decoded)
-    target = engine.resolve_device(device)
-    batches = engine.eval_batches(decoded.images, decoded.labels, spec.mean, spec.std, target, batch_size)
-    logits, labels = engine.collect_logits(model.to(target), batches, target)  # (N, C), (N,)
+    target = resolve_device(device)
+    batches = eval_batches(decoded.images, decoded.labels, spec.mean, spec.std, target, batch_size)
+    logits, labels = collect_logits(model.to(target), batches, target)  # (N, C), (N,)
     return report_from_logits(logits, labels, decoded.classes, decoded.files)
 
 
@@ -157,9 +160,9 @@ def predict_images(model: nn.Module, spec: ModelSpec, paths: Sequence[str | Path
     """
     if not paths:
         return []
-    target = engine.resolve_device(device)
+    target = resolve_device(device)
     pipeline = transforms.eval_pipeline(spec.input_size, spec.mean, spec.std)
-    logits, _ = engine.collect_logits(model.to(target), _image_batches(paths, pipeline, batch_size), target)  # (N, C)
+    logits, _ = collect_logits(model.to(target), _image_batches(paths, pipeline, batch_size), target)  # (N, C)
     probabilities = logits.softmax(dim=1)  # (N, C)
     return [_prediction(path, row, spec.class_names) for path, row in zip(paths, probabilities)]
 

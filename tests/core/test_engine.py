@@ -15,8 +15,12 @@ from torch.utils.data import SequentialSampler, default_collate
 
 from visionflow import checkpoints, engine
 from visionflow.config import build_config
+from visionflow.device import resolve_device
 from visionflow.errors import ConfigError, DatasetError, DeviceError
+from visionflow.loaders import DeviceLoader, eval_batches, make_loader
 from visionflow.models import ModelSpec, build_model
+from visionflow.optim import build_optimizer, build_scheduler
+from visionflow.rng import Generators, seed_everything
 from visionflow.transforms import BatchTransform, mean_std
 
 NUM_CLASSES = 4
@@ -44,7 +48,7 @@ def _config(epochs: int = 2, **sections):
 
 
 def _fit(config, checkpoint_dir=None, resume_from=None, callbacks=(), **kwargs) -> engine.FitResult:
-    engine.seed_everything(config.training.seed)
+    seed_everything(config.training.seed)
     model = build_model("tudui", NUM_CLASSES)
     return engine.fit(model, TRAIN, EVAL, config, SPEC, checkpoint_dir=checkpoint_dir, resume_from=resume_from,
                       callbacks=callbacks, **kwargs)
@@ -84,39 +88,39 @@ class KillAfter(engine.Callback):
 
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine, "_mps_available", lambda: False)
-    assert engine.resolve_device("auto") == torch.device("cpu")
-    monkeypatch.setattr(engine, "_mps_available", lambda: True)
-    assert engine.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr("visionflow.device._mps_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr("visionflow.device._mps_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert engine.resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("auto") == torch.device("cuda")
 
 
 def test_explicit_devices(monkeypatch):
-    assert engine.resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert engine.resolve_device("cuda:1") == torch.device("cuda:1")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(DeviceError, match="Device 'cuda:2' does not exist: this machine has 2 CUDA device"):
-        engine.resolve_device("cuda:2")
+        resolve_device("cuda:2")
 
 
 def test_missing_accelerators_are_clear_errors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine, "_mps_available", lambda: False)
+    monkeypatch.setattr("visionflow.device._mps_available", lambda: False)
     with pytest.raises(DeviceError, match="Device 'cuda' requested but CUDA is not available"):
-        engine.resolve_device("cuda")
+        resolve_device("cuda")
     with pytest.raises(DeviceError, match="Device 'mps' requested but MPS"):
-        engine.resolve_device("mps")
+        resolve_device("mps")
     with pytest.raises(DeviceError, match=r"Invalid device 'tpu'\. Choose from: auto, cpu, mps, cuda, cuda:N"):
-        engine.resolve_device("tpu")
+        resolve_device("tpu")
     with pytest.raises(DeviceError, match="Invalid device 'cpu:1'"):
-        engine.resolve_device("cpu:1")
+        resolve_device("cpu:1")
 
 
 def test_seed_everything_drives_every_generator():
     def draws():
-        g = engine.seed_everything(7)
+        g = seed_everything(7)
         return random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item()
     assert draws() == draws()
 
@@ -131,23 +135,23 @@ def _optim(**fields):
 
 def test_optimizer_registry():
     model = build_model("tudui", NUM_CLASSES)
-    sgd = engine.build_optimizer(model, _optim(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3))
+    sgd = build_optimizer(model, _optim(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3))
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
     decayed, plain = sgd.param_groups
     assert decayed["weight_decay"] == 1e-3 and all(p.dim() >= 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])  # biases
-    assert isinstance(engine.build_optimizer(model, _optim(optimizer="adam")), torch.optim.Adam)
-    assert isinstance(engine.build_optimizer(model, _optim(optimizer="adamw")), torch.optim.AdamW)
+    assert isinstance(build_optimizer(model, _optim(optimizer="adam")), torch.optim.Adam)
+    assert isinstance(build_optimizer(model, _optim(optimizer="adamw")), torch.optim.AdamW)
     with pytest.raises(ConfigError, match=r"Invalid optimizer 'lion'\. Choose from: adam, adamw, sgd"):
-        engine.build_optimizer(model, _optim().model_copy(update={"optimizer": "lion"}))
+        build_optimizer(model, _optim().model_copy(update={"optimizer": "lion"}))
     with pytest.raises(ConfigError, match="Nesterov needs optim.momentum > 0"):
-        engine.build_optimizer(model, _optim(optimizer="sgd", momentum=0.0, nesterov=True))
+        build_optimizer(model, _optim(optimizer="sgd", momentum=0.0, nesterov=True))
 
 
 def _lrs(scheduler_name: str, epochs: int = 4, per_epoch: int = 10, **fields) -> list[float]:
     optim = _optim(optimizer="sgd", lr=0.1, scheduler=scheduler_name, **fields)
-    optimizer = engine.build_optimizer(build_model("tudui", NUM_CLASSES), optim)
-    scheduler = engine.build_scheduler(optimizer, optim, epochs, per_epoch)
+    optimizer = build_optimizer(build_model("tudui", NUM_CLASSES), optim)
+    scheduler = build_scheduler(optimizer, optim, epochs, per_epoch)
     lrs = []
     for _ in range(epochs * per_epoch):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -170,7 +174,7 @@ def test_scheduler_registry_shapes():
         assert len(tiny) == total and all(0 < lr <= 0.1 + 1e-12 for lr in tiny)
     optim = _optim().model_copy(update={"scheduler": "plateau"})
     with pytest.raises(ConfigError, match=r"Invalid scheduler 'plateau'\. Choose from: cosine, none, onecycle, step"):
-        engine.build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), optim, 1, 1)
+        build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), optim, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,23 +186,23 @@ def _epoch_batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_device_loader_covers_the_split_once_per_epoch():
-    gens = engine.Generators.seeded(0, torch.device("cpu"))
-    loader = engine.make_loader(TRAIN.images, TRAIN.labels, 40, torch.device("cpu"), shuffle=True, generators=gens)
-    assert isinstance(loader, engine.DeviceLoader) and len(loader) == 3
+    gens = Generators.seeded(0, torch.device("cpu"))
+    loader = make_loader(TRAIN.images, TRAIN.labels, 40, torch.device("cpu"), shuffle=True, generators=gens)
+    assert isinstance(loader, DeviceLoader) and len(loader) == 3
     first, second = _epoch_batches(loader), _epoch_batches(loader)
     assert [len(y) for _, y in first] == [40, 40, 16]
     for epoch in (first, second):
         assert sorted(torch.cat([y for _, y in epoch]).tolist()) == sorted(TRAIN.labels.tolist())
     assert not torch.equal(first[0][0], second[0][0])  # reshuffled every epoch
-    dropped = engine.make_loader(TRAIN.images, TRAIN.labels, 40, torch.device("cpu"), drop_last=True)
+    dropped = make_loader(TRAIN.images, TRAIN.labels, 40, torch.device("cpu"), drop_last=True)
     assert len(dropped) == 2 and [len(y) for _, y in dropped] == [40, 40]
     assert torch.equal(next(iter(dropped))[0], TRAIN.images[:40])  # no shuffle: in order
 
 
 def test_dataloader_path_yields_the_same_batches():
     def batches(**kwargs):
-        gens = engine.Generators.seeded(3, torch.device("cpu"))
-        loader = engine.make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cpu"), shuffle=True,
+        gens = Generators.seeded(3, torch.device("cpu"))
+        loader = make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cpu"), shuffle=True,
                                     generators=gens, **kwargs)
         return loader, _epoch_batches(loader) + _epoch_batches(loader)
     fast_loader, fast = batches()
@@ -209,13 +213,13 @@ def test_dataloader_path_yields_the_same_batches():
 
 def test_make_loader_refuses_an_unseeded_shuffle():
     with pytest.raises(ValueError, match="generators"):
-        engine.make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cpu"), shuffle=True)
+        make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cpu"), shuffle=True)
 
 
 def test_collect_logits_and_evaluate():
     model = build_model("tudui", NUM_CLASSES)
     mean, std = mean_std(EVAL.images)
-    batches = engine.eval_batches(EVAL.images, EVAL.labels, mean, std, torch.device("cpu"), batch_size=10)
+    batches = eval_batches(EVAL.images, EVAL.labels, mean, std, torch.device("cpu"), batch_size=10)
     logits, labels = engine.collect_logits(model, batches, torch.device("cpu"), "fp32")
     assert logits.shape == (32, NUM_CLASSES) and logits.dtype == torch.float32 and torch.equal(labels, EVAL.labels)
     with torch.no_grad():
@@ -347,7 +351,7 @@ def _one_step_change(grad_clip: float) -> float:
     model = build_model("tudui", NUM_CLASSES)
     before = nn.utils.parameters_to_vector(model.parameters()).clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = engine.build_scheduler(optimizer, _optim(scheduler="none"), 1, 1)
+    scheduler = build_scheduler(optimizer, _optim(scheduler="none"), 1, 1)
     inputs = BatchTransform([0.5] * 3, [0.25] * 3, "cpu")(TRAIN.images[:32])
     engine.train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, scheduler, [(inputs, TRAIN.labels[:32])],
                            torch.device("cpu"), grad_clip=grad_clip)
@@ -454,7 +458,7 @@ def test_cuda_bf16_channels_last_fast_path():
     config = _config(epochs=2, training={"device": "cuda", "precision": "bf16", "channels_last": True})
     result = _fit(config)
     assert result.device.startswith("cuda") and np.isfinite(result.history[-1].train_loss)
-    loader = engine.make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cuda"))
+    loader = make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cuda"))
     images, labels = next(iter(loader))
     assert images.device.type == "cuda" and images.dtype == torch.uint8 and labels.device.type == "cuda"
 
