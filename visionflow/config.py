@@ -36,7 +36,6 @@ class DataConfig(_Section):
     batch_size: int = Field(64, ge=1, le=65536, description="Images per optimizer step.")
     shuffle: bool = Field(True, description="Reshuffle the training set every epoch.")
     drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
-    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes; used only on the DataLoader path (fit() given a sampler or collate_fn), the default in-memory path needs none.")
     augment: bool | None = Field(None, description="Random crop (padding 4) + horizontal flip on training batches; None = from the recipe.")
     mean: list[float] | None = Field(None, min_length=3, max_length=3, description="Per-channel normalization mean; None = computed from the train split.")
     std: list[float] | None = Field(None, min_length=3, max_length=3, description="Per-channel normalization std; None = computed from the train split.")

@@ -5,8 +5,7 @@ Prefect here: flows observe training through `Callback`.
 `fit` takes decoded splits (uint8 (N, 3, H, W) tensors) and builds the run from the core
 modules: the device and precision (`visionflow.device`), the seeded random streams
 (`visionflow.rng`), on-device batches (`visionflow.loaders`) and the optimizer and per-batch
-schedule (`visionflow.optim`). A custom `sampler` or `collate_fn` switches to a real torch
-DataLoader over a TensorDataset (see `visionflow.loaders.make_loader`).
+schedule (`visionflow.optim`).
 """
 
 from __future__ import annotations
@@ -16,14 +15,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from torch.utils.data import Sampler
 
 from visionflow import checkpoints
 from visionflow.config import DataConfig, PipelineConfig, flatten
@@ -38,7 +36,7 @@ from visionflow.transforms import BatchTransform, fill_mean_std
 MONITOR_MODES = {"eval_accuracy": "max", "eval_loss": "min"}
 # Config fields that may differ between a checkpoint and the run resuming it: they change where
 # things are written or how fast it runs, not the numbers.
-_RESUME_FREE_FIELDS = ("output.", "data.data_dir", "data.num_workers", "training.device", "training.compile")
+_RESUME_FREE_FIELDS = ("output.", "data.data_dir", "training.device", "training.compile")
 _PROGRESS_INTERVAL = 0.25  # seconds between progress-bar redraws (each redraw is one device sync)
 
 # ---------------------------------------------------------------------------------------------
@@ -339,15 +337,13 @@ class _Run:
     eval_batches: Batches
 
 
-def _build_run(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, device: torch.device,
-               sampler: Sampler | None, collate_fn: Callable | None) -> _Run:
+def _build_run(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, device: torch.device) -> _Run:
     data, training = config.data, config.training
     generators = Generators.seeded(training.seed, device)
     fmt = torch.channels_last if training.channels_last else torch.preserve_format
     model = model.to(device, memory_format=fmt)
     train_loader = make_loader(train.images, train.labels, data.batch_size, device, shuffle=data.shuffle,
-                               drop_last=data.drop_last, generators=generators, num_workers=data.num_workers,
-                               sampler=sampler, collate_fn=collate_fn)
+                               drop_last=data.drop_last, generators=generators)
     augment = generators.augment if data.augment else None
     train_batches = Batches(train_loader, device, BatchTransform(data.mean, data.std, device, augment, training.channels_last))
     optimizer = build_optimizer(model, config.optim)
@@ -425,21 +421,19 @@ def _start_info(run: _Run, state: _FitState, config: PipelineConfig, spec: Model
 
 def fit(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, spec: ModelSpec,
         checkpoint_dir: Path | None = None, resume_from: Path | None = None,
-        callbacks: Sequence[Callback] = (), *, sampler: Sampler | None = None,
-        collate_fn: Callable | None = None, progress_stream: TextIO | None = None) -> FitResult:
+        callbacks: Sequence[Callback] = (), *, progress_stream: TextIO | None = None) -> FitResult:
     """Train `model` in place on decoded splits (`.images` uint8 (N, 3, H, W), `.labels` (N,)).
 
     Writes checkpoint_dir/last.pt every epoch and best.pt when config.training.monitor improves.
     `resume_from` continues a run at its next epoch (checkpoints go beside it unless
     `checkpoint_dir` says otherwise); a finished run returns its stored result at once.
-    `sampler` / `collate_fn` select the DataLoader path (see make_loader).
     `progress_stream` receives the progress bar / epoch lines (default stderr).
     """
     config = _with_normalization(config.resolved(), train.images)
     spec = replace(spec, mean=config.data.mean, std=config.data.std)
     _check_data(train, eval, spec, config)
     device = resolve_device(config.training.device)
-    run = _build_run(model, train, eval, config, device, sampler, collate_fn)
+    run = _build_run(model, train, eval, config, device)
     state, finished = _FitState(), False
     if resume_from is not None:
         resume_from = Path(resume_from)

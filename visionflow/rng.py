@@ -26,16 +26,13 @@ def seed_everything(seed: int) -> torch.Generator:
 class Generators:
     """A run's random streams, all derived from the one seed and saved in every checkpoint."""
 
-    shuffle: torch.Generator  # CPU: per-epoch permutations (fast path and DataLoader path alike)
+    shuffle: torch.Generator  # CPU: per-epoch permutations
     augment: torch.Generator  # on the training device: crop offsets and flips
-    workers: torch.Generator  # CPU: DataLoader worker base seeds
 
     @classmethod
     def seeded(cls, seed: int, device: torch.device) -> "Generators":
-        """`seed_everything(seed)`, then the three streams at fixed offsets from `seed`."""
-        return cls(shuffle=seed_everything(seed),
-                   augment=torch.Generator(device).manual_seed(seed + 1),
-                   workers=torch.Generator().manual_seed(seed + 2))
+        """`seed_everything(seed)`, then the two streams at fixed offsets from `seed`."""
+        return cls(shuffle=seed_everything(seed), augment=torch.Generator(device).manual_seed(seed + 1))
 
 
 def rng_state(generators: Generators) -> dict[str, Any]:
@@ -49,12 +46,11 @@ def rng_state(generators: Generators) -> dict[str, Any]:
         "shuffle": generators.shuffle.get_state(),
         "augment": generators.augment.get_state(),
         "augment_device": generators.augment.device.type,
-        "workers": generators.workers.get_state(),
     }
 
 
 def restore_rng_state(state: dict[str, Any], generators: Generators) -> None:
-    """Inverse of `rng_state`."""
+    """Inverse of `rng_state`. Keys it does not know (older checkpoints' "workers") are ignored."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -64,4 +60,3 @@ def restore_rng_state(state: dict[str, Any], generators: Generators) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     generators.shuffle.set_state(state["shuffle"])
     generators.augment.set_state(state["augment"])
-    generators.workers.set_state(state["workers"])
