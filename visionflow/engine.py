@@ -299,8 +299,8 @@ def _with_normalization(config: PipelineConfig, train_images: Tensor) -> Pipelin
     return config.model_copy(update={"data": data})
 
 
-def _check_data(train: Any, eval: Any, spec: ModelSpec, config: PipelineConfig) -> None:
-    for name, split in (("train", train), ("eval", eval)):
+def _check_data(train: Any, eval_split: Any, spec: ModelSpec, config: PipelineConfig) -> None:
+    for name, split in (("train", train), ("eval", eval_split)):
         if len(split.labels) == 0:
             raise DatasetError(f"The {name} split has no images: training needs at least one in each split")
         if int(split.labels.max()) >= spec.num_classes:
@@ -337,7 +337,7 @@ class _Run:
     eval_batches: Batches
 
 
-def _build_run(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, device: torch.device) -> _Run:
+def _build_run(model: nn.Module, train: Any, eval_split: Any, config: PipelineConfig, device: torch.device) -> _Run:
     data, training = config.data, config.training
     generators = Generators.seeded(training.seed, device)
     fmt = torch.channels_last if training.channels_last else torch.preserve_format
@@ -351,7 +351,7 @@ def _build_run(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, 
                 scheduler=build_scheduler(optimizer, config.optim, training.epochs, len(train_batches)),
                 criterion=nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
                 generators=generators, train_batches=train_batches,
-                eval_batches=eval_batches(eval.images, eval.labels, data.mean, data.std, device,
+                eval_batches=eval_batches(eval_split.images, eval_split.labels, data.mean, data.std, device,
                                           data.batch_size, training.channels_last))
 
 
@@ -412,14 +412,14 @@ def _save_checkpoints(checkpoint_dir: Path | None, state: _FitState, run: _Run, 
 
 
 def _start_info(run: _Run, state: _FitState, config: PipelineConfig, spec: ModelSpec, device: torch.device,
-                train: Any, eval: Any) -> FitStart:
+                train: Any, eval_split: Any) -> FitStart:
     return FitStart(epoch=state.epoch, step=state.step, epochs=config.training.epochs,
                     steps_per_epoch=len(run.train_batches), train_images=len(train.labels),
-                    eval_images=len(eval.labels), device=str(device), config=config.model_dump(mode="json"),
+                    eval_images=len(eval_split.labels), device=str(device), config=config.model_dump(mode="json"),
                     spec=spec.to_dict())
 
 
-def fit(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, spec: ModelSpec,
+def fit(model: nn.Module, train: Any, eval_split: Any, config: PipelineConfig, spec: ModelSpec,
         checkpoint_dir: Path | None = None, resume_from: Path | None = None,
         callbacks: Sequence[Callback] = (), *, progress_stream: TextIO | None = None) -> FitResult:
     """Train `model` in place on decoded splits (`.images` uint8 (N, 3, H, W), `.labels` (N,)).
@@ -431,9 +431,9 @@ def fit(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, spec: M
     """
     config = _with_normalization(config.resolved(), train.images)
     spec = replace(spec, mean=config.data.mean, std=config.data.std)
-    _check_data(train, eval, spec, config)
+    _check_data(train, eval_split, spec, config)
     device = resolve_device(config.training.device)
-    run = _build_run(model, train, eval, config, device)
+    run = _build_run(model, train, eval_split, config, device)
     state, finished = _FitState(), False
     if resume_from is not None:
         resume_from = Path(resume_from)
@@ -443,7 +443,7 @@ def fit(model: nn.Module, train: Any, eval: Any, config: PipelineConfig, spec: M
     if finished:
         return _result(state, run.model, checkpoint_dir, device, spec)
     for cb in callbacks:
-        cb.on_fit_start(_start_info(run, state, config, spec, device, train, eval))
+        cb.on_fit_start(_start_info(run, state, config, spec, device, train, eval_split))
     progress = Progress(config.training.epochs, progress_stream)
     for epoch in range(state.epoch + 1, config.training.epochs + 1):
         metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress)
