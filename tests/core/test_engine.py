@@ -255,7 +255,8 @@ def test_resume_ignores_the_workers_stream_of_older_checkpoints(tmp_path):
         _fit(config, tmp_path, callbacks=[KillAfter(1)])
     stored = checkpoints.load_checkpoint(tmp_path / "last.pt")
     assert "workers" not in stored["rng"]
-    stored["rng"]["workers"] = torch.Generator().manual_seed(2).get_state()  # as checkpoints of the DataLoader era have it
+    # What checkpoints written while fit still had a DataLoader path carry:
+    stored["rng"]["workers"] = torch.Generator().manual_seed(2).get_state()
     checkpoints.save_checkpoint(tmp_path / "last.pt", stored)
     assert _fit(config, resume_from=tmp_path / "last.pt").weights_sha256 == straight.weights_sha256
 
