@@ -24,7 +24,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from visionflow import checkpoints
-from visionflow.config import DataConfig, PipelineConfig, flatten
+from visionflow.checkpoints import BEST_CHECKPOINT, LAST_CHECKPOINT
+from visionflow.config import DataConfig, PipelineConfig, flatten, is_improvement
 from visionflow.device import autocast, resolve_device
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.loaders import Batches, eval_batches, make_loader
@@ -33,7 +34,6 @@ from visionflow.optim import build_optimizer, build_scheduler
 from visionflow.rng import Generators, restore_rng_state, rng_state
 from visionflow.transforms import BatchTransform, fill_mean_std
 
-MONITOR_MODES = {"eval_accuracy": "max", "eval_loss": "min"}
 # Config fields that may differ between a checkpoint and the run resuming it: they change where
 # things are written or how fast it runs, not the numbers.
 _RESUME_FREE_FIELDS = ("output.", "data.data_dir", "training.device", "training.compile")
@@ -218,13 +218,6 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
 # fit: decisions, state, checkpoints
 
 
-def _should_save_best(value: float, best: float | None, monitor: str) -> bool:
-    """Whether the monitored value beats the best so far (strictly: a tie is no improvement)."""
-    if best is None:
-        return True
-    return value > best if MONITOR_MODES[monitor] == "max" else value < best
-
-
 def _should_stop_early(epoch: int, best_epoch: int | None, patience: int | None) -> bool:
     return patience is not None and best_epoch is not None and epoch - best_epoch >= patience
 
@@ -313,10 +306,10 @@ def _check_data(train: Any, eval_split: Any, spec: ModelSpec, config: PipelineCo
 
 def _result(state: _FitState, model: nn.Module, checkpoint_dir: Path | None, device: torch.device,
             spec: ModelSpec) -> FitResult:
-    best = checkpoint_dir / "best.pt" if checkpoint_dir is not None and state.best_epoch is not None else None
+    best = checkpoint_dir / BEST_CHECKPOINT if checkpoint_dir is not None and state.best_epoch is not None else None
     return FitResult(
         history=state.history, best_metric=state.best_metric, best_epoch=state.best_epoch,
-        last_checkpoint=checkpoint_dir / "last.pt" if checkpoint_dir is not None else None, best_checkpoint=best,
+        last_checkpoint=checkpoint_dir / LAST_CHECKPOINT if checkpoint_dir is not None else None, best_checkpoint=best,
         train_seconds=state.train_seconds,
         train_images_per_second=state.train_images / state.train_seconds if state.train_seconds else 0.0,
         weights_sha256=checkpoints.weights_sha256(model.state_dict()), stopped_early=state.stopped_early,
@@ -391,7 +384,7 @@ def _run_epoch(run: _Run, state: _FitState, epoch: int, config: PipelineConfig, 
     state.train_seconds += stats.seconds
     state.train_images += stats.images
     monitor = config.training.monitor
-    state.improved = _should_save_best(getattr(metrics, monitor), state.best_metric, monitor)
+    state.improved = is_improvement(getattr(metrics, monitor), state.best_metric, monitor)  # a tie is none
     if state.improved:
         state.best_metric, state.best_epoch = getattr(metrics, monitor), epoch
     state.stopped_early = _should_stop_early(epoch, state.best_epoch, config.training.early_stopping_patience)
@@ -407,8 +400,8 @@ def _save_checkpoints(checkpoint_dir: Path | None, state: _FitState, run: _Run, 
     # best.pt first: a crash between the two writes leaves last.pt one epoch behind, and resuming
     # retrains that epoch (bit-identical on CPU) instead of leaving an epoch's best unsaved.
     if state.improved:
-        checkpoints.save_checkpoint(checkpoint_dir / "best.pt", saved)
-    checkpoints.save_checkpoint(checkpoint_dir / "last.pt", saved)
+        checkpoints.save_checkpoint(checkpoint_dir / BEST_CHECKPOINT, saved)
+    checkpoints.save_checkpoint(checkpoint_dir / LAST_CHECKPOINT, saved)
 
 
 def _start_info(run: _Run, state: _FitState, config: PipelineConfig, spec: ModelSpec, device: torch.device,

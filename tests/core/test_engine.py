@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from visionflow import checkpoints, engine
-from visionflow.config import build_config
+from visionflow.config import build_config, is_improvement
 from visionflow.device import resolve_device
 from visionflow.errors import ConfigError, DatasetError, DeviceError
 from visionflow.loaders import DeviceLoader, eval_batches, make_loader
@@ -333,9 +333,9 @@ def test_early_stopping_predicate():
 
 
 def test_should_save_best_follows_the_monitor_direction():
-    assert engine._should_save_best(0.5, None, "eval_accuracy")
-    assert engine._should_save_best(0.6, 0.5, "eval_accuracy") and not engine._should_save_best(0.5, 0.5, "eval_accuracy")
-    assert engine._should_save_best(0.4, 0.5, "eval_loss") and not engine._should_save_best(0.6, 0.5, "eval_loss")
+    assert is_improvement(0.5, None, "eval_accuracy")
+    assert is_improvement(0.6, 0.5, "eval_accuracy") and not is_improvement(0.5, 0.5, "eval_accuracy")
+    assert is_improvement(0.4, 0.5, "eval_loss") and not is_improvement(0.6, 0.5, "eval_loss")
 
 
 def test_label_smoothing_changes_the_training_loss():
