@@ -9,9 +9,9 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.caching import bind
+from tasks.caching import durable_results
 from tasks.champion import score_champion
-from tasks.data import DataSource, download_dataset, fingerprint_data
+from tasks.data import download_dataset, fingerprint_data
 from visionflow.config import PipelineConfig
 
 
@@ -22,9 +22,9 @@ def evaluation_name() -> str:
 
 
 @flow(name="evaluate-champion", flow_run_name=evaluation_name, validate_parameters=True)
-def evaluate_champion(config: PipelineConfig) -> dict[str, Any]:
+def champion_evaluation(config: PipelineConfig) -> dict[str, Any]:
     """Score the champion in config.output.champion on config.data.dataset's evaluation split."""
-    source = DataSource.of(config.data)
-    location = bind(download_dataset, config.output.output_dir, config.output.refresh)(source)
-    dataset = fingerprint_data(source, location)
-    return score_champion(dataset, config)
+    with durable_results(config.output):
+        location = download_dataset(config.data)
+        dataset = fingerprint_data(config.data, location)
+        return score_champion(dataset, config)

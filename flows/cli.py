@@ -72,7 +72,7 @@ def select_split(info: Any, name: str | None) -> Any:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from visionflow.cache import load_decoded
+    from visionflow.cache import decoded_cache_dir, load_decoded
     from visionflow.checkpoints import load_model
     from visionflow.data import resolve_dataset
     from visionflow.evaluation import check_classes_match, evaluate_model
@@ -82,7 +82,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            split_seed=args.split_seed)
     check_classes_match(spec, info.classes)  # before decoding anything
     split = select_split(info, args.split)
-    decoded = load_decoded(split, spec.input_size, Path(args.data_dir) / "cache")
+    decoded = load_decoded(split, spec.input_size, decoded_cache_dir(args.data_dir))
     report = evaluate_model(model, spec, decoded, device=args.device, batch_size=args.batch_size)
     if args.json:
         print_json(report.to_dict())
@@ -146,6 +146,9 @@ def start_prefect_api() -> Callable[[], None]:
 
     def start() -> None:
         try:
+            # No public API starts Prefect's temporary server ahead of the flow: SubprocessASGIServer
+            # is the per-port singleton Prefect itself starts it with (prefect.server.api.server).
+            # tests/test_cli_train.py checks it is still there, so an upgrade that moves it fails loudly.
             from prefect.server.api.server import SubprocessASGIServer
 
             SubprocessASGIServer().start()  # the instance the flow's client will use
@@ -206,14 +209,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     wait_for_api()
     with tags("visionflow", f"model:{config.model.name}", f"recipe:{config.optim.recipe}"):
         manifest = train_pipeline(config)
-    layout = RunLayout(runs_root(config.output.output_dir) / manifest["run_name"])
-    statuses = list(manifest["tasks"].values())
-    print(f"\nrun {manifest['run_name']}: {manifest['status']}, eval accuracy "
-          f"{manifest['metrics']['eval_accuracy']:.2%}, {manifest['timing']['total_seconds']:.1f} s "
-          f"({statuses.count('cached')} of {len(statuses)} tasks cached)")
+    layout = RunLayout(runs_root(config.output.output_dir) / manifest.run_name)
+    statuses = list(manifest.tasks.values())
+    print(f"\nrun {manifest.run_name}: {manifest.status}, eval accuracy {manifest.metrics.eval_accuracy:.2%}, "
+          f"{manifest.timing.total_seconds:.1f} s ({statuses.count('cached')} of {len(statuses)} tasks cached)")
     print(f"  run directory: {layout.root}")
     print(f"  TensorBoard:   {tensorboard_command(layout.tensorboard)}")
-    print(f"  Prefect UI:    {prefect_ui_hint(manifest['prefect_flow_run_id'])}")
+    print(f"  Prefect UI:    {prefect_ui_hint(manifest.prefect_flow_run_id)}")
     return 0
 
 
@@ -231,9 +233,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from visionflow.runs import read_manifest
+    from visionflow.manifest import Manifest
 
-    read_manifest(args.run_dir)  # a wrong directory fails here, before Prefect starts
+    Manifest.load(args.run_dir)  # a wrong directory fails here, before Prefect starts
     prefect_environment()
     wait_for_api = start_prefect_api()
     from flows.reproduce import reproduce_run

@@ -10,8 +10,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.train import train_pipeline
-from tasks.caching import bind
-from tasks.data import DataSource, download_dataset, fingerprint_data
+from tasks.caching import durable_results
+from tasks.data import download_dataset, fingerprint_data
 from tasks.run import check_reproducible, compare_reproduction, plan_reproduction
 
 
@@ -23,7 +23,7 @@ def reproduction_name() -> str:
 def reproduce_run(run_dir: str) -> dict[str, Any]:
     """Retrain the run in `run_dir` from its manifest; returns whether the weights are identical."""
     plan = plan_reproduction(run_dir)
-    source = DataSource.of(plan.config.data)
-    location = bind(download_dataset, plan.config.output.output_dir, False)(source)
-    check_reproducible(plan, fingerprint_data(source, location))
+    with durable_results(plan.config.output):
+        location = download_dataset(plan.config.data)
+        check_reproducible(plan, fingerprint_data(plan.config.data, location))
     return compare_reproduction(plan, train_pipeline(plan.config))

@@ -1,22 +1,21 @@
-"""The training flow: data -> validation -> transform preview -> model -> training -> evaluation
--> export -> manifest and artifacts, every heavy step cached (see tasks/caching.py), then, with
-output.champion set, the champion/challenger decision (tasks/champion.py)."""
+"""The training flow: data -> validation -> normalization -> transform preview -> model ->
+training -> evaluation -> export -> manifest and artifacts -> champion decision (with
+output.champion set). Every heavy step is a cached task (tasks/caching.py)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from prefect import flow, tags
 from prefect.runtime import flow_run
 
-from tasks.caching import TaskLedger, bind
+from tasks.caching import durable_results
 from tasks.champion import challenge_champion
-from tasks.data import DataSource, download_dataset, fingerprint_data, preview_transforms, validate_data
+from tasks.data import compute_normalization, download_dataset, fingerprint_data, preview_transforms, validate_data
 from tasks.evaluation import evaluate_checkpoint, export_checkpoint
 from tasks.model import describe_model
-from tasks.run import fail_run, finish_run, publish_run, start_run
-from tasks.training import BEST, train_model
+from tasks.run import failure_recorded, finish_run, publish_run, start_run
+from tasks.training import train_model
 from visionflow.config import PipelineConfig
+from visionflow.manifest import Manifest
 from visionflow.runs import generate_run_name
 
 
@@ -27,35 +26,24 @@ def run_name() -> str:
 
 
 @flow(name="train-pipeline", flow_run_name=run_name, validate_parameters=True)
-def train_pipeline(config: PipelineConfig) -> dict[str, Any]:
+def train_pipeline(config: PipelineConfig) -> Manifest:
     """Train, evaluate and export an image classifier; returns the run's manifest."""
-    with tags(f"dataset:{config.data.dataset}", f"model:{config.model.name}"):  # on every task run
-        config = config.resolved()
-        output, refresh = config.output.output_dir, config.output.refresh
-        ledger = TaskLedger()
-        source = DataSource.of(config.data)
-        location = ledger.run(bind(download_dataset, output, refresh), source)
-        dataset = ledger.run(fingerprint_data, source, location)
-        run = ledger.run(start_run, config)
-        try:
-            run_dir = run.run_dir
-            validated = ledger.run(bind(validate_data, output, refresh), dataset, config.data.on_invalid, run_dir,
-                                   run_dir=run_dir)
-            ledger.run(bind(preview_transforms, output, refresh), dataset, validated, config.data, config.training.seed,
-                       run_dir, run_dir=run_dir)
-            model = ledger.run(bind(describe_model, output, refresh), config.model.name, len(dataset.classes),
-                               config.data.image_size, run_dir, run_dir=run_dir)
-            training = ledger.run(bind(train_model, output, refresh), dataset, validated, config, run_dir, run.resume_from,
-                                  run_dir=run_dir)
-            best = training.files[BEST]
-            evaluation = ledger.run(bind(evaluate_checkpoint, output, refresh), dataset, validated, best,
-                                    config.training.device, config.data.data_dir, run_dir, run_dir=run_dir)
-            export = ledger.run(bind(export_checkpoint, output, refresh), best, run_dir, run_dir=run_dir)
-            manifest = finish_run(run, config, dataset, validated, model, training, evaluation, export, ledger.statuses)
+    config = config.resolved()
+    # Task runs are tagged with the dataset and model; cached results live under the output directory.
+    with tags(f"dataset:{config.data.dataset}", f"model:{config.model.name}"), durable_results(config.output):
+        location = download_dataset(config.data)
+        dataset = fingerprint_data(config.data, location)
+        run = start_run(config)
+        with failure_recorded(run):  # a failing step marks the run failed in its manifest
+            validated = validate_data(dataset, config.data.on_invalid, run.run_dir)
+            normalization = compute_normalization(dataset, validated, config.data)
+            preview = preview_transforms(dataset, validated, config.data, normalization, config.training.seed,
+                                         run.run_dir)
+            model = describe_model(config.model.name, len(dataset.classes), config.data.image_size, run.run_dir)
+            training = train_model(dataset, validated, config, normalization, run.run_dir, run.resume_from)
+            evaluation = evaluate_checkpoint(dataset, validated, training.best_checkpoint, config.training.device,
+                                             config.data.data_dir, run.run_dir)
+            export = export_checkpoint(training.best_checkpoint, run.run_dir)
+            manifest = finish_run(run, dataset, validated, preview, model, training, evaluation, export)
             publish_run(run, manifest)
-            if config.output.champion is not None:
-                manifest["champion"] = challenge_champion(run_dir, dataset, validated, config)
-            return manifest
-        except Exception as err:
-            fail_run(run, config, " ".join(str(err).split()) or type(err).__name__, ledger.statuses)
-            raise
+            return challenge_champion(run, dataset, validated, config)

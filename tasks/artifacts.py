@@ -55,14 +55,9 @@ def _checked_key(key: str) -> str:
     return key
 
 
-# `_sync=True` below: Prefect picks its async implementation whenever the caller runs inside an
-# async flow or task, which would hand our plain functions an un-awaited coroutine (and silently
-# create nothing). These helpers are synchronous, so they always take the synchronous path.
-
-
 def publish_markdown(key: str, markdown: str, description: str | None = None) -> UUID:
     """Create a markdown artifact under ``key``."""
-    return create_markdown_artifact(markdown=markdown, key=_checked_key(key), description=description, _sync=True)
+    return create_markdown_artifact(markdown=markdown, key=_checked_key(key), description=description)
 
 
 def publish_summary(markdown: str, description: str | None = "Run summary") -> UUID:
@@ -79,7 +74,7 @@ def table_records(table: pd.DataFrame | Sequence[Mapping[str, Any]]) -> list[dic
 
 def publish_table(key: str, table: pd.DataFrame | Sequence[Mapping[str, Any]], description: str | None = None) -> UUID:
     """Create a table artifact under ``key`` from a DataFrame or a list of row dicts."""
-    return create_table_artifact(table=table_records(table), key=_checked_key(key), description=description, _sync=True)
+    return create_table_artifact(table=table_records(table), key=_checked_key(key), description=description)
 
 
 def image_data_uri(path: Path | str, max_bytes: int = MAX_IMAGE_BYTES) -> str:
@@ -121,16 +116,16 @@ class PrefectProgressCallback(Callback):
         # A resumed run starts at its checkpoint's epoch, not at 0.
         self.artifact_id = create_progress_artifact(
             progress=100.0 * state.epoch / self.total_epochs, key=self.key,
-            description=f"epoch {state.epoch}/{self.total_epochs}", _sync=True)
+            description=f"epoch {state.epoch}/{self.total_epochs}")
 
     def on_epoch_end(self, metrics: EpochMetrics) -> None:
         description = (f"epoch {metrics.epoch}/{self.total_epochs}: train loss {metrics.train_loss:.4f}, "
                        f"eval loss {metrics.eval_loss:.4f}, eval accuracy {metrics.eval_accuracy:.2%}")
         update_progress_artifact(artifact_id=self.artifact_id, progress=100.0 * metrics.epoch / self.total_epochs,
-                                 description=description, _sync=True)
+                                 description=description)
 
     def on_fit_end(self, result: FitResult) -> None:
         # Early stopping ends the fit before the last epoch; the bar still has to reach 100 %.
         if result.stopped_early:
             update_progress_artifact(artifact_id=self.artifact_id, progress=100.0,
-                                     description=f"stopped early after epoch {len(result.history)}", _sync=True)
+                                     description=f"stopped early after epoch {len(result.history)}")

@@ -1,42 +1,53 @@
-"""Caching for the pipeline's tasks: cache keys built from what determines a result, cached
-results that are small references to files (verified before they are reused), durable result
-storage under the output directory, and crash-safe locks so concurrent runs never compute or
-write the same result twice.
+"""Caching for the pipeline's tasks, configured once on each task's decorator (`cached_task`):
 
-How a cached result stays valid: every heavy task returns a `TaskOutput`, a small pydantic model
-whose `files` map run-directory-relative paths to `FileRef(path, sha256)`. `VerifiedCache`
-computes the key, then, under the key's lock, reads the stored record and checks every file it
-references. A missing or changed file makes the policy delete that record, so Prefect's lookup
-that follows finds nothing and the task recomputes (a miss, never an error). The check runs
-under the same lock the transaction takes, so it cannot race a concurrent writer.
+- **Keys that cannot go stale.** A key covers the source of the whole core package `visionflow/`
+  (one digest per process), the task's own source, and the inputs the task names, each reduced
+  to what identifies it (a dataset to its fingerprint, a checkpoint to its sha256).
+- **Results that are small, verified references.** Every cached task returns a `TaskOutput`
+  whose `files` map run-directory-relative paths to `FileRef(path, sha256)`. Before Prefect
+  looks a key up, `VerifiedCache` re-hashes every file the stored record refers to, under the
+  key's lock; a missing or changed file deletes the record, so the task recomputes (a miss,
+  never an error). `output.refresh` deletes it the same way.
+- **Durable storage and crash-safe locks.** `durable_results(output)`, entered once by a flow,
+  stores results under `<output_dir>/.prefect-results`, shared by every run there, with
+  SERIALIZABLE isolation on flock locks: a concurrent run waits for a result instead of
+  computing it twice, and a lock dies with its process (kill -9 included).
+- **Outcomes from Prefect's own states.** A state hook records each task's outcome (completed
+  or cached) for the manifest; `finish_run` copies a cached result's files into the run.
 """
 
 from __future__ import annotations
 
-import fcntl
+import functools
 import hashlib
-import importlib
 import inspect
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from prefect import Task, get_run_logger
-from prefect.cache_policies import CachePolicy, TaskSource
-from prefect.context import TaskRunContext
+from prefect import Task, get_run_logger, task
+from prefect.cache_policies import CachePolicy
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.filesystems import LocalFileSystem
 from prefect.locking.protocol import LockManager
+from prefect.results import ResultStore
+from prefect.states import State
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel, ConfigDict
 
-from visionflow.fileio import copy_atomic, file_sha256
+import visionflow
+from visionflow.config import OutputConfig
+from visionflow.fileio import copy_atomic, file_sha256, try_lock, unlock
 
 RESULTS_SUBDIR = ".prefect-results"
+CORE_PACKAGE = Path(visionflow.__file__).resolve().parent
 
 
 class FileRef(BaseModel):
@@ -47,7 +58,7 @@ class FileRef(BaseModel):
     sha256: str
 
     @classmethod
-    def of(cls, path: Path | str) -> "FileRef":
+    def of(cls, path: Path | str) -> FileRef:
         path = Path(path).resolve()
         return cls(path=str(path), sha256=file_sha256(path))
 
@@ -70,38 +81,31 @@ class TaskOutput(BaseModel):
     def problems(self) -> list[str]:
         return [p for ref in self.files.values() if (p := ref.problem()) is not None]
 
-    def file(self, relpath: str) -> Path:
-        return Path(self.files[relpath].path)
-
-    def adopted_into(self, run_dir: Path | str) -> "TaskOutput":
-        """This output with every file copied to its place in `run_dir` (a cached result points
-        into the run that computed it; each run directory must hold its own copy)."""
+    def adopt_into(self, run_dir: Path | str) -> int:
+        """Copy every file that lives in another run (a cached result points into the run that
+        computed it) to its place in `run_dir`; returns how many were copied."""
         run_dir = Path(run_dir).resolve()
-        files = {}
-        for relpath, ref in self.files.items():
-            target = run_dir / relpath
-            if Path(ref.path) != target:
-                copy_atomic(ref.path, target)
-            files[relpath] = FileRef(path=str(target), sha256=ref.sha256)
-        return self.model_copy(update={"files": files})
-
-
-def outputs_in(run_dir: Path | str, relpaths: list[str]) -> dict[str, FileRef]:
-    """`files` for a TaskOutput: the given run-directory-relative paths, hashed now."""
-    return {relpath: FileRef.of(Path(run_dir) / relpath) for relpath in relpaths}
+        copied = [copy_atomic(ref.path, run_dir / relpath) for relpath, ref in self.files.items()
+                  if Path(ref.path) != run_dir / relpath]
+        return len(copied)
 
 
 @contextmanager
-def created_files(run_dir: Path | str, folder: Path | str) -> Iterator[dict[str, FileRef]]:
-    """Collects, on exit, the files that appeared under `folder` during the block (TensorBoard
-    names its event files itself), as `files` entries relative to `run_dir`."""
-    run_dir, folder = Path(run_dir).resolve(), Path(folder).resolve()
-    before = set(folder.rglob("*")) if folder.is_dir() else set()
-    created: dict[str, FileRef] = {}
-    yield created
-    for path in sorted(set(folder.rglob("*")) - before):
-        if path.is_file():
-            created[path.relative_to(run_dir).as_posix()] = FileRef.of(path)
+def written_files(run_dir: Path | str, *always: str) -> Iterator[dict[str, FileRef]]:
+    """Collects, on exit, every file under `run_dir` that the block created or rewrote (atomic
+    writes replace the file; TensorBoard names its event files itself), plus the `always`
+    run-directory-relative paths (outputs kept from before, e.g. a resumed run's best.pt)."""
+    run_dir = Path(run_dir).resolve()
+
+    def snapshot() -> dict[Path, tuple[int, int, int]]:
+        return {p: (s.st_ino, s.st_mtime_ns, s.st_size) for p in run_dir.rglob("*") if p.is_file() and (s := p.stat())}
+
+    before = snapshot()
+    written: dict[str, FileRef] = {}
+    yield written
+    changed = [path.relative_to(run_dir).as_posix() for path, stat in snapshot().items() if before.get(path) != stat]
+    for relpath in sorted({*changed, *always}):
+        written[relpath] = FileRef.of(run_dir / relpath)
 
 
 def results_dir(output_dir: Path | str) -> Path:
@@ -114,7 +118,7 @@ def results_dir(output_dir: Path | str) -> Path:
 
 
 class FlockLockManager(LockManager):
-    """Prefect lock manager on OS advisory locks (flock), one lock file per key.
+    """Prefect lock manager on OS advisory locks (flock, `fileio.try_lock`), one file per key.
 
     Unlike Prefect's FileSystemLockManager, whose lock files outlive a killed process (and then
     block every later run of that task forever), the kernel drops a flock when its holder dies,
@@ -126,31 +130,27 @@ class FlockLockManager(LockManager):
         self.poll_seconds = poll_seconds
         self._held: dict[str, tuple[str, int]] = {}  # key -> (holder, fd)
 
-    def _path(self, key: str) -> Path:
-        return self.directory / f"{key}.lock"
-
-    def _try_lock(self, key: str) -> int | None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
+    def _wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_seconds)
+        return True
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:
         # hold_timeout is not needed: the lock cannot outlive its process.
         if self.is_lock_holder(key, holder):
             return True
-        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
-        while (fd := self._try_lock(key)) is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(self.poll_seconds)
-        self._held[key] = (holder, fd)
-        return True
+
+        def take() -> bool:
+            fd = try_lock(self.directory / f"{key}.lock")
+            if fd is not None:
+                self._held[key] = (holder, fd)
+            return fd is not None
+
+        return self._wait(take, acquire_timeout)
 
     async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                             hold_timeout: float | None = None) -> bool:
@@ -159,127 +159,151 @@ class FlockLockManager(LockManager):
     def release_lock(self, key: str, holder: str) -> None:
         if not self.is_lock_holder(key, holder):
             raise ValueError(f"No lock held by {holder} for key {key}")
-        _, fd = self._held.pop(key)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        unlock(self._held.pop(key)[1])
 
     def is_locked(self, key: str) -> bool:
         if key in self._held:
             return True
-        fd = self._try_lock(key)
+        fd = try_lock(self.directory / f"{key}.lock")
         if fd is None:
             return True
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        unlock(fd)
         return False
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         return self._held.get(key, (None, -1))[0] == holder
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_locked(key):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(self.poll_seconds)
-        return True
+        return self._wait(lambda: not self.is_locked(key), timeout)
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return self.wait_for_lock(key, timeout)
 
 
 # ---------------------------------------------------------------------------------------------
+# The flow's scope: durable storage, refresh, outcomes
+
+
+@dataclass
+class _Scope:
+    refresh: bool
+    outcomes: dict[str, str] = field(default_factory=dict)  # task name -> "completed" | "cached"
+
+
+_SCOPE: ContextVar[_Scope | None] = ContextVar("visionflow_results_scope", default=None)
+
+
+@contextmanager
+def durable_results(output: OutputConfig) -> Iterator[dict[str, str]]:
+    """Inside a flow run: cached tasks keep their results under `<output_dir>/.prefect-results`
+    (flock locks in its `locks/`), `output.refresh` recomputes them; yields the outcome of each
+    task that completed in the block (name -> "completed" or "cached"), for the manifest."""
+    context = FlowRunContext.get()
+    if context is None:
+        raise RuntimeError("durable_results() is for the body of a flow run")
+    store_dir = results_dir(output.output_dir)
+    store = context.result_store.model_copy(update={"result_storage": LocalFileSystem(basepath=str(store_dir)),
+                                                    "lock_manager": FlockLockManager(store_dir / "locks")})
+    scope = _Scope(refresh=output.refresh)
+    token = _SCOPE.set(scope)
+    try:
+        # Tasks without result_storage of their own use the flow run's result store: this copy.
+        with context.model_copy(update={"result_store": store}):
+            yield scope.outcomes
+    finally:
+        _SCOPE.reset(token)
+
+
+def task_outcomes() -> dict[str, str]:
+    """The outcomes recorded so far in the enclosing `durable_results` block."""
+    scope = _SCOPE.get()
+    return dict(scope.outcomes) if scope is not None else {}
+
+
+def record_outcome(task: Task, task_run: TaskRun, state: State) -> None:
+    """State hook (on completion): note whether the task computed its result or reused one."""
+    if (scope := _SCOPE.get()) is not None:
+        scope.outcomes[task.name] = "cached" if state.name == "Cached" else "completed"
+
+
+# ---------------------------------------------------------------------------------------------
 # Cache policy
+
+
+@functools.cache
+def core_digest(package: Path = CORE_PACKAGE) -> str:
+    """sha256 over the path and bytes of every .py file of the core package (once per process)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(f"{path.relative_to(package).as_posix()}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
-def _module_digest(modules: tuple[str, ...]) -> str:
-    sources = (inspect.getsource(importlib.import_module(name)) for name in modules)
-    return hashlib.sha256("\0".join(sources).encode()).hexdigest()
+def task_cache_key(task: Task, inputs: Mapping[str, Any], projections: Mapping[str, Callable[[Any], Any] | None]) -> str:
+    """The key of one call: the core package digest, the task's source and the named inputs
+    (each through its projection, when it has one)."""
+    material = {name: _jsonable(project(inputs[name]) if project else inputs[name])
+                for name, project in projections.items()}
+    return hash_objects(core_digest(), inspect.getsource(task.fn), material, raise_on_failure=True)
+
+
+def _stored_output(store: ResultStore, key: str, holder: str) -> Any:
+    # ResultStore.read is the only way to load a record that Prefect wrote (format, serializer);
+    # tests/tasks/test_caching.py fails on an upgrade that changes it.
+    return store.read(key, holder=holder).result
 
 
 @dataclass
 class VerifiedCache(CachePolicy):
-    """Key = the task's source (TaskSource), the source of the core modules it calls, and the
-    named inputs, each optionally projected to what identifies it (a dataset -> its
-    fingerprint). Before the lookup, a stored result whose files are gone or changed is
-    removed, which turns it into a miss."""
+    """Key = `task_cache_key`; before the lookup, a stored result whose files are gone or
+    changed (or any stored result, when refreshing) is removed, which turns it into a miss."""
 
     inputs: Mapping[str, Callable[[Any], Any] | None] = field(default_factory=dict)
-    modules: tuple[str, ...] = ()  # names: the policy is deep-copied, modules cannot be
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        material = {name: _jsonable(project(inputs[name]) if project else inputs[name])
-                    for name, project in self.inputs.items()}
-        key = hash_objects(TaskSource().compute_key(task_ctx, inputs, flow_parameters),
-                           _module_digest(self.modules), material, raise_on_failure=True)
-        if not task_ctx.task.refresh_cache:
-            self._drop_if_stale(task_ctx, key)
+        key = task_cache_key(task_ctx.task, inputs, self.inputs)
+        self._drop_if_stale(task_ctx, key)
         return key
 
     @staticmethod
     def _drop_if_stale(task_ctx: TaskRunContext, key: str) -> None:
-        store = task_ctx.result_store
-        storage = store.result_storage
-        if not isinstance(storage, LocalFileSystem):
-            raise TypeError(f"VerifiedCache needs local result storage, got {type(storage).__name__}; "
-                            f"bind the task with tasks.caching.bind()")
+        store, scope = task_ctx.result_store, _SCOPE.get()
+        if scope is None or not isinstance(store.result_storage, LocalFileSystem):
+            raise RuntimeError(f"Task {task_ctx.task.name} is cached: call it inside tasks.caching.durable_results()")
         holder = f"verify-{uuid4()}"
-        locked = store.lock_manager is not None and store.acquire_lock(key, holder=holder)
+        store.acquire_lock(key, holder=holder)
         try:
             if not store.exists(key):
                 return
             try:
-                result = store.read(key, holder=holder).result
+                result = _stored_output(store, key, holder)
                 problems = result.problems() if isinstance(result, TaskOutput) else []
             except Exception as err:  # a record this code cannot load is as useless as a stale one
                 problems = [f"stored record unreadable: {err}"]
+            if scope.refresh:
+                problems = ["refresh requested"]
             if problems:
-                get_run_logger().warning("Cached result of %s is stale (%s); recomputing",
-                                         task_ctx.task.name, "; ".join(problems))
-                (Path(storage.basepath) / key).unlink(missing_ok=True)
+                get_run_logger().warning("Cached result of %s dropped (%s); recomputing", task_ctx.task.name,
+                                         "; ".join(problems))
+                (Path(store.result_storage.basepath) / key).unlink(missing_ok=True)
         finally:
-            if locked:
-                store.release_lock(key, holder=holder)
+            store.release_lock(key, holder=holder)
 
 
-def verified_cache(*names: str, modules: tuple[str, ...] = (), **projections: Callable[[Any], Any]) -> VerifiedCache:
-    """A VerifiedCache keyed on `names` (inputs as they are) and `projections` (input name ->
-    function of the input giving its identity)."""
-    return VerifiedCache(inputs={**{name: None for name in names}, **projections}, modules=modules)
-
-
-def bind(task: Task, output_dir: Path | str, refresh: bool) -> Task:
-    """The task with durable result storage under `output_dir`, SERIALIZABLE isolation on
-    flock locks (a concurrent run waits for the result instead of recomputing it), and
-    `refresh` forcing recomputation. Results are not kept in memory: a record on disk may be
-    replaced by another process, and only the disk copy is verified."""
-    if not isinstance(task.cache_policy, VerifiedCache):
-        raise TypeError(f"Task {task.name} has no VerifiedCache policy; only cached tasks are bound")
-    store = results_dir(output_dir)
-    policy = task.cache_policy.configure(isolation_level="SERIALIZABLE", lock_manager=FlockLockManager(store / "locks"))
-    return task.with_options(result_storage=store, cache_policy=policy, persist_result=True,
-                             cache_result_in_memory=False, refresh_cache=refresh)
-
-
-class TaskLedger:
-    """Runs tasks for a flow and records each one's outcome ("completed" or "cached") for the
-    manifest; a cached TaskOutput is adopted into the current run directory."""
-
-    def __init__(self) -> None:
-        self.statuses: dict[str, str] = {}
-
-    def run(self, task: Task, *args: Any, run_dir: Path | None = None, **kwargs: Any) -> Any:
-        state = task(*args, return_state=True, **kwargs)
-        result = state.result()  # re-raises the task's own error when it failed
-        cached = state.name == "Cached"
-        self.statuses[task.name] = "cached" if cached else "completed"
-        if cached and run_dir is not None and isinstance(result, TaskOutput):
-            result = result.adopted_into(run_dir)
-            if result.files:
-                get_run_logger().info("%s: cached, copied %d file(s) into %s", task.name, len(result.files), run_dir)
-        return result
+def cached_task(*names: str, retries: int = 0, retry_delay_seconds: int | list[int] = 0,
+                timeout_seconds: float | None = None, **projections: Callable[[Any], Any]) -> Callable[[Callable], Task]:
+    """`@task` for a pipeline step whose result is reused: keyed on the inputs in `names` (as
+    they are) and `projections` (input name -> function giving its identity), stored durably
+    (`durable_results`), verified before reuse, its outcome recorded for the manifest."""
+    policy = VerifiedCache(inputs={**{name: None for name in names}, **projections}).configure(
+        isolation_level="SERIALIZABLE")
+    # Results are not kept in memory: a record on disk may be replaced by another process, and
+    # only the disk copy is verified.
+    return task(cache_policy=policy, persist_result=True, cache_result_in_memory=False, retries=retries,
+                retry_delay_seconds=retry_delay_seconds, timeout_seconds=timeout_seconds,
+                on_completion=[record_outcome])

@@ -5,7 +5,6 @@ Never cached: both read the slot as it is now, and the challenge moves it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -13,22 +12,28 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import publish_markdown
 from tasks.data import DatasetRef, ValidatedData
-from visionflow.champion import champion_report_markdown, challenge, evaluate_champion
+from tasks.run import RunInfo
+from visionflow.cache import decoded_cache_dir
+from visionflow.champion import challenge, champion_report_markdown, evaluate_champion
 from visionflow.config import PipelineConfig
+from visionflow.manifest import Manifest
 
 DECISION_KEY = "champion-decision"
 EVALUATION_KEY = "champion-evaluation"
 
 
 @task(cache_policy=NO_CACHE)
-def challenge_champion(run_dir: str, dataset: DatasetRef, validated: ValidatedData, config: PipelineConfig) -> dict[str, Any]:
-    """Compare the run with the champion on its eval split; promote it when at least as good."""
-    eval_split = validated.apply(dataset.load()).eval_split
-    decision = challenge(run_dir, config.output.champion, config.training.monitor, eval_split,
-                         config.output.output_dir, Path(config.data.data_dir) / "cache", config.training.device)
+def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedData, config: PipelineConfig) -> Manifest:
+    """With output.champion set: compare the run with that slot's champion on its eval split and
+    promote it when at least as good. Returns the run's manifest (with the decision, if any)."""
+    if config.output.champion is None:
+        return Manifest.load(run.run_dir)
+    decision, manifest = challenge(run.run_dir, config.output.champion, config.training.monitor,
+                                   validated.apply(dataset).eval_split, config.output.output_dir,
+                                   decoded_cache_dir(config.data.data_dir), config.training.device)
     publish_markdown(DECISION_KEY, decision.to_markdown(), f"Champion '{decision.slot}': challenger {decision.outcome}")
     get_run_logger().info("champion '%s': challenger %s (%s)", decision.slot, decision.outcome, decision.reason)
-    return decision.to_dict()
+    return manifest
 
 
 @task(cache_policy=NO_CACHE)
@@ -36,7 +41,7 @@ def score_champion(dataset: DatasetRef, config: PipelineConfig) -> dict[str, Any
     """Evaluate the champion in config.output.champion on the dataset's eval split."""
     eval_split = dataset.load().eval_split
     champion, report = evaluate_champion(config.output.output_dir, config.output.champion, eval_split,
-                                         Path(config.data.data_dir) / "cache", config.training.device)
+                                         decoded_cache_dir(config.data.data_dir), config.training.device)
     publish_markdown(EVALUATION_KEY, champion_report_markdown(champion, report, eval_split.name),
                      f"Champion '{champion.slot}' ({champion.run_name}): accuracy {report.accuracy:.2%}")
     get_run_logger().info("champion '%s' (%s): accuracy %.4f, loss %.4f on %s", champion.slot, champion.run_name,

@@ -1,4 +1,4 @@
-"""Data tasks: download/prepare, fingerprint, validate, transform preview.
+"""Data tasks: download/prepare, fingerprint, validate, normalization statistics, transform preview.
 
 Cached outputs never hold the dataset's location: the same bytes elsewhere (a moved or copied
 folder) reuse them. The location travels in `DatasetRef`, which is recomputed every run.
@@ -13,32 +13,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
-from tasks.caching import TaskOutput, created_files, outputs_in, verified_cache
-from visionflow.cache import load_decoded
-from visionflow.fileio import atomic_write_json
+from tasks.caching import TaskOutput, cached_task, record_outcome, written_files
 from visionflow.config import DataConfig
 from visionflow.data import DatasetInfo, resolve_dataset, resolve_folder
 from visionflow.fingerprint import fingerprint_dataset
-from visionflow.preview import write_preview
-from visionflow.reports import write_validation_csvs
-from visionflow.runs import RunLayout
-from visionflow.tensorboard import log_image
-from visionflow.transforms import fill_mean_std
-from visionflow.validate import validate_dataset
-
-
-class DataSource(BaseModel):
-    """The slice of the config that says which dataset and how it is split."""
-
-    model_config = ConfigDict(frozen=True)
-    dataset: str
-    data_dir: str
-    val_fraction: float
-    split_seed: int
-
-    @classmethod
-    def of(cls, data: DataConfig) -> "DataSource":
-        return cls(dataset=data.dataset, data_dir=data.data_dir, val_fraction=data.val_fraction, split_seed=data.split_seed)
+from visionflow.manifest import DataRecord
+from visionflow.steps import fill_normalization, preview_into, validate_into
 
 
 class DataLocation(TaskOutput):
@@ -51,21 +31,17 @@ class DataLocation(TaskOutput):
 
 
 class DatasetRef(BaseModel):
-    """A dataset as found this run: its location, split rule and content fingerprint."""
+    """A dataset as found this run: its config (which dataset, how it is split), its location
+    and its content fingerprint."""
 
     model_config = ConfigDict(frozen=True)
-    source: DataSource
+    data: DataConfig
     root: str
     fingerprint: str
     classes: tuple[str, ...]
 
     def load(self) -> DatasetInfo:
-        return resolve_folder(self.root, self.source.dataset, self.source.val_fraction, self.source.split_seed)
-
-
-def by_fingerprint(dataset: DatasetRef) -> str:
-    """Cache identity of a dataset: its content, not where it lives."""
-    return dataset.fingerprint
+        return resolve_folder(self.root, self.data.dataset, self.data.val_fraction, self.data.split_seed)
 
 
 class ValidatedData(TaskOutput):
@@ -77,75 +53,90 @@ class ValidatedData(TaskOutput):
     num_eval: int
     eval_split: str
 
-    def apply(self, info: DatasetInfo) -> DatasetInfo:
-        """`info` without the excluded files."""
+    def apply(self, dataset: DatasetRef) -> DatasetInfo:
+        """The dataset's splits without the excluded files."""
+        info = dataset.load()
         bad = [info.root / relpath for relpath in self.excluded]
         return replace(info, splits={name: split.without(bad) for name, split in info.splits.items()})
+
+    def record(self, dataset: DatasetRef) -> DataRecord:
+        """The manifest's data section: the dataset as found this run, as validated."""
+        return DataRecord(spec=dataset.data.dataset, root=dataset.root, fingerprint=dataset.fingerprint,
+                          validated_fingerprint=self.fingerprint, num_train=self.num_train, num_eval=self.num_eval,
+                          eval_split=self.eval_split, classes=list(dataset.classes), excluded=list(self.excluded))
+
+
+class Normalization(TaskOutput):
+    """Per-channel normalization of the model's inputs."""
+
+    mean: list[float]
+    std: list[float]
+
+    def apply(self, data: DataConfig) -> DataConfig:
+        """`data` normalized with these statistics."""
+        return data.model_copy(update={"mean": self.mean, "std": self.std})
+
+
+def by_source(data: DataConfig) -> tuple:
+    """What a download depends on: which dataset, where downloads go, how it is split."""
+    return data.dataset, data.data_dir, data.val_fraction, data.split_seed
+
+
+def by_fingerprint(dataset: DatasetRef) -> str:
+    """Cache identity of a dataset: its content, not where it lives."""
+    return dataset.fingerprint
 
 
 def by_exclusions(validated: ValidatedData) -> tuple[str, ...]:
     return validated.excluded
 
 
-class PreviewOutput(TaskOutput):
-    pass
+def by_transform(data: DataConfig) -> tuple:
+    """What normalization and the preview depend on in the data config (not the location or the batching)."""
+    return data.image_size, data.augment, data.mean, data.std
 
 
-@task(cache_policy=verified_cache("source", modules=("visionflow.data", "visionflow.download")), retries=2,
-      retry_delay_seconds=5)
-def download_dataset(source: DataSource) -> DataLocation:
-    """Download and prepare the dataset if needed (CIFAR-10); retried, since downloads fail transiently."""
-    info = resolve_dataset(source.dataset, source.data_dir, source.val_fraction, source.split_seed, download=True)
-    get_run_logger().info("dataset %s at %s", source.dataset, info.root)
+@cached_task(data=by_source, retries=2, retry_delay_seconds=[2, 10])  # downloads fail transiently
+def download_dataset(data: DataConfig) -> DataLocation:
+    """Download and prepare the dataset if needed (CIFAR-10)."""
+    info = resolve_dataset(data.dataset, data.data_dir, data.val_fraction, data.split_seed, download=True)
+    get_run_logger().info("dataset %s at %s", data.dataset, info.root)
     return DataLocation(root=str(info.root))
 
 
 # Never cached: its output is what every other data task is keyed on, so it must see each change.
-@task(cache_policy=NO_CACHE)
-def fingerprint_data(source: DataSource, location: DataLocation) -> DatasetRef:
+@task(cache_policy=NO_CACHE, on_completion=[record_outcome])
+def fingerprint_data(data: DataConfig, location: DataLocation) -> DatasetRef:
     """Resolve the splits and fingerprint every file's content."""
-    info = resolve_folder(location.root, source.dataset, source.val_fraction, source.split_seed)
-    fingerprint = fingerprint_dataset(info)
-    get_run_logger().info("dataset %s: %s", source.dataset, ", ".join(f"{n} {len(s)}" for n, s in info.splits.items()))
-    return DatasetRef(source=source, root=str(info.root), fingerprint=fingerprint, classes=info.classes)
+    info = resolve_folder(location.root, data.dataset, data.val_fraction, data.split_seed)
+    get_run_logger().info("dataset %s: %s", data.dataset, ", ".join(f"{n} {len(s)}" for n, s in info.splits.items()))
+    return DatasetRef(data=data, root=str(info.root), fingerprint=fingerprint_dataset(info), classes=info.classes)
 
 
-@task(cache_policy=verified_cache("on_invalid", dataset=by_fingerprint,
-                                  modules=("visionflow.validate", "visionflow.reports", "visionflow.images",
-                                           "visionflow.fingerprint", "visionflow.data")))
+@cached_task("on_invalid", dataset=by_fingerprint)
 def validate_data(dataset: DatasetRef, on_invalid: str, run_dir: str) -> ValidatedData:
     """Validate every image (report: validation.json and CSVs); invalid files are left out."""
-    report, clean = validate_dataset(dataset.load(), on_invalid=on_invalid)
-    layout = RunLayout(Path(run_dir))
-    values = report.to_dict()
-    atomic_write_json(layout.validation, values)
-    tables = write_validation_csvs(values, layout.root)
+    with written_files(run_dir) as files:
+        report, clean = validate_into(run_dir, dataset.load(), on_invalid)
     if report.invalid:
         get_run_logger().warning("%d invalid file(s) left out: %s", len(report.invalid),
                                  ", ".join(path for path, _ in report.invalid[:5]))
     return ValidatedData(excluded=tuple(path for path, _ in report.invalid), fingerprint=report.fingerprint,
                          num_train=len(clean.train), num_eval=len(clean.eval_split), eval_split=clean.eval_split.name,
-                         files=outputs_in(run_dir, [layout.validation.name, *(p.name for p in tables.values())]))
+                         files=files)
 
 
-def by_transform(data: DataConfig) -> tuple:
-    """What a preview depends on in the data config (not the location or the batching)."""
-    return data.image_size, data.augment, data.mean, data.std
+@cached_task(dataset=by_fingerprint, validated=by_exclusions, data=by_transform)
+def compute_normalization(dataset: DatasetRef, validated: ValidatedData, data: DataConfig) -> Normalization:
+    """The train split's per-channel mean and std where the config leaves them empty (computed once per run)."""
+    filled = fill_normalization(validated.apply(dataset).train, data)
+    return Normalization(mean=filled.mean, std=filled.std)
 
 
-@task(cache_policy=verified_cache("seed", dataset=by_fingerprint, validated=by_exclusions, data=by_transform,
-                                  modules=("visionflow.preview", "visionflow.transforms", "visionflow.images",
-                                           "visionflow.cache", "visionflow.tensorboard", "visionflow.data")))
-def preview_transforms(dataset: DatasetRef, validated: ValidatedData, data: DataConfig, seed: int,
-                       run_dir: str) -> PreviewOutput:
+@cached_task("seed", "normalization", dataset=by_fingerprint, validated=by_exclusions, data=by_transform)
+def preview_transforms(dataset: DatasetRef, validated: ValidatedData, data: DataConfig, normalization: Normalization,
+                       seed: int, run_dir: str) -> TaskOutput:
     """Render what the model sees (original | eval input | train input) to preview.png and TensorBoard."""
-    layout = RunLayout(Path(run_dir))
-    train = validated.apply(dataset.load()).train
-    mean, std = data.mean, data.std
-    if mean is None or std is None:  # the train split's statistics, as fit() computes them
-        decoded = load_decoded(train, data.image_size, Path(data.data_dir) / "cache")
-        mean, std = fill_mean_std(mean, std, decoded.images)
-    _, image = write_preview(layout.preview, train, data.image_size, mean, std, bool(data.augment), seed)
-    with created_files(run_dir, layout.tensorboard) as events:
-        log_image(layout.tensorboard, "data/transform_preview", image)
-    return PreviewOutput(files={**outputs_in(run_dir, [layout.preview.name]), **events})
+    with written_files(run_dir) as files:
+        preview_into(run_dir, validated.apply(dataset).train, normalization.apply(data), seed)
+    return TaskOutput(files=files)

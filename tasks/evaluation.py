@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
-from tasks.caching import FileRef, TaskOutput, created_files, outputs_in, verified_cache
+from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
-from visionflow.cache import load_decoded
-from visionflow.checkpoints import export_model, load_model
-from visionflow.fileio import atomic_write_json
-from visionflow.evaluation import evaluate_model
-from visionflow.reports import render_misclassified, write_evaluation_csvs, write_png
-from visionflow.runs import RunLayout
-from visionflow.tensorboard import log_confusion_matrix
-
-CONFUSION_PNG = "confusion_matrix.png"
-MISCLASSIFIED_PNG = "misclassified.png"
+from tasks.training import TrainOutput
+from visionflow.manifest import MetricsRecord
+from visionflow.steps import export_into, write_evaluation
 
 
 class EvalOutput(TaskOutput):
@@ -27,6 +19,12 @@ class EvalOutput(TaskOutput):
     top5: float | None
     num_images: int
     per_class: list[dict[str, Any]]
+
+    def metrics(self, training: TrainOutput) -> MetricsRecord:
+        """The manifest's metrics: this evaluation of the training's best checkpoint."""
+        return MetricsRecord(eval_accuracy=self.accuracy, eval_loss=self.loss, eval_top5=self.top5,
+                             best_epoch=training.fit.best_epoch, epochs_trained=len(training.fit.history),
+                             per_class=self.per_class)
 
 
 class ExportOutput(TaskOutput):
@@ -38,35 +36,20 @@ def by_sha256(ref: FileRef) -> str:
     return ref.sha256
 
 
-@task(cache_policy=verified_cache("device", dataset=by_fingerprint, validated=by_exclusions, checkpoint=by_sha256,
-                                  modules=("visionflow.evaluation", "visionflow.checkpoints", "visionflow.reports",
-                                           "visionflow.engine", "visionflow.transforms", "visionflow.models",
-                                           "visionflow.cache", "visionflow.tensorboard", "visionflow.images")))
+@cached_task("device", dataset=by_fingerprint, validated=by_exclusions, checkpoint=by_sha256)
 def evaluate_checkpoint(dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str,
                         data_dir: str, run_dir: str) -> EvalOutput:
     """Evaluate the checkpoint on the eval split: evaluation.json, CSVs, confusion and misclassified images."""
-    layout = RunLayout(Path(run_dir))
-    model, spec = load_model(checkpoint.path)
-    split = validated.apply(dataset.load()).eval_split
-    report = evaluate_model(model, spec, load_decoded(split, spec.input_size, Path(data_dir) / "cache"), device=device)
-    values = report.to_dict()
-    atomic_write_json(layout.evaluation, values)
-    tables = write_evaluation_csvs(values, layout.root)
-    with created_files(run_dir, layout.tensorboard) as events:
-        confusion = log_confusion_matrix(layout.tensorboard, report.confusion_matrix, report.classes)
-    write_png(confusion, layout.root / CONFUSION_PNG)
-    write_png(render_misclassified(values["confidently_wrong"], root=split.root), layout.root / MISCLASSIFIED_PNG)
+    with written_files(run_dir) as files:
+        report = write_evaluation(run_dir, checkpoint.path, validated.apply(dataset).eval_split, device, data_dir)
     get_run_logger().info("eval accuracy %.4f, loss %.4f on %d images", report.accuracy, report.loss, report.num_images)
-    relpaths = [layout.evaluation.name, CONFUSION_PNG, MISCLASSIFIED_PNG, *(p.name for p in tables.values())]
     return EvalOutput(accuracy=report.accuracy, loss=report.loss, top5=report.top5, num_images=report.num_images,
-                      per_class=values["per_class"], files={**outputs_in(run_dir, relpaths), **events})
+                      per_class=report.to_dict()["per_class"], files=files)
 
 
-@task(cache_policy=verified_cache(checkpoint=by_sha256, modules=("visionflow.checkpoints",)))
+@cached_task(checkpoint=by_sha256)
 def export_checkpoint(checkpoint: FileRef, run_dir: str) -> ExportOutput:
     """Export the checkpoint's weights (safetensors) and spec (json) for serving."""
-    layout = RunLayout(Path(run_dir))
-    model, spec = load_model(checkpoint.path)
-    written = export_model(model, spec, layout.export_dir)
-    relpaths = [Path(written[k]).resolve().relative_to(layout.root.resolve()).as_posix() for k in ("weights", "spec")]
-    return ExportOutput(weights_sha256=written["weights_sha256"], files=outputs_in(run_dir, relpaths))
+    with written_files(run_dir) as files:
+        weights_sha256 = export_into(run_dir, checkpoint.path)
+    return ExportOutput(weights_sha256=weights_sha256, files=files)

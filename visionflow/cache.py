@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # Bump when the stored layout or the decoding (resize filter, conversion) changes, so that old
 # files are simply never looked up again.
 _FORMAT = 1
+CACHE_SUBDIR = "cache"  # the decoded cache lives in <data.data_dir>/cache
 
 
 @dataclass
@@ -41,7 +42,12 @@ class DecodedSplit:
         return len(self.labels)
 
 
-def cache_path(fingerprint: str, image_size: int, cache_dir: Path | str = "data/cache") -> Path:
+def decoded_cache_dir(data_dir: Path | str) -> Path:
+    """The decoded-tensor cache folder of a data directory (`data.data_dir`)."""
+    return Path(data_dir) / CACHE_SUBDIR
+
+
+def cache_path(fingerprint: str, image_size: int, cache_dir: Path | str) -> Path:
     """Where the decoded tensors of a split fingerprint at image_size live."""
     return Path(cache_dir) / f"decoded-v{_FORMAT}-{fingerprint}-{image_size}.pt"
 
@@ -109,7 +115,7 @@ def _write(path: Path, decoded: DecodedSplit) -> None:
     atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
-def load_decoded(split: Split, image_size: int, cache_dir: Path | str = "data/cache") -> DecodedSplit:
+def load_decoded(split: Split, image_size: int, cache_dir: Path | str) -> DecodedSplit:
     """The split decoded at image_size, from the cache when present and intact, else decoded now
     and stored. A cache that cannot be written (read-only disk, full disk) costs a warning only."""
     if image_size < 1:

@@ -43,7 +43,8 @@ from visionflow.data import Split
 from visionflow.errors import CheckpointError, ConfigError
 from visionflow.evaluation import EvalReport, check_classes_match, evaluate_model
 from visionflow.fileio import atomic_write_bytes, atomic_write_json, locked
-from visionflow.runs import MANIFEST_NAME, RunLayout, read_manifest, write_manifest
+from visionflow.manifest import MANIFEST_NAME, Manifest
+from visionflow.runs import RunLayout
 
 MODELS_SUBDIR = "models"
 DECISION = "decision.json"
@@ -222,7 +223,7 @@ def _prune(versions: Path, current: str) -> None:
         shutil.rmtree(versions / name, ignore_errors=True)
 
 
-def promote(run_dir: Path, manifest: dict[str, Any], decision: ChampionDecision, output_dir: Path | str) -> Path:
+def promote(run_dir: Path, manifest: Manifest, decision: ChampionDecision, output_dir: Path | str) -> Path:
     """Install the run's export, manifest and decision as the slot's new version; swap the link atomically."""
     link = slot_path(output_dir, decision.slot)
     if link.exists() and not link.is_symlink():
@@ -235,7 +236,7 @@ def promote(run_dir: Path, manifest: dict[str, Any], decision: ChampionDecision,
     try:
         for name in (EXPORT_WEIGHTS, EXPORT_SPEC):
             atomic_write_bytes(staging / name, (RunLayout(run_dir).export_dir / name).read_bytes())
-        write_manifest(staging, manifest)
+        manifest.save(staging)
         atomic_write_json(staging / DECISION, decision.to_dict())
         os.replace(staging, versions / version)
     except BaseException:
@@ -249,15 +250,14 @@ def promote(run_dir: Path, manifest: dict[str, Any], decision: ChampionDecision,
 
 
 def challenge(run_dir: Path | str, slot: str, metric: str, eval_split: Split, output_dir: Path | str,
-              cache_dir: Path | str, device: str = "auto") -> ChampionDecision:
+              cache_dir: Path | str, device: str = "auto") -> tuple[ChampionDecision, Manifest]:
     """Compare the run in ``run_dir`` with the champion in ``slot``, promote it when it is at least
-    as good, and record the decision in the run's manifest (key ``champion``)."""
+    as good, and record the decision in the run's manifest (``champion``); returns both."""
     layout = RunLayout(Path(run_dir))
-    manifest = read_manifest(layout.root)
-    spec = _read_json(layout.export_dir / EXPORT_SPEC, f"the run's export ({EXPORT_WEIGHTS} + {EXPORT_SPEC})")
-    metrics = manifest.get("metrics") or {}
-    if metric not in metrics:
-        raise CheckpointError(f"Manifest '{layout.manifest}' has no metrics.{metric}: found {', '.join(sorted(metrics)) or 'none'}")
+    manifest = Manifest.load(layout.root)
+    spec = _read_json(layout.export_spec, f"the run's export ({EXPORT_WEIGHTS} + {EXPORT_SPEC})")
+    if manifest.metrics is None:
+        raise CheckpointError(f"Manifest '{layout.manifest}' has no metrics: expected a completed run")
     challenger_sha = str(spec["weights_sha256"])
     field, _ = metric_direction(metric)
     # One challenger per slot from reading the champion to swapping it: two runs challenging one
@@ -266,10 +266,10 @@ def challenge(run_dir: Path | str, slot: str, metric: str, eval_split: Split, ou
         champion = read_champion(output_dir, slot)
         champion_score = (float(getattr(evaluate_export(champion.path, eval_split, cache_dir, device), field))
                           if champion is not None and champion.weights_sha256 != challenger_sha else None)
-        decision = decide(slot, metric, layout.name, float(metrics[metric]), challenger_sha,
+        decision = decide(slot, metric, layout.name, float(getattr(manifest.metrics, metric)), challenger_sha,
                           champion, champion_score, eval_split)
-        manifest = {**manifest, "champion": decision.to_dict()}
+        manifest = manifest.model_copy(update={"champion": decision.to_dict()})
         if decision.promoted:
             promote(layout.root, manifest, decision, output_dir)
-    write_manifest(layout.root, manifest)
-    return decision
+    manifest.save(layout.root)
+    return decision, manifest

@@ -81,7 +81,7 @@ class TrainingConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (CUDA and CPU).")
     channels_last: bool = Field(False, description="Use channels_last memory format (faster convolutions on recent GPUs).")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
-    seed: int = Field(0, ge=0, description="One seed for Python, NumPy, torch, shuffling and workers.")
+    seed: int = Field(0, ge=0, description="One seed for Python, NumPy, torch, shuffling and augmentation.")
     monitor: Monitor = Field("eval_accuracy", description="Metric that picks the best checkpoint and drives early stopping.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many epochs without improvement; None = never.")
 

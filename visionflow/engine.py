@@ -35,8 +35,9 @@ from visionflow.rng import Generators, restore_rng_state, rng_state
 from visionflow.transforms import BatchTransform, fill_mean_std
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change where
-# things are written or how fast it runs, not the numbers.
-_RESUME_FREE_FIELDS = ("output.", "data.data_dir", "training.device", "training.compile")
+# things are written or how fast it runs, not the numbers (data.num_workers: a removed loader
+# setting that checkpoints written before its removal still carry).
+_RESUME_FREE_FIELDS = ("output.", "data.data_dir", "data.num_workers", "training.device", "training.compile")
 _PROGRESS_INTERVAL = 0.25  # seconds between progress-bar redraws (each redraw is one device sync)
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from visionflow.fileio import atomic_write_bytes, atomic_write_text
 from visionflow.config import flatten
 from visionflow.images import load_rgb
+from visionflow.manifest import Manifest
 from visionflow.runs import RunLayout, runs_root
 
 FONT_SIZE = 12
@@ -172,23 +173,23 @@ def _key_value_table(values: Mapping[str, Any]) -> str:
     return "\n".join(["| | |", "|---|---|", *rows])
 
 
-def run_summary_markdown(manifest: Mapping[str, Any], run_dir: Path | str) -> str:
-    """The run summary as markdown, from ``runs.build_manifest``'s dict: headline, metrics,
-    data, model (parameter count), timing, where the outputs are (checkpoints, export,
-    TensorBoard logs, with the command that opens TensorBoard) and what reproduces the run."""
+def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
+    """The run summary as markdown: headline, metrics, data, model (parameter count), timing,
+    where the outputs are (checkpoints, export, TensorBoard logs, with the command that opens
+    TensorBoard) and what reproduces the run."""
     layout = RunLayout(Path(run_dir))
-    config = manifest["config"]
-    metrics = manifest.get("metrics") or {}
-    headline = (f"Model **{config['model']['name']}** on **{config['data']['dataset']}**, "
-                f"{config['training']['epochs']} epochs, seed {manifest['seed']}, device {manifest.get('device') or '-'}")
-    if "eval_accuracy" in metrics:
-        headline += f": eval accuracy **{_format_value('eval_accuracy', metrics['eval_accuracy'])}**"
-    parts = [f"# Run `{manifest['run_name']}`: {manifest['status']}", "", headline + "."]
-    if manifest.get("error"):
-        parts += ["", f"**Error:** {manifest['error']}"]
-    for title, key in (("Metrics", "metrics"), ("Data", "data"), ("Model", "model"), ("Timing", "timing")):
-        if manifest.get(key):
-            parts += ["", f"## {title}", "", _key_value_table(manifest[key])]
+    config = manifest.config
+    headline = (f"Model **{config.model.name}** on **{config.data.dataset}**, {config.training.epochs} epochs, "
+                f"seed {manifest.seed}, device {manifest.device or '-'}")
+    if manifest.metrics is not None:
+        headline += f": eval accuracy **{_format_value('eval_accuracy', manifest.metrics.eval_accuracy)}**"
+    parts = [f"# Run `{manifest.run_name}`: {manifest.status}", "", headline + "."]
+    if manifest.error:
+        parts += ["", f"**Error:** {manifest.error}"]
+    sections = {"Metrics": manifest.metrics, "Data": manifest.data, "Model": manifest.model, "Timing": manifest.timing}
+    for title, section in sections.items():
+        if section is not None:
+            parts += ["", f"## {title}", "", _key_value_table(section.model_dump(mode="json", exclude_none=True))]
 
     outputs = {"run directory": layout.root, "last checkpoint": layout.last_checkpoint,
                "best checkpoint": layout.best_checkpoint, "export": layout.export_dir,
@@ -199,9 +200,8 @@ def run_summary_markdown(manifest: Mapping[str, Any], run_dir: Path | str) -> st
               "", "Compare it with every other run:", "", "```bash",
               tensorboard_command(runs_root(layout.root.parent.parent)), "```"]
 
-    reproduce = {"seed": manifest["seed"], "git commit": manifest.get("git_commit"),
-                 "weights sha256": manifest.get("weights_sha256"),
-                 "prefect flow run": manifest.get("prefect_flow_run_id"), **(manifest.get("versions") or {})}
+    reproduce = {"seed": manifest.seed, "git commit": manifest.git_commit, "weights sha256": manifest.weights_sha256,
+                 "prefect flow run": manifest.prefect_flow_run_id, **manifest.versions}
     parts += ["", "## Reproduce", "", _key_value_table(reproduce), "", "```bash",
               f"visionflow reproduce {layout.root}", "```", ""]
     return "\n".join(parts)

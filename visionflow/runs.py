@@ -1,34 +1,29 @@
-"""Run directories and manifests: naming, the `<output>/runs/<run-name>/` layout, the manifest
-written (atomically) at the start and end of every run, the run history, and the provenance
-recorded with each run (library versions, git commit).
+"""Run directories: naming, the `<output>/runs/<run-name>/` layout (every file name of a run,
+defined once), creating or resuming a run directory, the run history, and reproduction.
 
 A run directory is complete on its own: a run whose steps were cached gets copies of the cached
-files, so deleting one run never breaks another.
+files, so deleting one run never breaks another. Its manifest is `visionflow.manifest.Manifest`.
 """
 
 from __future__ import annotations
 
-import json
-import platform
 import re
 import secrets
-import subprocess
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from visionflow.fileio import atomic_write_json
-from visionflow.config import PipelineConfig, build_config
+from visionflow.checkpoints import BEST_CHECKPOINT, EXPORT_SPEC, EXPORT_WEIGHTS, LAST_CHECKPOINT
+from visionflow.config import PipelineConfig
 from visionflow.errors import ConfigError, DatasetError
+from visionflow.manifest import MANIFEST_NAME, Manifest
 
 RUNS_SUBDIR = "runs"
-MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
-STATUSES = ("running", "completed", "failed")
+CHECKPOINTS_SUBDIR = "checkpoints"
+BEST_CHECKPOINT_PATH = f"{CHECKPOINTS_SUBDIR}/{BEST_CHECKPOINT}"  # run-directory-relative
+LAST_CHECKPOINT_PATH = f"{CHECKPOINTS_SUBDIR}/{LAST_CHECKPOINT}"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_PACKAGES = ("torch", "torchvision", "prefect")
 
 
 @dataclass(frozen=True)
@@ -47,19 +42,27 @@ class RunLayout:
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS_SUBDIR
 
     @property
     def last_checkpoint(self) -> Path:
-        return self.checkpoints / "last.pt"
+        return self.checkpoints / LAST_CHECKPOINT
 
     @property
     def best_checkpoint(self) -> Path:
-        return self.checkpoints / "best.pt"
+        return self.checkpoints / BEST_CHECKPOINT
 
     @property
     def export_dir(self) -> Path:
         return self.root / "export"
+
+    @property
+    def export_weights(self) -> Path:
+        return self.export_dir / EXPORT_WEIGHTS
+
+    @property
+    def export_spec(self) -> Path:
+        return self.export_dir / EXPORT_SPEC
 
     @property
     def tensorboard(self) -> Path:
@@ -76,6 +79,18 @@ class RunLayout:
     @property
     def evaluation(self) -> Path:
         return self.root / "evaluation.json"
+
+    @property
+    def model_summary(self) -> Path:
+        return self.root / "model.txt"
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.root / "confusion_matrix.png"
+
+    @property
+    def misclassified_png(self) -> Path:
+        return self.root / "misclassified.png"
 
 
 def runs_root(output_dir: Path | str) -> Path:
@@ -120,6 +135,19 @@ def create_run_dir(output_dir: Path | str, run_name: str | None, dataset: str, m
         return layout, False
 
 
+def open_run(config: PipelineConfig, started_at: str, prefect_flow_run_id: str | None,
+             proposed: str | None = None) -> tuple[RunLayout, Path | None]:
+    """Create the run directory (or reopen the interrupted run named `config.output.run_name`) and
+    write its 'running' manifest; returns the layout and the last.pt to resume from (None: a
+    fresh start). `config` is resolved."""
+    output = config.output
+    layout, resumed = create_run_dir(output.output_dir, output.run_name, config.data.dataset, config.model.name,
+                                     proposed=proposed)
+    Manifest.start(layout.name, config, started_at, prefect_flow_run_id).save(layout.root)
+    resume_from = layout.last_checkpoint.resolve() if resumed and layout.last_checkpoint.is_file() else None
+    return layout, resume_from
+
+
 def resumable_run(output_dir: Path | str, run_name: str) -> RunLayout | None:
     """The interrupted run named `run_name`, None when there is none; ConfigError when that run
     completed (reusing it would mix two runs' outputs)."""
@@ -134,100 +162,9 @@ def resumable_run(output_dir: Path | str, run_name: str) -> RunLayout | None:
 
 def _status_of(layout: RunLayout) -> str | None:
     try:
-        return json.loads(layout.manifest.read_text()).get("status")
-    except (OSError, ValueError):
+        return Manifest.load(layout.root).status
+    except ConfigError:
         return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Provenance
-
-
-def package_versions() -> dict[str, str]:
-    """Python and the libraries a result depends on (read from metadata: importing prefect is slow)."""
-    versions = {"python": platform.python_version()}
-    for package in _PACKAGES:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def git_commit(path: Path | str | None = None) -> str | None:
-    """The commit checked out where this code lives (suffix `-dirty` with local changes);
-    None outside a git work tree or without git."""
-    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{commit}-dirty" if dirty else commit
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------------------------------------
-# Manifest
-
-
-def build_manifest(run_name: str, config: dict[str, Any], status: str, *, started_at: str,
-                   prefect_flow_run_id: str | None, data: dict[str, Any] | None = None,
-                   model: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-                   timing: dict[str, Any] | None = None, checkpoint: dict[str, Any] | None = None,
-                   weights_sha256: str | None = None, tasks: dict[str, str] | None = None,
-                   device: str | None = None, resumed_from: str | None = None,
-                   error: str | None = None) -> dict[str, Any]:
-    """The manifest of a run. `config` is the fully resolved config (a dict); sections not known
-    yet (a run that failed early) stay None, so every manifest has the same keys."""
-    if status not in STATUSES:
-        raise ValueError(f"Invalid run status '{status}'. Choose from: {', '.join(STATUSES)}")
-    return {
-        "manifest_version": MANIFEST_VERSION,
-        "run_name": run_name,
-        "status": status,
-        "started_at": started_at,
-        "finished_at": None if status == "running" else utc_now(),
-        "config": config,
-        "seed": config["training"]["seed"],
-        "data": data,
-        "model": model,
-        "metrics": metrics,
-        "timing": timing,
-        "checkpoint": checkpoint,
-        "weights_sha256": weights_sha256,
-        "tasks": tasks or {},
-        "device": device,
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "prefect_flow_run_id": prefect_flow_run_id,
-        "resumed_from": resumed_from,  # last.pt of the interrupted run this one continued
-        "error": error,
-    }
-
-
-def write_manifest(run_dir: Path | str, manifest: dict[str, Any]) -> Path:
-    return atomic_write_json(Path(run_dir) / MANIFEST_NAME, manifest)
-
-
-def read_manifest(run_dir: Path | str) -> dict[str, Any]:
-    """The manifest of a run directory; ConfigError naming the directory when there is none."""
-    path = Path(run_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"Run directory '{run_dir}' has no {MANIFEST_NAME}: expected a directory "
-                          f"created by 'visionflow train' (<output>/{RUNS_SUBDIR}/<run-name>)") from None
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"Manifest '{path}' is unreadable: {err}") from None
-    if not isinstance(manifest, dict) or "config" not in manifest:
-        raise ConfigError(f"Manifest '{path}' is not a visionflow run manifest (no 'config')")
-    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,18 +180,17 @@ def list_runs(output_dir: Path | str) -> list[dict[str, Any]]:
         if not run_dir.is_dir() or run_dir.name.startswith("."):
             continue
         try:
-            manifest = read_manifest(run_dir)
+            manifest: Manifest | None = Manifest.load(run_dir)
         except ConfigError:
-            manifest = {}
-        config = manifest.get("config") or {}
+            manifest = None
         rows.append({
             "name": run_dir.name,
-            "date": manifest.get("started_at"),
-            "data": (config.get("data") or {}).get("dataset"),
-            "model": (config.get("model") or {}).get("name"),
-            "accuracy": (manifest.get("metrics") or {}).get("eval_accuracy"),
-            "duration": (manifest.get("timing") or {}).get("total_seconds"),
-            "status": manifest.get("status", "unknown"),
+            "date": manifest.started_at if manifest else None,
+            "data": manifest.config.data.dataset if manifest else None,
+            "model": manifest.config.model.name if manifest else None,
+            "accuracy": manifest.metrics.eval_accuracy if manifest and manifest.metrics else None,
+            "duration": manifest.timing.total_seconds if manifest and manifest.timing else None,
+            "status": manifest.status if manifest else "unknown",
             "path": str(run_dir),
         })
     rows.sort(key=lambda row: (row["date"] or "", row["name"]))
@@ -276,42 +212,39 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
 # Reproduction
 
 
-def reproduction_config(manifest: dict[str, Any], run_dir: Path | str) -> PipelineConfig:
+def reproduction_config(manifest: Manifest, run_dir: Path | str) -> PipelineConfig:
     """The config that reruns a run: its resolved config, caches bypassed, into a new run
     directory beside the original (`reproduce-<original name>-<4 hex>`)."""
-    config = build_config(manifest["config"])
-    output = config.output.model_copy(update={
+    output = manifest.config.output.model_copy(update={
         "output_dir": str(Path(run_dir).resolve().parent.parent),
-        "run_name": f"reproduce-{manifest['run_name'][:80]}-{secrets.token_hex(2)}",
+        "run_name": f"reproduce-{manifest.run_name[:80]}-{secrets.token_hex(2)}",
         "refresh": True})
-    return config.model_copy(update={"output": output})
+    return manifest.config.model_copy(update={"output": output})
 
 
-def check_same_data(manifest: dict[str, Any], fingerprint: str) -> None:
+def check_same_data(manifest: Manifest, fingerprint: str) -> None:
     """DatasetError unless the data now has the fingerprint the run recorded."""
-    recorded = (manifest.get("data") or {}).get("fingerprint")
-    spec = manifest["config"]["data"]["dataset"]
-    if recorded is None:
-        raise DatasetError(f"Run '{manifest['run_name']}' recorded no data fingerprint (status "
-                           f"{manifest.get('status')}); only a completed run can be reproduced")
+    if manifest.data is None:
+        raise DatasetError(f"Run '{manifest.run_name}' recorded no data fingerprint (status "
+                           f"{manifest.status}); only a completed run can be reproduced")
+    recorded = manifest.data.fingerprint
     if recorded != fingerprint:
-        raise DatasetError(f"Dataset '{spec}' changed since run '{manifest['run_name']}': fingerprint "
-                           f"{fingerprint[:12]}... now, {recorded[:12]}... then; reproducing needs the same data")
+        raise DatasetError(f"Dataset '{manifest.config.data.dataset}' changed since run '{manifest.run_name}': "
+                           f"fingerprint {fingerprint[:12]}... now, {recorded[:12]}... then; reproducing needs the same data")
 
 
-def compare_runs(original: dict[str, Any], reproduced: dict[str, Any]) -> dict[str, Any]:
+def compare_runs(original: Manifest, reproduced: Manifest) -> dict[str, Any]:
     """Whether two runs produced the same weights, with both runs' metrics."""
-    def metrics(manifest: dict[str, Any]) -> dict[str, Any]:
-        values = manifest.get("metrics") or {}
-        return {key: values.get(key) for key in ("eval_accuracy", "eval_loss", "eval_top5")}
+    def metrics(manifest: Manifest) -> dict[str, Any]:
+        values = manifest.metrics
+        return {key: getattr(values, key) if values else None for key in ("eval_accuracy", "eval_loss", "eval_top5")}
 
     return {
-        "identical": original.get("weights_sha256") is not None
-                     and original.get("weights_sha256") == reproduced.get("weights_sha256"),
-        "original_run": original["run_name"],
-        "reproduced_run": reproduced["run_name"],
-        "reproduced_run_dir": str(Path(runs_root(reproduced["config"]["output"]["output_dir"])) / reproduced["run_name"]),
-        "original_weights_sha256": original.get("weights_sha256"),
-        "reproduced_weights_sha256": reproduced.get("weights_sha256"),
+        "identical": original.weights_sha256 is not None and original.weights_sha256 == reproduced.weights_sha256,
+        "original_run": original.run_name,
+        "reproduced_run": reproduced.run_name,
+        "reproduced_run_dir": str(runs_root(reproduced.config.output.output_dir) / reproduced.run_name),
+        "original_weights_sha256": original.weights_sha256,
+        "reproduced_weights_sha256": reproduced.weights_sha256,
         "metrics": {"original": metrics(original), "reproduced": metrics(reproduced)},
     }

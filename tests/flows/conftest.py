@@ -38,6 +38,13 @@ def tiny_config(dataset: Path, output: Path, **overrides: Any) -> PipelineConfig
     return load_config(None, {**values, **overrides})
 
 
+def train(config: PipelineConfig) -> dict[str, Any]:
+    """Run the training flow; its manifest as the JSON-ready dict written to manifest.json."""
+    from flows.train import train_pipeline
+
+    return train_pipeline(config).model_dump(mode="json")
+
+
 def run_dir_of(manifest: dict[str, Any]) -> Path:
     return Path(manifest["config"]["output"]["output_dir"]) / "runs" / manifest["run_name"]
 

@@ -17,7 +17,7 @@ from flows.cli import main
 from flows.reproduce import reproduce_run
 from flows.train import train_pipeline
 from tasks.artifacts import ARTIFACT_KEYS
-from tests.flows.conftest import HEAVY_TASKS, artifact_keys, log_messages, run_dir_of, task_states, tiny_config
+from tests.flows.conftest import HEAVY_TASKS, artifact_keys, train, log_messages, run_dir_of, task_states, tiny_config
 from visionflow.config import RECIPES
 from visionflow.errors import DatasetError
 from visionflow.fileio import file_sha256
@@ -37,7 +37,7 @@ def output(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def first(tiny_data: Path, output: Path) -> dict[str, Any]:
     """The first run in the module's output directory: nothing cached yet."""
-    return train_pipeline(tiny_config(tiny_data, output))
+    return train(tiny_config(tiny_data, output))
 
 
 def statuses(manifest: dict[str, Any], names: tuple[str, ...] = HEAVY_TASKS) -> dict[str, str]:
@@ -104,7 +104,7 @@ def test_artifacts_task_states_and_logs_in_prefect(first: dict[str, Any]) -> Non
 
 
 def test_identical_rerun_is_cached_and_complete(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
-    again = train_pipeline(tiny_config(tiny_data, output))
+    again = train(tiny_config(tiny_data, output))
     assert statuses(again) == {name: "cached" for name in HEAVY_TASKS}
     assert {task_states(again["prefect_flow_run_id"])[name] for name in HEAVY_TASKS} == {"Cached"}
     assert again["run_name"] != first["run_name"]
@@ -118,7 +118,7 @@ def test_identical_rerun_is_cached_and_complete(first: dict[str, Any], tiny_data
 
 
 def test_changing_epochs_retrains_but_keeps_data_steps(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
-    longer = train_pipeline(tiny_config(tiny_data, output, **{"training.epochs": 3}))
+    longer = train(tiny_config(tiny_data, output, **{"training.epochs": 3}))
     assert statuses(longer) == {"download_dataset": "cached", "validate_data": "cached", "preview_transforms": "cached",
                                 "describe_model": "cached", "train_model": "completed",
                                 "evaluate_checkpoint": "completed", "export_checkpoint": "completed"}
@@ -130,7 +130,7 @@ def test_changed_image_revalidates_retrains_and_blocks_reproduce(first: dict[str
     data = shutil.copytree(tiny_data, tmp_path / "data")
     one, other = sorted((data / "train" / "cat").iterdir())[:2]
     shutil.copyfile(other, one)  # same name, different content
-    changed = train_pipeline(tiny_config(data, output))
+    changed = train(tiny_config(data, output))
     assert changed["data"]["fingerprint"] != first["data"]["fingerprint"]
     assert {changed["tasks"][n] for n in ("validate_data", "train_model", "evaluate_checkpoint")} == {"completed"}
     assert changed["tasks"]["describe_model"] == "cached"
@@ -142,10 +142,10 @@ def test_changed_image_revalidates_retrains_and_blocks_reproduce(first: dict[str
 
 
 def test_vanished_or_changed_file_is_a_miss(tiny_data: Path, tmp_path: Path) -> None:
-    before = train_pipeline(tiny_config(tiny_data, tmp_path))
+    before = train(tiny_config(tiny_data, tmp_path))
     (run_dir_of(before) / "checkpoints" / "best.pt").unlink()
     (run_dir_of(before) / "validation.json").write_text("{}")
-    after = train_pipeline(tiny_config(tiny_data, tmp_path))
+    after = train(tiny_config(tiny_data, tmp_path))
     assert after["status"] == "completed"
     assert after["tasks"]["validate_data"] == after["tasks"]["train_model"] == "completed"
     assert after["tasks"]["preview_transforms"] == "cached"
@@ -154,7 +154,7 @@ def test_vanished_or_changed_file_is_a_miss(tiny_data: Path, tmp_path: Path) -> 
 
 
 def test_refresh_recomputes_everything(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
-    refreshed = train_pipeline(tiny_config(tiny_data, output, **{"output.refresh": True}))
+    refreshed = train(tiny_config(tiny_data, output, **{"output.refresh": True}))
     assert statuses(refreshed) == {name: "completed" for name in HEAVY_TASKS}
     assert refreshed["weights_sha256"] == first["weights_sha256"]
 
@@ -176,7 +176,7 @@ def test_failed_run_is_recorded_as_failed(tiny_data: Path, tmp_path: Path) -> No
     broken = sorted((data / "train" / "ship").iterdir())[0]
     broken.write_bytes(b"not an image")
     with pytest.raises(DatasetError, match=broken.name):
-        train_pipeline(tiny_config(data, tmp_path / "out", **{"data.on_invalid": "fail"}))
+        train(tiny_config(data, tmp_path / "out", **{"data.on_invalid": "fail"}))
     [row] = list_runs(tmp_path / "out")
     assert row["status"] == "failed"
     manifest = json.loads((Path(row["path"]) / "manifest.json").read_text())

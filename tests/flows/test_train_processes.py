@@ -15,12 +15,12 @@ import pytest
 import yaml
 from prefect.settings import PREFECT_API_URL
 
-from flows.train import train_pipeline
 from tasks.caching import FlockLockManager
 from tests.conftest import REPO
-from tests.flows.conftest import HEAVY_TASKS, tiny_config
+from tests.flows.conftest import HEAVY_TASKS, tiny_config, train
 from visionflow.fileio import file_sha256
-from visionflow.runs import list_runs, read_manifest
+from visionflow.manifest import Manifest
+from visionflow.runs import list_runs
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -51,7 +51,7 @@ def test_two_concurrent_runs_share_the_cache_safely(tiny_data: Path, tmp_path: P
     rows = list_runs(output)
     assert len(rows) == 2 and len({row["name"] for row in rows}) == 2
     assert {row["status"] for row in rows} == {"completed"}
-    manifests = [read_manifest(row["path"]) for row in rows]
+    manifests = [Manifest.load(row["path"]).model_dump(mode="json") for row in rows]
     for name in HEAVY_TASKS:  # each heavy step computed once, the other run waited and reused it
         assert sorted(m["tasks"][name] for m in manifests) == ["cached", "completed"], name
     best = [file_sha256(Path(row["path"]) / "checkpoints" / "best.pt") for row in rows]
@@ -78,11 +78,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_data: Path, tmp_path: 
     interrupted = json.loads((run_dir / "manifest.json").read_text())
     assert interrupted["status"] == "running"
 
-    resumed = train_pipeline(tiny_config(tiny_data, output, **{"training.epochs": 3, "output.run_name": "crashy"}))
+    resumed = train(tiny_config(tiny_data, output, **{"training.epochs": 3, "output.run_name": "crashy"}))
     assert resumed["status"] == "completed" and resumed["run_name"] == "crashy"
     assert resumed["resumed_from"] == str(run_dir.resolve() / "checkpoints" / "last.pt")
     assert resumed["metrics"]["epochs_trained"] == 3
     assert resumed["tasks"]["train_model"] == "completed"
 
-    uninterrupted = train_pipeline(tiny_config(tiny_data, tmp_path / "fresh", **{"training.epochs": 3}))
+    uninterrupted = train(tiny_config(tiny_data, tmp_path / "fresh", **{"training.epochs": 3}))
     assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]  # exact resume

@@ -1,0 +1,204 @@
+"""The run manifest: one typed record per run directory (`manifest.json`), written atomically
+when the run starts and when it ends, read back with `Manifest.load`. This model is the single
+definition of every field; `docs/manifest.schema.json` is generated from it.
+
+Provenance recorded with each run (library versions, every imported package, git commit) is
+collected here too.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from visionflow.config import PipelineConfig
+from visionflow.errors import ConfigError
+from visionflow.fileio import atomic_write_json
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 2  # 2: typed model (1 was the untyped dict, its "manifest_version" is read as schema_version)
+RunStatus = Literal["running", "completed", "failed"]
+TaskStatus = Literal["completed", "cached"]
+HEADLINE_PACKAGES = ("torch", "torchvision", "prefect")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataRecord(_Record):
+    """The data a run trained on."""
+
+    spec: str = Field(description="Dataset SPEC as given (sample, cifar10 or a folder).")
+    root: str = Field(description="Where the dataset was found, absolute.")
+    fingerprint: str = Field(description="Content fingerprint of every split (sha256 hex).")
+    validated_fingerprint: str = Field(description="Fingerprint after invalid files were left out.")
+    num_train: int = Field(description="Training images used.")
+    num_eval: int = Field(description="Evaluation images used.")
+    eval_split: str = Field(description="Name of the evaluation split: val or test.")
+    classes: list[str] = Field(description="Class names; label i is classes[i].")
+    excluded: list[str] = Field(description="Invalid files left out, dataset-relative.")
+
+
+class ModelRecord(_Record):
+    """The architecture a run trained."""
+
+    name: str = Field(description="Model name from the registry.")
+    num_parameters: int
+    trainable_parameters: int
+
+
+class MetricsRecord(_Record):
+    """What the run's best checkpoint scored on the evaluation split."""
+
+    eval_accuracy: float = Field(description="Top-1 accuracy in [0, 1].")
+    eval_loss: float = Field(description="Mean cross-entropy per image.")
+    eval_top5: float | None = Field(description="Top-5 accuracy; None with fewer than 5 classes.")
+    best_epoch: int | None = Field(description="Epoch of the best checkpoint (1-based).")
+    epochs_trained: int
+    per_class: list[dict[str, Any]] = Field(description="Rows of class, precision, recall, f1, support.")
+
+
+class TimingRecord(_Record):
+    """Seconds of the run (training fields are None when the run failed before training)."""
+
+    train_seconds: float | None = Field(None, description="Training loops only, every session of a resumed run.")
+    train_images_per_second: float | None = None
+    total_seconds: float = Field(description="From the flow run's start (data preparation included) to the end.")
+
+
+class CheckpointRecord(_Record):
+    """The checkpoint the run's metrics and export come from (best.pt)."""
+
+    path: str
+    sha256: str
+
+
+class Manifest(_Record):
+    """Everything recorded about one run (`<output>/runs/<run-name>/manifest.json`)."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Version of this schema.")
+    run_name: str
+    status: RunStatus
+    started_at: str = Field(description="ISO 8601, UTC: when the flow run started.")
+    finished_at: str | None = Field(None, description="ISO 8601, UTC; None while running.")
+    config: PipelineConfig = Field(description="The config as the run used it: recipe and normalization filled in.")
+    seed: int
+    data: DataRecord | None = None
+    model: ModelRecord | None = None
+    metrics: MetricsRecord | None = None
+    timing: TimingRecord | None = None
+    checkpoint: CheckpointRecord | None = None
+    weights_sha256: str | None = Field(None, description="sha256 of the final weights, independent of file format.")
+    tasks: dict[str, TaskStatus] = Field(default_factory=dict, description="Pipeline task -> completed or cached.")
+    device: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict, description="Python, torch, torchvision and prefect.")
+    packages: dict[str, str] = Field(default_factory=dict, description="Every installed package the run imported.")
+    git_commit: str | None = Field(None, description="Commit of this code, '-dirty' with local changes.")
+    prefect_flow_run_id: str | None = None
+    resumed_from: str | None = Field(None, description="last.pt of the interrupted run this one continued.")
+    error: str | None = Field(None, description="One line: why the run failed.")
+    champion: dict[str, Any] | None = Field(None, description="The champion/challenger decision, when made.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, values: Any) -> Any:
+        """Schema 1 (untyped) manifests: `manifest_version` is the schema version; a data loader
+        setting that no longer exists is dropped."""
+        if isinstance(values, dict) and "manifest_version" in values:
+            values = {k: v for k, v in values.items() if k != "manifest_version"}
+            values["schema_version"] = 1
+            data = (values.get("config") or {}).get("data")
+            if isinstance(data, dict):
+                data.pop("num_workers", None)
+        return values
+
+    @classmethod
+    def start(cls, run_name: str, config: PipelineConfig, started_at: str, prefect_flow_run_id: str | None) -> Manifest:
+        """The manifest of a run that just started."""
+        return cls(run_name=run_name, status="running", started_at=started_at, config=config,
+                   seed=config.training.seed, prefect_flow_run_id=prefect_flow_run_id, **provenance())
+
+    def finish(self, status: RunStatus, **fields: Any) -> Manifest:
+        """This manifest ended with `status` now, `fields` filled in, provenance refreshed."""
+        return self.model_validate({**self.model_dump(), **provenance(), **fields, "status": status,
+                                    "finished_at": utc_now()})
+
+    def save(self, run_dir: Path | str) -> Path:
+        """Write `run_dir/manifest.json` atomically."""
+        return atomic_write_json(Path(run_dir) / MANIFEST_NAME, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, run_dir: Path | str) -> Manifest:
+        """The manifest of a run directory; ConfigError naming the directory or file when there is
+        none or it is not a visionflow manifest."""
+        path = Path(run_dir) / MANIFEST_NAME
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"Run directory '{run_dir}' has no {MANIFEST_NAME}: expected a directory "
+                              f"created by 'visionflow train' (<output>/runs/<run-name>)") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"Manifest '{path}' is unreadable: {err}") from None
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "manifest"
+            raise ConfigError(f"Manifest '{path}' is not a visionflow run manifest: field '{field}': "
+                              f"{first['msg']}") from None
+
+
+def utc_now() -> str:
+    """Now, ISO 8601 in UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str]:
+    """Python and the headline libraries (read from metadata: importing prefect is slow)."""
+    versions = {"python": platform.python_version()}
+    for package in HEADLINE_PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def imported_packages() -> dict[str, str]:
+    """Distribution name -> installed version of every package this process has imported."""
+    owners = packages_distributions()  # top-level module -> distributions providing it
+    found: dict[str, str] = {}
+    for module in {name.partition(".")[0] for name in list(sys.modules)}:
+        for distribution in owners.get(module, ()):
+            try:
+                found[distribution] = version(distribution)
+            except PackageNotFoundError:
+                continue
+    return dict(sorted(found.items(), key=lambda item: item[0].lower()))
+
+
+def git_commit(path: Path | str | None = None) -> str | None:
+    """The commit checked out where this code lives (suffix `-dirty` with local changes);
+    None outside a git work tree or without git."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def provenance() -> dict[str, Any]:
+    """The manifest's provenance fields as of now: versions, imported packages, git commit."""
+    return {"versions": package_versions(), "packages": imported_packages(), "git_commit": git_commit()}

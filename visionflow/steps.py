@@ -1,0 +1,116 @@
+"""The pipeline's steps as plain functions, one per Prefect task: each writes its outputs into a
+run directory (`runs.RunLayout`) and returns what the next steps and the manifest need. No
+Prefect here: `tasks/` wraps each function in a cached task, `bench/` calls them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from visionflow.cache import decoded_cache_dir, load_decoded
+from visionflow.checkpoints import export_model, load_model
+from visionflow.config import DataConfig, PipelineConfig
+from visionflow.data import DatasetInfo, Split
+from visionflow.engine import Callback, FitResult, fit
+from visionflow.evaluation import EvalReport, evaluate_model
+from visionflow.fileio import atomic_write_json, atomic_write_text
+from visionflow.manifest import Manifest
+from visionflow.models import ModelSpec, ModelSummary, build_model, summarize
+from visionflow.preview import write_preview
+from visionflow.reports import render_misclassified, write_evaluation_csvs, write_png, write_validation_csvs
+from visionflow.rng import seed_everything
+from visionflow.runs import RunLayout
+from visionflow.tensorboard import (TensorBoardCallback, log_confusion_matrix, log_hparams, log_image,
+                                    log_model_graph)
+from visionflow.transforms import fill_mean_std
+from visionflow.validate import ValidationReport, validate_dataset
+
+
+def validate_into(run_dir: Path | str, dataset: DatasetInfo, on_invalid: str) -> tuple[ValidationReport, DatasetInfo]:
+    """Validate every image; write validation.json and its CSVs. Returns the report and the
+    dataset without the invalid files (`on_invalid="fail"` raises on the first one instead)."""
+    layout = RunLayout(Path(run_dir))
+    report, clean = validate_dataset(dataset, on_invalid=on_invalid)
+    values = report.to_dict()
+    atomic_write_json(layout.validation, values)
+    write_validation_csvs(values, layout.root)
+    return report, clean
+
+
+def fill_normalization(train: Split, data: DataConfig) -> DataConfig:
+    """`data` with mean/std filled from the train split's pixels where empty (computed once per
+    run: preview and training both take the result)."""
+    if data.mean is not None and data.std is not None:
+        return data
+    decoded = load_decoded(train, data.image_size, decoded_cache_dir(data.data_dir))
+    mean, std = fill_mean_std(data.mean, data.std, decoded.images)
+    return data.model_copy(update={"mean": mean, "std": std})
+
+
+def preview_into(run_dir: Path | str, train: Split, data: DataConfig, seed: int) -> Path:
+    """Render what the model sees (original | eval input | train input) to preview.png and
+    TensorBoard; `data` has its normalization filled in."""
+    layout = RunLayout(Path(run_dir))
+    path, image = write_preview(layout.preview, train, data.image_size, data.mean, data.std, bool(data.augment), seed)
+    log_image(layout.tensorboard, "data/transform_preview", image)
+    return path
+
+
+def describe_into(run_dir: Path | str, name: str, num_classes: int, image_size: int) -> ModelSummary:
+    """Build the model once: its layer summary to model.txt, its graph to TensorBoard."""
+    layout = RunLayout(Path(run_dir))
+    model = build_model(name, num_classes)
+    summary = summarize(model, image_size)
+    atomic_write_text(layout.model_summary, summary.to_text() + "\n")
+    log_model_graph(layout.tensorboard, model, image_size)
+    return summary
+
+
+def train_run(run_dir: Path | str, dataset: DatasetInfo, config: PipelineConfig, resume_from: Path | str | None = None,
+              callbacks: Sequence[Callback] = (), progress_stream: TextIO | None = None) -> FitResult:
+    """Train on the dataset's decoded splits with checkpoints in run_dir/checkpoints and curves
+    in TensorBoard; `resume_from` continues an interrupted run (see `engine.fit`)."""
+    layout = RunLayout(Path(run_dir))
+    data = config.data
+    train = load_decoded(dataset.train, data.image_size, decoded_cache_dir(data.data_dir))
+    evaluation = load_decoded(dataset.eval_split, data.image_size, decoded_cache_dir(data.data_dir))
+    spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
+    seed_everything(config.training.seed)  # before building: the initial weights are part of the result
+    return fit(spec.build(), train, evaluation, config, spec, checkpoint_dir=layout.checkpoints,
+               resume_from=Path(resume_from) if resume_from else None,
+               callbacks=[TensorBoardCallback(layout.tensorboard), *callbacks], progress_stream=progress_stream)
+
+
+def write_evaluation(run_dir: Path | str, checkpoint: Path | str, eval_split: Split, device: str,
+                     data_dir: Path | str) -> EvalReport:
+    """Evaluate a checkpoint on the eval split: evaluation.json, per-class and confusion CSVs,
+    the confusion matrix (PNG and TensorBoard) and the most confidently wrong images."""
+    layout = RunLayout(Path(run_dir))
+    model, spec = load_model(checkpoint)
+    report = evaluate_model(model, spec, load_decoded(eval_split, spec.input_size, decoded_cache_dir(data_dir)), device=device)
+    values = report.to_dict()
+    atomic_write_json(layout.evaluation, values)
+    write_evaluation_csvs(values, layout.root)
+    write_png(log_confusion_matrix(layout.tensorboard, report.confusion_matrix, report.classes), layout.confusion_png)
+    write_png(render_misclassified(values["confidently_wrong"], root=eval_split.root), layout.misclassified_png)
+    return report
+
+
+def export_into(run_dir: Path | str, checkpoint: Path | str) -> str:
+    """Export the checkpoint's weights (safetensors) and spec (json) for serving; returns the
+    weights' sha256."""
+    model, spec = load_model(checkpoint)
+    return export_model(model, spec, RunLayout(Path(run_dir)).export_dir)["weights_sha256"]
+
+
+def finish_into(run_dir: Path | str, manifest: Manifest) -> Manifest:
+    """Write the final manifest, and the run's hyperparameters with its final metrics to
+    TensorBoard (the HPARAMS tab) when it completed."""
+    layout = RunLayout(Path(run_dir))
+    manifest.save(layout.root)
+    if manifest.metrics is not None:
+        log_hparams(layout.tensorboard, manifest.config.model_dump(mode="json"),
+                    {"eval_accuracy": manifest.metrics.eval_accuracy, "eval_loss": manifest.metrics.eval_loss})
+    return manifest
