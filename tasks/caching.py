@@ -81,13 +81,20 @@ class TaskOutput(BaseModel):
     def problems(self) -> list[str]:
         return [p for ref in self.files.values() if (p := ref.problem()) is not None]
 
-    def adopt_into(self, run_dir: Path | str) -> int:
-        """Copy every file that lives in another run (a cached result points into the run that
-        computed it) to its place in `run_dir`; returns how many were copied."""
+    def file(self, relpath: str) -> Path:
+        return Path(self.files[relpath].path)
+
+    def adopted_into(self, run_dir: Path | str) -> TaskOutput:
+        """This output with every file copied to its place in `run_dir` (a cached result points
+        into the run that computed it; each run directory must hold its own copy)."""
         run_dir = Path(run_dir).resolve()
-        copied = [copy_atomic(ref.path, run_dir / relpath) for relpath, ref in self.files.items()
-                  if Path(ref.path) != run_dir / relpath]
-        return len(copied)
+        files = {}
+        for relpath, ref in self.files.items():
+            target = run_dir / relpath
+            if Path(ref.path) != target:
+                copy_atomic(ref.path, target)
+            files[relpath] = FileRef(path=str(target), sha256=ref.sha256)
+        return self.model_copy(update={"files": files})
 
 
 @contextmanager

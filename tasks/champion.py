@@ -28,12 +28,12 @@ def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedDa
     promote it when at least as good. Returns the run's manifest (with the decision, if any)."""
     if config.output.champion is None:
         return Manifest.load(run.run_dir)
-    decision, manifest = challenge(run.run_dir, config.output.champion, config.training.monitor,
-                                   validated.apply(dataset).eval_split, config.output.output_dir,
-                                   decoded_cache_dir(config.data.data_dir), config.training.device)
+    decision = challenge(run.run_dir, config.output.champion, config.training.monitor,
+                         validated.apply(dataset).eval_split, config.output.output_dir,
+                         decoded_cache_dir(config.data.data_dir), config.training.device)
     publish_markdown(DECISION_KEY, decision.to_markdown(), f"Champion '{decision.slot}': challenger {decision.outcome}")
     get_run_logger().info("champion '%s': challenger %s (%s)", decision.slot, decision.outcome, decision.reason)
-    return manifest
+    return Manifest.load(run.run_dir)  # now with the decision
 
 
 @task(cache_policy=NO_CACHE)

@@ -58,7 +58,7 @@ def finish_run(run: RunInfo, dataset: DatasetRef, validated: ValidatedData, prev
     """Copy cached results' files into the run, then write the completed manifest and the run's
     hyperparameters with its final metrics (TensorBoard)."""
     for output in (validated, preview, model, training, evaluation, export):
-        output.adopt_into(run.run_dir)
+        output.adopted_into(run.run_dir)
     best = RunLayout(Path(run.run_dir)).best_checkpoint
     manifest = Manifest.load(run.run_dir)
     manifest = manifest.finish(

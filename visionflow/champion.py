@@ -250,9 +250,9 @@ def promote(run_dir: Path, manifest: Manifest, decision: ChampionDecision, outpu
 
 
 def challenge(run_dir: Path | str, slot: str, metric: str, eval_split: Split, output_dir: Path | str,
-              cache_dir: Path | str, device: str = "auto") -> tuple[ChampionDecision, Manifest]:
+              cache_dir: Path | str, device: str = "auto") -> ChampionDecision:
     """Compare the run in ``run_dir`` with the champion in ``slot``, promote it when it is at least
-    as good, and record the decision in the run's manifest (``champion``); returns both."""
+    as good, and record the decision in the run's manifest (``champion``)."""
     layout = RunLayout(Path(run_dir))
     manifest = Manifest.load(layout.root)
     spec = _read_json(layout.export_spec, f"the run's export ({EXPORT_WEIGHTS} + {EXPORT_SPEC})")
@@ -272,4 +272,4 @@ def challenge(run_dir: Path | str, slot: str, metric: str, eval_split: Split, ou
         if decision.promoted:
             promote(layout.root, manifest, decision, output_dir)
     manifest.save(layout.root)
-    return decision, manifest
+    return decision

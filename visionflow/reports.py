@@ -189,7 +189,7 @@ def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
     sections = {"Metrics": manifest.metrics, "Data": manifest.data, "Model": manifest.model, "Timing": manifest.timing}
     for title, section in sections.items():
         if section is not None:
-            parts += ["", f"## {title}", "", _key_value_table(section.model_dump(mode="json", exclude_none=True))]
+            parts += ["", f"## {title}", "", _key_value_table(section.model_dump(mode="json"))]
 
     outputs = {"run directory": layout.root, "last checkpoint": layout.last_checkpoint,
                "best checkpoint": layout.best_checkpoint, "export": layout.export_dir,

@@ -15,7 +15,9 @@ import torch
 from visionflow import champion as ch
 from visionflow.checkpoints import export_model, load_model
 from visionflow.data import DatasetInfo, resolve_dataset
+from visionflow.config import PipelineConfig
 from visionflow.errors import CheckpointError, ConfigError, DatasetError
+from visionflow.manifest import Manifest, MetricsRecord
 from visionflow.models import ModelSpec, build_model
 
 CLASSES = ("airplane", "cat", "ship")
@@ -38,7 +40,9 @@ def make_run(out: Path, name: str, seed: int, metrics: dict[str, float]) -> Path
     spec = ModelSpec("tudui", len(CLASSES), 32, list(CLASSES), [0.5] * 3, [0.25] * 3)
     run_dir = out / "runs" / name
     export_model(build_model("tudui", len(CLASSES)), spec, run_dir / "export")
-    (run_dir / "manifest.json").write_text(json.dumps({"run_name": name, "config": {}, "metrics": metrics}))
+    values = {"eval_accuracy": 0.0, "eval_loss": 0.0, **metrics}
+    record = MetricsRecord(**values, eval_top5=None, best_epoch=1, epochs_trained=1, per_class=[])
+    Manifest.start(name, PipelineConfig(), "2026-01-01T00:00:00+00:00", None).finish("completed", metrics=record).save(run_dir)
     return run_dir
 
 
@@ -142,9 +146,13 @@ def test_champion_with_other_classes_cannot_be_compared(tmp_path: Path, dataset:
                      split, tmp_path, tmp_path / "cache", device="cpu")
 
 
-def test_missing_metric_in_the_manifest_names_the_found_ones(tmp_path: Path, dataset: DatasetInfo) -> None:
-    with pytest.raises(CheckpointError, match="has no metrics.eval_loss: found eval_accuracy"):
-        challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset, "eval_loss")
+def test_a_run_without_metrics_cannot_challenge(tmp_path: Path, dataset: DatasetInfo) -> None:
+    # The typed manifest always has both metrics once a run completed; a run that did not
+    # complete has none, and is refused naming its manifest.
+    run = make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3})
+    Manifest.load(run).model_copy(update={"metrics": None, "status": "failed"}).save(run)
+    with pytest.raises(CheckpointError, match="manifest.json' has no metrics: expected a completed run"):
+        challenge(run, tmp_path, dataset, "eval_loss")
 
 
 def test_evaluate_champion(tmp_path: Path, dataset: DatasetInfo) -> None:

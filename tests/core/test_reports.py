@@ -13,7 +13,8 @@ from PIL import Image
 from visionflow.config import build_config
 from visionflow.data import resolve_dataset
 from visionflow.evaluation import report_from_logits
-from visionflow.runs import RunLayout, build_manifest
+from visionflow.manifest import DataRecord, Manifest, MetricsRecord, ModelRecord, TimingRecord
+from visionflow.runs import RunLayout
 from visionflow.reports import (
     markdown_table,
     render_confusion_matrix,
@@ -90,11 +91,14 @@ def test_run_summary(tmp_path: Path) -> None:
     layout.checkpoints.mkdir()
     layout.last_checkpoint.write_bytes(b"x")
     config = build_config({"data": {"dataset": "sample"}, "training": {"epochs": 3, "seed": 7}}).resolved()
-    manifest = build_manifest(
-        "demo", config.model_dump(mode="json"), "completed", started_at="2026-01-01T00:00:00+00:00",
-        prefect_flow_run_id="abc", data={"fingerprint": "f" * 64, "classes": [str(i) for i in range(12)]},
-        model={"name": "tudui", "num_parameters": 56714}, metrics={"eval_accuracy": 0.6123, "eval_loss": 1.02},
-        timing={"train_seconds": 12.25}, weights_sha256="e" * 64, device="cpu")
+    manifest = Manifest.start("demo", config, "2026-01-01T00:00:00+00:00", "abc").finish(
+        "completed", weights_sha256="e" * 64, device="cpu",
+        data=DataRecord(spec="sample", root="/data/sample", fingerprint="f" * 64, validated_fingerprint="f" * 64,
+                        num_train=12, num_eval=12, eval_split="val", classes=[str(i) for i in range(12)], excluded=[]),
+        model=ModelRecord(name="tudui", num_parameters=56714, trainable_parameters=56714),
+        metrics=MetricsRecord(eval_accuracy=0.6123, eval_loss=1.02, eval_top5=None, best_epoch=3, epochs_trained=3,
+                              per_class=[]),
+        timing=TimingRecord(train_seconds=12.25, total_seconds=20.0))
 
     markdown = run_summary_markdown(manifest, layout.root)
     assert markdown.startswith("# Run `demo`: completed")

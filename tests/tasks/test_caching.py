@@ -3,15 +3,18 @@ refresh, adoption of cached files into a new run directory, and the flock lock m
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from prefect import flow, task
+from prefect import flow
 
-from tasks.caching import FlockLockManager, TaskLedger, TaskOutput, bind, outputs_in, verified_cache
+from tasks.caching import FlockLockManager, TaskOutput, cached_task, durable_results, written_files
+from visionflow.config import OutputConfig
 
 CALLS: list[str] = []
 
@@ -20,20 +23,21 @@ class Written(TaskOutput):
     text: str
 
 
-@task(cache_policy=verified_cache("text"))
+@cached_task("text")
 def write_text(text: str, run_dir: str) -> Written:
     """Write `text` to out.txt in the run directory (records each real call)."""
     CALLS.append(text)
-    Path(run_dir, "out.txt").write_text(text)
-    return Written(text=text, files=outputs_in(run_dir, ["out.txt"]))
+    with written_files(run_dir) as files:
+        Path(run_dir, "out.txt").write_text(text)
+    return Written(text=text, files=files)
 
 
 @flow
 def write_flow(text: str, output: str, run_dir: str, refresh: bool = False) -> tuple[Written, dict[str, str]]:
-    ledger = TaskLedger()
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    result = ledger.run(bind(write_text, output, refresh), text, run_dir, run_dir=Path(run_dir))
-    return result, ledger.statuses
+    with durable_results(OutputConfig(output_dir=output, refresh=refresh)) as outcomes:
+        result = write_text(text, run_dir)
+    return result.adopted_into(run_dir), outcomes
 
 
 def run(tmp_path: Path, name: str, text: str = "hello", refresh: bool = False) -> tuple[Written, str]:
@@ -96,3 +100,40 @@ def test_flock_locks_exclude_other_holders_and_die_with_their_process(tmp_path: 
         holder.wait()
     start = time.monotonic()
     assert locks.acquire_lock("k", "one", acquire_timeout=5) and time.monotonic() - start < 5
+
+
+KEY_SCRIPT = """
+import visionflow
+from tasks.caching import task_cache_key
+from tasks.data import DatasetRef, Normalization, ValidatedData
+from tasks.training import train_model
+from visionflow.config import DataConfig, PipelineConfig
+
+inputs = {"dataset": DatasetRef(data=DataConfig(), root="/data", fingerprint="f" * 64, classes=("a", "b")),
+          "validated": ValidatedData(excluded=(), fingerprint="e" * 64, num_train=8, num_eval=4, eval_split="val"),
+          "config": PipelineConfig().resolved(), "normalization": Normalization(mean=[0.5] * 3, std=[0.25] * 3)}
+print(visionflow.__file__)
+print(task_cache_key(train_model, inputs, train_model.cache_policy.inputs))
+"""
+
+
+def test_key_covers_every_core_module(tmp_path: Path) -> None:
+    """Editing a core module that the training task never imports itself (images.py decodes
+    the tensor cache that training reads) changes the training task's key."""
+    repo = Path(__file__).resolve().parents[2]
+    assert "visionflow.images" not in (repo / "tasks" / "training.py").read_text()
+    copy = tmp_path / "copy"
+    shutil.copytree(repo / "visionflow", copy / "visionflow", ignore=shutil.ignore_patterns("__pycache__"))
+
+    def key() -> str:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), str(repo)])}
+        out = subprocess.run([sys.executable, "-c", KEY_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split()
+        assert Path(out[0]).resolve() == (copy / "visionflow" / "__init__.py").resolve()  # the copy is what ran
+        return out[1]
+
+    before = key()
+    assert key() == before  # stable while nothing changes
+    images = copy / "visionflow" / "images.py"
+    images.write_text(images.read_text() + "\n# a change in decoding\n")
+    assert key() != before
