@@ -7,23 +7,30 @@ STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 LOCK := requirements.lock
 
-# `make lock` regenerates $(LOCK) from pyproject.toml (dependencies + the `test` extra, ruff included)
-# with pip-compile from pip-tools, installed into its own venv ($(LOCK_TOOLS)) so that the project
-# venv keeps exactly the locked packages. pip-compile resolves with pip's own finder and config
-# (`pip config list`: find-links /opt/wheels and the local file:// indexes), like the install below,
-# so torch/torchvision resolve to the wheels on this machine's disk. Flags:
-#   --generate-hashes    sha256 of every allowed file; the install then runs in hash-checking mode
-#   --allow-unsafe       pin setuptools too (torch and tensorboard need it at run time)
-#   --strip-extras       plain `name==version` lines, usable as a constraints file
-#   --extra=test         pytest, pytest-timeout, ruff
-#   --no-emit-index-url --no-emit-find-links   no machine paths in the lock: pip's config supplies them
-# It keeps the current pins that still fit; LOCK_ARGS=--upgrade moves every package to the newest
-# allowed version, LOCK_ARGS='--upgrade-package NAME' only that one. With hashes it takes minutes
-# (it reads every local wheel, torch and the CUDA libraries included). Commit the new $(LOCK) with
-# the pyproject.toml change; the next make rebuilds the venv from it.
-PIP_TOOLS := pip-tools==7.6.2
+# `make lock` regenerates $(LOCK) from pyproject.toml: the dependencies plus the `test` extra (ruff
+# included), every transitive package pinned, with sha256 hashes. Tool: `uv pip compile` (uv pinned
+# below, installed into its own venv $(LOCK_TOOLS) so that the project venv holds exactly the locked
+# packages). The command it runs is the lock's header. uv does not read pip's config, so it is given the
+# sources pip installs from here (`pip config get global.extra-index-url` and `global.find-links`: the
+# local file:// indexes with torch/torchvision on this machine's disk, and /opt/wheels). Flags:
+#   --extra=test                        pytest, pytest-timeout, ruff
+#   --generate-hashes                   sha256 as the indexes list them; `make` installs in hash-checking mode
+#   --python python3                    resolve for the interpreter the venv is made from ($(PYTHON))
+#   --index-strategy unsafe-best-match  like pip: the newest allowed version across all indexes (uv's
+#                                       default stops at the first index that has the package)
+# Not pip-compile: pip-tools 7.6.2 with --generate-hashes downloads every file of every pinned version to
+# hash it (all platforms: gigabytes of torch/CUDA wheels), as this registry's JSON API lists other URLs.
+# `make lock` keeps the current pins that still fit; `make lock LOCK_ARGS=--upgrade` moves every package
+# to the newest allowed version, LOCK_ARGS='--upgrade-package NAME' only that one. Commit the new $(LOCK)
+# with the pyproject.toml change; the next make reinstalls the venv from it.
+UV_VERSION := 0.13.9
 LOCK_TOOLS := $(VENV)/lock-tools
 LOCK_ARGS ?=
+pip_config = $(shell $(PYTHON) -m pip config get global.$(1) 2>/dev/null)
+LOCK_SOURCES = $(foreach u,$(call pip_config,extra-index-url),--extra-index-url $(u)) \
+	$(foreach d,$(call pip_config,find-links),--find-links $(d))
+LOCK_CMD = uv pip compile pyproject.toml --extra=test --generate-hashes --python $(PYTHON) \
+	--index-strategy unsafe-best-match $(strip $(LOCK_SOURCES)) --output-file=$(LOCK) $(LOCK_ARGS)
 
 .PHONY: run test lint format lock bench clean
 
@@ -49,11 +56,9 @@ format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 lock:
-	test -x $(LOCK_TOOLS)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_TOOLS) \
-		&& $(LOCK_TOOLS)/bin/python -m pip install --quiet --upgrade pip \
-		&& $(LOCK_TOOLS)/bin/python -m pip install --quiet '$(PIP_TOOLS)'; }
-	$(LOCK_TOOLS)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra=test \
-		--no-emit-index-url --no-emit-find-links $(LOCK_ARGS) --output-file=$(LOCK) pyproject.toml
+	test -x $(LOCK_TOOLS)/bin/uv || { $(PYTHON) -m venv $(LOCK_TOOLS) \
+		&& $(LOCK_TOOLS)/bin/python -m pip install --quiet 'uv==$(UV_VERSION)'; }
+	$(LOCK_TOOLS)/bin/$(LOCK_CMD) --quiet --custom-compile-command "$(strip $(LOCK_CMD))"
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py
