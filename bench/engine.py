@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from visionflow import engine  # noqa: E402
-from visionflow.cache import DecodedSplit, load_decoded  # noqa: E402
+from visionflow.cache import DecodedSplit, decoded_cache_dir, load_decoded  # noqa: E402
 from visionflow.config import PipelineConfig, build_config  # noqa: E402
 from visionflow.data import resolve_dataset  # noqa: E402
 from visionflow.device import autocast  # noqa: E402
@@ -69,7 +69,7 @@ def _config(epochs: int) -> PipelineConfig:
 
 def _decoded() -> tuple[DecodedSplit, DecodedSplit]:
     info = resolve_dataset(str(DATA), download=False)
-    cache = REPO / "data" / "cache"
+    cache = decoded_cache_dir(REPO / "data")
     return load_decoded(info.train, 32, cache), load_decoded(info.eval_split, 32, cache)
 
 

@@ -9,8 +9,8 @@ startup included:
   first   nothing cached: decoding, validation, training, evaluation, export
   rerun   the identical command: every heavy task must come back Cached
 
-It also trains the same resolved config with engine.fit directly (no Prefect, no callbacks) on
-the same data, once before and once after the flow runs, and compares the flow's training
+It also trains the same resolved config with the training step directly (`steps.train_run`, the
+core call of the training task, without Prefect) on the same data, once before and once after the flow runs, and compares the flow's training
 images/s with the engine's. Each side's figure is the median of its per-epoch images/s, first
 epoch left out (it pays one-time kernel setup): one whole-run average swings by +-10% on this
 shared machine, run to run, with or without Prefect.
@@ -35,15 +35,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from visionflow.cache import load_decoded  # noqa: E402
 from visionflow.checkpoints import load_checkpoint  # noqa: E402
 from visionflow.config import build_config, load_config  # noqa: E402
 from visionflow.data import resolve_dataset  # noqa: E402
-from visionflow.engine import fit, seed_everything  # noqa: E402
-from visionflow.models import ModelSpec  # noqa: E402
+from visionflow.runs import RunLayout  # noqa: E402
+from visionflow.steps import train_run  # noqa: E402
 
-HEAVY_TASKS = ("download_dataset", "validate_data", "preview_transforms", "describe_model", "train_model",
-               "evaluate_checkpoint", "export_checkpoint")
+HEAVY_TASKS = ("download_dataset", "validate_data", "compute_normalization", "preview_transforms", "describe_model",
+               "train_model", "evaluate_checkpoint", "export_checkpoint")
 
 
 def timed_train(config_file: Path, work: Path, run_name: str) -> tuple[float, dict]:
@@ -65,17 +64,13 @@ def steady_rates(history: list[dict]) -> list[float]:
     return rates[1:] or rates
 
 
-def engine_images_per_second(config_values: dict) -> list[float]:
-    """engine.fit alone on the run's data and resolved config: its steady per-epoch images/s."""
+def engine_images_per_second(config_values: dict, run_dir: Path) -> list[float]:
+    """The training step alone (steps.train_run, what the training task calls), on the run's data
+    and resolved config, without Prefect: its steady per-epoch images/s."""
     config = build_config(config_values)
     info = resolve_dataset(config.data.dataset, config.data.data_dir, config.data.val_fraction,
                            config.data.split_seed, download=False)
-    cache = Path(config.data.data_dir) / "cache"
-    train = load_decoded(info.train, config.data.image_size, cache)
-    evaluation = load_decoded(info.eval_split, config.data.image_size, cache)
-    spec = ModelSpec(config.model.name, len(info.classes), config.data.image_size, list(info.classes))
-    seed_everything(config.training.seed)
-    result = fit(spec.build(), train, evaluation, config, spec)
+    result = train_run(run_dir, info, config)
     return steady_rates([asdict(epoch) for epoch in result.history])
 
 
@@ -94,18 +89,18 @@ def main() -> None:
         config_file = work / "config.yaml"
         config_file.write_text(yaml.safe_dump(load_config(None, overrides).model_dump(mode="json")))
 
-        # engine.fit alone, on its own copy of the decoded cache, before and after the flow runs
+        # The training step alone, on its own copy of the decoded cache, before and after the flow runs
         # (the machine is shared: bracketing evens out load that changes during the bench).
         engine_config = load_config(None, {**overrides, "data.data_dir": str(work / "engine-data")}).resolved()
-        engine_rates = engine_images_per_second(engine_config.model_dump(mode="json"))
+        engine_rates = engine_images_per_second(engine_config.model_dump(mode="json"), work / "engine-before")
         first_s, first = timed_train(config_file, work, "first")
         print(f"first run:  {first_s:6.1f} s  (tasks: {first['tasks']})")
         rerun_s, rerun = timed_train(config_file, work, "rerun")
         not_cached = [name for name in HEAVY_TASKS if rerun["tasks"][name] != "cached"]
         print(f"rerun:      {rerun_s:6.1f} s  ({'all heavy tasks cached' if not not_cached else f'NOT cached: {not_cached}'})")
-        engine_rates += engine_images_per_second(engine_config.model_dump(mode="json"))
+        engine_rates += engine_images_per_second(engine_config.model_dump(mode="json"), work / "engine-after")
         engine = statistics.median(engine_rates)
-        flow_history = load_checkpoint(work / "out" / "runs" / "first" / "checkpoints" / "last.pt")["history"]
+        flow_history = load_checkpoint(RunLayout(work / "out" / "runs" / "first").last_checkpoint)["history"]
         flow = statistics.median(steady_rates(flow_history))
         print(f"training images/s (median per epoch): flow {flow:,.0f}, engine alone {engine:,.0f} "
               f"(manifest average: flow {first['timing']['train_images_per_second']:,.0f})")
