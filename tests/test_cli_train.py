@@ -93,3 +93,17 @@ def test_first_run_on_a_new_prefect_home(capsys: pytest.CaptureFixture[str], tmp
     code, _, err = run_main(capsys, "train", "--dataset", str(data), "--output", str(tmp_path / "out"),
                             "--run-name", "first")
     assert code == 2 and "already completed" in err
+
+
+def test_the_temporary_server_class_the_cli_starts_is_the_one_prefect_uses() -> None:
+    """`start_prefect_api` starts Prefect's temporary API server through a private class (no
+    public API starts it ahead of the flow). This fails loudly when an upgrade moves or changes
+    it: the class must exist, be one instance per port, and be what Prefect's client starts."""
+    import inspect
+
+    from prefect.client import orchestration
+    from prefect.server.api.server import SubprocessASGIServer
+
+    assert SubprocessASGIServer() is SubprocessASGIServer()  # the flow's client reuses our instance
+    assert callable(SubprocessASGIServer.start) and hasattr(SubprocessASGIServer, "api_url")
+    assert "SubprocessASGIServer()" in inspect.getsource(orchestration.get_client)

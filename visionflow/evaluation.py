@@ -3,7 +3,7 @@ confidently wrong images) and prediction on image files with a model's own prepr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -39,6 +39,8 @@ class EvalReport:
     per_class: pd.DataFrame  # index: class name; columns PER_CLASS_COLUMNS
     confusion_matrix: list[list[int]]  # [true][predicted]
     confidently_wrong: list[dict]  # {"file", "true", "predicted", "probability"}, most confident first
+    probabilities: Tensor = field(repr=False)  # (N, C) softmax, for PR curves; not in to_dict()
+    labels: Tensor = field(repr=False)  # (N,) int64
 
     def to_dict(self) -> dict:
         """JSON-ready: plain floats, ints and strings only."""
@@ -108,6 +110,7 @@ def report_from_logits(logits: Tensor, labels: Tensor, classes: Sequence[str], f
     """Every metric of an EvalReport from (N, C) logits, (N,) labels and the N files' names."""
     logits, labels = logits.float().cpu(), labels.long().cpu()
     confusion = confusion_matrix(labels, logits.argmax(dim=1), len(classes))
+    probabilities = logits.softmax(dim=1)  # (N, C)
     return EvalReport(
         classes=list(classes), num_images=len(labels),
         loss=F.cross_entropy(logits, labels).item(),
@@ -115,7 +118,8 @@ def report_from_logits(logits: Tensor, labels: Tensor, classes: Sequence[str], f
         top5=top_k_accuracy(logits, labels),
         per_class=per_class_metrics(confusion, classes),
         confusion_matrix=confusion.tolist(),
-        confidently_wrong=confidently_wrong(logits.softmax(dim=1), labels, classes, files, k),
+        confidently_wrong=confidently_wrong(probabilities, labels, classes, files, k),
+        probabilities=probabilities, labels=labels,
     )
 
 

@@ -202,3 +202,9 @@ def git_commit(path: Path | str | None = None) -> str | None:
 def provenance() -> dict[str, Any]:
     """The manifest's provenance fields as of now: versions, imported packages, git commit."""
     return {"versions": package_versions(), "packages": imported_packages(), "git_commit": git_commit()}
+
+
+if __name__ == "__main__":  # python -m visionflow.manifest > docs/manifest.schema.json
+    import json
+
+    print(json.dumps(Manifest.model_json_schema(), indent=2, sort_keys=True))

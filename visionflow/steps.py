@@ -23,7 +23,7 @@ from visionflow.reports import render_misclassified, write_evaluation_csvs, writ
 from visionflow.rng import seed_everything
 from visionflow.runs import RunLayout
 from visionflow.tensorboard import (TensorBoardCallback, log_confusion_matrix, log_hparams, log_image,
-                                    log_model_graph)
+                                    log_model_graph, log_pr_curves)
 from visionflow.transforms import fill_mean_std
 from visionflow.validate import ValidationReport, validate_dataset
 
@@ -86,7 +86,8 @@ def train_run(run_dir: Path | str, dataset: DatasetInfo, config: PipelineConfig,
 def write_evaluation(run_dir: Path | str, checkpoint: Path | str, eval_split: Split, device: str,
                      data_dir: Path | str) -> EvalReport:
     """Evaluate a checkpoint on the eval split: evaluation.json, per-class and confusion CSVs,
-    the confusion matrix (PNG and TensorBoard) and the most confidently wrong images."""
+    the confusion matrix (PNG and TensorBoard), per-class PR curves (TensorBoard) and the most
+    confidently wrong images."""
     layout = RunLayout(Path(run_dir))
     model, spec = load_model(checkpoint)
     report = evaluate_model(model, spec, load_decoded(eval_split, spec.input_size, decoded_cache_dir(data_dir)), device=device)
@@ -94,6 +95,7 @@ def write_evaluation(run_dir: Path | str, checkpoint: Path | str, eval_split: Sp
     atomic_write_json(layout.evaluation, values)
     write_evaluation_csvs(values, layout.root)
     write_png(log_confusion_matrix(layout.tensorboard, report.confusion_matrix, report.classes), layout.confusion_png)
+    log_pr_curves(layout.tensorboard, report.probabilities, report.labels, report.classes)
     write_png(render_misclassified(values["confidently_wrong"], root=eval_split.root), layout.misclassified_png)
     return report
 

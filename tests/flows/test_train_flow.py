@@ -95,6 +95,12 @@ def test_tensorboard_events_read_back(first: dict[str, Any]) -> None:
     assert events.Scalars("hparam/eval_accuracy")[0].value == pytest.approx(first["metrics"]["eval_accuracy"])
 
 
+def test_pr_curves_are_logged_per_class(first: dict[str, Any]) -> None:
+    events = EventAccumulator(str(run_dir_of(first) / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert {f"pr/{name}" for name in first["data"]["classes"]} <= set(events.Tags()["tensors"])
+
+
 def test_artifacts_task_states_and_logs_in_prefect(first: dict[str, Any]) -> None:
     flow_run_id = first["prefect_flow_run_id"]
     assert set(ARTIFACT_KEYS) <= artifact_keys(flow_run_id)
