@@ -21,12 +21,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
@@ -39,6 +42,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(read: Callable[[], T], done: Callable[[T], bool], timeout: float, failure: Callable[[T], str],
+             interval: float = 0.5) -> T:
+    """Call `read` until `done` holds for what it returns, and return that; fail the test with
+    `failure(last value read)` when it still does not hold after `timeout` seconds."""
+    __tracebackhide__ = True
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"after {timeout:.0f}s: {failure(value)}")
+        time.sleep(interval)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -144,18 +162,34 @@ def isolated_env(home: Path, api_url: str) -> dict[str, str]:
     return env
 
 
-def wait_healthy(api_url: str, process: subprocess.Popen, log: Path, timeout: float) -> float:
-    """Poll GET /api/health until it answers true; returns the seconds it took."""
+class PortTaken(Exception):
+    """The server could not bind its port: another process took it after free_port() chose it."""
+
+
+def _get_json(url: str) -> object:
+    """The JSON answer of GET `url`, or None when nothing (valid) answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_healthy(api_url: str, process: subprocess.Popen, log: Path, timeout: float, home: Path) -> float:
+    """Poll until the server started as `process` answers at `api_url`: GET /health is true and
+    GET /admin/settings has our PREFECT_HOME (a server of someone else's that took the port after
+    free_port() chose it is healthy too); returns the seconds it took. Raises PortTaken when the
+    process exited because the port was taken, fails the test on any other exit or at timeout."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if process.poll() is not None:
+            if "already in use" in log.read_text(errors="replace"):
+                raise PortTaken(tail(log))
             pytest.fail(f"prefect server exited with {process.returncode} before it was healthy:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if json.loads(response.read()) is True:
-                    return time.monotonic() - start
-        except OSError:
-            pass
+        if _get_json(f"{api_url}/health") is True:
+            settings = _get_json(f"{api_url}/admin/settings")
+            if isinstance(settings, dict) and settings.get("home") == str(home) and process.poll() is None:
+                return time.monotonic() - start
         time.sleep(0.5)
     pytest.fail(f"prefect server not healthy at {api_url}/health after {timeout}s:\n{tail(log)}")
 
@@ -176,16 +210,24 @@ def prefect_server(root: Path, timeout: float = 120) -> Iterator[PrefectServer]:
 
 
 @contextmanager
-def _started_server(root: Path, timeout: float) -> Iterator[PrefectServer]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+def _started_server(root: Path, timeout: float, attempts: int = 3) -> Iterator[PrefectServer]:
     home = root / "prefect-home"
     home.mkdir(parents=True)
-    env = isolated_env(home, f"{url}/api")
     log = root / "server.log"
-    with background([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root, log) as process:
-        wait_healthy(f"{url}/api", process, log, timeout)
-        yield PrefectServer(url=url, env=env, home=home, log=log)
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = isolated_env(home, f"{url}/api")
+        log.write_bytes(b"")
+        with background([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root, log) as process:
+            try:
+                wait_healthy(f"{url}/api", process, log, timeout, home)
+            except PortTaken as taken:
+                if attempt == attempts:
+                    pytest.fail(f"prefect server found its port taken {attempts} times:\n{taken}")
+                continue
+            yield PrefectServer(url=url, env=env, home=home, log=log)
+            return
 
 
 def run_worker_once(server: PrefectServer, pool: str, cwd: Path, log: Path, timeout: float = 240) -> None:
@@ -201,9 +243,36 @@ def run_worker_once(server: PrefectServer, pool: str, cwd: Path, log: Path, time
         pytest.fail(f"worker exited with {code}:\n{tail(log)}")
 
 
-def chromium_text(url: str, profile: Path, click_tab: str, expect: Sequence[str], timeout: float = 60) -> str:
-    """Open `url` in headless Chromium, click the tab labelled `click_tab` once the page shows it,
-    and return the page's text as soon as it contains every string of `expect` (or at timeout).
+def _devtools_port(log: Path) -> int | None:
+    match = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", log.read_text(errors="replace"))
+    return int(match.group(1)) if match else None
+
+
+def _page_targets(port: int) -> list[dict]:
+    targets = _get_json(f"http://127.0.0.1:{port}/json")
+    return [target for target in targets if target.get("type") == "page"] if isinstance(targets, list) else []
+
+
+# One poll of the page: click the tab (again) while it is not the active one, report whether it
+# is, and the page's text. The tab is hidden until the flow run has loaded, and a click made
+# while the page is still (re)rendering can be lost, so it is re-clicked until it is active.
+_PAGE_PROBE = """(() => {
+  const tab = [...document.querySelectorAll('li.p-tab')].find(t => t.innerText.trim() === %s);
+  const active = () => !!tab && tab.classList.contains('p-tab__active');
+  if (tab && !active()) tab.click();
+  return {tab: !!tab, active: active(), text: document.body ? document.body.innerText : ''};
+})()"""
+
+
+def chromium_text(url: str, profile: Path, click_tab: str, expect: Sequence[str], timeout: float = 120) -> str:
+    """Open `url` in headless Chromium, click the tab labelled `click_tab` until it is the active
+    one, and return the page's text as soon as that tab is active and the text contains every
+    string of `expect`; fail the test, naming what is missing, when that has not happened within
+    `timeout` seconds (Chromium's start included).
+
+    Pass in `expect` every string the test asserts on the text: the page fills in over time (the
+    run's state, the tab, each artifact card, and each card's description after its key, as the
+    markdown renders), so any other string may not be there yet when the awaited ones are.
 
     Driven over the DevTools protocol rather than `--dump-dom`: the flow-run page drops a
     `?tab=Artifacts` deep link (the tab is hidden until the run has loaded), and its artifact
@@ -215,39 +284,45 @@ def chromium_text(url: str, profile: Path, click_tab: str, expect: Sequence[str]
             "--window-size=1280,4000", "--remote-debugging-port=0", "about:blank"]
     log = profile.parent / "chromium.log"
     profile.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        return max(deadline - time.monotonic(), 1.0)
+
     with background(args, os.environ, profile, log):
-        deadline = time.monotonic() + timeout
-        while not (match := re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", log.read_text(errors="replace"))):
-            if time.monotonic() > deadline:
-                pytest.fail(f"chromium did not start:\n{tail(log)}")
-            time.sleep(0.2)
-        with urllib.request.urlopen(f"http://127.0.0.1:{match.group(1)}/json", timeout=10) as response:
-            page = next(target for target in json.loads(response.read()) if target["type"] == "page")
+        port = wait_for(lambda: _devtools_port(log), lambda found: found is not None, left(),
+                        lambda _: f"chromium did not start (no DevTools port in its output):\n{tail(log)}")
+        pages = wait_for(lambda: _page_targets(port), bool, left(),
+                         lambda _: f"chromium on port {port} lists no page target:\n{tail(log)}")
         ids = itertools.count(1)
-        with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as socket_:
+        with connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as socket_:
             def call(method: str, **params: object) -> dict:
+                """The result of one DevTools command ({} when it answered with an error)."""
                 request_id = next(ids)
                 socket_.send(json.dumps({"id": request_id, "method": method, "params": params}))
                 while True:
-                    message = json.loads(socket_.recv(timeout=30))
+                    message = json.loads(socket_.recv(timeout=min(30.0, left())))
                     if message.get("id") == request_id:
                         return message.get("result", {})
 
-            def evaluate(expression: str) -> object:
-                return call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+            def probe() -> dict:
+                """The page's state; all empty while it has no document to evaluate in (navigating)."""
+                result = call("Runtime.evaluate", expression=_PAGE_PROBE % json.dumps(click_tab), returnByValue=True)
+                value = result.get("result", {}).get("value") if "exceptionDetails" not in result else None
+                return value if isinstance(value, dict) else {"tab": False, "active": False, "text": ""}
+
+            def shown(state: dict) -> bool:
+                return state["active"] and all(item in state["text"] for item in expect)
+
+            def missing(state: dict) -> str:
+                absent = [item for item in expect if item not in state["text"]]
+                where = ("the tab is active" if state["active"] else
+                         "the tab is shown but not active" if state["tab"] else "no tab of that name on the page")
+                return (f"{url}: tab {click_tab!r} ({where}) does not show {absent}; page text:\n"
+                        f"{state['text'][:3000]}")
 
             call("Page.navigate", url=url)
-            click = (f"(() => {{ const tab = [...document.querySelectorAll('li.p-tab')]"
-                     f".find(t => t.innerText.trim() === {json.dumps(click_tab)}); if (tab) tab.click(); return !!tab }})()")
-            text = ""
-            clicked = False
-            while time.monotonic() < deadline:
-                clicked = clicked or bool(evaluate(click))
-                text = str(evaluate("document.body ? document.body.innerText : ''") or "")
-                if clicked and all(item in text for item in expect):
-                    break
-                time.sleep(0.5)
-            return text
+            return wait_for(probe, shown, left(), missing)["text"]
 
 
 def copy_tiny_dataset(source: Path, target: Path, classes: Sequence[str], train: int, val: int) -> Path:

@@ -5,6 +5,11 @@ repository's own prefect.yaml is deployed with `prefect deploy --all`, and runs 
 test parameters (tiny data, one epoch, outputs in a temporary folder) through
 `prefect deployment run --params`: a run's `config` replaces the deployment's. Then the UI
 (headless Chromium) must show the run's artifacts.
+
+Much of what a run leaves on the server arrives after the worker returns: logs are shipped in
+batches, task-run states arrive as events the server records asynchronously, the UI renders
+piece by piece. So every read below waits (bounded, failing with what it saw) for exactly what
+the test then asserts, never for something else or for a fixed time.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -21,11 +26,11 @@ from uuid import UUID
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.exceptions import PrefectHTTPStatusError
 
 from tests.flows.server_fixtures import (CHROMIUM, PREFECT, PrefectServer, chromium_text, copy_tiny_dataset,
-                                         prefect_server, run_cli, run_worker_once)
+                                         prefect_server, run_cli, run_worker_once, wait_for)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -35,6 +40,8 @@ ON_DEMAND = "train-pipeline/train-on-demand"
 CLASSES = ("airplane", "cat", "frog", "ship")
 SLOT = "ondemand-test"
 RUN_KEYS = ("run-summary", "champion-decision")
+RUN_SECONDS = 420  # worker(s) taking a run to its end on a busy 2-core machine
+RECORD_SECONDS = 60  # logs, task-run states and artifacts of an ended run reaching the API
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +81,65 @@ def trigger(server: PrefectServer, deployment: str, config: dict[str, Any]) -> U
 
 
 def run_to_end(server: PrefectServer, client: SyncPrefectClient, flow_run_id: UUID, log: Path) -> FlowRun:
-    run_worker_once(server, POOL, REPO, log)
-    flow_run = client.read_flow_run(flow_run_id)
+    """Run a process worker (`--run-once`: it takes the runs due now and returns when they end)
+    until the flow run is in a final state, and return the run. Another worker is started only
+    while the run is still scheduled (not yet due, or awaiting a concurrency slot)."""
+    deadline = time.monotonic() + RUN_SECONDS
+    while True:
+        run_worker_once(server, POOL, REPO, log, timeout=max(deadline - time.monotonic(), 30))
+        flow_run = client.read_flow_run(flow_run_id)
+        if flow_run.state is None or not flow_run.state.is_scheduled() or time.monotonic() > deadline:
+            break
+    if flow_run.state is None or not flow_run.state.is_final():  # taken by the worker: its end is being recorded
+        flow_run = wait_for(lambda: client.read_flow_run(flow_run_id),
+                            lambda run: run.state is not None and run.state.is_final(), RECORD_SECONDS,
+                            lambda run: f"flow run {flow_run_id} still {run.state}:\n{log.read_text()[-3000:]}")
     assert flow_run.state is not None and flow_run.state.is_final(), f"run still {flow_run.state}"
     return flow_run
 
 
-def logs_of(client: SyncPrefectClient, flow_run_id: UUID) -> list[str]:
-    """The run's stored log messages (the flow-run process ships them just before it exits)."""
-    deadline = time.monotonic() + 15
+def all_logs(client: SyncPrefectClient, flow_run_id: UUID) -> list[str]:
+    """Every stored log message of the run, page by page (a page holds at most 200)."""
+    messages: list[str] = []
     while True:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
-        if logs or time.monotonic() > deadline:
-            return [log.message for log in logs]
-        time.sleep(0.5)
+        page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                limit=200, offset=len(messages))
+        messages += [log.message for log in page]
+        if len(page) < 200:
+            return messages
 
 
-def artifact_keys(client: SyncPrefectClient, flow_run_id: UUID) -> set[str]:
-    artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    return {artifact.key for artifact in artifacts if artifact.key}
+def logs_of(client: SyncPrefectClient, flow_run_id: UUID, containing: str) -> list[str]:
+    """The run's stored log messages, once one of them contains `containing` (the flow-run
+    process ships logs in batches, the last ones just before it exits)."""
+    return wait_for(lambda: all_logs(client, flow_run_id), lambda messages: any(containing in m for m in messages),
+                    RECORD_SECONDS, lambda messages: f"no log of flow run {flow_run_id} contains {containing!r} "
+                                                     f"({len(messages)} logs; the last ones: {messages[-10:]})")
+
+
+def artifact_keys(client: SyncPrefectClient, flow_run_id: UUID, *expected: str) -> set[str]:
+    """The keys of the run's artifacts, once they include every key of `expected`."""
+    def read() -> set[str]:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        return {artifact.key for artifact in artifacts if artifact.key}
+
+    return wait_for(read, lambda keys: set(expected) <= keys, RECORD_SECONDS,
+                    lambda keys: f"flow run {flow_run_id} has artifacts {sorted(keys)}, not all of {sorted(expected)}")
+
+
+def task_runs_of(client: SyncPrefectClient, flow_run_id: UUID, names: Iterable[str]) -> list[TaskRun]:
+    """The run's task runs, once each task of `names` has one and every task run recorded is in a
+    final state (task-run states reach the server as events, recorded after the flow run ends)."""
+    names = set(names)
+
+    def done(runs: list[TaskRun]) -> bool:
+        return (names <= {run.name.rsplit("-", 1)[0] for run in runs}
+                and all(run.state is not None and run.state.is_final() for run in runs))
+
+    return wait_for(lambda: client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))),
+                    done, RECORD_SECONDS,
+                    lambda runs: f"task runs of {flow_run_id} not all final, or not one for each of {sorted(names)}: "
+                                 f"{sorted((run.name, run.state.name if run.state else None) for run in runs)}")
 
 
 def manifest_of(config: dict[str, Any], flow_run: FlowRun) -> dict[str, Any]:
@@ -132,8 +179,8 @@ def test_on_demand_run_completes_with_artifacts_and_logs(first_run: FlowRun, cli
     assert first_run.state.is_completed(), f"{first_run.state.name}: {first_run.state.message}\n{(server.home / 'worker-1.log').read_text()[-3000:]}"
     assert first_run.name.startswith("train-tiny-tudui-")
     assert {"visionflow", "on-demand"} <= set(first_run.tags)
-    assert set(RUN_KEYS) <= artifact_keys(client, first_run.id)
-    assert any("champion" in message for message in logs_of(client, first_run.id))
+    assert set(RUN_KEYS) <= artifact_keys(client, first_run.id, *RUN_KEYS)
+    assert any("champion" in message for message in logs_of(client, first_run.id, "champion"))
     manifest = manifest_of(run_config, first_run)
     assert manifest["status"] == "completed" and manifest["prefect_flow_run_id"] == str(first_run.id)
     assert (manifest["champion"]["outcome"], manifest["champion"]["reason"]) == ("promoted", "no champion in the slot yet")
@@ -147,14 +194,14 @@ def test_rerun_on_unchanged_data_is_cached_and_keeps_the_champion(first_run: Flo
     assert second.state.is_completed(), f"{second.state.name}: {second.state.message}"
     manifest = manifest_of(run_config, second)
     assert manifest["tasks"]["train_model"] == "cached"
-    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[second.id])))
+    task_runs = task_runs_of(client, second.id, manifest["tasks"])
     assert {run.state.name for run in task_runs if run.name.startswith("train_model")} == {"Cached"}
     assert all({f"dataset:{run_config['data']['dataset']}", "model:tudui"} <= set(run.tags) for run in task_runs)
     decision = manifest["champion"]
     assert (decision["outcome"], decision["reason"]) == ("kept", "same weights")
     assert decision["champion_run"] == first_run.name
     assert decision["challenger_score"] == decision["champion_score"] == manifest["metrics"]["eval_accuracy"]
-    assert "champion-decision" in artifact_keys(client, second.id)
+    assert "champion-decision" in artifact_keys(client, second.id, "champion-decision")
 
 
 def test_evaluate_champion_scores_the_promoted_model(first_run: FlowRun, server: PrefectServer,
@@ -163,8 +210,9 @@ def test_evaluate_champion_scores_the_promoted_model(first_run: FlowRun, server:
                         server.home / "worker-evaluate.log")
     assert scored.state.is_completed(), f"{scored.state.name}: {scored.state.message}"
     assert scored.name.startswith(f"evaluate-{SLOT}-")
-    assert "champion-evaluation" in artifact_keys(client, scored.id)
-    assert any(f"champion '{SLOT}' ({first_run.name}): accuracy" in message for message in logs_of(client, scored.id))
+    assert "champion-evaluation" in artifact_keys(client, scored.id, "champion-evaluation")
+    accuracy = f"champion '{SLOT}' ({first_run.name}): accuracy"
+    assert any(accuracy in message for message in logs_of(client, scored.id, accuracy))
 
 
 def test_failed_run_is_failed_with_the_reason(deployed: str, server: PrefectServer, client: SyncPrefectClient,
@@ -174,17 +222,18 @@ def test_failed_run_is_failed_with_the_reason(deployed: str, server: PrefectServ
     failed = run_to_end(server, client, trigger(server, ON_DEMAND, config), server.home / "worker-3.log")
     assert failed.state.is_failed()
     assert str(missing) in failed.state.message
-    assert any(str(missing) in message for message in logs_of(client, failed.id))
+    assert any(str(missing) in message for message in logs_of(client, failed.id, str(missing)))
     # The download step is the retryable one: 1 try + 2 retries before the run fails.
-    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[failed.id])))
+    task_runs = task_runs_of(client, failed.id, ["download_dataset"])
     assert [(run.state.name, run.run_count) for run in task_runs if run.name.startswith("download_dataset")] == [("Failed", 3)]
 
 
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
 def test_ui_shows_the_runs_artifacts(first_run: FlowRun, server: PrefectServer, tmp_path: Path) -> None:
+    decision = f"Champion '{SLOT}': challenger promoted"  # the champion-decision artifact's description
     text = chromium_text(f"{server.url}/runs/flow-run/{first_run.id}", tmp_path / "chromium-profile",
-                         click_tab="Artifacts", expect=(first_run.name, *RUN_KEYS))
+                         click_tab="Artifacts", expect=(first_run.name, "Completed", *RUN_KEYS, decision))
     assert first_run.name in text and "Completed" in text
     for key in RUN_KEYS:
         assert key in text, f"artifact {key} not shown on the flow run page; page text:\n{text[:3000]}"
-    assert f"Champion '{SLOT}': challenger promoted" in text
+    assert decision in text
