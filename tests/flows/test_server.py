@@ -159,7 +159,7 @@ def test_nightly_schedule_and_deployments_are_registered(deployed: str, client: 
     on_demand = client.read_deployment_by_name(ON_DEMAND)
     assert on_demand.schedules == [] and on_demand.concurrency_options.collision_strategy == "ENQUEUE"
     evaluate = client.read_deployment_by_name("evaluate-champion/evaluate-champion")
-    assert evaluate.entrypoint == "flows/champion.py:evaluate_champion" and evaluate.enforce_parameter_schema
+    assert evaluate.entrypoint == "flows/champion.py:champion_evaluation" and evaluate.enforce_parameter_schema
 
 
 def test_parameter_schema_rejects_a_bad_config_before_any_worker(deployed: str, client: SyncPrefectClient) -> None:
