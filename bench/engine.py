@@ -62,9 +62,13 @@ RSS_IMAGES = 50_000
 
 
 def _config(epochs: int) -> PipelineConfig:
-    return build_config({"model": {"name": MODEL}, "data": {"batch_size": BATCH},
-                         "training": {"epochs": epochs, "device": "cpu", "precision": PRECISION,
-                                      "channels_last": CHANNELS_LAST}})
+    return build_config(
+        {
+            "model": {"name": MODEL},
+            "data": {"batch_size": BATCH},
+            "training": {"epochs": epochs, "device": "cpu", "precision": PRECISION, "channels_last": CHANNELS_LAST},
+        }
+    )
 
 
 def _decoded() -> tuple[DecodedSplit, DecodedSplit]:
@@ -149,20 +153,27 @@ def peak_rss_child() -> None:
     """Subprocess body: fit one epoch on 50,000 images (tiled); print ru_maxrss in MB as JSON."""
     train, val = _decoded()
     repeats = -(-RSS_IMAGES // len(train.labels))
-    big = SimpleNamespace(images=train.images.repeat(repeats, 1, 1, 1)[:RSS_IMAGES],  # (50000, 3, 32, 32) uint8
-                          labels=train.labels.repeat(repeats)[:RSS_IMAGES], classes=train.classes)
+    big = SimpleNamespace(
+        images=train.images.repeat(repeats, 1, 1, 1)[:RSS_IMAGES],  # (50000, 3, 32, 32) uint8
+        labels=train.labels.repeat(repeats)[:RSS_IMAGES],
+        classes=train.classes,
+    )
     del train
     seed_everything(0)
     result = engine.fit(build_model(MODEL, len(big.classes)), big, val, _config(1), _spec(big))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    print(json.dumps({"peak_rss_mb": peak_mb, "images": len(big.labels),
-                      "images_per_second": result.train_images_per_second}))
+    print(
+        json.dumps(
+            {"peak_rss_mb": peak_mb, "images": len(big.labels), "images_per_second": result.train_images_per_second}
+        )
+    )
 
 
 def peak_rss_mb() -> dict:
     settings = ["--precision", PRECISION] + ([] if CHANNELS_LAST else ["--no-channels-last"])
-    out = subprocess.run([sys.executable, __file__, "--rss-child", *settings], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-child", *settings], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -170,8 +181,12 @@ def main() -> None:
     global PRECISION, CHANNELS_LAST  # one setting for every method and the RSS subprocess
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved slices per method (best is kept)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default=PRECISION,
-                        help="engine and ceiling precision (the tutorial loop is fp32 as written)")
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default=PRECISION,
+        help="engine and ceiling precision (the tutorial loop is fp32 as written)",
+    )
     parser.add_argument("--no-channels-last", action="store_true", help="engine and ceiling in NCHW layout")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -189,10 +204,14 @@ def main() -> None:
         best = {name: max(best[name], figures[name]) for name in methods}
         print(f"round {round_:2d}: " + "  ".join(f"{k} {v:6,.0f}" for k, v in figures.items()) + " img/s", flush=True)
     rss = peak_rss_mb()
-    print(f"best: tutorial {best['tutorial']:,.0f}  engine {best['engine']:,.0f}  ceiling {best['ceiling']:,.0f} img/s; "
-          f"fit on {rss['images']:,} images: peak RSS {rss['peak_rss_mb']:.0f} MB, {rss['images_per_second']:,.0f} img/s")
-    print(f"R1={best['engine'] / best['tutorial']:.2f} R2={best['engine'] / best['ceiling']:.2f} "
-          f"peak_rss_mb={rss['peak_rss_mb']:.0f}")
+    print(
+        f"best: tutorial {best['tutorial']:,.0f}  engine {best['engine']:,.0f}  ceiling {best['ceiling']:,.0f} img/s; "
+        f"fit on {rss['images']:,} images: peak RSS {rss['peak_rss_mb']:.0f} MB, {rss['images_per_second']:,.0f} img/s"
+    )
+    print(
+        f"R1={best['engine'] / best['tutorial']:.2f} R2={best['engine'] / best['ceiling']:.2f} "
+        f"peak_rss_mb={rss['peak_rss_mb']:.0f}"
+    )
 
 
 if __name__ == "__main__":

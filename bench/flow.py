@@ -10,9 +10,9 @@ startup included:
   rerun   the identical command: every heavy task must come back Cached
 
 It also trains the same resolved config with the training step directly (`steps.train_run`, the
-core call of the training task, without Prefect) on the same data, once before and once after the flow runs, and compares the flow's training
-images/s with the engine's. Each side's figure is the median of its per-epoch images/s, first
-epoch left out (it pays one-time kernel setup): one whole-run average swings by +-10% on this
+core call of the training task, without Prefect) on the same data, once before and once after
+the flow runs, and compares the flow's training images/s with the engine's. Each side's figure
+is the median of its per-epoch images/s, first epoch left out (it pays one-time kernel setup): one whole-run average swings by +-10% on this
 shared machine, run to run, with or without Prefect.
 The last line is `first_s=<x> rerun_s=<y> flow_vs_engine=<z>`.
 """
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,8 +41,16 @@ from visionflow.data import resolve_dataset  # noqa: E402
 from visionflow.runs import RunLayout  # noqa: E402
 from visionflow.steps import train_run  # noqa: E402
 
-HEAVY_TASKS = ("download_dataset", "validate_data", "compute_normalization", "preview_transforms", "describe_model",
-               "train_model", "evaluate_checkpoint", "export_checkpoint")
+HEAVY_TASKS = (
+    "download_dataset",
+    "validate_data",
+    "compute_normalization",
+    "preview_transforms",
+    "describe_model",
+    "train_model",
+    "evaluate_checkpoint",
+    "export_checkpoint",
+)
 
 
 def timed_train(config_file: Path, work: Path, run_name: str) -> tuple[float, dict]:
@@ -50,8 +58,13 @@ def timed_train(config_file: Path, work: Path, run_name: str) -> tuple[float, di
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(work / "prefect-home"), PYTHONPATH=str(REPO))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--config", str(config_file),
-                           "--run-name", run_name], cwd=work, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "--config", str(config_file), "--run-name", run_name],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"visionflow train failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -68,8 +81,9 @@ def engine_images_per_second(config_values: dict, run_dir: Path) -> list[float]:
     """The training step alone (steps.train_run, what the training task calls), on the run's data
     and resolved config, without Prefect: its steady per-epoch images/s."""
     config = build_config(config_values)
-    info = resolve_dataset(config.data.dataset, config.data.data_dir, config.data.val_fraction,
-                           config.data.split_seed, download=False)
+    info = resolve_dataset(
+        config.data.dataset, config.data.data_dir, config.data.val_fraction, config.data.split_seed, download=False
+    )
     result = train_run(run_dir, info, config)
     return steady_rates([asdict(epoch) for epoch in result.history])
 
@@ -82,8 +96,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="visionflow-bench-") as tmp:
         work = Path(tmp)
-        overrides = {"data.dataset": args.dataset, "data.data_dir": str(work / "data"),
-                     "output.output_dir": str(work / "out")}
+        overrides = {
+            "data.dataset": args.dataset,
+            "data.data_dir": str(work / "data"),
+            "output.output_dir": str(work / "out"),
+        }
         if args.epochs is not None:
             overrides["training.epochs"] = args.epochs
         config_file = work / "config.yaml"
@@ -97,13 +114,16 @@ def main() -> None:
         print(f"first run:  {first_s:6.1f} s  (tasks: {first['tasks']})")
         rerun_s, rerun = timed_train(config_file, work, "rerun")
         not_cached = [name for name in HEAVY_TASKS if rerun["tasks"][name] != "cached"]
-        print(f"rerun:      {rerun_s:6.1f} s  ({'all heavy tasks cached' if not not_cached else f'NOT cached: {not_cached}'})")
+        verdict = f"NOT cached: {not_cached}" if not_cached else "all heavy tasks cached"
+        print(f"rerun:      {rerun_s:6.1f} s  ({verdict})")
         engine_rates += engine_images_per_second(engine_config.model_dump(mode="json"), work / "engine-after")
         engine = statistics.median(engine_rates)
         flow_history = load_checkpoint(RunLayout(work / "out" / "runs" / "first").last_checkpoint)["history"]
         flow = statistics.median(steady_rates(flow_history))
-        print(f"training images/s (median per epoch): flow {flow:,.0f}, engine alone {engine:,.0f} "
-              f"(manifest average: flow {first['timing']['train_images_per_second']:,.0f})")
+        print(
+            f"training images/s (median per epoch): flow {flow:,.0f}, engine alone {engine:,.0f} "
+            f"(manifest average: flow {first['timing']['train_images_per_second']:,.0f})"
+        )
         print(f"first_s={first_s:.1f} rerun_s={rerun_s:.1f} flow_vs_engine={flow / engine:.3f}")
 
 

@@ -21,12 +21,24 @@ from visionflow.errors import DatasetError, VisionflowError
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     """--dataset / --data-dir / --val-fraction / --split-seed, shared by dataset subcommands."""
-    parser.add_argument("--dataset", required=True, metavar="SPEC",
-                        help="'sample', 'cifar10', or a folder (ROOT/train|val|test/<class>/* or ROOT/<class>/*)")
-    parser.add_argument("--data-dir", default="data", metavar="DIR",
-                        help="where downloads, the sample and the cache live (default: data)")
-    parser.add_argument("--val-fraction", type=float, default=0.2,
-                        help="held-out fraction when the folder has no val/ or test/ (default: 0.2)")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        metavar="SPEC",
+        help="'sample', 'cifar10', or a folder (ROOT/train|val|test/<class>/* or ROOT/<class>/*)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default="data",
+        metavar="DIR",
+        help="where downloads, the sample and the cache live (default: data)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="held-out fraction when the folder has no val/ or test/ (default: 0.2)",
+    )
     parser.add_argument("--split-seed", type=int, default=0, help="seed of that held-out split (default: 0)")
 
 
@@ -39,8 +51,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from visionflow.data import resolve_dataset
     from visionflow.validate import validate_dataset
 
-    info = resolve_dataset(args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction,
-                           split_seed=args.split_seed)
+    info = resolve_dataset(
+        args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction, split_seed=args.split_seed
+    )
     report, _ = validate_dataset(info, on_invalid=args.on_invalid)
     if args.json:
         print_json(report.to_dict())
@@ -70,7 +83,6 @@ def select_split(info: Any, name: str | None) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from visionflow.cache import decoded_cache_dir, load_decoded
     from visionflow.checkpoints import load_model
@@ -78,8 +90,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from visionflow.evaluation import check_classes_match, evaluate_model
 
     model, spec = load_model(args.checkpoint)
-    info = resolve_dataset(args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction,
-                           split_seed=args.split_seed)
+    info = resolve_dataset(
+        args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction, split_seed=args.split_seed
+    )
     check_classes_match(spec, info.classes)  # before decoding anything
     split = select_split(info, args.split)
     decoded = load_decoded(split, spec.input_size, decoded_cache_dir(args.data_dir))
@@ -116,9 +129,16 @@ PREFECT_DEFAULTS = {
 }
 
 TRAIN_OVERRIDES = {  # CLI flag (argparse dest) -> dotted config field
-    "dataset": "data.dataset", "model": "model.name", "recipe": "optim.recipe", "epochs": "training.epochs",
-    "batch_size": "data.batch_size", "lr": "optim.lr", "device": "training.device", "seed": "training.seed",
-    "output": "output.output_dir", "run_name": "output.run_name",
+    "dataset": "data.dataset",
+    "model": "model.name",
+    "recipe": "optim.recipe",
+    "epochs": "training.epochs",
+    "batch_size": "data.batch_size",
+    "lr": "optim.lr",
+    "device": "training.device",
+    "seed": "training.seed",
+    "output": "output.output_dir",
+    "run_name": "output.run_name",
 }
 
 
@@ -162,6 +182,7 @@ def start_prefect_api() -> Callable[[], None]:
         thread.join()
         if failed:
             raise failed[0]
+
     return wait
 
 
@@ -185,15 +206,18 @@ def check_before_run(config: Any) -> None:
     if config.output.run_name is not None:
         resumable_run(config.output.output_dir, config.output.run_name)
     if config.data.dataset != "cifar10":
-        resolve_dataset(config.data.dataset, config.data.data_dir, config.data.val_fraction,
-                        config.data.split_seed, download=False)
+        resolve_dataset(
+            config.data.dataset, config.data.data_dir, config.data.val_fraction, config.data.split_seed, download=False
+        )
     resolve_device(config.training.device)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from visionflow.config import load_config
 
-    overrides = {field: getattr(args, dest) for dest, field in TRAIN_OVERRIDES.items() if getattr(args, dest) is not None}
+    overrides = {
+        field: getattr(args, dest) for dest, field in TRAIN_OVERRIDES.items() if getattr(args, dest) is not None
+    }
     if args.refresh:
         overrides["output.refresh"] = True
     config = load_config(args.config, overrides)
@@ -211,8 +235,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest = train_pipeline(config)
     layout = RunLayout(runs_root(config.output.output_dir) / manifest.run_name)
     statuses = list(manifest.tasks.values())
-    print(f"\nrun {manifest.run_name}: {manifest.status}, eval accuracy {manifest.metrics.eval_accuracy:.2%}, "
-          f"{manifest.timing.total_seconds:.1f} s ({statuses.count('cached')} of {len(statuses)} tasks cached)")
+    print(
+        f"\nrun {manifest.run_name}: {manifest.status}, eval accuracy {manifest.metrics.eval_accuracy:.2%}, "
+        f"{manifest.timing.total_seconds:.1f} s ({statuses.count('cached')} of {len(statuses)} tasks cached)"
+    )
     print(f"  run directory: {layout.root}")
     print(f"  TensorBoard:   {tensorboard_command(layout.tensorboard)}")
     print(f"  Prefect UI:    {prefect_ui_hint(manifest.prefect_flow_run_id)}")
@@ -263,19 +289,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("validate", help="check a dataset: counts, invalid files, duplicates, leakage")
     add_dataset_arguments(p)
-    p.add_argument("--on-invalid", choices=("skip", "fail"), default="skip",
-                   help="leave unreadable files out and report them (skip, default) or stop at the first (fail)")
+    p.add_argument(
+        "--on-invalid",
+        choices=("skip", "fail"),
+        default="skip",
+        help="leave unreadable files out and report them (skip, default) or stop at the first (fail)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=cmd_validate)
 
     checkpoint_help = "a training checkpoint (.pt), an export folder, or its model.safetensors (beside model.json)"
-    p = commands.add_parser("evaluate", help="evaluate a checkpoint: loss, accuracy, per-class metrics, confusion matrix")
+    p = commands.add_parser(
+        "evaluate", help="evaluate a checkpoint: loss, accuracy, per-class metrics, confusion matrix"
+    )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help=checkpoint_help)
     add_dataset_arguments(p)
-    p.add_argument("--split", choices=("val", "test", "train"), default=None,
-                   help="split to evaluate (default: the dataset's eval split, val or else test)")
+    p.add_argument(
+        "--split",
+        choices=("val", "test", "train"),
+        default=None,
+        help="split to evaluate (default: the dataset's eval split, val or else test)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N")
-    p.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per forward pass (default: 256)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=256, metavar="N", help="images per forward pass (default: 256)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=cmd_evaluate)
 
@@ -283,11 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH", help=checkpoint_help)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {image, label, probability, probabilities}")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON list of {image, label, probability, probabilities}"
+    )
     p.set_defaults(handler=cmd_predict)
 
     p = commands.add_parser("train", help="run the training flow (cached steps, resumable with --run-name)")
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data, model, optim, training, output); flags override it")
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML config (sections data, model, optim, training, output); flags override it",
+    )
     p.add_argument("--dataset", metavar="SPEC", help="'sample', 'cifar10', or a folder (default: sample)")
     p.add_argument("--model", metavar="NAME", help="tudui or resnet18 (default: tudui)")
     p.add_argument("--recipe", metavar="NAME", help="default or tutorial (default: default)")
@@ -297,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="auto|cpu|cuda|mps", help="training device (default: auto)")
     p.add_argument("--seed", type=int, metavar="N", help="seed for everything random (default: 0)")
     p.add_argument("--output", metavar="DIR", help="root of run outputs (default: artifacts)")
-    p.add_argument("--run-name", metavar="NAME", help="run directory name; an interrupted run with this name is resumed")
+    p.add_argument(
+        "--run-name", metavar="NAME", help="run directory name; an interrupted run with this name is resumed"
+    )
     p.add_argument("--refresh", action="store_true", help="ignore cached results and recompute every step")
     p.set_defaults(handler=cmd_train)
 
@@ -306,9 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of runs")
     p.set_defaults(handler=cmd_runs)
 
-    p = commands.add_parser("reproduce", help="rerun a run from its manifest (caches bypassed) and compare weights",
-                            description="Rerun a run from its manifest, caches bypassed, into a new run directory. "
-                                        "Exit status 0 when the weights are identical, 1 when they differ.")
+    p = commands.add_parser(
+        "reproduce",
+        help="rerun a run from its manifest (caches bypassed) and compare weights",
+        description="Rerun a run from its manifest, caches bypassed, into a new run directory. "
+        "Exit status 0 when the weights are identical, 1 when they differ.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (<output>/runs/<run-name>)")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
     p.set_defaults(handler=cmd_reproduce)
@@ -319,8 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `visionflow` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return args.handler(args)
     except VisionflowError as err:

@@ -37,12 +37,14 @@ def train_pipeline(config: PipelineConfig) -> Manifest:
         with failure_recorded(run):  # a failing step marks the run failed in its manifest
             validated = validate_data(dataset, config.data.on_invalid, run.run_dir)
             normalization = compute_normalization(dataset, validated, config.data)
-            preview = preview_transforms(dataset, validated, config.data, normalization, config.training.seed,
-                                         run.run_dir)
+            preview = preview_transforms(
+                dataset, validated, config.data, normalization, config.training.seed, run.run_dir
+            )
             model = describe_model(config.model.name, len(dataset.classes), config.data.image_size, run.run_dir)
             training = train_model(dataset, validated, config, normalization, run.run_dir, run.resume_from)
-            evaluation = evaluate_checkpoint(dataset, validated, training.best_checkpoint, config.training.device,
-                                             config.data.data_dir, run.run_dir)
+            evaluation = evaluate_checkpoint(
+                dataset, validated, training.best_checkpoint, config.training.device, config.data.data_dir, run.run_dir
+            )
             export = export_checkpoint(training.best_checkpoint, run.run_dir)
             manifest = finish_run(run, dataset, validated, preview, model, training, evaluation, export)
             publish_run(run, manifest)

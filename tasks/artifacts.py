@@ -40,8 +40,15 @@ CONFUSION_KEY = "confusion-matrix"
 PREVIEW_KEY = "transform-preview"
 MISCLASSIFIED_KEY = "misclassified"
 PROGRESS_KEY = "training-progress"
-ARTIFACT_KEYS = (SUMMARY_KEY, VALIDATION_KEY, PER_CLASS_KEY, CONFUSION_KEY, PREVIEW_KEY,
-                 MISCLASSIFIED_KEY, PROGRESS_KEY)
+ARTIFACT_KEYS = (
+    SUMMARY_KEY,
+    VALIDATION_KEY,
+    PER_CLASS_KEY,
+    CONFUSION_KEY,
+    PREVIEW_KEY,
+    MISCLASSIFIED_KEY,
+    PROGRESS_KEY,
+)
 
 # Encoded image bytes per artifact (base64 adds a third). Small enough that listing a few
 # dozen artifacts stays fast; a 600 px confusion matrix or a preview grid fits as PNG.
@@ -115,17 +122,25 @@ class PrefectProgressCallback(Callback):
     def on_fit_start(self, state: FitStart) -> None:
         # A resumed run starts at its checkpoint's epoch, not at 0.
         self.artifact_id = create_progress_artifact(
-            progress=100.0 * state.epoch / self.total_epochs, key=self.key,
-            description=f"epoch {state.epoch}/{self.total_epochs}")
+            progress=100.0 * state.epoch / self.total_epochs,
+            key=self.key,
+            description=f"epoch {state.epoch}/{self.total_epochs}",
+        )
 
     def on_epoch_end(self, metrics: EpochMetrics) -> None:
-        description = (f"epoch {metrics.epoch}/{self.total_epochs}: train loss {metrics.train_loss:.4f}, "
-                       f"eval loss {metrics.eval_loss:.4f}, eval accuracy {metrics.eval_accuracy:.2%}")
-        update_progress_artifact(artifact_id=self.artifact_id, progress=100.0 * metrics.epoch / self.total_epochs,
-                                 description=description)
+        description = (
+            f"epoch {metrics.epoch}/{self.total_epochs}: train loss {metrics.train_loss:.4f}, "
+            f"eval loss {metrics.eval_loss:.4f}, eval accuracy {metrics.eval_accuracy:.2%}"
+        )
+        update_progress_artifact(
+            artifact_id=self.artifact_id, progress=100.0 * metrics.epoch / self.total_epochs, description=description
+        )
 
     def on_fit_end(self, result: FitResult) -> None:
         # Early stopping ends the fit before the last epoch; the bar still has to reach 100 %.
         if result.stopped_early:
-            update_progress_artifact(artifact_id=self.artifact_id, progress=100.0,
-                                     description=f"stopped early after epoch {len(result.history)}")
+            update_progress_artifact(
+                artifact_id=self.artifact_id,
+                progress=100.0,
+                description=f"stopped early after epoch {len(result.history)}",
+            )

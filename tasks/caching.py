@@ -145,8 +145,9 @@ class FlockLockManager(LockManager):
             time.sleep(self.poll_seconds)
         return True
 
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                     hold_timeout: float | None = None) -> bool:
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
         # hold_timeout is not needed: the lock cannot outlive its process.
         if self.is_lock_holder(key, holder):
             return True
@@ -159,8 +160,9 @@ class FlockLockManager(LockManager):
 
         return self._wait(take, acquire_timeout)
 
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
         return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
 
     def release_lock(self, key: str, holder: str) -> None:
@@ -209,8 +211,12 @@ def durable_results(output: OutputConfig) -> Iterator[dict[str, str]]:
     if context is None:
         raise RuntimeError("durable_results() is for the body of a flow run")
     store_dir = results_dir(output.output_dir)
-    store = context.result_store.model_copy(update={"result_storage": LocalFileSystem(basepath=str(store_dir)),
-                                                    "lock_manager": FlockLockManager(store_dir / "locks")})
+    store = context.result_store.model_copy(
+        update={
+            "result_storage": LocalFileSystem(basepath=str(store_dir)),
+            "lock_manager": FlockLockManager(store_dir / "locks"),
+        }
+    )
     scope = _Scope(refresh=output.refresh)
     token = _SCOPE.set(scope)
     try:
@@ -250,11 +256,14 @@ def _jsonable(value: Any) -> Any:
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
-def task_cache_key(task: Task, inputs: Mapping[str, Any], projections: Mapping[str, Callable[[Any], Any] | None]) -> str:
+def task_cache_key(
+    task: Task, inputs: Mapping[str, Any], projections: Mapping[str, Callable[[Any], Any] | None]
+) -> str:
     """The key of one call: the core package digest, the task's source and the named inputs
     (each through its projection, when it has one)."""
-    material = {name: _jsonable(project(inputs[name]) if project else inputs[name])
-                for name, project in projections.items()}
+    material = {
+        name: _jsonable(project(inputs[name]) if project else inputs[name]) for name, project in projections.items()
+    }
     return hash_objects(core_digest(), inspect.getsource(task.fn), material, raise_on_failure=True)
 
 
@@ -271,8 +280,9 @@ class VerifiedCache(CachePolicy):
 
     inputs: Mapping[str, Callable[[Any], Any] | None] = field(default_factory=dict)
 
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> str | None:
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         key = task_cache_key(task_ctx.task, inputs, self.inputs)
         self._drop_if_stale(task_ctx, key)
         return key
@@ -295,22 +305,35 @@ class VerifiedCache(CachePolicy):
             if scope.refresh:
                 problems = ["refresh requested"]
             if problems:
-                get_run_logger().warning("Cached result of %s dropped (%s); recomputing", task_ctx.task.name,
-                                         "; ".join(problems))
+                get_run_logger().warning(
+                    "Cached result of %s dropped (%s); recomputing", task_ctx.task.name, "; ".join(problems)
+                )
                 (Path(store.result_storage.basepath) / key).unlink(missing_ok=True)
         finally:
             store.release_lock(key, holder=holder)
 
 
-def cached_task(*names: str, retries: int = 0, retry_delay_seconds: int | list[int] = 0,
-                timeout_seconds: float | None = None, **projections: Callable[[Any], Any]) -> Callable[[Callable], Task]:
+def cached_task(
+    *names: str,
+    retries: int = 0,
+    retry_delay_seconds: int | list[int] = 0,
+    timeout_seconds: float | None = None,
+    **projections: Callable[[Any], Any],
+) -> Callable[[Callable], Task]:
     """`@task` for a pipeline step whose result is reused: keyed on the inputs in `names` (as
     they are) and `projections` (input name -> function giving its identity), stored durably
     (`durable_results`), verified before reuse, its outcome recorded for the manifest."""
     policy = VerifiedCache(inputs={**{name: None for name in names}, **projections}).configure(
-        isolation_level="SERIALIZABLE")
+        isolation_level="SERIALIZABLE"
+    )
     # Results are not kept in memory: a record on disk may be replaced by another process, and
     # only the disk copy is verified.
-    return task(cache_policy=policy, persist_result=True, cache_result_in_memory=False, retries=retries,
-                retry_delay_seconds=retry_delay_seconds, timeout_seconds=timeout_seconds,
-                on_completion=[record_outcome])
+    return task(
+        cache_policy=policy,
+        persist_result=True,
+        cache_result_in_memory=False,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        timeout_seconds=timeout_seconds,
+        on_completion=[record_outcome],
+    )

@@ -28,9 +28,15 @@ def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedDa
     promote it when at least as good. Returns the run's manifest (with the decision, if any)."""
     if config.output.champion is None:
         return Manifest.load(run.run_dir)
-    decision = challenge(run.run_dir, config.output.champion, config.training.monitor,
-                         validated.apply(dataset).eval_split, config.output.output_dir,
-                         decoded_cache_dir(config.data.data_dir), config.training.device)
+    decision = challenge(
+        run.run_dir,
+        config.output.champion,
+        config.training.monitor,
+        validated.apply(dataset).eval_split,
+        config.output.output_dir,
+        decoded_cache_dir(config.data.data_dir),
+        config.training.device,
+    )
     publish_markdown(DECISION_KEY, decision.to_markdown(), f"Champion '{decision.slot}': challenger {decision.outcome}")
     get_run_logger().info("champion '%s': challenger %s (%s)", decision.slot, decision.outcome, decision.reason)
     return Manifest.load(run.run_dir)  # now with the decision
@@ -40,10 +46,24 @@ def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedDa
 def score_champion(dataset: DatasetRef, config: PipelineConfig) -> dict[str, Any]:
     """Evaluate the champion in config.output.champion on the dataset's eval split."""
     eval_split = dataset.load().eval_split
-    champion, report = evaluate_champion(config.output.output_dir, config.output.champion, eval_split,
-                                         decoded_cache_dir(config.data.data_dir), config.training.device)
-    publish_markdown(EVALUATION_KEY, champion_report_markdown(champion, report, eval_split.name),
-                     f"Champion '{champion.slot}' ({champion.run_name}): accuracy {report.accuracy:.2%}")
-    get_run_logger().info("champion '%s' (%s): accuracy %.4f, loss %.4f on %s", champion.slot, champion.run_name,
-                          report.accuracy, report.loss, eval_split.name)
+    champion, report = evaluate_champion(
+        config.output.output_dir,
+        config.output.champion,
+        eval_split,
+        decoded_cache_dir(config.data.data_dir),
+        config.training.device,
+    )
+    publish_markdown(
+        EVALUATION_KEY,
+        champion_report_markdown(champion, report, eval_split.name),
+        f"Champion '{champion.slot}' ({champion.run_name}): accuracy {report.accuracy:.2%}",
+    )
+    get_run_logger().info(
+        "champion '%s' (%s): accuracy %.4f, loss %.4f on %s",
+        champion.slot,
+        champion.run_name,
+        report.accuracy,
+        report.loss,
+        eval_split.name,
+    )
     return {"slot": champion.slot, "version": champion.version, "run_name": champion.run_name, **report.to_dict()}

@@ -61,9 +61,17 @@ class ValidatedData(TaskOutput):
 
     def record(self, dataset: DatasetRef) -> DataRecord:
         """The manifest's data section: the dataset as found this run, as validated."""
-        return DataRecord(spec=dataset.data.dataset, root=dataset.root, fingerprint=dataset.fingerprint,
-                          validated_fingerprint=self.fingerprint, num_train=self.num_train, num_eval=self.num_eval,
-                          eval_split=self.eval_split, classes=list(dataset.classes), excluded=list(self.excluded))
+        return DataRecord(
+            spec=dataset.data.dataset,
+            root=dataset.root,
+            fingerprint=dataset.fingerprint,
+            validated_fingerprint=self.fingerprint,
+            num_train=self.num_train,
+            num_eval=self.num_eval,
+            eval_split=self.eval_split,
+            classes=list(dataset.classes),
+            excluded=list(self.excluded),
+        )
 
 
 class Normalization(TaskOutput):
@@ -119,11 +127,17 @@ def validate_data(dataset: DatasetRef, on_invalid: str, run_dir: str) -> Validat
     with written_files(run_dir) as files:
         report, clean = validate_into(run_dir, dataset.load(), on_invalid)
     if report.invalid:
-        get_run_logger().warning("%d invalid file(s) left out: %s", len(report.invalid),
-                                 ", ".join(path for path, _ in report.invalid[:5]))
-    return ValidatedData(excluded=tuple(path for path, _ in report.invalid), fingerprint=report.fingerprint,
-                         num_train=len(clean.train), num_eval=len(clean.eval_split), eval_split=clean.eval_split.name,
-                         files=files)
+        get_run_logger().warning(
+            "%d invalid file(s) left out: %s", len(report.invalid), ", ".join(path for path, _ in report.invalid[:5])
+        )
+    return ValidatedData(
+        excluded=tuple(path for path, _ in report.invalid),
+        fingerprint=report.fingerprint,
+        num_train=len(clean.train),
+        num_eval=len(clean.eval_split),
+        eval_split=clean.eval_split.name,
+        files=files,
+    )
 
 
 @cached_task(dataset=by_fingerprint, validated=by_exclusions, data=by_transform)
@@ -134,8 +148,14 @@ def compute_normalization(dataset: DatasetRef, validated: ValidatedData, data: D
 
 
 @cached_task("seed", "normalization", dataset=by_fingerprint, validated=by_exclusions, data=by_transform)
-def preview_transforms(dataset: DatasetRef, validated: ValidatedData, data: DataConfig, normalization: Normalization,
-                       seed: int, run_dir: str) -> TaskOutput:
+def preview_transforms(
+    dataset: DatasetRef,
+    validated: ValidatedData,
+    data: DataConfig,
+    normalization: Normalization,
+    seed: int,
+    run_dir: str,
+) -> TaskOutput:
     """Render what the model sees (original | eval input | train input) to preview.png and TensorBoard."""
     with written_files(run_dir) as files:
         preview_into(run_dir, validated.apply(dataset).train, normalization.apply(data), seed)

@@ -22,9 +22,14 @@ class EvalOutput(TaskOutput):
 
     def metrics(self, training: TrainOutput) -> MetricsRecord:
         """The manifest's metrics: this evaluation of the training's best checkpoint."""
-        return MetricsRecord(eval_accuracy=self.accuracy, eval_loss=self.loss, eval_top5=self.top5,
-                             best_epoch=training.fit.best_epoch, epochs_trained=len(training.fit.history),
-                             per_class=self.per_class)
+        return MetricsRecord(
+            eval_accuracy=self.accuracy,
+            eval_loss=self.loss,
+            eval_top5=self.top5,
+            best_epoch=training.fit.best_epoch,
+            epochs_trained=len(training.fit.history),
+            per_class=self.per_class,
+        )
 
 
 class ExportOutput(TaskOutput):
@@ -37,14 +42,21 @@ def by_sha256(ref: FileRef) -> str:
 
 
 @cached_task("device", dataset=by_fingerprint, validated=by_exclusions, checkpoint=by_sha256)
-def evaluate_checkpoint(dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str,
-                        data_dir: str, run_dir: str) -> EvalOutput:
+def evaluate_checkpoint(
+    dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str, data_dir: str, run_dir: str
+) -> EvalOutput:
     """Evaluate the checkpoint on the eval split: evaluation.json, CSVs, confusion and misclassified images."""
     with written_files(run_dir) as files:
         report = write_evaluation(run_dir, checkpoint.path, validated.apply(dataset).eval_split, device, data_dir)
     get_run_logger().info("eval accuracy %.4f, loss %.4f on %d images", report.accuracy, report.loss, report.num_images)
-    return EvalOutput(accuracy=report.accuracy, loss=report.loss, top5=report.top5, num_images=report.num_images,
-                      per_class=report.to_dict()["per_class"], files=files)
+    return EvalOutput(
+        accuracy=report.accuracy,
+        loss=report.loss,
+        top5=report.top5,
+        num_images=report.num_images,
+        per_class=report.to_dict()["per_class"],
+        files=files,
+    )
 
 
 @cached_task(checkpoint=by_sha256)

@@ -19,6 +19,7 @@ def describe_model(name: str, num_classes: int, image_size: int, run_dir: str) -
     with written_files(run_dir) as files:
         summary = describe_into(run_dir, name, num_classes, image_size)
     get_run_logger().info("model %s: %s parameters", name, f"{summary.num_parameters:,}")
-    record = ModelRecord(name=name, num_parameters=summary.num_parameters,
-                         trainable_parameters=summary.trainable_parameters)
+    record = ModelRecord(
+        name=name, num_parameters=summary.num_parameters, trainable_parameters=summary.trainable_parameters
+    )
     return ModelInfo(record=record, files=files)

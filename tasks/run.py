@@ -18,8 +18,17 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
 
-from tasks.artifacts import (CONFUSION_KEY, MISCLASSIFIED_KEY, PER_CLASS_KEY, PREVIEW_KEY, VALIDATION_KEY,
-                             publish_image, publish_markdown, publish_summary, publish_table)
+from tasks.artifacts import (
+    CONFUSION_KEY,
+    MISCLASSIFIED_KEY,
+    PER_CLASS_KEY,
+    PREVIEW_KEY,
+    VALIDATION_KEY,
+    publish_image,
+    publish_markdown,
+    publish_summary,
+    publish_table,
+)
 from tasks.caching import TaskOutput, record_outcome, task_outcomes
 from tasks.data import DatasetRef, ValidatedData
 from tasks.evaluation import EvalOutput, ExportOutput
@@ -45,16 +54,28 @@ def start_run(config: PipelineConfig) -> RunInfo:
     # The run's clock starts with the flow run (data preparation included), not with this task.
     context = FlowRunContext.get()
     started = context.start_time if context is not None else datetime.now(timezone.utc)
-    layout, resume_from = open_run(config, started.isoformat(timespec="seconds"), flow_run.get_id(),
-                                   proposed=flow_run.get_name())
+    layout, resume_from = open_run(
+        config, started.isoformat(timespec="seconds"), flow_run.get_id(), proposed=flow_run.get_name()
+    )
     get_run_logger().info("run %s in %s%s", layout.name, layout.root, " (resuming)" if resume_from else "")
-    return RunInfo(run_dir=str(layout.root.resolve()), resume_from=str(resume_from) if resume_from else None,
-                   started_time=started.timestamp())
+    return RunInfo(
+        run_dir=str(layout.root.resolve()),
+        resume_from=str(resume_from) if resume_from else None,
+        started_time=started.timestamp(),
+    )
 
 
 @task(cache_policy=NO_CACHE)
-def finish_run(run: RunInfo, dataset: DatasetRef, validated: ValidatedData, preview: TaskOutput, model: ModelInfo,
-               training: TrainOutput, evaluation: EvalOutput, export: ExportOutput) -> Manifest:
+def finish_run(
+    run: RunInfo,
+    dataset: DatasetRef,
+    validated: ValidatedData,
+    preview: TaskOutput,
+    model: ModelInfo,
+    training: TrainOutput,
+    evaluation: EvalOutput,
+    export: ExportOutput,
+) -> Manifest:
     """Copy cached results' files into the run, then write the completed manifest and the run's
     hyperparameters with its final metrics (TensorBoard)."""
     for output in (validated, preview, model, training, evaluation, export):
@@ -62,13 +83,22 @@ def finish_run(run: RunInfo, dataset: DatasetRef, validated: ValidatedData, prev
     best = RunLayout(Path(run.run_dir)).best_checkpoint
     manifest = Manifest.load(run.run_dir)
     manifest = manifest.finish(
-        "completed", config=training.used_config(manifest.config), data=validated.record(dataset), model=model.record,
-        metrics=evaluation.metrics(training), device=training.fit.device, weights_sha256=export.weights_sha256,
-        timing=TimingRecord(train_seconds=training.fit.train_seconds,
-                            train_images_per_second=training.fit.train_images_per_second,
-                            total_seconds=time.time() - run.started_time),
+        "completed",
+        config=training.used_config(manifest.config),
+        data=validated.record(dataset),
+        model=model.record,
+        metrics=evaluation.metrics(training),
+        device=training.fit.device,
+        weights_sha256=export.weights_sha256,
+        timing=TimingRecord(
+            train_seconds=training.fit.train_seconds,
+            train_images_per_second=training.fit.train_images_per_second,
+            total_seconds=time.time() - run.started_time,
+        ),
         checkpoint=CheckpointRecord(path=str(best), sha256=training.best_checkpoint.sha256),
-        tasks=task_outcomes(), resumed_from=run.resume_from)
+        tasks=task_outcomes(),
+        resumed_from=run.resume_from,
+    )
     return finish_into(run.run_dir, manifest)
 
 
@@ -78,10 +108,15 @@ def publish_run(run: RunInfo, manifest: Manifest) -> None:
     layout = RunLayout(Path(run.run_dir))
     evaluated = json.loads(layout.evaluation.read_text())
     publish_summary(run_summary_markdown(manifest, layout.root))
-    publish_markdown(VALIDATION_KEY, validation_markdown(json.loads(layout.validation.read_text())), "Dataset validation")
+    publish_markdown(
+        VALIDATION_KEY, validation_markdown(json.loads(layout.validation.read_text())), "Dataset validation"
+    )
     publish_table(PER_CLASS_KEY, per_class_frame(evaluated), "Per-class precision, recall, F1")
-    publish_table(CONFUSION_KEY, confusion_frame(evaluated["confusion_matrix"], evaluated["classes"]),
-                  "Confusion matrix (rows: true class)")
+    publish_table(
+        CONFUSION_KEY,
+        confusion_frame(evaluated["confusion_matrix"], evaluated["classes"]),
+        "Confusion matrix (rows: true class)",
+    )
     publish_image(PREVIEW_KEY, layout.preview, "Transform preview: original | eval input | train input")
     publish_image(MISCLASSIFIED_KEY, layout.misclassified_png, "Most confidently wrong eval images")
 
@@ -89,8 +124,9 @@ def publish_run(run: RunInfo, manifest: Manifest) -> None:
 @task(cache_policy=NO_CACHE)
 def fail_run(run: RunInfo, error: str) -> None:
     """Mark the run failed in its manifest, with the error, and publish that as the summary."""
-    manifest = Manifest.load(run.run_dir).finish("failed", timing=TimingRecord(total_seconds=time.time() - run.started_time),
-                                                 tasks=task_outcomes(), error=error)
+    manifest = Manifest.load(run.run_dir).finish(
+        "failed", timing=TimingRecord(total_seconds=time.time() - run.started_time), tasks=task_outcomes(), error=error
+    )
     manifest.save(run.run_dir)
     publish_summary(run_summary_markdown(manifest, run.run_dir))
 
@@ -130,6 +166,9 @@ def check_reproducible(plan: Reproduction, dataset: DatasetRef) -> None:
 def compare_reproduction(plan: Reproduction, reproduced: Manifest) -> dict[str, Any]:
     """Compare the rerun's weights and metrics with the original's."""
     comparison = compare_runs(plan.manifest, reproduced)
-    get_run_logger().info("reproduction of %s: weights %s", comparison["original_run"],
-                          "identical" if comparison["identical"] else "DIFFER")
+    get_run_logger().info(
+        "reproduction of %s: weights %s",
+        comparison["original_run"],
+        "identical" if comparison["identical"] else "DIFFER",
+    )
     return comparison

@@ -52,15 +52,26 @@ class _LogStream:
 
 
 @cached_task("normalization", dataset=by_fingerprint, validated=by_exclusions, config=by_training_fields)
-def train_model(dataset: DatasetRef, validated: ValidatedData, config: PipelineConfig, normalization: Normalization,
-                run_dir: str, resume_from: str | None = None) -> TrainOutput:
+def train_model(
+    dataset: DatasetRef,
+    validated: ValidatedData,
+    config: PipelineConfig,
+    normalization: Normalization,
+    run_dir: str,
+    resume_from: str | None = None,
+) -> TrainOutput:
     """Train with checkpoints (last.pt every epoch, best.pt), TensorBoard curves and a progress artifact."""
     logger = get_run_logger()
     if resume_from:
         logger.info("resuming from %s", resume_from)
     config = config.model_copy(update={"data": normalization.apply(config.data)})
     with written_files(run_dir, LAST_CHECKPOINT_PATH, BEST_CHECKPOINT_PATH) as files:
-        result = train_run(run_dir, validated.apply(dataset), config, resume_from,
-                           callbacks=[PrefectProgressCallback(config.training.epochs)],
-                           progress_stream=_LogStream(logger))  # epoch lines once, in the run log
+        result = train_run(
+            run_dir,
+            validated.apply(dataset),
+            config,
+            resume_from,
+            callbacks=[PrefectProgressCallback(config.training.epochs)],
+            progress_stream=_LogStream(logger),
+        )  # epoch lines once, in the run log
     return TrainOutput(fit=result, files=files)

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.cli import main
 from visionflow.cache import load_decoded
 from visionflow.checkpoints import export_model, load_checkpoint, load_model, save_checkpoint
 from visionflow.config import build_config
 from visionflow.data import resolve_dataset
 from visionflow.engine import fit
 from visionflow.models import ModelSpec
-from flows.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 2
@@ -30,8 +30,14 @@ TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 2
 def visionflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run the CLI (`python -m flows.cli` is what the `visionflow` console script calls)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
@@ -57,7 +63,9 @@ def trained(tmp_path_factory, sample_dataset):
     dataset = work / "mini"
     copy_subset(sample_dataset, dataset)
     info = resolve_dataset(str(dataset))
-    config = build_config({"data": {"dataset": str(dataset), "batch_size": 8}, "training": {"epochs": 1, "device": "cpu"}})
+    config = build_config(
+        {"data": {"dataset": str(dataset), "batch_size": 8}, "training": {"epochs": 1, "device": "cpu"}}
+    )
     train, val = (load_decoded(split, 32, work / "cache") for split in (info.train, info.eval_split))
     spec = ModelSpec("tudui", len(info.classes), 32, list(info.classes))
     torch.manual_seed(0)
@@ -92,8 +100,20 @@ def test_evaluate_text_on_an_export_and_the_train_split(trained, capsys):
     work, dataset, best, _ = trained
     model, spec = load_model(best)
     export_model(model, spec, work / "export")
-    proc = in_process(capsys, "evaluate", "--checkpoint", work / "export", "--dataset", dataset, "--split", "train",
-                      "--data-dir", work, "--batch-size", "7")
+    proc = in_process(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        work / "export",
+        "--dataset",
+        dataset,
+        "--split",
+        "train",
+        "--data-dir",
+        work,
+        "--batch-size",
+        "7",
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"images: {10 * TRAIN_PER_CLASS}" in proc.stdout and "split: train" in proc.stdout
     assert "precision" in proc.stdout and "true \\ predicted" in proc.stdout and "airplane" in proc.stdout
@@ -113,10 +133,13 @@ def test_predict_json_lists_every_image_in_order(trained):
 def test_predict_text_is_one_line_per_image(trained, capsys):
     work, dataset, best, _ = trained
     images = sorted((dataset / "val" / "cat").iterdir())
-    predictions = json.loads(in_process(capsys, "predict", "--checkpoint", best, *images, "--json", "--device", "cpu").stdout)
+    predictions = json.loads(
+        in_process(capsys, "predict", "--checkpoint", best, *images, "--json", "--device", "cpu").stdout
+    )
     text = in_process(capsys, "predict", "--checkpoint", best, images[0])
     assert text.returncode == 0 and text.stdout.splitlines() == [
-        f"{images[0]}\t{predictions[0]['label']}\t{predictions[0]['probability']:.4f}"]
+        f"{images[0]}\t{predictions[0]['label']}\t{predictions[0]['probability']:.4f}"
+    ]
 
 
 def test_bad_checkpoints_fail_with_one_line_and_nothing_runs(trained, capsys):
@@ -126,13 +149,22 @@ def test_bad_checkpoints_fail_with_one_line_and_nothing_runs(trained, capsys):
     torch.save({"model": Payload(marker)}, evil)
     corrupt = work / "corrupt.pt"
     corrupt.write_bytes(best.read_bytes()[:1000])
-    wrong = save_checkpoint(work / "wrong.pt", load_checkpoint(best) | {"spec": ModelSpec(
-        "resnet18", 10, 32, load_checkpoint(best)["spec"]["class_names"]).to_dict()})
+    wrong = save_checkpoint(
+        work / "wrong.pt",
+        load_checkpoint(best)
+        | {"spec": ModelSpec("resnet18", 10, 32, load_checkpoint(best)["spec"]["class_names"]).to_dict()},
+    )
     image = next((dataset / "val" / "cat").iterdir())
-    cases = [(work / "missing.pt", "not found"), (corrupt, "refused by the safe"),
-             (evil, "posix.system"), (wrong, "missing keys")]
+    cases = [
+        (work / "missing.pt", "not found"),
+        (corrupt, "refused by the safe"),
+        (evil, "posix.system"),
+        (wrong, "missing keys"),
+    ]
     for checkpoint, fragment in cases:
-        assert_one_line_error(in_process(capsys, "predict", "--checkpoint", checkpoint, image), str(checkpoint), fragment)
+        assert_one_line_error(
+            in_process(capsys, "predict", "--checkpoint", checkpoint, image), str(checkpoint), fragment
+        )
     # A real process too: exit status, nothing on stderr but the one line, the payload never ran.
     assert_one_line_error(visionflow("evaluate", "--checkpoint", evil, "--dataset", dataset, cwd=work), "posix.system")
     assert not marker.exists()

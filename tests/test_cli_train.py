@@ -22,14 +22,18 @@ def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    (["--epochs", "0"], "Invalid config field 'training.epochs'"),
-    (["--model", "vgg"], "Invalid model 'vgg'. Choose from: resnet18, tudui"),
-    (["--lr", "-1"], "Invalid config field 'optim.lr'"),
-    (["--device", "tpu"], "Invalid config field 'training.device'"),
-])
-def test_bad_value_is_one_line_and_writes_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                   flags: list[str], expected: str) -> None:
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--epochs", "0"], "Invalid config field 'training.epochs'"),
+        (["--model", "vgg"], "Invalid model 'vgg'. Choose from: resnet18, tudui"),
+        (["--lr", "-1"], "Invalid config field 'optim.lr'"),
+        (["--device", "tpu"], "Invalid config field 'training.device'"),
+    ],
+)
+def test_bad_value_is_one_line_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], expected: str
+) -> None:
     code, out, err = run_main(capsys, "train", "--output", str(tmp_path / "out"), *flags)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1
@@ -64,14 +68,37 @@ def test_runs_on_an_empty_output(capsys: pytest.CaptureFixture[str], tmp_path: P
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_first_run_on_a_new_prefect_home(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                         sample_dataset: Path) -> None:
+def test_first_run_on_a_new_prefect_home(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, sample_dataset: Path
+) -> None:
     data = copy_tiny_dataset(sample_dataset, tmp_path / "data", ("bird", "frog", "truck"), 6, 3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--dataset", str(data), "--epochs", "1",
-                           "--batch-size", "9", "--device", "cpu", "--output", str(tmp_path / "out"),
-                           "--run-name", "first"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "train",
+            "--dataset",
+            str(data),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "9",
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path / "out"),
+            "--run-name",
+            "first",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     printed = done.stdout + done.stderr
     assert done.returncode == 0, printed
     assert "Traceback" not in printed and "ERROR" not in printed
@@ -90,8 +117,9 @@ def test_first_run_on_a_new_prefect_home(capsys: pytest.CaptureFixture[str], tmp
     assert out.splitlines()[1].startswith("first ")
 
     # The same name again: the run completed, so it is not reused.
-    code, _, err = run_main(capsys, "train", "--dataset", str(data), "--output", str(tmp_path / "out"),
-                            "--run-name", "first")
+    code, _, err = run_main(
+        capsys, "train", "--dataset", str(data), "--output", str(tmp_path / "out"), "--run-name", "first"
+    )
     assert code == 2 and "already completed" in err
 
 

@@ -59,7 +59,9 @@ def small_broken(tmp_path) -> Path:
         for label, shade in (("a", 10), ("b", 200)):
             (root / split / label).mkdir(parents=True)
             for i in range(2):
-                Image.new("RGB", (4, 4), (shade, i, 0 if split == "train" else 99)).save(root / split / label / f"{i}.png")
+                Image.new("RGB", (4, 4), (shade, i, 0 if split == "train" else 99)).save(
+                    root / split / label / f"{i}.png"
+                )
     (root / "train" / "b" / "broken.jpg").write_bytes(b"")
     Image.new("RGB", (4, 4), (10, 0, 0)).save(root / "val" / "a" / "leak.png")
     return root
@@ -90,6 +92,7 @@ def test_bad_input_process_prints_one_line_without_traceback(tmp_path):
 # In-process from here: main() is exactly what the console script calls, and each extra
 # subprocess costs a full torch import (seconds on a busy 2-core machine).
 
+
 def test_human_summary(small_broken, capsys):
     from flows.cli import main
 
@@ -99,12 +102,15 @@ def test_human_summary(small_broken, capsys):
     assert "train/a/0.png = val/a/leak.png" in out
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("missing", "Unknown dataset 'missing'"),
-    ("empty", "is empty"),
-    ("flat", "has no class subfolders"),
-    ("cifar100", "Unknown dataset 'cifar100'"),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("missing", "Unknown dataset 'missing'"),
+        ("empty", "is empty"),
+        ("flat", "has no class subfolders"),
+        ("cifar100", "Unknown dataset 'cifar100'"),
+    ],
+)
 def test_bad_inputs_give_one_error_line(tmp_path, capsys, monkeypatch, spec, expected):
     from flows.cli import main
 

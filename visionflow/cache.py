@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionflow.fileio import atomic_write
 from visionflow.data import Split
+from visionflow.fileio import atomic_write
 from visionflow.fingerprint import fingerprint_split
 from visionflow.images import load_rgb, thread_map
 
@@ -87,8 +87,10 @@ def _read(path: Path, split: Split, image_size: int, fingerprint: str) -> Decode
         expected_shape = (len(split), 3, image_size, image_size)
         consistent = (
             stored["fingerprint"] == fingerprint
-            and tuple(images.shape) == expected_shape and images.dtype == torch.uint8
-            and tuple(labels.shape) == (len(split),) and labels.dtype == torch.int64
+            and tuple(images.shape) == expected_shape
+            and images.dtype == torch.uint8
+            and tuple(labels.shape) == (len(split),)
+            and labels.dtype == torch.int64
             and tuple(stored["classes"]) == split.classes
             and len(stored["files"]) == len(split)
             and stored["checksum"] == _checksum(images, labels)
@@ -108,8 +110,12 @@ def _write(path: Path, decoded: DecodedSplit) -> None:
     """Atomic write (fileio.atomic_write: a unique temp file, so concurrent writers of the
     same key never share one); readers see the old file or the complete new one."""
     payload = {
-        "format": _FORMAT, "fingerprint": decoded.fingerprint, "images": decoded.images,
-        "labels": decoded.labels, "classes": list(decoded.classes), "files": list(decoded.files),
+        "format": _FORMAT,
+        "fingerprint": decoded.fingerprint,
+        "images": decoded.images,
+        "labels": decoded.labels,
+        "classes": list(decoded.classes),
+        "files": list(decoded.files),
         "checksum": _checksum(decoded.images, decoded.labels),
     }
     atomic_write(path, lambda handle: torch.save(payload, handle))

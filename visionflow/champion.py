@@ -89,22 +89,27 @@ class ChampionDecision:
 
     def to_markdown(self) -> str:
         """A small report for the Prefect UI: the outcome, the reason and a score table."""
+
         def score(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.4f}"
 
         champion = self.champion_run or "(none)"
-        return "\n".join([
-            f"## Champion `{self.slot}`: challenger **{self.outcome}**",
-            "",
-            f"Reason: {self.reason}",
-            "",
-            f"| model | run | {self.metric} | weights sha256 |",
-            "|---|---|---|---|",
-            f"| challenger | {self.challenger_run} | {score(self.challenger_score)} | `{self.challenger_weights_sha256[:12]}` |",
-            f"| champion | {champion} | {score(self.champion_score)} | `{(self.champion_weights_sha256 or '')[:12]}` |",
-            "",
-            f"Both scored on the `{self.eval_split}` split ({self.eval_images} images); decided {self.decided_at}.",
-        ])
+        return "\n".join(
+            [
+                f"## Champion `{self.slot}`: challenger **{self.outcome}**",
+                "",
+                f"Reason: {self.reason}",
+                "",
+                f"| model | run | {self.metric} | weights sha256 |",
+                "|---|---|---|---|",
+                f"| challenger | {self.challenger_run} | {score(self.challenger_score)} "
+                f"| `{self.challenger_weights_sha256[:12]}` |",
+                f"| champion | {champion} | {score(self.champion_score)} "
+                f"| `{(self.champion_weights_sha256 or '')[:12]}` |",
+                "",
+                f"Both scored on the `{self.eval_split}` split ({self.eval_images} images); decided {self.decided_at}.",
+            ]
+        )
 
 
 def slot_path(output_dir: Path | str, slot: str) -> Path:
@@ -138,14 +143,21 @@ def read_champion(output_dir: Path | str, slot: str) -> Champion | None:
     if not path.exists():
         return None
     if not path.is_symlink():
-        raise CheckpointError(f"Champion slot '{path}' is a plain folder: expected a link to "
-                              f"{_versions_dir(output_dir, slot)}/<version> managed by visionflow; move it away")
+        raise CheckpointError(
+            f"Champion slot '{path}' is a plain folder: expected a link to "
+            f"{_versions_dir(output_dir, slot)}/<version> managed by visionflow; move it away"
+        )
     version = path.resolve()  # one version for the whole comparison, even if the link is swapped meanwhile
     expected = f"a champion folder with {EXPORT_WEIGHTS}, {EXPORT_SPEC}, {MANIFEST_NAME} and {DECISION}"
     spec = _read_json(version / EXPORT_SPEC, expected)
     decision = _read_json(version / DECISION, expected)
-    return Champion(slot=slot, path=version, version=version.name, run_name=str(decision["challenger_run"]),
-                    weights_sha256=str(spec["weights_sha256"]))
+    return Champion(
+        slot=slot,
+        path=version,
+        version=version.name,
+        run_name=str(decision["challenger_run"]),
+        weights_sha256=str(spec["weights_sha256"]),
+    )
 
 
 def evaluate_export(path: Path, eval_split: Split, cache_dir: Path | str, device: str = "auto") -> EvalReport:
@@ -155,32 +167,45 @@ def evaluate_export(path: Path, eval_split: Split, cache_dir: Path | str, device
     return evaluate_model(model, spec, load_decoded(eval_split, spec.input_size, cache_dir), device=device)
 
 
-def evaluate_champion(output_dir: Path | str, slot: str | None, eval_split: Split, cache_dir: Path | str,
-                      device: str = "auto") -> tuple[Champion, EvalReport]:
+def evaluate_champion(
+    output_dir: Path | str, slot: str | None, eval_split: Split, cache_dir: Path | str, device: str = "auto"
+) -> tuple[Champion, EvalReport]:
     """The champion in ``slot`` and its report on ``eval_split``; no slot or an empty one is an error."""
     if slot is None:
-        raise ConfigError("Invalid config field 'output.champion': None; expected the champion slot to evaluate, e.g. 'nightly'")
+        raise ConfigError(
+            "Invalid config field 'output.champion': None; expected the champion slot to evaluate, e.g. 'nightly'"
+        )
     champion = read_champion(output_dir, slot)
     if champion is None:
-        raise CheckpointError(f"Champion slot '{slot_path(output_dir, slot)}' is empty: "
-                              f"train with output.champion={slot} to promote a model into it")
+        raise CheckpointError(
+            f"Champion slot '{slot_path(output_dir, slot)}' is empty: "
+            f"train with output.champion={slot} to promote a model into it"
+        )
     return champion, evaluate_export(champion.path, eval_split, cache_dir, device)
 
 
 def champion_report_markdown(champion: Champion, report: EvalReport, split_name: str) -> str:
     """The champion's evaluation for the Prefect UI: headline metrics and the per-class table."""
     top5 = "n/a" if report.top5 is None else f"{report.top5:.4f}"
-    rows = [f"| {name} | {row.precision:.4f} | {row.recall:.4f} | {row.f1:.4f} | {int(row.support)} |"
-            for name, row in report.per_class.iterrows()]
-    return "\n".join([
-        f"## Champion `{champion.slot}`: run {champion.run_name}",
-        "",
-        f"Version `{champion.version}`, evaluated on the `{split_name}` split ({report.num_images} images).",
-        "",
-        "| accuracy | loss | top-5 |", "|---|---|---|", f"| {report.accuracy:.4f} | {report.loss:.4f} | {top5} |",
-        "",
-        "| class | precision | recall | f1 | support |", "|---|---|---|---|---|", *rows,
-    ])
+    rows = [
+        f"| {name} | {row.precision:.4f} | {row.recall:.4f} | {row.f1:.4f} | {int(row.support)} |"
+        for name, row in report.per_class.iterrows()
+    ]
+    return "\n".join(
+        [
+            f"## Champion `{champion.slot}`: run {champion.run_name}",
+            "",
+            f"Version `{champion.version}`, evaluated on the `{split_name}` split ({report.num_images} images).",
+            "",
+            "| accuracy | loss | top-5 |",
+            "|---|---|---|",
+            f"| {report.accuracy:.4f} | {report.loss:.4f} | {top5} |",
+            "",
+            "| class | precision | recall | f1 | support |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def _should_promote(challenger: float, champion: float, metric: str) -> bool:
@@ -199,21 +224,36 @@ def _reason(challenger: float, champion: float | None, metric: str, promoted: bo
     return f"challenger {metric} {challenger:.4f} {verdict} champion {champion:.4f} ({better} is better)"
 
 
-def decide(slot: str, metric: str, challenger_run: str, challenger_score: float, challenger_sha: str,
-           champion: Champion | None, champion_score: float | None, eval_split: Split) -> ChampionDecision:
+def decide(
+    slot: str,
+    metric: str,
+    challenger_run: str,
+    challenger_score: float,
+    challenger_sha: str,
+    champion: Champion | None,
+    champion_score: float | None,
+    eval_split: Split,
+) -> ChampionDecision:
     """The decision for a challenger against the current champion (None: empty slot)."""
     same_weights = champion is not None and champion.weights_sha256 == challenger_sha
     if same_weights:
         champion_score = challenger_score  # identical weights score identically on one split
     promoted = champion is None or (not same_weights and _should_promote(challenger_score, champion_score, metric))
     return ChampionDecision(
-        slot=slot, metric=metric, promoted=promoted,
+        slot=slot,
+        metric=metric,
+        promoted=promoted,
         reason=_reason(challenger_score, champion_score, metric, promoted, same_weights),
-        challenger_run=challenger_run, challenger_score=challenger_score, challenger_weights_sha256=challenger_sha,
-        champion_run=champion.run_name if champion else None, champion_score=champion_score,
+        challenger_run=challenger_run,
+        challenger_score=challenger_score,
+        challenger_weights_sha256=challenger_sha,
+        champion_run=champion.run_name if champion else None,
+        champion_score=champion_score,
         champion_weights_sha256=champion.weights_sha256 if champion else None,
-        eval_split=eval_split.name, eval_images=len(eval_split),
-        decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        eval_split=eval_split.name,
+        eval_images=len(eval_split),
+        decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def _prune(versions: Path, current: str) -> None:
@@ -227,7 +267,9 @@ def promote(run_dir: Path, manifest: Manifest, decision: ChampionDecision, outpu
     """Install the run's export, manifest and decision as the slot's new version; swap the link atomically."""
     link = slot_path(output_dir, decision.slot)
     if link.exists() and not link.is_symlink():
-        raise CheckpointError(f"Champion slot '{link}' is a plain folder: expected a link managed by visionflow; move it away")
+        raise CheckpointError(
+            f"Champion slot '{link}' is a plain folder: expected a link managed by visionflow; move it away"
+        )
     versions = _versions_dir(output_dir, decision.slot)
     versions.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -249,8 +291,15 @@ def promote(run_dir: Path, manifest: Manifest, decision: ChampionDecision, outpu
     return link
 
 
-def challenge(run_dir: Path | str, slot: str, metric: str, eval_split: Split, output_dir: Path | str,
-              cache_dir: Path | str, device: str = "auto") -> ChampionDecision:
+def challenge(
+    run_dir: Path | str,
+    slot: str,
+    metric: str,
+    eval_split: Split,
+    output_dir: Path | str,
+    cache_dir: Path | str,
+    device: str = "auto",
+) -> ChampionDecision:
     """Compare the run in ``run_dir`` with the champion in ``slot``, promote it when it is at least
     as good, and record the decision in the run's manifest (``champion``)."""
     layout = RunLayout(Path(run_dir))
@@ -264,10 +313,21 @@ def challenge(run_dir: Path | str, slot: str, metric: str, eval_split: Split, ou
     # slot at once (nightly and on-demand) queue, and the second is judged against the first.
     with locked(Path(output_dir) / MODELS_SUBDIR / f".{slot}.lock"):
         champion = read_champion(output_dir, slot)
-        champion_score = (float(getattr(evaluate_export(champion.path, eval_split, cache_dir, device), field))
-                          if champion is not None and champion.weights_sha256 != challenger_sha else None)
-        decision = decide(slot, metric, layout.name, float(getattr(manifest.metrics, metric)), challenger_sha,
-                          champion, champion_score, eval_split)
+        champion_score = (
+            float(getattr(evaluate_export(champion.path, eval_split, cache_dir, device), field))
+            if champion is not None and champion.weights_sha256 != challenger_sha
+            else None
+        )
+        decision = decide(
+            slot,
+            metric,
+            layout.name,
+            float(getattr(manifest.metrics, metric)),
+            challenger_sha,
+            champion,
+            champion_score,
+            eval_split,
+        )
         manifest = manifest.model_copy(update={"champion": decision.to_dict()})
         if decision.promoted:
             promote(layout.root, manifest, decision, output_dir)

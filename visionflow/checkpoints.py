@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import Any, Mapping
 
 import safetensors.torch
 import torch
@@ -27,10 +25,24 @@ from visionflow.fileio import atomic_write, atomic_write_bytes, atomic_write_jso
 from visionflow.models import ModelSpec
 
 FORMAT_VERSION = 1
-TRAINING_KEYS = frozenset({
-    "format_version", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng",
-    "config", "spec", "metrics", "history", "best_metric", "best_epoch",
-})
+TRAINING_KEYS = frozenset(
+    {
+        "format_version",
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "step",
+        "rng",
+        "config",
+        "spec",
+        "metrics",
+        "history",
+        "best_metric",
+        "best_epoch",
+    }
+)
 LAST_CHECKPOINT = "last.pt"  # rewritten every epoch
 BEST_CHECKPOINT = "best.pt"  # rewritten when the monitored metric improves
 EXPORT_WEIGHTS = "model.safetensors"
@@ -64,11 +76,16 @@ def _unsafe_entry(value: Any, where: str) -> str | None:
 def _validate_training_state(state: Mapping[str, Any]) -> None:
     missing = sorted(TRAINING_KEYS - set(state))
     if missing:
-        raise CheckpointError(f"Training checkpoint state is missing {', '.join(missing)}: expected keys {', '.join(sorted(TRAINING_KEYS))}")
+        raise CheckpointError(
+            f"Training checkpoint state is missing {', '.join(missing)}: "
+            f"expected keys {', '.join(sorted(TRAINING_KEYS))}"
+        )
     unsafe = _unsafe_entry(dict(state), "state")
     if unsafe:
-        raise CheckpointError(f"Training checkpoint entry {unsafe} cannot be read back with weights_only=True: "
-                              "expected tensors, numbers, strings, None, and dicts/lists/tuples of them")
+        raise CheckpointError(
+            f"Training checkpoint entry {unsafe} cannot be read back with weights_only=True: "
+            "expected tensors, numbers, strings, None, and dicts/lists/tuples of them"
+        )
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
@@ -97,8 +114,10 @@ def _torch_load_weights_only(path: Path, map_location: str | torch.device) -> An
     # Anything a deserializer can raise (UnpicklingError, RuntimeError from the zip reader,
     # EOFError, KeyError on garbage...) means the same to the user: not a loadable checkpoint.
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"Checkpoint '{path}' was refused by the safe (weights_only) loader: {_one_line_load_error(err)}; "
-                              "expected an uncorrupted file of tensors and plain values written by visionflow") from None
+        raise CheckpointError(
+            f"Checkpoint '{path}' was refused by the safe (weights_only) loader: {_one_line_load_error(err)}; "
+            "expected an uncorrupted file of tensors and plain values written by visionflow"
+        ) from None
 
 
 def is_training_checkpoint(obj: Any) -> bool:
@@ -111,12 +130,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     state = _torch_load_weights_only(path, map_location)
     if not is_training_checkpoint(state):
-        found = ", ".join(sorted(map(str, state))[:_MAX_LISTED_KEYS]) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"File '{path}' is not a visionflow training checkpoint: found {found or 'an empty dict'}, "
-                              f"expected keys {', '.join(sorted(TRAINING_KEYS))}")
+        found = (
+            ", ".join(sorted(map(str, state))[:_MAX_LISTED_KEYS]) if isinstance(state, dict) else type(state).__name__
+        )
+        raise CheckpointError(
+            f"File '{path}' is not a visionflow training checkpoint: found {found or 'an empty dict'}, "
+            f"expected keys {', '.join(sorted(TRAINING_KEYS))}"
+        )
     if not isinstance(state["format_version"], int) or state["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"Checkpoint '{path}' has format_version {state['format_version']!r}: "
-                              f"this visionflow reads versions up to {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"Checkpoint '{path}' has format_version {state['format_version']!r}: "
+            f"this visionflow reads versions up to {FORMAT_VERSION}"
+        )
     return state
 
 
@@ -144,19 +169,31 @@ def _mismatch_summary(expected: Mapping[str, torch.Tensor], found: Mapping[str, 
     """'missing keys a, b; unexpected keys c; shape mismatches d (file [2] vs model [3])', or ''."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(str(name) for name in set(found) - set(expected))
-    shapes = [f"{name} (file {list(found[name].shape)} vs model {list(tensor.shape)})"
-              for name, tensor in sorted(expected.items())
-              if name in found and isinstance(found[name], torch.Tensor) and found[name].shape != tensor.shape]
+    shapes = [
+        f"{name} (file {list(found[name].shape)} vs model {list(tensor.shape)})"
+        for name, tensor in sorted(expected.items())
+        if name in found and isinstance(found[name], torch.Tensor) and found[name].shape != tensor.shape
+    ]
     not_tensors = sorted(name for name in set(found) & set(expected) if not isinstance(found[name], torch.Tensor))
-    parts = [(label, names) for label, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                  ("shape mismatches", shapes), ("non-tensor entries", not_tensors)) if names]
+    parts = [
+        (label, names)
+        for label, names in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+            ("non-tensor entries", not_tensors),
+        )
+        if names
+    ]
     return "; ".join(f"{label} {_listed(names)}" for label, names in parts)
 
 
 def apply_state_dict(model: nn.Module, state_dict: Any, source: str | Path) -> nn.Module:
     """Load ``state_dict`` into ``model`` strictly; a wrong architecture -> one-line CheckpointError."""
     if not isinstance(state_dict, dict):
-        raise CheckpointError(f"'{source}' holds a {type(state_dict).__name__}, expected a state_dict (dict of tensors)")
+        raise CheckpointError(
+            f"'{source}' holds a {type(state_dict).__name__}, expected a state_dict (dict of tensors)"
+        )
     mismatch = _mismatch_summary(model.state_dict(), state_dict)
     if mismatch:
         raise CheckpointError(f"Weights in '{source}' do not fit {type(model).__name__}: {mismatch}")
@@ -174,17 +211,26 @@ def _is_number(value: Any) -> bool:
 
 def _is_number_triple(values: Any, positive: bool = False) -> bool:
     """Whether ``values`` is a list of 3 numbers (all > 0 when ``positive``), as per-channel stats are."""
-    return (isinstance(values, (list, tuple)) and len(values) == 3
-            and all(_is_number(v) and (v > 0 or not positive) for v in values))
+    return (
+        isinstance(values, (list, tuple))
+        and len(values) == 3
+        and all(_is_number(v) and (v > 0 or not positive) for v in values)
+    )
 
 
 def _spec_problems(spec: ModelSpec) -> list[str]:
     """What makes a stored spec unusable: class names that disagree with num_classes, bad size or stats."""
     checks = [
-        (isinstance(spec.class_names, (list, tuple)) and len(spec.class_names) == spec.num_classes
-         and all(isinstance(c, str) for c in spec.class_names),
-         f"num_classes {spec.num_classes!r} does not match class_names {spec.class_names!r}"),
-        (type(spec.input_size) is int and spec.input_size >= 1, f"input_size {spec.input_size!r} is not a positive int"),
+        (
+            isinstance(spec.class_names, (list, tuple))
+            and len(spec.class_names) == spec.num_classes
+            and all(isinstance(c, str) for c in spec.class_names),
+            f"num_classes {spec.num_classes!r} does not match class_names {spec.class_names!r}",
+        ),
+        (
+            type(spec.input_size) is int and spec.input_size >= 1,
+            f"input_size {spec.input_size!r} is not a positive int",
+        ),
         (_is_number_triple(spec.mean), f"mean {spec.mean!r} is not 3 numbers"),
         (_is_number_triple(spec.std, positive=True), f"std {spec.std!r} is not 3 positive numbers"),
     ]
@@ -238,8 +284,10 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
     try:
         return safetensors.torch.load_file(path, device=str(map_location))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError for any bad header
-        raise CheckpointError(f"Export weights '{path}' cannot be read: {_one_line_load_error(err)}; "
-                              "it is truncated, corrupt, or not a safetensors file") from None
+        raise CheckpointError(
+            f"Export weights '{path}' cannot be read: {_one_line_load_error(err)}; "
+            "it is truncated, corrupt, or not a safetensors file"
+        ) from None
 
 
 def _load_export(path: Path, map_location: str | torch.device) -> tuple[nn.Module, ModelSpec]:
@@ -249,8 +297,10 @@ def _load_export(path: Path, map_location: str | torch.device) -> tuple[nn.Modul
     weights = _read_safetensors(weights_path, map_location)
     expected_sha = values.get("weights_sha256")
     if expected_sha is not None and weights_sha256(weights) != expected_sha:
-        raise CheckpointError(f"Export weights '{weights_path}' do not match the weights_sha256 in '{spec_path}': "
-                              "the two files come from different exports")
+        raise CheckpointError(
+            f"Export weights '{weights_path}' do not match the weights_sha256 in '{spec_path}': "
+            "the two files come from different exports"
+        )
     return apply_state_dict(_build(spec, weights_path), weights, weights_path), spec
 
 
@@ -283,8 +333,9 @@ def export_model(model: nn.Module, spec: ModelSpec, out_dir: str | Path) -> dict
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
     sha = weights_sha256(state)
     weights = atomic_write_bytes(out_dir / EXPORT_WEIGHTS, safetensors.torch.save(state))
-    spec_file = atomic_write_json(out_dir / EXPORT_SPEC, {**spec.to_dict(), "weights_sha256": sha,
-                                                          "format_version": FORMAT_VERSION})
+    spec_file = atomic_write_json(
+        out_dir / EXPORT_SPEC, {**spec.to_dict(), "weights_sha256": sha, "format_version": FORMAT_VERSION}
+    )
     return {"weights": str(weights), "spec": str(spec_file), "weights_sha256": sha}
 
 
@@ -297,8 +348,10 @@ def load_whole_module(path: str | Path, trust: bool = False) -> nn.Module:
     """Tutorial method 1: unpickle a whole module; refused unless ``trust=True``."""
     path = Path(path)
     if not trust:
-        raise CheckpointError(f"Refusing to load whole-module file '{path}': unpickling an nn.Module can run arbitrary code; "
-                              "pass trust=True only for a file you created, or use load_model/load_state_dict")
+        raise CheckpointError(
+            f"Refusing to load whole-module file '{path}': unpickling an nn.Module can run arbitrary code; "
+            "pass trust=True only for a file you created, or use load_model/load_state_dict"
+        )
     if not path.is_file():
         raise CheckpointError(f"Whole-module file '{path}' not found: expected a file written by save_whole_module")
     try:

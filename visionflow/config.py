@@ -27,22 +27,42 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: str = Field("sample", description="Dataset SPEC: 'sample', 'cifar10', or a folder path (ImageFolder layout).")
+    dataset: str = Field(
+        "sample", description="Dataset SPEC: 'sample', 'cifar10', or a folder path (ImageFolder layout)."
+    )
     data_dir: str = Field("data", description="Where downloads, the bundled sample and the decoded-tensor cache live.")
     image_size: int = Field(32, ge=8, le=1024, description="Square input size in pixels; images are resized to it.")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Held-out fraction when a folder has no val/ or test/ split.")
+    val_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Held-out fraction when a folder has no val/ or test/ split."
+    )
     split_seed: int = Field(0, ge=0, description="Seed of that held-out split (independent of the training seed).")
-    on_invalid: Literal["skip", "fail"] = Field("skip", description="Unreadable images: leave them out and report ('skip') or stop ('fail').")
+    on_invalid: Literal["skip", "fail"] = Field(
+        "skip", description="Unreadable images: leave them out and report ('skip') or stop ('fail')."
+    )
     batch_size: int = Field(64, ge=1, le=65536, description="Images per optimizer step.")
     shuffle: bool = Field(True, description="Reshuffle the training set every epoch.")
     drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
-    augment: bool | None = Field(None, description="Random crop (padding 4) + horizontal flip on training batches; None = from the recipe.")
-    mean: list[float] | None = Field(None, min_length=3, max_length=3, description="Per-channel normalization mean; None = computed from the train split.")
-    std: list[float] | None = Field(None, min_length=3, max_length=3, description="Per-channel normalization std; None = computed from the train split.")
+    augment: bool | None = Field(
+        None, description="Random crop (padding 4) + horizontal flip on training batches; None = from the recipe."
+    )
+    mean: list[float] | None = Field(
+        None,
+        min_length=3,
+        max_length=3,
+        description="Per-channel normalization mean; None = computed from the train split.",
+    )
+    std: list[float] | None = Field(
+        None,
+        min_length=3,
+        max_length=3,
+        description="Per-channel normalization std; None = computed from the train split.",
+    )
 
 
 class ModelConfig(_Section):
-    name: str = Field("tudui", description="Model name from the registry: tudui (the tutorial's CIFAR-10 net) or resnet18.")
+    name: str = Field(
+        "tudui", description="Model name from the registry: tudui (the tutorial's CIFAR-10 net) or resnet18."
+    )
 
     @field_validator("name")
     @classmethod
@@ -64,7 +84,9 @@ class OptimConfig(_Section):
     scheduler: Scheduler | None = Field(None, description="none, step, cosine or onecycle; None = from the recipe.")
     step_size: int | None = Field(None, ge=1, description="Epochs between decays for the step scheduler.")
     gamma: float | None = Field(None, gt=0.0, le=1.0, description="Decay factor for the step scheduler.")
-    label_smoothing: float | None = Field(None, ge=0.0, lt=1.0, description="Cross-entropy label smoothing; None = from the recipe.")
+    label_smoothing: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Cross-entropy label smoothing; None = from the recipe."
+    )
     grad_clip: float | None = Field(None, ge=0.0, description="Max gradient L2 norm, 0 = off; None = from the recipe.")
 
     @field_validator("recipe")
@@ -77,20 +99,37 @@ class OptimConfig(_Section):
 
 class TrainingConfig(_Section):
     epochs: int = Field(5, ge=1, le=10000, description="Passes over the training split.")
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.",
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (CUDA and CPU).")
-    channels_last: bool = Field(False, description="Use channels_last memory format (faster convolutions on recent GPUs).")
+    channels_last: bool = Field(
+        False, description="Use channels_last memory format (faster convolutions on recent GPUs)."
+    )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     seed: int = Field(0, ge=0, description="One seed for Python, NumPy, torch, shuffling and augmentation.")
-    monitor: Monitor = Field("eval_accuracy", description="Metric that picks the best checkpoint and drives early stopping.")
-    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many epochs without improvement; None = never.")
+    monitor: Monitor = Field(
+        "eval_accuracy", description="Metric that picks the best checkpoint and drives early stopping."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many epochs without improvement; None = never."
+    )
 
 
 class OutputConfig(_Section):
     output_dir: str = Field("artifacts", description="Root of run outputs: <output_dir>/runs/<run_name>/.")
-    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run directory name; None = generated, unique.")
+    run_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run directory name; None = generated, unique."
+    )
     refresh: bool = Field(False, description="Ignore cached task results and recompute everything.")
-    champion: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Champion slot under <output_dir>/models/: promote this run there when it scores at least as well as the current champion on training.monitor; None = no promotion.")
+    champion: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Champion slot under <output_dir>/models/: promote this run there when it scores at least "
+        "as well as the current champion on training.monitor; None = no promotion.",
+    )
 
 
 class PipelineConfig(_Section):
@@ -119,12 +158,32 @@ class PipelineConfig(_Section):
 # (without augmentation 53.8 %: the net overfits 5,000 images). momentum/nesterov only apply when
 # optim.optimizer is switched to sgd (then lower weight_decay to ~5e-4: AdamW's is decoupled).
 RECIPES: dict[str, dict[str, Any]] = {
-    "default": dict(optimizer="adamw", lr=3e-3, momentum=0.9, nesterov=True, weight_decay=0.05,
-                    scheduler="onecycle", step_size=30, gamma=0.1, label_smoothing=0.1,
-                    grad_clip=0.0, augment=True),
-    "tutorial": dict(optimizer="sgd", lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
-                     scheduler="none", step_size=30, gamma=0.1, label_smoothing=0.0,
-                     grad_clip=0.0, augment=False),
+    "default": dict(
+        optimizer="adamw",
+        lr=3e-3,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=0.05,
+        scheduler="onecycle",
+        step_size=30,
+        gamma=0.1,
+        label_smoothing=0.1,
+        grad_clip=0.0,
+        augment=True,
+    ),
+    "tutorial": dict(
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        scheduler="none",
+        step_size=30,
+        gamma=0.1,
+        label_smoothing=0.0,
+        grad_clip=0.0,
+        augment=False,
+    ),
 }
 
 
@@ -170,12 +229,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"Config file '{path}' not found: expected a YAML file with sections data, model, optim, training, output")
+            raise ConfigError(
+                f"Config file '{path}' not found: "
+                "expected a YAML file with sections data, model, optim, training, output"
+            )
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"Config file '{path}' cannot be read as UTF-8 text ({type(err).__name__}): "
-                              f"expected a YAML file with sections data, model, optim, training, output") from None
+            raise ConfigError(
+                f"Config file '{path}' cannot be read as UTF-8 text ({type(err).__name__}): "
+                f"expected a YAML file with sections data, model, optim, training, output"
+            ) from None
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:

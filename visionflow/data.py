@@ -28,8 +28,10 @@ EVAL_SPLITS = ("val", "test")  # preference order
 # `sample` lives at <data_dir>/sample; outside the repo checkout the copy bundled beside the
 # package is used, so `--dataset sample` works from any working directory.
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
-_EXPECTED = ("expected 'sample', 'cifar10', or a folder laid out as ROOT/train/<class>/* with "
-             "ROOT/val/<class>/* or ROOT/test/<class>/*, or as ROOT/<class>/*")
+_EXPECTED = (
+    "expected 'sample', 'cifar10', or a folder laid out as ROOT/train/<class>/* with "
+    "ROOT/val/<class>/* or ROOT/test/<class>/*, or as ROOT/<class>/*"
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Split:
         # Slicing the string is ~10x faster than Path.relative_to, which matters because
         # fingerprints call this for every one of 60,000 files; files are built as root / relpath.
         if file.startswith(root + os.sep):
-            return file[len(root) + 1:].replace(os.sep, "/")
+            return file[len(root) + 1 :].replace(os.sep, "/")
         return self.files[i].relative_to(self.root).as_posix()
 
     def without(self, paths: Iterable[Path]) -> "Split":
@@ -123,10 +125,15 @@ def _scan(folder: Path, classes: tuple[str, ...]) -> list[_Item]:
     present = _class_dirs(folder)
     unknown = sorted(set(present) - set(classes))
     if unknown:
-        raise DatasetError(f"Folder {folder} has class folder(s) {unknown} not present in train; "
-                           f"expected only classes {list(classes)}")
-    return [(rel, path, label) for label, name in enumerate(classes) if name in present
-            for rel, path in _walk(folder / name, f"{name}/")]
+        raise DatasetError(
+            f"Folder {folder} has class folder(s) {unknown} not present in train; expected only classes {list(classes)}"
+        )
+    return [
+        (rel, path, label)
+        for label, name in enumerate(classes)
+        if name in present
+        for rel, path in _walk(folder / name, f"{name}/")
+    ]
 
 
 def _make_split(name: str, root: Path, classes: tuple[str, ...], items: list[_Item]) -> Split:
@@ -147,8 +154,9 @@ def _held_out(relpaths: list[str], val_fraction: float, split_seed: int) -> set[
     return set(ranked[:n_val])
 
 
-def _fraction_split(scan_root: Path, classes: tuple[str, ...], val_fraction: float,
-                    split_seed: int) -> dict[str, Split]:
+def _fraction_split(
+    scan_root: Path, classes: tuple[str, ...], val_fraction: float, split_seed: int
+) -> dict[str, Split]:
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"Invalid val_fraction {val_fraction}: expected a number between 0 and 1 (exclusive)")
     by_class: dict[int, list[_Item]] = {label: [] for label in range(len(classes))}
@@ -160,18 +168,22 @@ def _fraction_split(scan_root: Path, classes: tuple[str, ...], val_fraction: flo
         held = _held_out([rel for rel, _, _ in members], val_fraction, split_seed)
         for item in members:
             (val if item[0] in held else train).append(item)
-    return {"train": _make_split("train", scan_root, classes, train),
-            "val": _make_split("val", scan_root, classes, val)}
+    return {
+        "train": _make_split("train", scan_root, classes, train),
+        "val": _make_split("val", scan_root, classes, val),
+    }
 
 
-def resolve_folder(root: Path | str, spec: str | None = None, val_fraction: float = 0.2,
-                   split_seed: int = 0) -> DatasetInfo:
+def resolve_folder(
+    root: Path | str, spec: str | None = None, val_fraction: float = 0.2, split_seed: int = 0
+) -> DatasetInfo:
     """Resolve an ImageFolder-style folder (see the module docstring) into a DatasetInfo."""
     given = spec if spec is not None else str(root)
     root = Path(root).expanduser()
     if not root.exists():
-        raise DatasetError(f"Unknown dataset '{given}': not 'sample' or 'cifar10', and no such folder exists; "
-                           f"{_EXPECTED}")
+        raise DatasetError(
+            f"Unknown dataset '{given}': not 'sample' or 'cifar10', and no such folder exists; {_EXPECTED}"
+        )
     if not root.is_dir():
         raise DatasetError(f"Dataset '{given}' is a file, not a folder; {_EXPECTED}")
     root = root.resolve()
@@ -198,9 +210,14 @@ def resolve_folder(root: Path | str, spec: str | None = None, val_fraction: floa
     return DatasetInfo(given, root, splits["train"].classes, splits)
 
 
-def resolve_dataset(spec: str, data_dir: Path | str = "data", val_fraction: float = 0.2,
-                    split_seed: int = 0, download: bool = True,
-                    cifar10_url: str = CIFAR10_URL) -> DatasetInfo:
+def resolve_dataset(
+    spec: str,
+    data_dir: Path | str = "data",
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    download: bool = True,
+    cifar10_url: str = CIFAR10_URL,
+) -> DatasetInfo:
     """Resolve a dataset SPEC ('sample', 'cifar10' or a folder path) into its splits."""
     if spec == "sample":
         local = Path(data_dir) / "sample"
@@ -236,8 +253,10 @@ class LabelFolder(Dataset):
         self.label_dir = label_dir
         folder = self.root_dir / label_dir
         if not folder.is_dir():
-            raise DatasetError(f"Label folder '{folder}' not found; expected a folder of images "
-                               f"named after its label inside {self.root_dir}")
+            raise DatasetError(
+                f"Label folder '{folder}' not found; expected a folder of images "
+                f"named after its label inside {self.root_dir}"
+            )
         self.files = _files_under(folder)
 
     def __len__(self) -> int:

@@ -21,11 +21,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if kind not in ("cpu", "mps", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
         raise DeviceError(f"Invalid device '{name}'. Choose from: {DEVICE_NAMES}")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"Device '{name}' requested but CUDA is not available on this machine: use device 'auto' or 'cpu'")
+        raise DeviceError(
+            f"Device '{name}' requested but CUDA is not available on this machine: use device 'auto' or 'cpu'"
+        )
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise DeviceError(f"Device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise DeviceError(
+            f"Device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     if kind == "mps" and not _mps_available():
-        raise DeviceError(f"Device '{name}' requested but MPS (Apple GPU) is not available on this machine: use device 'auto' or 'cpu'")
+        raise DeviceError(
+            f"Device '{name}' requested but MPS (Apple GPU) is not available on this machine: "
+            "use device 'auto' or 'cpu'"
+        )
     return torch.device(name)
 
 

@@ -75,8 +75,9 @@ def _one_line(err: Exception) -> str:
     return " ".join(text.split())
 
 
-def download_url(url: str, dest: Path | str, md5: str | None = None, retries: int = 3,
-                 backoff: float = 1.0, timeout: float = 60.0) -> Path:
+def download_url(
+    url: str, dest: Path | str, md5: str | None = None, retries: int = 3, backoff: float = 1.0, timeout: float = 60.0
+) -> Path:
     """Download url to dest, verified against md5 when given. Already-present verified files are
     kept without network access. Data goes to a unique temp name and is renamed only once
     complete and verified; network errors are retried `retries` times with exponential backoff
@@ -93,8 +94,9 @@ def download_url(url: str, dest: Path | str, md5: str | None = None, retries: in
     for attempt in range(attempts):
         if last_error is not None:
             delay = backoff * 2 ** (attempt - 1)
-            log.info("retrying %s in %.1fs (attempt %d of %d): %s", url, delay, attempt + 1,
-                     attempts, _one_line(last_error))
+            log.info(
+                "retrying %s in %.1fs (attempt %d of %d): %s", url, delay, attempt + 1, attempts, _one_line(last_error)
+            )
             time.sleep(delay)
         try:
             log.info("downloading %s -> %s", url, dest)
@@ -106,12 +108,12 @@ def download_url(url: str, dest: Path | str, md5: str | None = None, retries: in
             continue
         if md5 is not None and got != md5:
             os.unlink(tmp)
-            raise DatasetError(f"Download of {url} failed its md5 check (got {got}, expected {md5}); "
-                               f"{by_hand}")
+            raise DatasetError(f"Download of {url} failed its md5 check (got {got}, expected {md5}); {by_hand}")
         os.replace(tmp, dest)
         return dest
-    raise DatasetError(f"Could not download {url} ({_one_line(last_error)}) after "
-                       f"{attempt + 1} attempt(s); if offline, {by_hand}")
+    raise DatasetError(
+        f"Could not download {url} ({_one_line(last_error)}) after {attempt + 1} attempt(s); if offline, {by_hand}"
+    )
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:
@@ -140,8 +142,10 @@ def safe_extract(archive: Path | str, target: Path | str) -> None:
             for member in members:
                 problem = _member_problem(member)
                 if problem:
-                    raise DatasetError(f"Refusing to extract {archive}: member '{member.name}' {problem}; "
-                                       "expected only regular files and folders inside the archive")
+                    raise DatasetError(
+                        f"Refusing to extract {archive}: member '{member.name}' {problem}; "
+                        "expected only regular files and folders inside the archive"
+                    )
             target.mkdir(parents=True, exist_ok=True)
             tar.extractall(target, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as err:
@@ -155,9 +159,12 @@ class _BatchUnpickler(pickle.Unpickler):
 
     _ALLOWED = {
         ("_codecs", "encode"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -184,8 +191,10 @@ def _read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(batch.get("data"))
     labels = np.asarray(batch.get("labels"), dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8 or len(labels) != len(data):
-        raise DatasetError(f"CIFAR-10 batch {path.name} has data {data.shape} {data.dtype} and "
-                           f"{len(labels)} labels; expected (N, 3072) uint8 and N labels")
+        raise DatasetError(
+            f"CIFAR-10 batch {path.name} has data {data.shape} {data.dtype} and "
+            f"{len(labels)} labels; expected (N, 3072) uint8 and N labels"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DatasetError(f"CIFAR-10 batch {path.name} has labels outside 0..{num_classes - 1}")
     # Rows are 1024 red, then 1024 green, then 1024 blue values, row-major.
@@ -218,8 +227,14 @@ def _save_pngs(images: np.ndarray, labels: np.ndarray, class_dirs: list[Path]) -
     thread_map(save, range(len(labels)))
 
 
-def prepare_cifar10(data_dir: Path | str = "data", url: str = CIFAR10_URL, retries: int = 3,
-                    backoff: float = 1.0, download: bool = True, md5: str = CIFAR10_MD5) -> Path:
+def prepare_cifar10(
+    data_dir: Path | str = "data",
+    url: str = CIFAR10_URL,
+    retries: int = 3,
+    backoff: float = 1.0,
+    download: bool = True,
+    md5: str = CIFAR10_MD5,
+) -> Path:
     """Make `<data_dir>/cifar10/images/{train,test}/<class>/*.png` exist and return that folder.
     Downloads (or reuses a verified) archive, extracts it safely and converts it once; the tree
     is built in a temp folder and renamed into place, so a crash never leaves half a dataset."""
@@ -231,8 +246,10 @@ def prepare_cifar10(data_dir: Path | str = "data", url: str = CIFAR10_URL, retri
     if download:
         download_url(url, archive, md5=md5, retries=retries, backoff=backoff)
     elif not (archive.is_file() and file_md5(archive) == md5):
-        raise DatasetError(f"CIFAR-10 is not in {base}/ (or fails its md5 check) and downloading is off; "
-                           f"put {CIFAR10_ARCHIVE} (from {url}) in {base}/")
+        raise DatasetError(
+            f"CIFAR-10 is not in {base}/ (or fails its md5 check) and downloading is off; "
+            f"put {CIFAR10_ARCHIVE} (from {url}) in {base}/"
+        )
     log.info("converting %s to PNG files under %s", archive, tree)
     # The temp folder is hidden (leading dot) so folder scans of data_dir never pick it up.
     with tempfile.TemporaryDirectory(dir=base, prefix=".prepare-") as tmp:

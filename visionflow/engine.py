@@ -136,22 +136,27 @@ class Progress:
         self.live = self.stream.isatty()
         self._drawn = 0.0  # time.perf_counter() of the last redraw
 
-    def update(self, epoch: int, batch: int, batches: int, loss_sum: Tensor, correct: Tensor,
-               images: int, seconds: float) -> None:
+    def update(
+        self, epoch: int, batch: int, batches: int, loss_sum: Tensor, correct: Tensor, images: int, seconds: float
+    ) -> None:
         """Redraw the bar (TTY only, at most every _PROGRESS_INTERVAL s) from the on-device running sums."""
         now = time.perf_counter()
         if not self.live or now - self._drawn < _PROGRESS_INTERVAL:
             return
         self._drawn = now
-        self.stream.write(f"\repoch {epoch}/{self.epochs} [{batch}/{batches}] loss {loss_sum.item() / images:.4f} "
-                          f"acc {correct.item() / images:.3f} {images / seconds:,.0f} img/s")
+        self.stream.write(
+            f"\repoch {epoch}/{self.epochs} [{batch}/{batches}] loss {loss_sum.item() / images:.4f} "
+            f"acc {correct.item() / images:.3f} {images / seconds:,.0f} img/s"
+        )
         self.stream.flush()
 
     def epoch_end(self, m: EpochMetrics) -> None:
         """The epoch's summary line (replacing the bar on a TTY)."""
-        line = (f"epoch {m.epoch}/{self.epochs} train_loss {m.train_loss:.4f} train_acc {m.train_accuracy:.3f} "
-                f"eval_loss {m.eval_loss:.4f} eval_acc {m.eval_accuracy:.3f} lr {m.lr:.3g} "
-                f"{m.images_per_second:,.0f} img/s {m.seconds:.1f}s")
+        line = (
+            f"epoch {m.epoch}/{self.epochs} train_loss {m.train_loss:.4f} train_acc {m.train_accuracy:.3f} "
+            f"eval_loss {m.eval_loss:.4f} eval_acc {m.eval_accuracy:.3f} lr {m.lr:.3g} "
+            f"{m.images_per_second:,.0f} img/s {m.seconds:.1f}s"
+        )
         self.stream.write(("\r\033[K" if self.live else "") + line + "\n")
         self.stream.flush()
 
@@ -160,10 +165,21 @@ class Progress:
 # Building blocks
 
 
-def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer, scheduler: LRScheduler,
-                    batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, *, precision: str = "fp32",
-                    grad_clip: float = 0.0, epoch: int = 1, step: int = 0, callbacks: Sequence[Callback] = (),
-                    progress: Progress | None = None) -> TrainStats:
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: Optimizer,
+    scheduler: LRScheduler,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    *,
+    precision: str = "fp32",
+    grad_clip: float = 0.0,
+    epoch: int = 1,
+    step: int = 0,
+    callbacks: Sequence[Callback] = (),
+    progress: Progress | None = None,
+) -> TrainStats:
     """One pass over model-ready `batches`; the scheduler steps per batch; `grad_clip` 0 = off."""
     model.train()
     # Running sums stay on the device: reading them (.item()) would sync every step.
@@ -195,8 +211,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: Optimizer
 
 
 @torch.no_grad()
-def collect_logits(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
-                   precision: str = "fp32") -> tuple[Tensor, Tensor]:
+def collect_logits(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, precision: str = "fp32"
+) -> tuple[Tensor, Tensor]:
     """Run `model` (eval mode) over model-ready `batches`: (N, C) float32 logits and (N,) labels, on CPU."""
     model.eval()
     all_logits, all_labels = [], []
@@ -208,8 +225,9 @@ def collect_logits(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], d
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
-             precision: str = "fp32") -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, precision: str = "fp32"
+) -> tuple[float, float]:
     """(mean cross-entropy per image, accuracy in [0, 1]) of `model` on model-ready `batches`."""
     logits, labels = collect_logits(model, batches, device, precision)  # (N, C), (N,)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
@@ -243,18 +261,37 @@ class _FitState:
 
     def metrics(self) -> dict[str, Any]:
         last = asdict(self.history[-1]) if self.history else {}
-        return {**last, "train_seconds": self.train_seconds, "train_images": self.train_images,
-                "stopped_early": self.stopped_early}
+        return {
+            **last,
+            "train_seconds": self.train_seconds,
+            "train_images": self.train_images,
+            "stopped_early": self.stopped_early,
+        }
 
     @classmethod
     def from_checkpoint(cls, stored: dict) -> "_FitState":
         m = stored["metrics"]
-        return cls(stored["epoch"], stored["step"], [EpochMetrics(**h) for h in stored["history"]],
-                   stored["best_metric"], stored["best_epoch"], m["train_seconds"], m["train_images"], m["stopped_early"])
+        return cls(
+            stored["epoch"],
+            stored["step"],
+            [EpochMetrics(**h) for h in stored["history"]],
+            stored["best_metric"],
+            stored["best_epoch"],
+            m["train_seconds"],
+            m["train_images"],
+            m["stopped_early"],
+        )
 
 
-def _checkpoint(state: _FitState, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler,
-                generators: Generators, config: PipelineConfig, spec: ModelSpec) -> dict[str, Any]:
+def _checkpoint(
+    state: _FitState,
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: LRScheduler,
+    generators: Generators,
+    config: PipelineConfig,
+    spec: ModelSpec,
+) -> dict[str, Any]:
     return {
         "format_version": checkpoints.FORMAT_VERSION,
         "model": model.state_dict(),
@@ -276,14 +313,19 @@ def _checkpoint(state: _FitState, model: nn.Module, optimizer: Optimizer, schedu
 def _check_resumable(stored: dict, config: PipelineConfig, path: Path, device: torch.device) -> None:
     """Resuming must continue the same computation: same config (up to free fields), same device type."""
     before, now = flatten(stored["config"]), flatten(config.model_dump(mode="json"))
-    changed = [k for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k) and not k.startswith(_RESUME_FREE_FIELDS)]
+    changed = [
+        k
+        for k in sorted(set(before) | set(now))
+        if before.get(k) != now.get(k) and not k.startswith(_RESUME_FREE_FIELDS)
+    ]
     if changed:
         diffs = ", ".join(f"{k} (checkpoint {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:3])
         raise ConfigError(f"Cannot resume from '{path}': the config differs in {diffs}")
     if stored["rng"]["augment_device"] != device.type:
-        raise DeviceError(f"Cannot resume '{path}' on {device.type}: it was trained on "
-                          f"{stored['rng']['augment_device']}, whose random streams cannot continue elsewhere")
+        raise DeviceError(
+            f"Cannot resume '{path}' on {device.type}: it was trained on "
+            f"{stored['rng']['augment_device']}, whose random streams cannot continue elsewhere"
+        )
 
 
 def _with_normalization(config: PipelineConfig, train_images: Tensor) -> PipelineConfig:
@@ -298,23 +340,34 @@ def _check_data(train: Any, eval_split: Any, spec: ModelSpec, config: PipelineCo
         if len(split.labels) == 0:
             raise DatasetError(f"The {name} split has no images: training needs at least one in each split")
         if int(split.labels.max()) >= spec.num_classes:
-            raise DatasetError(f"The {name} split has label {int(split.labels.max())} but the model has "
-                               f"{spec.num_classes} classes (labels 0..{spec.num_classes - 1})")
+            raise DatasetError(
+                f"The {name} split has label {int(split.labels.max())} but the model has "
+                f"{spec.num_classes} classes (labels 0..{spec.num_classes - 1})"
+            )
     if config.data.drop_last and len(train.labels) < config.data.batch_size:
-        raise ConfigError(f"Invalid config field 'data.batch_size': {config.data.batch_size} with drop_last leaves "
-                          f"no training batch for {len(train.labels)} images")
+        raise ConfigError(
+            f"Invalid config field 'data.batch_size': {config.data.batch_size} with drop_last leaves "
+            f"no training batch for {len(train.labels)} images"
+        )
 
 
-def _result(state: _FitState, model: nn.Module, checkpoint_dir: Path | None, device: torch.device,
-            spec: ModelSpec) -> FitResult:
+def _result(
+    state: _FitState, model: nn.Module, checkpoint_dir: Path | None, device: torch.device, spec: ModelSpec
+) -> FitResult:
     best = checkpoint_dir / BEST_CHECKPOINT if checkpoint_dir is not None and state.best_epoch is not None else None
     return FitResult(
-        history=state.history, best_metric=state.best_metric, best_epoch=state.best_epoch,
-        last_checkpoint=checkpoint_dir / LAST_CHECKPOINT if checkpoint_dir is not None else None, best_checkpoint=best,
+        history=state.history,
+        best_metric=state.best_metric,
+        best_epoch=state.best_epoch,
+        last_checkpoint=checkpoint_dir / LAST_CHECKPOINT if checkpoint_dir is not None else None,
+        best_checkpoint=best,
         train_seconds=state.train_seconds,
         train_images_per_second=state.train_images / state.train_seconds if state.train_seconds else 0.0,
-        weights_sha256=checkpoints.weights_sha256(model.state_dict()), stopped_early=state.stopped_early,
-        device=str(device), spec=spec)
+        weights_sha256=checkpoints.weights_sha256(model.state_dict()),
+        stopped_early=state.stopped_early,
+        device=str(device),
+        spec=spec,
+    )
 
 
 @dataclass
@@ -336,17 +389,32 @@ def _build_run(model: nn.Module, train: Any, eval_split: Any, config: PipelineCo
     generators = Generators.seeded(training.seed, device)
     fmt = torch.channels_last if training.channels_last else torch.preserve_format
     model = model.to(device, memory_format=fmt)
-    train_loader = make_loader(train.images, train.labels, data.batch_size, device, shuffle=data.shuffle,
-                               drop_last=data.drop_last, generators=generators)
+    train_loader = make_loader(
+        train.images,
+        train.labels,
+        data.batch_size,
+        device,
+        shuffle=data.shuffle,
+        drop_last=data.drop_last,
+        generators=generators,
+    )
     augment = generators.augment if data.augment else None
-    train_batches = Batches(train_loader, device, BatchTransform(data.mean, data.std, device, augment, training.channels_last))
+    train_batches = Batches(
+        train_loader, device, BatchTransform(data.mean, data.std, device, augment, training.channels_last)
+    )
     optimizer = build_optimizer(model, config.optim)
-    return _Run(model=model, forward=torch.compile(model) if training.compile else model, optimizer=optimizer,
-                scheduler=build_scheduler(optimizer, config.optim, training.epochs, len(train_batches)),
-                criterion=nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
-                generators=generators, train_batches=train_batches,
-                eval_batches=eval_batches(eval_split.images, eval_split.labels, data.mean, data.std, device,
-                                          data.batch_size, training.channels_last))
+    return _Run(
+        model=model,
+        forward=torch.compile(model) if training.compile else model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config.optim, training.epochs, len(train_batches)),
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
+        generators=generators,
+        train_batches=train_batches,
+        eval_batches=eval_batches(
+            eval_split.images, eval_split.labels, data.mean, data.std, device, data.batch_size, training.channels_last
+        ),
+    )
 
 
 def _resume(run: _Run, path: Path, config: PipelineConfig, device: torch.device) -> tuple[_FitState, bool]:
@@ -360,26 +428,56 @@ def _resume(run: _Run, path: Path, config: PipelineConfig, device: torch.device)
         run.optimizer.load_state_dict(stored["optimizer"])
         run.scheduler.load_state_dict(stored["scheduler"])
     except (ValueError, KeyError) as err:
-        raise CheckpointError(f"Checkpoint '{path}' has optimizer/scheduler state that does not fit this run: {err}") from None
+        raise CheckpointError(
+            f"Checkpoint '{path}' has optimizer/scheduler state that does not fit this run: {err}"
+        ) from None
     restore_rng_state(stored["rng"], run.generators)
     return _FitState.from_checkpoint(stored), False
 
 
-def _run_epoch(run: _Run, state: _FitState, epoch: int, config: PipelineConfig, device: torch.device,
-               callbacks: Sequence[Callback], progress: Progress) -> EpochMetrics:
+def _run_epoch(
+    run: _Run,
+    state: _FitState,
+    epoch: int,
+    config: PipelineConfig,
+    device: torch.device,
+    callbacks: Sequence[Callback],
+    progress: Progress,
+) -> EpochMetrics:
     """Train and evaluate one epoch, and fold its figures into `state`."""
     precision = config.training.precision
     start = time.perf_counter()
-    stats = train_one_epoch(run.forward, run.criterion, run.optimizer, run.scheduler, run.train_batches, device,
-                            precision=precision, grad_clip=config.optim.grad_clip, epoch=epoch, step=state.step,
-                            callbacks=callbacks, progress=progress)
+    stats = train_one_epoch(
+        run.forward,
+        run.criterion,
+        run.optimizer,
+        run.scheduler,
+        run.train_batches,
+        device,
+        precision=precision,
+        grad_clip=config.optim.grad_clip,
+        epoch=epoch,
+        step=state.step,
+        callbacks=callbacks,
+        progress=progress,
+    )
     eval_loss, eval_accuracy = evaluate(run.forward, run.eval_batches, device, precision)
     if not (math.isfinite(stats.loss) and math.isfinite(eval_loss)):
-        raise ConfigError(f"Training diverged in epoch {epoch} (train loss {stats.loss:.4g}, eval loss {eval_loss:.4g}) "
-                          f"with optim.lr {config.optim.lr}: lower optim.lr or set optim.grad_clip")
-    metrics = EpochMetrics(epoch=epoch, step=stats.step, train_loss=stats.loss, train_accuracy=stats.accuracy,
-                           eval_loss=eval_loss, eval_accuracy=eval_accuracy, lr=run.optimizer.param_groups[0]["lr"],
-                           images_per_second=stats.images / stats.seconds, seconds=time.perf_counter() - start)
+        raise ConfigError(
+            f"Training diverged in epoch {epoch} (train loss {stats.loss:.4g}, eval loss {eval_loss:.4g}) "
+            f"with optim.lr {config.optim.lr}: lower optim.lr or set optim.grad_clip"
+        )
+    metrics = EpochMetrics(
+        epoch=epoch,
+        step=stats.step,
+        train_loss=stats.loss,
+        train_accuracy=stats.accuracy,
+        eval_loss=eval_loss,
+        eval_accuracy=eval_accuracy,
+        lr=run.optimizer.param_groups[0]["lr"],
+        images_per_second=stats.images / stats.seconds,
+        seconds=time.perf_counter() - start,
+    )
     state.epoch, state.step = epoch, stats.step
     state.history.append(metrics)
     state.train_seconds += stats.seconds
@@ -392,8 +490,9 @@ def _run_epoch(run: _Run, state: _FitState, epoch: int, config: PipelineConfig, 
     return metrics
 
 
-def _save_checkpoints(checkpoint_dir: Path | None, state: _FitState, run: _Run, config: PipelineConfig,
-                      spec: ModelSpec) -> None:
+def _save_checkpoints(
+    checkpoint_dir: Path | None, state: _FitState, run: _Run, config: PipelineConfig, spec: ModelSpec
+) -> None:
     """last.pt every epoch; best.pt too when this epoch improved the monitored metric."""
     if checkpoint_dir is None:
         return
@@ -405,17 +504,40 @@ def _save_checkpoints(checkpoint_dir: Path | None, state: _FitState, run: _Run, 
     checkpoints.save_checkpoint(checkpoint_dir / LAST_CHECKPOINT, saved)
 
 
-def _start_info(run: _Run, state: _FitState, config: PipelineConfig, spec: ModelSpec, device: torch.device,
-                train: Any, eval_split: Any) -> FitStart:
-    return FitStart(epoch=state.epoch, step=state.step, epochs=config.training.epochs,
-                    steps_per_epoch=len(run.train_batches), train_images=len(train.labels),
-                    eval_images=len(eval_split.labels), device=str(device), config=config.model_dump(mode="json"),
-                    spec=spec.to_dict())
+def _start_info(
+    run: _Run,
+    state: _FitState,
+    config: PipelineConfig,
+    spec: ModelSpec,
+    device: torch.device,
+    train: Any,
+    eval_split: Any,
+) -> FitStart:
+    return FitStart(
+        epoch=state.epoch,
+        step=state.step,
+        epochs=config.training.epochs,
+        steps_per_epoch=len(run.train_batches),
+        train_images=len(train.labels),
+        eval_images=len(eval_split.labels),
+        device=str(device),
+        config=config.model_dump(mode="json"),
+        spec=spec.to_dict(),
+    )
 
 
-def fit(model: nn.Module, train: Any, eval_split: Any, config: PipelineConfig, spec: ModelSpec,
-        checkpoint_dir: Path | None = None, resume_from: Path | None = None,
-        callbacks: Sequence[Callback] = (), *, progress_stream: TextIO | None = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    train: Any,
+    eval_split: Any,
+    config: PipelineConfig,
+    spec: ModelSpec,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    *,
+    progress_stream: TextIO | None = None,
+) -> FitResult:
     """Train `model` in place on decoded splits (`.images` uint8 (N, 3, H, W), `.labels` (N,)).
 
     Writes checkpoint_dir/last.pt every epoch and best.pt when config.training.monitor improves.

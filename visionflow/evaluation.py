@@ -44,23 +44,41 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """JSON-ready: plain floats, ints and strings only."""
-        per_class = [{"class": name, "precision": float(row.precision), "recall": float(row.recall),
-                      "f1": float(row.f1), "support": int(row.support)}
-                     for name, row in self.per_class.iterrows()]
-        return {"accuracy": self.accuracy, "loss": self.loss, "top5": self.top5, "num_images": self.num_images,
-                "classes": list(self.classes), "per_class": per_class,
-                "confusion_matrix": self.confusion_matrix, "confidently_wrong": self.confidently_wrong}
+        per_class = [
+            {
+                "class": name,
+                "precision": float(row.precision),
+                "recall": float(row.recall),
+                "f1": float(row.f1),
+                "support": int(row.support),
+            }
+            for name, row in self.per_class.iterrows()
+        ]
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "top5": self.top5,
+            "num_images": self.num_images,
+            "classes": list(self.classes),
+            "per_class": per_class,
+            "confusion_matrix": self.confusion_matrix,
+            "confidently_wrong": self.confidently_wrong,
+        }
 
     def to_text(self) -> str:
         """A readable summary: headline metrics, the per-class table, and the confusion matrix."""
         top5 = "n/a" if self.top5 is None else f"{self.top5:.4f}"
         confusion = pd.DataFrame(self.confusion_matrix, index=self.classes, columns=self.classes)
         confusion = confusion.rename_axis(index="true \\ predicted")
-        return "\n".join([
-            f"images: {self.num_images}  loss: {self.loss:.4f}  accuracy: {self.accuracy:.4f}  top5: {top5}",
-            "", self.per_class.to_string(float_format=lambda v: f"{v:.4f}"),
-            "", confusion.to_string(),
-        ])
+        return "\n".join(
+            [
+                f"images: {self.num_images}  loss: {self.loss:.4f}  accuracy: {self.accuracy:.4f}  top5: {top5}",
+                "",
+                self.per_class.to_string(float_format=lambda v: f"{v:.4f}"),
+                "",
+                confusion.to_string(),
+            ]
+        )
 
 
 def _safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -83,8 +101,15 @@ def per_class_metrics(confusion: Tensor, classes: Sequence[str]) -> pd.DataFrame
     precision = _safe_ratio(true_positives, predicted)
     recall = _safe_ratio(true_positives, support)
     f1 = _safe_ratio(2 * precision * recall, precision + recall)
-    return pd.DataFrame({"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
-                         "support": support.long().tolist()}, index=pd.Index(list(classes), name="class"))
+    return pd.DataFrame(
+        {
+            "precision": precision.tolist(),
+            "recall": recall.tolist(),
+            "f1": f1.tolist(),
+            "support": support.long().tolist(),
+        },
+        index=pd.Index(list(classes), name="class"),
+    )
 
 
 def top_k_accuracy(logits: Tensor, labels: Tensor, k: int = TOP_K) -> float | None:
@@ -95,31 +120,42 @@ def top_k_accuracy(logits: Tensor, labels: Tensor, k: int = TOP_K) -> float | No
     return hits.double().mean().item()
 
 
-def confidently_wrong(probabilities: Tensor, labels: Tensor, classes: Sequence[str],
-                      files: Sequence[str], k: int = CONFIDENTLY_WRONG_K) -> list[dict]:
+def confidently_wrong(
+    probabilities: Tensor, labels: Tensor, classes: Sequence[str], files: Sequence[str], k: int = CONFIDENTLY_WRONG_K
+) -> list[dict]:
     """The k misclassified images with the highest predicted probability, most confident first."""
     confidence, predictions = probabilities.max(dim=1)  # (N,), (N,)
     wrong = (predictions != labels).nonzero().flatten()  # (W,)
     ranked = wrong[confidence[wrong].argsort(descending=True, stable=True)][:k]
-    return [{"file": files[i], "true": classes[labels[i]], "predicted": classes[predictions[i]],
-             "probability": confidence[i].item()} for i in ranked.tolist()]
+    return [
+        {
+            "file": files[i],
+            "true": classes[labels[i]],
+            "predicted": classes[predictions[i]],
+            "probability": confidence[i].item(),
+        }
+        for i in ranked.tolist()
+    ]
 
 
-def report_from_logits(logits: Tensor, labels: Tensor, classes: Sequence[str], files: Sequence[str],
-                       k: int = CONFIDENTLY_WRONG_K) -> EvalReport:
+def report_from_logits(
+    logits: Tensor, labels: Tensor, classes: Sequence[str], files: Sequence[str], k: int = CONFIDENTLY_WRONG_K
+) -> EvalReport:
     """Every metric of an EvalReport from (N, C) logits, (N,) labels and the N files' names."""
     logits, labels = logits.float().cpu(), labels.long().cpu()
     confusion = confusion_matrix(labels, logits.argmax(dim=1), len(classes))
     probabilities = logits.softmax(dim=1)  # (N, C)
     return EvalReport(
-        classes=list(classes), num_images=len(labels),
+        classes=list(classes),
+        num_images=len(labels),
         loss=F.cross_entropy(logits, labels).item(),
         accuracy=(confusion.diag().sum() / len(labels)).item(),
         top5=top_k_accuracy(logits, labels),
         per_class=per_class_metrics(confusion, classes),
         confusion_matrix=confusion.tolist(),
         confidently_wrong=confidently_wrong(probabilities, labels, classes, files, k),
-        probabilities=probabilities, labels=labels,
+        probabilities=probabilities,
+        labels=labels,
     )
 
 
@@ -130,8 +166,10 @@ def report_from_logits(logits: Tensor, labels: Tensor, classes: Sequence[str], f
 def check_classes_match(spec: ModelSpec, classes: Sequence[str]) -> None:
     """A dataset's classes must be the model's class_names, in order (label i = class i); else DatasetError."""
     if tuple(classes) != tuple(spec.class_names):
-        raise DatasetError(f"Dataset classes {list(classes)} do not match the model's class_names "
-                           f"{list(spec.class_names)}: evaluate on a dataset with the classes the model was trained on")
+        raise DatasetError(
+            f"Dataset classes {list(classes)} do not match the model's class_names "
+            f"{list(spec.class_names)}: evaluate on a dataset with the classes the model was trained on"
+        )
 
 
 def _check_split_fits(spec: ModelSpec, decoded: DecodedSplit) -> None:
@@ -141,12 +179,15 @@ def _check_split_fits(spec: ModelSpec, decoded: DecodedSplit) -> None:
     check_classes_match(spec, decoded.classes)
     size = tuple(decoded.images.shape[-2:])
     if size != (spec.input_size, spec.input_size):
-        raise DatasetError(f"Images are decoded at {size[0]}x{size[1]} but the model expects "
-                           f"{spec.input_size}x{spec.input_size}: decode the split at the spec's input_size")
+        raise DatasetError(
+            f"Images are decoded at {size[0]}x{size[1]} but the model expects "
+            f"{spec.input_size}x{spec.input_size}: decode the split at the spec's input_size"
+        )
 
 
-def evaluate_model(model: nn.Module, spec: ModelSpec, decoded: DecodedSplit, device: str = "auto",
-                   batch_size: int = 256) -> EvalReport:
+def evaluate_model(
+    model: nn.Module, spec: ModelSpec, decoded: DecodedSplit, device: str = "auto", batch_size: int = 256
+) -> EvalReport:
     """Evaluate ``model`` (moved to ``device``) on a decoded split, normalized with the spec's mean/std."""
     _check_split_fits(spec, decoded)
     target = resolve_device(device)
@@ -155,8 +196,9 @@ def evaluate_model(model: nn.Module, spec: ModelSpec, decoded: DecodedSplit, dev
     return report_from_logits(logits, labels, decoded.classes, decoded.files)
 
 
-def predict_images(model: nn.Module, spec: ModelSpec, paths: Sequence[str | Path], device: str = "auto",
-                   batch_size: int = 256) -> list[dict]:
+def predict_images(
+    model: nn.Module, spec: ModelSpec, paths: Sequence[str | Path], device: str = "auto", batch_size: int = 256
+) -> list[dict]:
     """Classify image files with the spec's preprocessing (resize to input_size, normalize).
 
     One entry per path, in order: ``{"image", "label", "probability", "probabilities": {class: p}}``.
@@ -171,18 +213,26 @@ def predict_images(model: nn.Module, spec: ModelSpec, paths: Sequence[str | Path
     return [_prediction(path, row, spec.class_names) for path, row in zip(paths, probabilities)]
 
 
-def _image_batches(paths: Sequence[str | Path], pipeline: Callable[[Image.Image], Tensor],
-                   batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+def _image_batches(
+    paths: Sequence[str | Path], pipeline: Callable[[Image.Image], Tensor], batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
     """(model-ready (B, 3, S, S) images, (B,) positions in ``paths``), decoded on threads per batch.
 
     collect_logits carries a tensor beside each batch (labels when evaluating): here, positions.
     """
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        yield torch.stack(thread_map(lambda path: pipeline(load_rgb(path)), chunk)), torch.arange(start, start + len(chunk))
+        chunk = paths[start : start + batch_size]
+        yield (
+            torch.stack(thread_map(lambda path: pipeline(load_rgb(path)), chunk)),
+            torch.arange(start, start + len(chunk)),
+        )
 
 
 def _prediction(path: str | Path, probabilities: Tensor, classes: Sequence[str]) -> dict:
     best = int(probabilities.argmax())
-    return {"image": str(path), "label": classes[best], "probability": probabilities[best].item(),
-            "probabilities": dict(zip(classes, probabilities.tolist()))}
+    return {
+        "image": str(path),
+        "label": classes[best],
+        "probability": probabilities[best].item(),
+        "probabilities": dict(zip(classes, probabilities.tolist())),
+    }

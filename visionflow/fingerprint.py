@@ -7,7 +7,6 @@ decoded-tensor cache and Prefect task caching, and are recorded in run manifests
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Mapping, Sequence
 
 from visionflow.data import DatasetInfo, Split

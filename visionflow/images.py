@@ -23,9 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from visionflow.errors import DatasetError
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -38,8 +36,9 @@ class UnreadableImage(DatasetError):
     """A file that cannot be decoded as an image; `reason` is short enough for a report column."""
 
     def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"Unreadable image '{path}': {reason}; expected a decodable image "
-                         f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        super().__init__(
+            f"Unreadable image '{path}': {reason}; expected a decodable image ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
         self.path = path
         self.reason = reason
 
@@ -113,7 +112,7 @@ def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     # Chunks amortize the per-task future overhead, which dominates for tiny files; several
     # chunks per worker keep the load balanced when file sizes vary.
     size = max(1, min(256, len(items) // (workers * 4)))
-    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         done = pool.map(lambda chunk: [fn(item) for item in chunk], chunks)
         return [result for chunk_results in done for result in chunk_results]

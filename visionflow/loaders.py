@@ -26,8 +26,15 @@ class DeviceLoader:
     Each pass draws one fresh permutation from `generator` (when shuffling).
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = False,
-                 drop_last: bool = False, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        generator: torch.Generator | None = None,
+    ):
         self.images, self.labels = images, labels  # (N, 3, H, W) uint8, (N,) int64, same device
         self.batch_size, self.shuffle, self.drop_last, self.generator = batch_size, shuffle, drop_last, generator
 
@@ -40,17 +47,18 @@ class DeviceLoader:
         order = torch.randperm(n, generator=self.generator).to(self.labels.device) if self.shuffle else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             if order is None:
-                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
             else:
-                index = order[start:start + self.batch_size]  # (B,)
+                index = order[start : start + self.batch_size]  # (B,)
                 yield self.images[index], self.labels[index]
 
 
 class Batches:
     """Model-ready batches: (uint8 images, labels) from `source`, moved to `device`, then `transform`ed."""
 
-    def __init__(self, source: Iterable[tuple[Tensor, Tensor]], device: torch.device,
-                 transform: Callable[[Tensor], Tensor]):
+    def __init__(
+        self, source: Iterable[tuple[Tensor, Tensor]], device: torch.device, transform: Callable[[Tensor], Tensor]
+    ):
         self.source, self.device, self.transform = source, device, transform
 
     def __len__(self) -> int:
@@ -62,20 +70,35 @@ class Batches:
             yield self.transform(images), labels.to(self.device, non_blocking=True)
 
 
-def make_loader(images: Tensor, labels: Tensor, batch_size: int, device: torch.device, *,
-                shuffle: bool = False, drop_last: bool = False,
-                generators: Generators | None = None) -> DeviceLoader:
+def make_loader(
+    images: Tensor,
+    labels: Tensor,
+    batch_size: int,
+    device: torch.device,
+    *,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    generators: Generators | None = None,
+) -> DeviceLoader:
     """(uint8 images, labels) batches of a decoded split, resident on `device`; shuffled with
     `generators.shuffle` (required when `shuffle`)."""
     if shuffle and generators is None:
         raise ValueError("make_loader(shuffle=True) needs the run's generators for a reproducible order")
     shuffle_gen = generators.shuffle if generators is not None else None
-    return DeviceLoader(_to_device(images, device), _to_device(labels, device), batch_size,
-                        shuffle, drop_last, shuffle_gen)
+    return DeviceLoader(
+        _to_device(images, device), _to_device(labels, device), batch_size, shuffle, drop_last, shuffle_gen
+    )
 
 
-def eval_batches(images: Tensor, labels: Tensor, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device, batch_size: int = 256, channels_last: bool = False) -> Batches:
+def eval_batches(
+    images: Tensor,
+    labels: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    batch_size: int = 256,
+    channels_last: bool = False,
+) -> Batches:
     """Normalized float batches of a decoded split in order, for `evaluate` and `collect_logits`."""
     loader = make_loader(images, labels, batch_size, device)
     return Batches(loader, device, BatchTransform(mean, std, device, channels_last=channels_last))

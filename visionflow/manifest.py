@@ -123,13 +123,21 @@ class Manifest(_Record):
     @classmethod
     def start(cls, run_name: str, config: PipelineConfig, started_at: str, prefect_flow_run_id: str | None) -> Manifest:
         """The manifest of a run that just started."""
-        return cls(run_name=run_name, status="running", started_at=started_at, config=config,
-                   seed=config.training.seed, prefect_flow_run_id=prefect_flow_run_id, **provenance())
+        return cls(
+            run_name=run_name,
+            status="running",
+            started_at=started_at,
+            config=config,
+            seed=config.training.seed,
+            prefect_flow_run_id=prefect_flow_run_id,
+            **provenance(),
+        )
 
     def finish(self, status: RunStatus, **fields: Any) -> Manifest:
         """This manifest ended with `status` now, `fields` filled in, provenance refreshed."""
-        return self.model_validate({**self.model_dump(), **provenance(), **fields, "status": status,
-                                    "finished_at": utc_now()})
+        return self.model_validate(
+            {**self.model_dump(), **provenance(), **fields, "status": status, "finished_at": utc_now()}
+        )
 
     def save(self, run_dir: Path | str) -> Path:
         """Write `run_dir/manifest.json` atomically."""
@@ -143,8 +151,10 @@ class Manifest(_Record):
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError(f"Run directory '{run_dir}' has no {MANIFEST_NAME}: expected a directory "
-                              f"created by 'visionflow train' (<output>/runs/<run-name>)") from None
+            raise ConfigError(
+                f"Run directory '{run_dir}' has no {MANIFEST_NAME}: expected a directory "
+                f"created by 'visionflow train' (<output>/runs/<run-name>)"
+            ) from None
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"Manifest '{path}' is unreadable: {err}") from None
         try:
@@ -152,8 +162,9 @@ class Manifest(_Record):
         except ValidationError as err:
             first = err.errors()[0]
             field = ".".join(str(p) for p in first["loc"]) or "manifest"
-            raise ConfigError(f"Manifest '{path}' is not a visionflow run manifest: field '{field}': "
-                              f"{first['msg']}") from None
+            raise ConfigError(
+                f"Manifest '{path}' is not a visionflow run manifest: field '{field}': {first['msg']}"
+            ) from None
 
 
 def utc_now() -> str:
@@ -190,10 +201,17 @@ def git_commit(path: Path | str | None = None) -> str | None:
     None outside a git work tree or without git."""
     cwd = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}-dirty" if dirty else commit

@@ -94,7 +94,7 @@ class ModelSummary:
 
     def to_text(self) -> str:
         rows = [f"{'layer':<24}{'type':<14}{'output shape':<22}{'params':>10}"]
-        rows += [f"{l.name:<24}{l.kind:<14}{str(l.output_shape):<22}{l.num_parameters:>10,}" for l in self.layers]
+        rows += [f"{r.name:<24}{r.kind:<14}{str(r.output_shape):<22}{r.num_parameters:>10,}" for r in self.layers]
         rows.append(f"total parameters: {self.num_parameters:,} (trainable {self.trainable_parameters:,})")
         return "\n".join(rows)
 
@@ -105,8 +105,15 @@ def summarize(model: nn.Module, input_size: int = 32) -> ModelSummary:
 
     def record(name: str):
         def hook(module: nn.Module, _inputs, output):
-            layers.append(LayerSummary(name, type(module).__name__, list(output.shape),
-                                       sum(p.numel() for p in module.parameters(recurse=False))))
+            layers.append(
+                LayerSummary(
+                    name,
+                    type(module).__name__,
+                    list(output.shape),
+                    sum(p.numel() for p in module.parameters(recurse=False)),
+                )
+            )
+
         return hook
 
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]

@@ -20,8 +20,10 @@ from visionflow.errors import ConfigError
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay weight matrices and kernels only: decaying biases and norm gains just hurts (nanoGPT)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], Optimizer]] = {
@@ -37,8 +39,9 @@ SCHEDULERS: dict[str, Callable[[Optimizer, OptimConfig, int, int], LRScheduler]]
     "cosine": lambda opt, o, total, per_epoch: CosineAnnealingLR(opt, T_max=total),
     # Warm up over the first 25% of steps (more on tiny runs: _warmup_fraction), then anneal to
     # lr / 25e4; momentum stays as configured.
-    "onecycle": lambda opt, o, total, per_epoch: OneCycleLR(opt, max_lr=o.lr, total_steps=total,
-                                                            pct_start=_warmup_fraction(total), cycle_momentum=False),
+    "onecycle": lambda opt, o, total, per_epoch: OneCycleLR(
+        opt, max_lr=o.lr, total_steps=total, pct_start=_warmup_fraction(total), cycle_momentum=False
+    ),
 }
 
 
@@ -52,7 +55,9 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> Optimizer:
     """The optimizer named by `optim.optimizer` (resolved config), weight decay on >= 2-D params."""
     build = _choose("optimizer", optim.optimizer, OPTIMIZERS)
     if optim.optimizer == "sgd" and optim.nesterov and not optim.momentum:
-        raise ConfigError(f"Invalid config field 'optim.nesterov': Nesterov needs optim.momentum > 0 (got {optim.momentum})")
+        raise ConfigError(
+            f"Invalid config field 'optim.nesterov': Nesterov needs optim.momentum > 0 (got {optim.momentum})"
+        )
     return build(_param_groups(model, optim.weight_decay), optim)
 
 
@@ -64,4 +69,6 @@ def _warmup_fraction(total_steps: int) -> float:
 
 def build_scheduler(optimizer: Optimizer, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> LRScheduler:
     """The schedule named by `optim.scheduler`, stepped once per batch over `epochs` epochs."""
-    return _choose("scheduler", optim.scheduler, SCHEDULERS)(optimizer, optim, epochs * steps_per_epoch, steps_per_epoch)
+    return _choose("scheduler", optim.scheduler, SCHEDULERS)(
+        optimizer, optim, epochs * steps_per_epoch, steps_per_epoch
+    )

@@ -51,8 +51,15 @@ def _tile(picture: Image.Image, tile: int, pixelated: bool) -> Image.Image:
     return fit_to_tile(picture, tile, Image.Resampling.NEAREST if pixelated else Image.Resampling.LANCZOS)
 
 
-def build_preview(split: Split, image_size: int, mean: Sequence[float], std: Sequence[float], augment: bool,
-                  seed: int = 0, count: int = PREVIEW_COUNT) -> Image.Image:
+def build_preview(
+    split: Split,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool,
+    seed: int = 0,
+    count: int = PREVIEW_COUNT,
+) -> Image.Image:
     """The preview grid for ``count`` seeded training images: one row per image with columns
     original | eval input | train input x2. ``mean``/``std`` are the normalization the run uses
     (``FitStart.spec`` / ``transforms.mean_std`` of the train split), ``augment`` the resolved
@@ -61,8 +68,9 @@ def build_preview(split: Split, image_size: int, mean: Sequence[float], std: Seq
     originals = [load_rgb(split.files[i]) for i in indices]
     evaluated = torch.stack([eval_pipeline(image_size, mean, std)(image) for image in originals])  # (K, 3, S, S)
     # uint8 (K, 3, S, S): the decoded-cache form the training loop starts from.
-    decoded = torch.stack([torch.from_numpy(np.array(resize(image_size)(image))).permute(2, 0, 1)
-                           for image in originals])
+    decoded = torch.stack(
+        [torch.from_numpy(np.array(resize(image_size)(image))).permute(2, 0, 1) for image in originals]
+    )
     generator = torch.Generator().manual_seed(seed)
     train_transform = BatchTransform(mean, std, "cpu", augment=generator if augment else None)
     columns = [evaluated] + [train_transform(decoded) for _ in range(TRAIN_DRAWS)]  # each (K, 3, S, S)
@@ -79,19 +87,29 @@ def build_preview(split: Split, image_size: int, mean: Sequence[float], std: Seq
         draw.text((LABEL_WIDTH + col * cell + cell / 2, HEADER_HEIGHT / 2), title, font=font, anchor="mm", fill=BLACK)
     for row, (index, original) in enumerate(zip(indices, originals)):
         top = HEADER_HEIGHT + row * cell
-        draw.text((LABEL_WIDTH - 6, top + cell / 2), split.classes[split.labels[index]], font=font, anchor="rm",
-                  fill=BLACK)
+        draw.text(
+            (LABEL_WIDTH - 6, top + cell / 2), split.classes[split.labels[index]], font=font, anchor="rm", fill=BLACK
+        )
         shown = [_tile(original, tile, pixelated=False)]
-        shown += [_tile(Image.fromarray(column[row].permute(1, 2, 0).numpy()), tile, pixelated=True)
-                  for column in pixels]
+        shown += [
+            _tile(Image.fromarray(column[row].permute(1, 2, 0).numpy()), tile, pixelated=True) for column in pixels
+        ]
         for col, picture in enumerate(shown):
             left = LABEL_WIDTH + col * cell
             grid.paste(picture, (left + (cell - picture.width) // 2, top + (cell - picture.height) // 2))
     return grid
 
 
-def write_preview(path: Path | str, split: Split, image_size: int, mean: Sequence[float], std: Sequence[float],
-                  augment: bool, seed: int = 0, count: int = PREVIEW_COUNT) -> tuple[Path, Image.Image]:
+def write_preview(
+    path: Path | str,
+    split: Split,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool,
+    seed: int = 0,
+    count: int = PREVIEW_COUNT,
+) -> tuple[Path, Image.Image]:
     """Build the preview grid (see ``build_preview``) and save it as a PNG atomically; returns
     the path and the image (for ``tensorboard.log_image``)."""
     image = build_preview(split, image_size, mean, std, augment, seed, count)

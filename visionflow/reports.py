@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from visionflow.fileio import atomic_write_bytes, atomic_write_text
 from visionflow.config import flatten
+from visionflow.fileio import atomic_write_bytes, atomic_write_text
 from visionflow.images import load_rgb
 from visionflow.manifest import Manifest
 from visionflow.runs import RunLayout, runs_root
@@ -66,12 +66,16 @@ def write_csv(frame: pd.DataFrame, path: Path | str) -> Path:
 def _square_matrix(matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]], classes: Sequence[str]) -> np.ndarray:
     counts = np.asarray(matrix.cpu() if isinstance(matrix, torch.Tensor) else matrix)
     if counts.shape != (len(classes), len(classes)):
-        raise ValueError(f"Invalid confusion matrix shape {counts.shape}: expected ({len(classes)}, {len(classes)}) "
-                         f"for classes {list(classes)}")
+        raise ValueError(
+            f"Invalid confusion matrix shape {counts.shape}: expected ({len(classes)}, {len(classes)}) "
+            f"for classes {list(classes)}"
+        )
     return counts
 
 
-def confusion_frame(matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]], classes: Sequence[str]) -> pd.DataFrame:
+def confusion_frame(
+    matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]], classes: Sequence[str]
+) -> pd.DataFrame:
     """The (C, C) confusion matrix as a table: column ``true`` then one count column per
     predicted class."""
     counts = _square_matrix(matrix, classes)
@@ -100,10 +104,14 @@ def validation_issues_frame(validation: Mapping[str, Any]) -> pd.DataFrame:
     duplicate images within a split, and train/eval leakage."""
     rows = [{"issue": "unreadable", "path": item["path"], "detail": item["reason"]} for item in validation["invalid"]]
     duplicates = validation["duplicates"]
-    rows += [{"issue": "duplicate", "path": group[0], "detail": "same image as " + ", ".join(group[1:])}
-             for group in duplicates["within_split"]]
-    rows += [{"issue": "train/eval leakage", "path": train, "detail": f"same image as {evaluated}"}
-             for train, evaluated in duplicates["across_splits"]]
+    rows += [
+        {"issue": "duplicate", "path": group[0], "detail": "same image as " + ", ".join(group[1:])}
+        for group in duplicates["within_split"]
+    ]
+    rows += [
+        {"issue": "train/eval leakage", "path": train, "detail": f"same image as {evaluated}"}
+        for train, evaluated in duplicates["across_splits"]
+    ]
     return pd.DataFrame(rows, columns=["issue", "path", "detail"])
 
 
@@ -112,8 +120,9 @@ def write_evaluation_csvs(evaluation: Mapping[str, Any], out_dir: Path | str) ->
     out_dir = Path(out_dir)
     return {
         "per_class_metrics": write_csv(per_class_frame(evaluation), out_dir / "per_class_metrics.csv"),
-        "confusion_matrix": write_csv(confusion_frame(evaluation["confusion_matrix"], evaluation["classes"]),
-                                      out_dir / "confusion_matrix.csv"),
+        "confusion_matrix": write_csv(
+            confusion_frame(evaluation["confusion_matrix"], evaluation["classes"]), out_dir / "confusion_matrix.csv"
+        ),
     }
 
 
@@ -159,11 +168,11 @@ def _cell(text: str) -> str:
 
 def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
     """``frame`` (index left out) as a GitHub-flavoured markdown table."""
+
     def text(value: Any) -> str:
         return float_format.format(value) if isinstance(value, float) else str(value)
 
-    lines = ["| " + " | ".join(_cell(str(c)) for c in frame.columns) + " |",
-             "|" + "---|" * len(frame.columns)]
+    lines = ["| " + " | ".join(_cell(str(c)) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(_cell(text(v)) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
 
@@ -179,8 +188,10 @@ def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
     TensorBoard) and what reproduces the run."""
     layout = RunLayout(Path(run_dir))
     config = manifest.config
-    headline = (f"Model **{config.model.name}** on **{config.data.dataset}**, {config.training.epochs} epochs, "
-                f"seed {manifest.seed}, device {manifest.device or '-'}")
+    headline = (
+        f"Model **{config.model.name}** on **{config.data.dataset}**, {config.training.epochs} epochs, "
+        f"seed {manifest.seed}, device {manifest.device or '-'}"
+    )
     if manifest.metrics is not None:
         headline += f": eval accuracy **{_format_value('eval_accuracy', manifest.metrics.eval_accuracy)}**"
     parts = [f"# Run `{manifest.run_name}`: {manifest.status}", "", headline + "."]
@@ -191,19 +202,49 @@ def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
         if section is not None:
             parts += ["", f"## {title}", "", _key_value_table(section.model_dump(mode="json"))]
 
-    outputs = {"run directory": layout.root, "last checkpoint": layout.last_checkpoint,
-               "best checkpoint": layout.best_checkpoint, "export": layout.export_dir,
-               "TensorBoard logs": layout.tensorboard, "manifest": layout.manifest}
+    outputs = {
+        "run directory": layout.root,
+        "last checkpoint": layout.last_checkpoint,
+        "best checkpoint": layout.best_checkpoint,
+        "export": layout.export_dir,
+        "TensorBoard logs": layout.tensorboard,
+        "manifest": layout.manifest,
+    }
     written = [f"| {name} | `{path}` |" for name, path in outputs.items() if path.exists()]
     parts += ["", "## Outputs", ""] + (["| | |", "|---|---|", *written] if written else ["Nothing written yet."])
-    parts += ["", "Open this run in TensorBoard:", "", "```bash", tensorboard_command(layout.tensorboard), "```",
-              "", "Compare it with every other run:", "", "```bash",
-              tensorboard_command(runs_root(layout.root.parent.parent)), "```"]
+    parts += [
+        "",
+        "Open this run in TensorBoard:",
+        "",
+        "```bash",
+        tensorboard_command(layout.tensorboard),
+        "```",
+        "",
+        "Compare it with every other run:",
+        "",
+        "```bash",
+        tensorboard_command(runs_root(layout.root.parent.parent)),
+        "```",
+    ]
 
-    reproduce = {"seed": manifest.seed, "git commit": manifest.git_commit, "weights sha256": manifest.weights_sha256,
-                 "prefect flow run": manifest.prefect_flow_run_id, **manifest.versions}
-    parts += ["", "## Reproduce", "", _key_value_table(reproduce), "", "```bash",
-              f"visionflow reproduce {layout.root}", "```", ""]
+    reproduce = {
+        "seed": manifest.seed,
+        "git commit": manifest.git_commit,
+        "weights sha256": manifest.weights_sha256,
+        "prefect flow run": manifest.prefect_flow_run_id,
+        **manifest.versions,
+    }
+    parts += [
+        "",
+        "## Reproduce",
+        "",
+        _key_value_table(reproduce),
+        "",
+        "```bash",
+        f"visionflow reproduce {layout.root}",
+        "```",
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -211,9 +252,18 @@ def validation_markdown(validation: Mapping[str, Any]) -> str:
     """The dataset validation report as markdown: fingerprint, images per class and split, and
     the first findings (unreadable files, duplicates, leakage)."""
     issues = validation_issues_frame(validation)
-    parts = [f"# Dataset `{validation['spec']}`", "", f"Fingerprint `{validation['fingerprint']}`", "",
-             "## Images per class", "", markdown_table(validation_counts_frame(validation)), "",
-             "## Findings", ""]
+    parts = [
+        f"# Dataset `{validation['spec']}`",
+        "",
+        f"Fingerprint `{validation['fingerprint']}`",
+        "",
+        "## Images per class",
+        "",
+        markdown_table(validation_counts_frame(validation)),
+        "",
+        "## Findings",
+        "",
+    ]
     if issues.empty:
         parts.append("No unreadable files, duplicates or train/eval leakage.")
     else:
@@ -243,8 +293,9 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> st
     return text + "…"
 
 
-def render_confusion_matrix(matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
-                            classes: Sequence[str]) -> Image.Image:
+def render_confusion_matrix(
+    matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]], classes: Sequence[str]
+) -> Image.Image:
     """Draw the (C, C) confusion matrix (rows = true class, columns = predicted) as an RGB image.
     Cells are shaded by the row fraction (the recall of the true class), so rare classes are as
     readable as common ones; each cell shows its count when the cell is big enough."""
@@ -270,8 +321,13 @@ def render_confusion_matrix(matrix: np.ndarray | torch.Tensor | Sequence[Sequenc
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=shade, outline=(220, 220, 220))
             text = str(int(counts[row, col]))
             if _text_width(draw, text, font) <= cell - 2 and cell >= FONT_SIZE + 4:
-                draw.text((x0 + cell / 2, y0 + cell / 2), text, font=font, anchor="mm",
-                          fill=WHITE if fractions[row, col] > 0.5 else BLACK)
+                draw.text(
+                    (x0 + cell / 2, y0 + cell / 2),
+                    text,
+                    font=font,
+                    anchor="mm",
+                    fill=WHITE if fractions[row, col] > 0.5 else BLACK,
+                )
 
     for index, name in enumerate(classes):
         name = _fit_text(draw, name, font, label_width - 8)
@@ -289,8 +345,9 @@ def render_confusion_matrix(matrix: np.ndarray | torch.Tensor | Sequence[Sequenc
     return image
 
 
-def render_misclassified(examples: Sequence[Mapping[str, Any]], root: Path | str | None = None,
-                         tile: int = 96, columns: int = 4) -> Image.Image:
+def render_misclassified(
+    examples: Sequence[Mapping[str, Any]], root: Path | str | None = None, tile: int = 96, columns: int = 4
+) -> Image.Image:
     """A grid of the most confidently wrong examples (``EvalReport.confidently_wrong``: dicts
     with ``file``, ``true``, ``predicted``, ``probability``), each captioned with its true and
     predicted class. Relative ``file`` paths are resolved against ``root``."""
@@ -315,7 +372,9 @@ def render_misclassified(examples: Sequence[Mapping[str, Any]], root: Path | str
         x0, y0 = (index % columns) * cell_width + 4, (index // columns) * cell_height + 4
         image.paste(picture, (x0 + (tile - picture.width) // 2, y0 + (tile - picture.height) // 2))
         true_text = _fit_text(draw, f"true: {example['true']}", font, tile)
-        predicted_text = _fit_text(draw, f"pred: {example['predicted']} {float(example['probability']):.0%}", font, tile)
+        predicted_text = _fit_text(
+            draw, f"pred: {example['predicted']} {float(example['probability']):.0%}", font, tile
+        )
         draw.text((x0, y0 + tile + 4), true_text, font=font, fill=(0, 110, 0))
         draw.text((x0, y0 + tile + 4 + line), predicted_text, font=font, fill=(180, 0, 0))
     return image

@@ -109,13 +109,15 @@ def generate_run_name(dataset: str, model: str, now: datetime | None = None) -> 
     return f"train-{_slug(dataset)}-{_slug(model)}-{stamp}-{secrets.token_hex(2)}"
 
 
-def create_run_dir(output_dir: Path | str, run_name: str | None, dataset: str, model: str,
-                   proposed: str | None = None) -> tuple[RunLayout, bool]:
+def create_run_dir(
+    output_dir: Path | str, run_name: str | None, dataset: str, model: str, proposed: str | None = None
+) -> tuple[RunLayout, bool]:
     """Create the run directory; returns its layout and whether an interrupted run is resumed.
 
-    A given `run_name` that exists is resumed (see resumable_run). Without one, `proposed` (e.g. the orchestrator's run name) is tried,
-    then generated names, until mkdir wins: two runs started in the same second still get
-    different directories, and a generated name never resumes another run."""
+    A given `run_name` that exists is resumed (see resumable_run). Without one, `proposed` (e.g.
+    the orchestrator's run name) is tried, then generated names, until mkdir wins: two runs
+    started in the same second still get different directories, and a generated name never
+    resumes another run."""
     root = runs_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     if run_name is not None:
@@ -135,14 +137,16 @@ def create_run_dir(output_dir: Path | str, run_name: str | None, dataset: str, m
         return layout, False
 
 
-def open_run(config: PipelineConfig, started_at: str, prefect_flow_run_id: str | None,
-             proposed: str | None = None) -> tuple[RunLayout, Path | None]:
+def open_run(
+    config: PipelineConfig, started_at: str, prefect_flow_run_id: str | None, proposed: str | None = None
+) -> tuple[RunLayout, Path | None]:
     """Create the run directory (or reopen the interrupted run named `config.output.run_name`) and
     write its 'running' manifest; returns the layout and the last.pt to resume from (None: a
     fresh start). `config` is resolved."""
     output = config.output
-    layout, resumed = create_run_dir(output.output_dir, output.run_name, config.data.dataset, config.model.name,
-                                     proposed=proposed)
+    layout, resumed = create_run_dir(
+        output.output_dir, output.run_name, config.data.dataset, config.model.name, proposed=proposed
+    )
     Manifest.start(layout.name, config, started_at, prefect_flow_run_id).save(layout.root)
     resume_from = layout.last_checkpoint.resolve() if resumed and layout.last_checkpoint.is_file() else None
     return layout, resume_from
@@ -155,8 +159,10 @@ def resumable_run(output_dir: Path | str, run_name: str) -> RunLayout | None:
     if not layout.root.is_dir():
         return None
     if _status_of(layout) == "completed":
-        raise ConfigError(f"Run '{run_name}' already completed in {layout.root}; "
-                          f"choose another --run-name or omit it for a generated one")
+        raise ConfigError(
+            f"Run '{run_name}' already completed in {layout.root}; "
+            f"choose another --run-name or omit it for a generated one"
+        )
     return layout
 
 
@@ -183,16 +189,18 @@ def list_runs(output_dir: Path | str) -> list[dict[str, Any]]:
             manifest: Manifest | None = Manifest.load(run_dir)
         except ConfigError:
             manifest = None
-        rows.append({
-            "name": run_dir.name,
-            "date": manifest.started_at if manifest else None,
-            "data": manifest.config.data.dataset if manifest else None,
-            "model": manifest.config.model.name if manifest else None,
-            "accuracy": manifest.metrics.eval_accuracy if manifest and manifest.metrics else None,
-            "duration": manifest.timing.total_seconds if manifest and manifest.timing else None,
-            "status": manifest.status if manifest else "unknown",
-            "path": str(run_dir),
-        })
+        rows.append(
+            {
+                "name": run_dir.name,
+                "date": manifest.started_at if manifest else None,
+                "data": manifest.config.data.dataset if manifest else None,
+                "model": manifest.config.model.name if manifest else None,
+                "accuracy": manifest.metrics.eval_accuracy if manifest and manifest.metrics else None,
+                "duration": manifest.timing.total_seconds if manifest and manifest.timing else None,
+                "status": manifest.status if manifest else "unknown",
+                "path": str(run_dir),
+            }
+        )
     rows.sort(key=lambda row: (row["date"] or "", row["name"]))
     return rows
 
@@ -200,12 +208,20 @@ def list_runs(output_dir: Path | str) -> list[dict[str, Any]]:
 def format_runs(rows: list[dict[str, Any]]) -> str:
     """The run history as an aligned text table."""
     headers = ("name", "date", "data", "model", "accuracy", "duration", "status")
-    cells = [[row["name"], (row["date"] or "-").replace("T", " ")[:19], row["data"] or "-", row["model"] or "-",
-              "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}",
-              "-" if row["duration"] is None else f"{row['duration']:.1f}s", row["status"]] for row in rows]
+    cells = [
+        [
+            row["name"],
+            (row["date"] or "-").replace("T", " ")[:19],
+            row["data"] or "-",
+            row["model"] or "-",
+            "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}",
+            "-" if row["duration"] is None else f"{row['duration']:.1f}s",
+            row["status"],
+        ]
+        for row in rows
+    ]
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *cells)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
-                     for line in [headers, *cells])
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *cells])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,26 +231,34 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
 def reproduction_config(manifest: Manifest, run_dir: Path | str) -> PipelineConfig:
     """The config that reruns a run: its resolved config, caches bypassed, into a new run
     directory beside the original (`reproduce-<original name>-<4 hex>`)."""
-    output = manifest.config.output.model_copy(update={
-        "output_dir": str(Path(run_dir).resolve().parent.parent),
-        "run_name": f"reproduce-{manifest.run_name[:80]}-{secrets.token_hex(2)}",
-        "refresh": True})
+    output = manifest.config.output.model_copy(
+        update={
+            "output_dir": str(Path(run_dir).resolve().parent.parent),
+            "run_name": f"reproduce-{manifest.run_name[:80]}-{secrets.token_hex(2)}",
+            "refresh": True,
+        }
+    )
     return manifest.config.model_copy(update={"output": output})
 
 
 def check_same_data(manifest: Manifest, fingerprint: str) -> None:
     """DatasetError unless the data now has the fingerprint the run recorded."""
     if manifest.data is None:
-        raise DatasetError(f"Run '{manifest.run_name}' recorded no data fingerprint (status "
-                           f"{manifest.status}); only a completed run can be reproduced")
+        raise DatasetError(
+            f"Run '{manifest.run_name}' recorded no data fingerprint (status "
+            f"{manifest.status}); only a completed run can be reproduced"
+        )
     recorded = manifest.data.fingerprint
     if recorded != fingerprint:
-        raise DatasetError(f"Dataset '{manifest.config.data.dataset}' changed since run '{manifest.run_name}': "
-                           f"fingerprint {fingerprint[:12]}... now, {recorded[:12]}... then; reproducing needs the same data")
+        raise DatasetError(
+            f"Dataset '{manifest.config.data.dataset}' changed since run '{manifest.run_name}': "
+            f"fingerprint {fingerprint[:12]}... now, {recorded[:12]}... then; reproducing needs the same data"
+        )
 
 
 def compare_runs(original: Manifest, reproduced: Manifest) -> dict[str, Any]:
     """Whether two runs produced the same weights, with both runs' metrics."""
+
     def metrics(manifest: Manifest) -> dict[str, Any]:
         values = manifest.metrics
         return {key: getattr(values, key) if values else None for key in ("eval_accuracy", "eval_loss", "eval_top5")}

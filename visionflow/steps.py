@@ -22,8 +22,14 @@ from visionflow.preview import write_preview
 from visionflow.reports import render_misclassified, write_evaluation_csvs, write_png, write_validation_csvs
 from visionflow.rng import seed_everything
 from visionflow.runs import RunLayout
-from visionflow.tensorboard import (TensorBoardCallback, log_confusion_matrix, log_hparams, log_image,
-                                    log_model_graph, log_pr_curves)
+from visionflow.tensorboard import (
+    TensorBoardCallback,
+    log_confusion_matrix,
+    log_hparams,
+    log_image,
+    log_model_graph,
+    log_pr_curves,
+)
 from visionflow.transforms import fill_mean_std
 from visionflow.validate import ValidationReport, validate_dataset
 
@@ -68,8 +74,14 @@ def describe_into(run_dir: Path | str, name: str, num_classes: int, image_size: 
     return summary
 
 
-def train_run(run_dir: Path | str, dataset: DatasetInfo, config: PipelineConfig, resume_from: Path | str | None = None,
-              callbacks: Sequence[Callback] = (), progress_stream: TextIO | None = None) -> FitResult:
+def train_run(
+    run_dir: Path | str,
+    dataset: DatasetInfo,
+    config: PipelineConfig,
+    resume_from: Path | str | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress_stream: TextIO | None = None,
+) -> FitResult:
     """Train on the dataset's decoded splits with checkpoints in run_dir/checkpoints and curves
     in TensorBoard; `resume_from` continues an interrupted run (see `engine.fit`)."""
     layout = RunLayout(Path(run_dir))
@@ -78,19 +90,30 @@ def train_run(run_dir: Path | str, dataset: DatasetInfo, config: PipelineConfig,
     evaluation = load_decoded(dataset.eval_split, data.image_size, decoded_cache_dir(data.data_dir))
     spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
     seed_everything(config.training.seed)  # before building: the initial weights are part of the result
-    return fit(spec.build(), train, evaluation, config, spec, checkpoint_dir=layout.checkpoints,
-               resume_from=Path(resume_from) if resume_from else None,
-               callbacks=[TensorBoardCallback(layout.tensorboard), *callbacks], progress_stream=progress_stream)
+    return fit(
+        spec.build(),
+        train,
+        evaluation,
+        config,
+        spec,
+        checkpoint_dir=layout.checkpoints,
+        resume_from=Path(resume_from) if resume_from else None,
+        callbacks=[TensorBoardCallback(layout.tensorboard), *callbacks],
+        progress_stream=progress_stream,
+    )
 
 
-def write_evaluation(run_dir: Path | str, checkpoint: Path | str, eval_split: Split, device: str,
-                     data_dir: Path | str) -> EvalReport:
+def write_evaluation(
+    run_dir: Path | str, checkpoint: Path | str, eval_split: Split, device: str, data_dir: Path | str
+) -> EvalReport:
     """Evaluate a checkpoint on the eval split: evaluation.json, per-class and confusion CSVs,
     the confusion matrix (PNG and TensorBoard), per-class PR curves (TensorBoard) and the most
     confidently wrong images."""
     layout = RunLayout(Path(run_dir))
     model, spec = load_model(checkpoint)
-    report = evaluate_model(model, spec, load_decoded(eval_split, spec.input_size, decoded_cache_dir(data_dir)), device=device)
+    report = evaluate_model(
+        model, spec, load_decoded(eval_split, spec.input_size, decoded_cache_dir(data_dir)), device=device
+    )
     values = report.to_dict()
     atomic_write_json(layout.evaluation, values)
     write_evaluation_csvs(values, layout.root)
@@ -113,6 +136,9 @@ def finish_into(run_dir: Path | str, manifest: Manifest) -> Manifest:
     layout = RunLayout(Path(run_dir))
     manifest.save(layout.root)
     if manifest.metrics is not None:
-        log_hparams(layout.tensorboard, manifest.config.model_dump(mode="json"),
-                    {"eval_accuracy": manifest.metrics.eval_accuracy, "eval_loss": manifest.metrics.eval_loss})
+        log_hparams(
+            layout.tensorboard,
+            manifest.config.model_dump(mode="json"),
+            {"eval_accuracy": manifest.metrics.eval_accuracy, "eval_loss": manifest.metrics.eval_loss},
+        )
     return manifest

@@ -119,12 +119,13 @@ def flatten_hparams(values: Mapping[str, Any], prefix: str = "") -> dict[str, bo
         elif isinstance(value, (list, tuple)):
             flat[name] = str(list(value))
         elif value is not None:
-            raise ValueError(f"Invalid hyperparameter '{name}' = {value!r}: expected a number, string, bool, list or None")
+            raise ValueError(
+                f"Invalid hyperparameter '{name}' = {value!r}: expected a number, string, bool, list or None"
+            )
     return flat
 
 
-def log_hparams(log_dir: Path | str, hparams: Mapping[str, Any], metrics: Mapping[str, float],
-                step: int = 0) -> None:
+def log_hparams(log_dir: Path | str, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int = 0) -> None:
     """Log hyperparameters (nested mappings allowed, e.g. the resolved config's model_dump())
     with final metrics into the run folder (the HPARAMS tab); metrics become ``hparam/<name>``
     scalars. Call it once per run, when the final metrics are known."""
@@ -138,24 +139,34 @@ def log_hparams(log_dir: Path | str, hparams: Mapping[str, Any], metrics: Mappin
             writer.add_scalar(tag, value, step)
 
 
-def log_confusion_matrix(log_dir: Path | str, matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
-                         classes: Sequence[str], step: int = 0) -> Image.Image:
+def log_confusion_matrix(
+    log_dir: Path | str,
+    matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
+    classes: Sequence[str],
+    step: int = 0,
+) -> Image.Image:
     """Render the (C, C) confusion matrix (rows = true class) and log it as ``eval/confusion_matrix``."""
     image = render_confusion_matrix(matrix, classes)
     log_image(log_dir, "eval/confusion_matrix", image, step)
     return image
 
 
-def log_pr_curves(log_dir: Path | str, probabilities: np.ndarray | torch.Tensor,
-                  labels: np.ndarray | torch.Tensor | Sequence[int], classes: Sequence[str],
-                  step: int = 0) -> None:
+def log_pr_curves(
+    log_dir: Path | str,
+    probabilities: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor | Sequence[int],
+    classes: Sequence[str],
+    step: int = 0,
+) -> None:
     """One-vs-rest precision-recall curve per class (``pr/<class>``) from (N, C) softmax
     probabilities and (N,) integer labels."""
     probabilities = torch.as_tensor(probabilities, dtype=torch.float32).cpu()  # (N, C)
     labels = torch.as_tensor(labels, dtype=torch.int64).cpu()  # (N,)
     if probabilities.ndim != 2 or probabilities.shape != (labels.shape[0], len(classes)):
-        raise ValueError(f"Invalid probabilities {tuple(probabilities.shape)} for {labels.shape[0]} labels and "
-                         f"{len(classes)} classes: expected (N, C) = ({labels.shape[0]}, {len(classes)})")
+        raise ValueError(
+            f"Invalid probabilities {tuple(probabilities.shape)} for {labels.shape[0]} labels and "
+            f"{len(classes)} classes: expected (N, C) = ({labels.shape[0]}, {len(classes)})"
+        )
     with SummaryWriter(str(log_dir)) as writer:
         for index, name in enumerate(classes):
             writer.add_pr_curve(f"pr/{name}", labels == index, probabilities[:, index], step)

@@ -46,7 +46,9 @@ def mean_std(images: Tensor) -> tuple[list[float], list[float]]:
     Exact and memory-light: a 256-bin histogram per channel instead of a float copy of the split.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"mean_std expects a non-empty uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"mean_std expects a non-empty uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
+        )
     channels = images.shape[1]
     counts = torch.zeros(channels, 256, dtype=torch.float64)  # pixels per grey level, per channel
     for chunk in images.split(_STATS_CHUNK):
@@ -60,8 +62,9 @@ def mean_std(images: Tensor) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-def fill_mean_std(mean: list[float] | None, std: list[float] | None,
-                  train_images: Tensor) -> tuple[list[float], list[float]]:
+def fill_mean_std(
+    mean: list[float] | None, std: list[float] | None, train_images: Tensor
+) -> tuple[list[float], list[float]]:
     """The configured mean/std, each one left empty filled from the train split's statistics."""
     if mean is not None and std is not None:
         return mean, std
@@ -102,8 +105,14 @@ class BatchTransform:
     `augment`: a seeded generator on the images' device to apply `augment_batch`, None for none.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
-                 augment: torch.Generator | None = None, channels_last: bool = False):
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str,
+        augment: torch.Generator | None = None,
+        channels_last: bool = False,
+    ):
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)  # (1, C, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.scale = (1 / (255 * std_t)).to(device)

@@ -41,8 +41,14 @@ class SplitReport:
     imbalance: float | None  # largest / smallest class; None when a class is empty
 
     def to_dict(self) -> dict[str, Any]:
-        return {"images": self.images, "classes": self.classes, "sizes": self.sizes, "modes": self.modes,
-                "empty_classes": list(self.empty_classes), "imbalance": self.imbalance}
+        return {
+            "images": self.images,
+            "classes": self.classes,
+            "sizes": self.sizes,
+            "modes": self.modes,
+            "empty_classes": list(self.empty_classes),
+            "imbalance": self.imbalance,
+        }
 
 
 @dataclass(frozen=True)
@@ -61,18 +67,25 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with keys fingerprint, splits, invalid, duplicates, and more."""
         return {
-            "spec": self.spec, "root": self.root, "fingerprint": self.fingerprint,
+            "spec": self.spec,
+            "root": self.root,
+            "fingerprint": self.fingerprint,
             "classes": list(self.classes),
             "splits": {name: split.to_dict() for name, split in self.splits.items()},
             "invalid": [{"path": path, "reason": reason} for path, reason in self.invalid],
-            "duplicates": {"within_split": [list(group) for group in self.duplicates_within],
-                           "across_splits": [list(pair) for pair in self.duplicates_across]},
+            "duplicates": {
+                "within_split": [list(group) for group in self.duplicates_within],
+                "across_splits": [list(pair) for pair in self.duplicates_across],
+            },
         }
 
     def format_text(self) -> str:
         """A readable multi-line summary for terminals."""
-        lines = [f"dataset {self.spec} ({self.root})", f"fingerprint {self.fingerprint}",
-                 f"{len(self.classes)} classes: {', '.join(self.classes)}"]
+        lines = [
+            f"dataset {self.spec} ({self.root})",
+            f"fingerprint {self.fingerprint}",
+            f"{len(self.classes)} classes: {', '.join(self.classes)}",
+        ]
         for name, split in self.splits.items():
             ratio = "n/a (empty class)" if split.imbalance is None else f"{split.imbalance:.2f}"
             lines.append(f"{name}: {split.images} images, imbalance max/min {ratio}")
@@ -118,12 +131,19 @@ def _split_report(split: Split, checks: list[FileCheck]) -> SplitReport:
     counts = split.class_counts()
     empty = tuple(c for c, n in counts.items() if n == 0)
     imbalance = None if empty else round(max(counts.values()) / min(counts.values()), 4)
-    return SplitReport(len(split), counts, dict(Counter(c.size for c in checks).most_common()),
-                       dict(Counter(c.mode for c in checks).most_common()), empty, imbalance)
+    return SplitReport(
+        len(split),
+        counts,
+        dict(Counter(c.size for c in checks).most_common()),
+        dict(Counter(c.mode for c in checks).most_common()),
+        empty,
+        imbalance,
+    )
 
 
-def _duplicates(paths: dict[str, list[str]], pixels: dict[str, list[str]], eval_name: str
-                ) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, str], ...]]:
+def _duplicates(
+    paths: dict[str, list[str]], pixels: dict[str, list[str]], eval_name: str
+) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, str], ...]]:
     """Within-split groups and (train, eval) leakage pairs from per-split path/pixel-hash lists."""
     within = []
     for name in paths:
@@ -134,8 +154,9 @@ def _duplicates(paths: dict[str, list[str]], pixels: dict[str, list[str]], eval_
     first_in_train = {}
     for path, key in zip(paths["train"], pixels["train"]):
         first_in_train.setdefault(key, path)
-    across = tuple((first_in_train[key], path) for path, key in zip(paths[eval_name], pixels[eval_name])
-                   if key in first_in_train)
+    across = tuple(
+        (first_in_train[key], path) for path, key in zip(paths[eval_name], pixels[eval_name]) if key in first_in_train
+    )
     return tuple(sorted(within)), across
 
 
@@ -151,8 +172,10 @@ def _without(info: DatasetInfo, bad: set[Path]) -> DatasetInfo:
     splits = {name: split.without(bad) for name, split in info.splits.items()}
     for name, split in splits.items():
         if not len(split):
-            raise DatasetError(f"Split '{name}' of dataset '{info.spec}' has no readable images; "
-                               f"expected at least one valid image per split")
+            raise DatasetError(
+                f"Split '{name}' of dataset '{info.spec}' has no readable images; "
+                f"expected at least one valid image per split"
+            )
     return replace(info, splits=splits)
 
 
@@ -165,23 +188,35 @@ def validate_dataset(info: DatasetInfo, on_invalid: str = "skip") -> tuple[Valid
     order = ["train"] + [name for name in info.splits if name != "train"]
     checks = {name: thread_map(check_file, info.splits[name].files) for name in order}
     paths = {name: _report_paths(info, info.splits[name]) for name in order}
-    invalid = [(paths[name][i], check.reason, info.splits[name].files[i])
-               for name in order for i, check in enumerate(checks[name]) if check.reason is not None]
+    invalid = [
+        (paths[name][i], check.reason, info.splits[name].files[i])
+        for name in order
+        for i, check in enumerate(checks[name])
+        if check.reason is not None
+    ]
     if invalid and on_invalid == "fail":
         path, reason, _ = invalid[0]
-        raise DatasetError(f"Invalid image '{path}' in dataset '{info.spec}': {reason} "
-                           f"(on_invalid='fail'; use 'skip' to leave invalid files out)")
+        raise DatasetError(
+            f"Invalid image '{path}' in dataset '{info.spec}': {reason} "
+            f"(on_invalid='fail'; use 'skip' to leave invalid files out)"
+        )
     clean = _without(info, {file for _, _, file in invalid})
     valid = {name: [c for c in checks[name] if c.reason is None] for name in order}
     valid_paths = {name: [p for p, c in zip(paths[name], checks[name]) if c.reason is None] for name in order}
-    within, across = _duplicates(valid_paths, {name: [c.pixels for c in valid[name]] for name in order},
-                                 clean.eval_split.name)
-    fingerprints = {name: fingerprint_from_digests(clean.splits[name], [c.sha256 for c in valid[name]])
-                    for name in order}
+    within, across = _duplicates(
+        valid_paths, {name: [c.pixels for c in valid[name]] for name in order}, clean.eval_split.name
+    )
+    fingerprints = {
+        name: fingerprint_from_digests(clean.splits[name], [c.sha256 for c in valid[name]]) for name in order
+    }
     report = ValidationReport(
-        spec=info.spec, root=str(info.root), fingerprint=combine_fingerprints(fingerprints),
-        classes=info.classes, splits={name: _split_report(clean.splits[name], valid[name]) for name in order},
+        spec=info.spec,
+        root=str(info.root),
+        fingerprint=combine_fingerprints(fingerprints),
+        classes=info.classes,
+        splits={name: _split_report(clean.splits[name], valid[name]) for name in order},
         invalid=tuple((path, reason) for path, reason, _ in invalid),
-        duplicates_within=within, duplicates_across=across,
+        duplicates_within=within,
+        duplicates_across=across,
     )
     return report, clean

@@ -14,8 +14,9 @@ from PIL import Image
 WriteImage = Callable[..., Path]
 
 
-def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 10), seed: int = 0,
-                fmt: str | None = None) -> Path:
+def write_image(
+    path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 10), seed: int = 0, fmt: str | None = None
+) -> Path:
     """Write a random-content image of the given mode; different seeds give different pixels."""
     rng = np.random.default_rng(seed)
     width, height = size

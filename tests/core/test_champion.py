@@ -14,8 +14,8 @@ import torch
 
 from visionflow import champion as ch
 from visionflow.checkpoints import export_model, load_model
-from visionflow.data import DatasetInfo, resolve_dataset
 from visionflow.config import PipelineConfig
+from visionflow.data import DatasetInfo, resolve_dataset
 from visionflow.errors import CheckpointError, ConfigError, DatasetError
 from visionflow.manifest import Manifest, MetricsRecord
 from visionflow.models import ModelSpec, build_model
@@ -42,7 +42,9 @@ def make_run(out: Path, name: str, seed: int, metrics: dict[str, float]) -> Path
     export_model(build_model("tudui", len(CLASSES)), spec, run_dir / "export")
     values = {"eval_accuracy": 0.0, "eval_loss": 0.0, **metrics}
     record = MetricsRecord(**values, eval_top5=None, best_epoch=1, epochs_trained=1, per_class=[])
-    Manifest.start(name, PipelineConfig(), "2026-01-01T00:00:00+00:00", None).finish("completed", metrics=record).save(run_dir)
+    Manifest.start(name, PipelineConfig(), "2026-01-01T00:00:00+00:00", None).finish("completed", metrics=record).save(
+        run_dir
+    )
     return run_dir
 
 
@@ -54,10 +56,17 @@ def versions(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "models" / ".nightly").iterdir())
 
 
-@pytest.mark.parametrize("metric, challenger, champion, expected", [
-    ("eval_accuracy", 0.6, 0.5, True), ("eval_accuracy", 0.5, 0.5, True), ("eval_accuracy", 0.4, 0.5, False),
-    ("eval_loss", 0.9, 1.0, True), ("eval_loss", 1.0, 1.0, True), ("eval_loss", 1.1, 1.0, False),
-])
+@pytest.mark.parametrize(
+    "metric, challenger, champion, expected",
+    [
+        ("eval_accuracy", 0.6, 0.5, True),
+        ("eval_accuracy", 0.5, 0.5, True),
+        ("eval_accuracy", 0.4, 0.5, False),
+        ("eval_loss", 0.9, 1.0, True),
+        ("eval_loss", 1.0, 1.0, True),
+        ("eval_loss", 1.1, 1.0, False),
+    ],
+)
 def test_should_promote_when_at_least_as_good(metric: str, challenger: float, champion: float, expected: bool) -> None:
     assert ch._should_promote(challenger, champion, metric) is expected
 
@@ -74,7 +83,12 @@ def test_empty_slot_promotes_and_records_the_decision(tmp_path: Path, dataset: D
     assert decision.champion_run is None and decision.champion_score is None
     slot = tmp_path / "models" / "nightly"
     assert slot.is_symlink() and not os.path.isabs(os.readlink(slot))  # relative: the output folder can move
-    assert sorted(p.name for p in slot.iterdir()) == ["decision.json", "manifest.json", "model.json", "model.safetensors"]
+    assert sorted(p.name for p in slot.iterdir()) == [
+        "decision.json",
+        "manifest.json",
+        "model.json",
+        "model.safetensors",
+    ]
     _, spec = load_model(slot)
     assert spec.class_names == list(CLASSES)
     run_manifest = json.loads((run / "manifest.json").read_text())
@@ -93,12 +107,15 @@ def test_same_weights_are_kept_without_a_new_version(tmp_path: Path, dataset: Da
     assert decision.champion_score == decision.challenger_score == 0.3
     assert decision.champion_run == "run-a"
     assert versions(tmp_path) == before
-    assert json.loads((tmp_path / "runs" / "run-b" / "manifest.json").read_text())["champion"]["reason"] == "same weights"
+    assert (
+        json.loads((tmp_path / "runs" / "run-b" / "manifest.json").read_text())["champion"]["reason"] == "same weights"
+    )
 
 
 @pytest.mark.parametrize("metric, better, worse", [("eval_accuracy", 1.0, -1.0), ("eval_loss", 0.0, 1e9)])
-def test_champion_is_rescored_on_the_challengers_split(tmp_path: Path, dataset: DatasetInfo, metric: str,
-                                                       better: float, worse: float) -> None:
+def test_champion_is_rescored_on_the_challengers_split(
+    tmp_path: Path, dataset: DatasetInfo, metric: str, better: float, worse: float
+) -> None:
     challenge(make_run(tmp_path, "run-a", seed=0, metrics={metric: 0.123457}), tmp_path, dataset, metric)
     kept = challenge(make_run(tmp_path, "run-b", seed=1, metrics={metric: worse}), tmp_path, dataset, metric)
     assert kept.outcome == "kept" and "is worse than champion" in kept.reason
@@ -113,7 +130,9 @@ def test_champion_is_rescored_on_the_challengers_split(tmp_path: Path, dataset: 
 
 def test_old_versions_are_pruned_beyond_keep_previous(tmp_path: Path, dataset: DatasetInfo) -> None:
     for seed in range(ch.KEEP_PREVIOUS + 3):
-        challenge(make_run(tmp_path, f"run-{seed}", seed=seed, metrics={"eval_loss": -seed}), tmp_path, dataset, "eval_loss")
+        challenge(
+            make_run(tmp_path, f"run-{seed}", seed=seed, metrics={"eval_loss": -seed}), tmp_path, dataset, "eval_loss"
+        )
     kept = versions(tmp_path)
     assert len(kept) == ch.KEEP_PREVIOUS + 1
     assert os.readlink(tmp_path / "models" / "nightly").endswith(kept[-1])
@@ -123,8 +142,16 @@ def test_failed_promotion_leaves_the_champion_intact(tmp_path: Path, dataset: Da
     challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.0}), tmp_path, dataset)
     before = versions(tmp_path)
     broken = make_run(tmp_path, "run-b", seed=1, metrics={"eval_accuracy": 1.0})
-    decision = ch.decide("nightly", "eval_accuracy", "run-b", 1.0, "f" * 64, ch.read_champion(tmp_path, "nightly"),
-                         0.0, dataset.eval_split)
+    decision = ch.decide(
+        "nightly",
+        "eval_accuracy",
+        "run-b",
+        1.0,
+        "f" * 64,
+        ch.read_champion(tmp_path, "nightly"),
+        0.0,
+        dataset.eval_split,
+    )
     (broken / "export" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError):
         ch.promote(broken, {}, decision, tmp_path)
@@ -141,9 +168,19 @@ def test_plain_folder_in_the_slot_is_refused(tmp_path: Path, dataset: DatasetInf
 def test_champion_with_other_classes_cannot_be_compared(tmp_path: Path, dataset: DatasetInfo) -> None:
     challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
     split = replace(dataset.eval_split, classes=("a", "b", "c"))
-    with pytest.raises(DatasetError, match=r"classes \['a', 'b', 'c'\] do not match the model's class_names \['airplane', 'cat', 'ship'\]"):
-        ch.challenge(make_run(tmp_path, "run-b", seed=1, metrics={"eval_accuracy": 0.3}), "nightly", "eval_accuracy",
-                     split, tmp_path, tmp_path / "cache", device="cpu")
+    with pytest.raises(
+        DatasetError,
+        match=r"classes \['a', 'b', 'c'\] do not match the model's class_names \['airplane', 'cat', 'ship'\]",
+    ):
+        ch.challenge(
+            make_run(tmp_path, "run-b", seed=1, metrics={"eval_accuracy": 0.3}),
+            "nightly",
+            "eval_accuracy",
+            split,
+            tmp_path,
+            tmp_path / "cache",
+            device="cpu",
+        )
 
 
 def test_a_run_without_metrics_cannot_challenge(tmp_path: Path, dataset: DatasetInfo) -> None:

@@ -13,8 +13,16 @@ import torch
 
 from visionflow import checkpoints
 from visionflow.checkpoints import (
-    FORMAT_VERSION, TRAINING_KEYS, export_model, load_checkpoint,
-    load_model, load_state_dict, load_whole_module, save_checkpoint, save_state_dict, save_whole_module,
+    FORMAT_VERSION,
+    TRAINING_KEYS,
+    export_model,
+    load_checkpoint,
+    load_model,
+    load_state_dict,
+    load_whole_module,
+    save_checkpoint,
+    save_state_dict,
+    save_whole_module,
     weights_sha256,
 )
 from visionflow.errors import CheckpointError
@@ -25,8 +33,14 @@ CLASSES = ["cat", "dog", "frog"]
 
 
 def make_spec(name: str = "tudui", classes: list[str] = CLASSES) -> ModelSpec:
-    return ModelSpec(name=name, num_classes=len(classes), input_size=32, class_names=list(classes),
-                     mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    return ModelSpec(
+        name=name,
+        num_classes=len(classes),
+        input_size=32,
+        class_names=list(classes),
+        mean=[0.5, 0.4, 0.3],
+        std=[0.2, 0.25, 0.3],
+    )
 
 
 def training_state(model: torch.nn.Module, spec: ModelSpec) -> dict:
@@ -37,11 +51,22 @@ def training_state(model: torch.nn.Module, spec: ModelSpec) -> dict:
     loss.backward()
     optimizer.step()
     scheduler.step()
-    return dict(format_version=FORMAT_VERSION, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), scaler={}, epoch=1, step=1,
-                rng={"torch": torch.get_rng_state(), "python": list(range(3))}, config={"model": {"name": spec.name}},
-                spec=spec.to_dict(), metrics={"eval_accuracy": 0.5}, history=[{"epoch": 1}],
-                best_metric=0.5, best_epoch=1)
+    return dict(
+        format_version=FORMAT_VERSION,
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        scaler={},
+        epoch=1,
+        step=1,
+        rng={"torch": torch.get_rng_state(), "python": list(range(3))},
+        config={"model": {"name": spec.name}},
+        spec=spec.to_dict(),
+        metrics={"eval_accuracy": 0.5},
+        history=[{"epoch": 1}],
+        best_metric=0.5,
+        best_epoch=1,
+    )
 
 
 @pytest.fixture
@@ -197,6 +222,7 @@ def test_weights_sha256_is_format_independent_and_content_sensitive(tmp_path, mo
     export = export_model(model, spec, tmp_path / "export")
     from_pt = weights_sha256(load_checkpoint(ckpt)["model"])
     from safetensors.torch import load_file
+
     assert from_pt == weights_sha256(load_file(export["weights"])) == export["weights_sha256"]
     assert from_pt == weights_sha256({k: v.clone() for k, v in reversed(model.state_dict().items())})
     changed = dict(model.state_dict()) | {"0.bias": model.state_dict()["0.bias"] + 1e-6}

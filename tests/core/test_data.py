@@ -141,14 +141,17 @@ def test_split_without(folder_dataset):
     assert smaller.labels == split.labels[1:5] + split.labels[6:] and smaller.classes == split.classes
 
 
-@pytest.mark.parametrize("setup,message", [
-    ("missing", "Unknown dataset"),
-    ("empty", "is empty"),
-    ("files_only", "has no class subfolders"),
-    ("a_file", "is a file, not a folder"),
-    ("empty_classes", "has no files in its train split"),
-    ("val_only", "has val/ but no train/"),
-])
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        ("missing", "Unknown dataset"),
+        ("empty", "is empty"),
+        ("files_only", "has no class subfolders"),
+        ("a_file", "is a file, not a folder"),
+        ("empty_classes", "has no files in its train split"),
+        ("val_only", "has val/ but no train/"),
+    ],
+)
 def test_bad_inputs_are_one_line_dataset_errors(tmp_path, image_writer, setup, message):
     root = tmp_path / "ds"
     if setup == "empty":

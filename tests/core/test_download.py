@@ -79,8 +79,7 @@ def server(tmp_path) -> Iterator[tuple[str, Path, http.server.ThreadingHTTPServe
     """(base URL, folder it serves, server) on an ephemeral 127.0.0.1 port."""
     root = tmp_path / "served"
     root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), lambda *a: QuietHandler(*a, directory=str(root)))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: QuietHandler(*a, directory=str(root)))
     httpd.failures_left = 0  # type: ignore[attr-defined]
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -102,8 +101,9 @@ def test_prepare_cifar10_builds_png_tree(server, tmp_path, closed_url):
     base_url, served, _ = server
     contents = build_archive(served / CIFAR10_ARCHIVE)
     data_dir = tmp_path / "data"
-    tree = prepare_cifar10(data_dir, url=f"{base_url}/{CIFAR10_ARCHIVE}", md5=md5_of(served / CIFAR10_ARCHIVE),
-                           backoff=0.01)
+    tree = prepare_cifar10(
+        data_dir, url=f"{base_url}/{CIFAR10_ARCHIVE}", md5=md5_of(served / CIFAR10_ARCHIVE), backoff=0.01
+    )
     assert tree == data_dir / "cifar10" / "images"
     assert sorted(p.name for p in (data_dir / "cifar10").iterdir()) == [CIFAR10_ARCHIVE, "images"]
     assert sorted(p.name for p in tree.iterdir()) == ["test", "train"]
@@ -164,8 +164,13 @@ def test_server_errors_are_retried_with_backoff(server, tmp_path):
     base_url, served, httpd = server
     (served / "file.bin").write_bytes(b"payload" * 1000)
     httpd.failures_left = 2
-    dest = download_url(f"{base_url}/file.bin", tmp_path / "out" / "file.bin",
-                        md5=hashlib.md5(b"payload" * 1000).hexdigest(), retries=3, backoff=0.01)
+    dest = download_url(
+        f"{base_url}/file.bin",
+        tmp_path / "out" / "file.bin",
+        md5=hashlib.md5(b"payload" * 1000).hexdigest(),
+        retries=3,
+        backoff=0.01,
+    )
     assert dest.read_bytes() == b"payload" * 1000 and httpd.failures_left == 0
     assert os.listdir(tmp_path / "out") == ["file.bin"]
 
@@ -186,8 +191,16 @@ def test_corrupt_local_file_is_downloaded_again(server, tmp_path):
 
 
 def evil_member(kind: str) -> tarfile.TarInfo:
-    info = tarfile.TarInfo({"dotdot": "../evil", "nested_dotdot": "ok/../../evil", "absolute": "/tmp/evil",
-                            "symlink": "link", "hardlink": "hard", "device": "dev"}[kind])
+    info = tarfile.TarInfo(
+        {
+            "dotdot": "../evil",
+            "nested_dotdot": "ok/../../evil",
+            "absolute": "/tmp/evil",
+            "symlink": "link",
+            "hardlink": "hard",
+            "device": "dev",
+        }[kind]
+    )
     if kind == "symlink":
         info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
     elif kind == "hardlink":
@@ -234,11 +247,14 @@ class RunsCode:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-@pytest.mark.parametrize("payload,message", [
-    (pickle.dumps({b"data": RunsCode(), b"labels": []}, protocol=2), "not allowed"),
-    (pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}, protocol=2), r"expected \(N, 3072\)"),
-    (pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [7]}, protocol=2), "labels outside"),
-])
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        (pickle.dumps({b"data": RunsCode(), b"labels": []}, protocol=2), "not allowed"),
+        (pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}, protocol=2), r"expected \(N, 3072\)"),
+        (pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [7]}, protocol=2), "labels outside"),
+    ],
+)
 def test_malicious_or_malformed_batches_are_refused(tmp_path, payload, message):
     archive = tmp_path / "data" / "cifar10" / CIFAR10_ARCHIVE
     archive.parent.mkdir(parents=True)

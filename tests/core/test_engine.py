@@ -49,8 +49,9 @@ def _config(epochs: int = 2, **sections):
 def _fit(config, checkpoint_dir=None, resume_from=None, callbacks=()) -> engine.FitResult:
     seed_everything(config.training.seed)
     model = build_model("tudui", NUM_CLASSES)
-    return engine.fit(model, TRAIN, EVAL, config, SPEC, checkpoint_dir=checkpoint_dir, resume_from=resume_from,
-                      callbacks=callbacks)
+    return engine.fit(
+        model, TRAIN, EVAL, config, SPEC, checkpoint_dir=checkpoint_dir, resume_from=resume_from, callbacks=callbacks
+    )
 
 
 class Recorder(engine.Callback):
@@ -121,6 +122,7 @@ def test_seed_everything_drives_every_generator():
     def draws():
         g = seed_everything(7)
         return random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item()
+
     assert draws() == draws()
 
 
@@ -319,8 +321,11 @@ def test_fit_result_figures():
 
 def test_early_stopping_on_the_monitored_metric():
     # lr 1e-12 leaves the weights unchanged: the metric never improves after epoch 1.
-    config = _config(epochs=5, optim={"recipe": "tutorial", "lr": 1e-12},
-                     training={"early_stopping_patience": 2, "monitor": "eval_loss"})
+    config = _config(
+        epochs=5,
+        optim={"recipe": "tutorial", "lr": 1e-12},
+        training={"early_stopping_patience": 2, "monitor": "eval_loss"},
+    )
     result = _fit(config)
     assert result.stopped_early and [m.epoch for m in result.history] == [1, 2, 3] and result.best_epoch == 1
     assert result.best_metric == result.history[0].eval_loss
@@ -353,8 +358,15 @@ def _one_step_change(grad_clip: float) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = build_scheduler(optimizer, _optim(scheduler="none"), 1, 1)
     inputs = BatchTransform([0.5] * 3, [0.25] * 3, "cpu")(TRAIN.images[:32])
-    engine.train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, scheduler, [(inputs, TRAIN.labels[:32])],
-                           torch.device("cpu"), grad_clip=grad_clip)
+    engine.train_one_epoch(
+        model,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        scheduler,
+        [(inputs, TRAIN.labels[:32])],
+        torch.device("cpu"),
+        grad_clip=grad_clip,
+    )
     return (nn.utils.parameters_to_vector(model.parameters()) - before).norm().item()
 
 
@@ -365,7 +377,9 @@ def test_gradient_clipping_bounds_the_step():
 
 def test_divergence_is_a_clear_error(tmp_path):
     config = _config(epochs=2, optim={"recipe": "tutorial", "lr": 10.0})
-    with pytest.raises(ConfigError, match=r"Training diverged in epoch 1 \(train loss .*, eval loss nan\) with optim.lr 10\.0"):
+    with pytest.raises(
+        ConfigError, match=r"Training diverged in epoch 1 \(train loss .*, eval loss nan\) with optim.lr 10\.0"
+    ):
         _fit(config, tmp_path)
     assert not (tmp_path / "last.pt").exists()
 
@@ -399,6 +413,7 @@ def test_callbacks_receive_metrics():
 def test_step_callbacks_every_n_steps():
     class EveryTwo(Recorder):
         every_n_steps = 2
+
     recorder = EveryTwo()
     _fit(_config(epochs=2), callbacks=[recorder])
     assert [s for s, _, _ in recorder.steps] == [2, 4, 6]
@@ -410,14 +425,16 @@ def test_progress_plain_lines_off_a_tty():
     metrics = engine.EpochMetrics(1, 3, 1.2, 0.5, 1.1, 0.6, 0.01, 1234.0, 2.0)
     progress.update(1, 1, 3, torch.tensor(3.0), torch.tensor(1), 2, 0.1)
     progress.epoch_end(metrics)
-    assert stream.getvalue() == ("epoch 1/2 train_loss 1.2000 train_acc 0.500 eval_loss 1.1000 eval_acc 0.600 "
-                                 "lr 0.01 1,234 img/s 2.0s\n")
+    assert stream.getvalue() == (
+        "epoch 1/2 train_loss 1.2000 train_acc 0.500 eval_loss 1.1000 eval_acc 0.600 lr 0.01 1,234 img/s 2.0s\n"
+    )
 
 
 def test_progress_bar_on_a_tty():
     class Tty(io.StringIO):
         def isatty(self):
             return True
+
     stream = Tty()
     progress = engine.Progress(2, stream)
     progress.update(1, 1, 3, torch.tensor(3.0), torch.tensor(1), 2, 0.1)

@@ -20,14 +20,16 @@ CLASSES = ["a", "b", "c", "d"]  # "d" never occurs and is never predicted
 
 def crafted():
     """6 images with known softmax probabilities (logits = log p); true labels a a b b c c."""
-    probabilities = torch.tensor([
-        [0.70, 0.10, 0.10, 0.10],  # a -> a
-        [0.20, 0.60, 0.10, 0.10],  # a -> b  wrong, p 0.60
-        [0.10, 0.80, 0.05, 0.05],  # b -> b
-        [0.30, 0.40, 0.20, 0.10],  # b -> b
-        [0.90, 0.05, 0.03, 0.02],  # c -> a  wrong, p 0.90
-        [0.25, 0.25, 0.40, 0.10],  # c -> c
-    ])
+    probabilities = torch.tensor(
+        [
+            [0.70, 0.10, 0.10, 0.10],  # a -> a
+            [0.20, 0.60, 0.10, 0.10],  # a -> b  wrong, p 0.60
+            [0.10, 0.80, 0.05, 0.05],  # b -> b
+            [0.30, 0.40, 0.20, 0.10],  # b -> b
+            [0.90, 0.05, 0.03, 0.02],  # c -> a  wrong, p 0.90
+            [0.25, 0.25, 0.40, 0.10],  # c -> c
+        ]
+    )
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     files = tuple(f"{CLASSES[y]}/{i}.png" for i, y in enumerate(labels.tolist()))
     return probabilities.log(), labels, files
@@ -47,17 +49,32 @@ def test_report_matches_hand_computed_metrics():
     assert table.loc["c"].tolist() == pytest.approx([1.0, 1 / 2, 2 / 3, 2])
     assert table.loc["d"].tolist() == [0.0, 0.0, 0.0, 0]  # zero division -> 0.0
     assert [(w["file"], w["true"], w["predicted"]) for w in report.confidently_wrong] == [
-        ("c/4.png", "c", "a"), ("a/1.png", "a", "b")]
+        ("c/4.png", "c", "a"),
+        ("a/1.png", "a", "b"),
+    ]
     assert report.confidently_wrong[0]["probability"] == pytest.approx(0.90)
 
 
 def test_to_dict_is_json_ready_with_contract_keys():
     report = report_from_logits(*crafted()[:2], CLASSES, crafted()[2], k=1)
     values = json.loads(json.dumps(report.to_dict()))
-    assert {"accuracy", "loss", "top5", "per_class", "confusion_matrix", "classes", "confidently_wrong",
-            "num_images"} <= set(values)
-    assert values["per_class"][1] == {"class": "b", "precision": pytest.approx(2 / 3), "recall": 1.0,
-                                      "f1": pytest.approx(0.8), "support": 2}
+    assert {
+        "accuracy",
+        "loss",
+        "top5",
+        "per_class",
+        "confusion_matrix",
+        "classes",
+        "confidently_wrong",
+        "num_images",
+    } <= set(values)
+    assert values["per_class"][1] == {
+        "class": "b",
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8),
+        "support": 2,
+    }
     assert values["num_images"] == 6 and len(values["confidently_wrong"]) == 1
     assert "true \\ predicted" in report.to_text() and "top5: n/a" in report.to_text()
 
@@ -72,7 +89,9 @@ def test_top5_counts_labels_among_the_five_highest_logits():
 # --- evaluate_model / predict_images with a tiny fixed model ------------------------------------
 
 RGB = ["red", "green", "blue"]
-SPEC = ModelSpec(name="tudui", num_classes=3, input_size=4, class_names=RGB, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+SPEC = ModelSpec(
+    name="tudui", num_classes=3, input_size=4, class_names=RGB, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]
+)
 
 
 class ChannelMeans(nn.Module):
@@ -88,8 +107,13 @@ def solid(colours: list[tuple[int, int, int]], size: int = 4) -> torch.Tensor:
 
 def test_evaluate_model_normalizes_with_the_spec_and_reports():
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 100, 0)]
-    decoded = DecodedSplit(solid(colours), torch.tensor([0, 1, 2, 1]), tuple(RGB), "f" * 64,
-                           ("red/0.png", "green/1.png", "blue/2.png", "green/3.png"))
+    decoded = DecodedSplit(
+        solid(colours),
+        torch.tensor([0, 1, 2, 1]),
+        tuple(RGB),
+        "f" * 64,
+        ("red/0.png", "green/1.png", "blue/2.png", "green/3.png"),
+    )
     report = evaluate_model(ChannelMeans(), SPEC, decoded, device="cpu", batch_size=3)
     expected = (torch.tensor(colours, dtype=torch.float32) / 255 - 0.5) / 0.25  # (4, 3) normalized means
     reference = report_from_logits(expected, decoded.labels, RGB, decoded.files).to_dict()
@@ -101,13 +125,18 @@ def test_evaluate_model_normalizes_with_the_spec_and_reports():
     assert wrong[0]["probability"] == pytest.approx(reference_wrong[0]["probability"], rel=1e-5)
 
 
-@pytest.mark.parametrize("change, error", [
-    (dict(classes=("red", "green", "cyan")), r"classes \['red', 'green', 'cyan'\] do not match"),
-    (dict(images=solid([(1, 2, 3)], size=8)), "decoded at 8x8 but the model expects 4x4"),
-    (dict(images=solid([(1, 2, 3)])[:0], labels=torch.tensor([], dtype=torch.int64)), "no images"),
-])
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (dict(classes=("red", "green", "cyan")), r"classes \['red', 'green', 'cyan'\] do not match"),
+        (dict(images=solid([(1, 2, 3)], size=8)), "decoded at 8x8 but the model expects 4x4"),
+        (dict(images=solid([(1, 2, 3)])[:0], labels=torch.tensor([], dtype=torch.int64)), "no images"),
+    ],
+)
 def test_evaluate_model_rejects_a_split_that_does_not_fit(change, error):
-    values = dict(images=solid([(1, 2, 3)]), labels=torch.tensor([0]), classes=tuple(RGB), fingerprint="f", files=("x",))
+    values = dict(
+        images=solid([(1, 2, 3)]), labels=torch.tensor([0]), classes=tuple(RGB), fingerprint="f", files=("x",)
+    )
     with pytest.raises(DatasetError, match=error):
         evaluate_model(ChannelMeans(), SPEC, DecodedSplit(**(values | change)), device="cpu")
 

@@ -20,9 +20,20 @@ def test_every_common_format_loads_as_rgb(tmp_path, image_writer, ext):
     assert is_image_file(path)
 
 
-@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("1", "PNG"), ("P", "PNG"), ("LA", "PNG"),
-                                      ("RGBA", "PNG"), ("CMYK", "JPEG"), ("CMYK", "TIFF"),
-                                      ("I;16", "PNG"), ("I;16", "TIFF")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [
+        ("L", "PNG"),
+        ("1", "PNG"),
+        ("P", "PNG"),
+        ("LA", "PNG"),
+        ("RGBA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("CMYK", "TIFF"),
+        ("I;16", "PNG"),
+        ("I;16", "TIFF"),
+    ],
+)
 def test_odd_modes_convert_to_rgb(tmp_path, image_writer, mode, fmt):
     path = image_writer(tmp_path / f"x.{fmt.lower()}", mode=mode, fmt=fmt)
     with Image.open(path) as raw:
@@ -75,7 +86,9 @@ def test_truncated_jpeg_is_a_dataset_error(tmp_path, image_writer):
     assert info.value.reason == "truncated image data"
 
 
-@pytest.mark.parametrize("content,reason", [(b"", "empty file"), (b"hello, not pixels\n", "not a recognised image format")])
+@pytest.mark.parametrize(
+    "content,reason", [(b"", "empty file"), (b"hello, not pixels\n", "not a recognised image format")]
+)
 def test_unreadable_files_name_the_reason(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"
     path.write_bytes(content)

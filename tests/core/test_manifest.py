@@ -24,12 +24,19 @@ def started(tmp_path: Path) -> Manifest:
 def test_schema_file_is_generated_from_the_model() -> None:
     on_disk = json.loads((REPO / "docs" / "manifest.schema.json").read_text())
     assert on_disk == Manifest.model_json_schema(), (
-        "docs/manifest.schema.json is stale: regenerate it with `python -m visionflow.manifest > docs/manifest.schema.json`")
+        "docs/manifest.schema.json is stale: regenerate it with "
+        "`python -m visionflow.manifest > docs/manifest.schema.json`"
+    )
 
 
 def test_round_trip_and_finish(tmp_path: Path) -> None:
     manifest = started(tmp_path)
-    assert (manifest.schema_version, manifest.status, manifest.seed, manifest.finished_at) == (SCHEMA_VERSION, "running", 3, None)
+    assert (manifest.schema_version, manifest.status, manifest.seed, manifest.finished_at) == (
+        SCHEMA_VERSION,
+        "running",
+        3,
+        None,
+    )
     manifest.save(tmp_path)
     assert Manifest.load(tmp_path) == manifest
     failed = manifest.finish("failed", timing=TimingRecord(total_seconds=1.5), error="boom")

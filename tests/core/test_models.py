@@ -8,22 +8,23 @@ from visionflow.errors import ConfigError
 from visionflow.models import MODELS, ModelSpec, build_model, summarize
 
 # The tutorial's F.conv2d example: a 5x5 input and a 3x3 kernel, as (N, C, H, W) tensors.
-INPUT = torch.tensor([[1, 2, 0, 3, 1],
-                      [0, 1, 2, 3, 1],
-                      [1, 2, 1, 0, 3],
-                      [5, 2, 3, 1, 1],
-                      [2, 1, 0, 1, 1]]).reshape(1, 1, 5, 5)
-KERNEL = torch.tensor([[1, 2, 1],
-                       [0, 1, 0],
-                       [2, 1, 0]]).reshape(1, 1, 3, 3)
+INPUT = torch.tensor([[1, 2, 0, 3, 1], [0, 1, 2, 3, 1], [1, 2, 1, 0, 3], [5, 2, 3, 1, 1], [2, 1, 0, 1, 1]]).reshape(
+    1, 1, 5, 5
+)
+KERNEL = torch.tensor([[1, 2, 1], [0, 1, 0], [2, 1, 0]]).reshape(1, 1, 3, 3)
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"stride": 1}, [[10, 12, 12], [18, 16, 16], [13, 9, 6]]),
-    ({"stride": 2}, [[10, 12], [13, 6]]),
-    ({"stride": 1, "padding": 1}, [[1, 3, 4, 10, 8], [5, 10, 12, 12, 9], [7, 18, 16, 16, 11],
-                                   [11, 13, 9, 6, 10], [14, 13, 9, 7, 4]]),
-])
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"stride": 1}, [[10, 12, 12], [18, 16, 16], [13, 9, 6]]),
+        ({"stride": 2}, [[10, 12], [13, 6]]),
+        (
+            {"stride": 1, "padding": 1},
+            [[1, 3, 4, 10, 8], [5, 10, 12, 12, 9], [7, 18, 16, 16, 11], [11, 13, 9, 6, 10], [14, 13, 9, 7, 4]],
+        ),
+    ],
+)
 def test_conv2d_matches_the_tutorial(kwargs, expected):
     out = F.conv2d(INPUT.float(), KERNEL.float(), **kwargs)
     assert out.shape == (1, 1, len(expected), len(expected))
@@ -34,10 +35,15 @@ def test_tudui_shape_walk_through():
     summary = summarize(build_model("tudui", 10), input_size=32)
     shapes = [(layer.kind, layer.output_shape[1:]) for layer in summary.layers]
     assert shapes == [
-        ("Conv2d", [32, 32, 32]), ("MaxPool2d", [32, 16, 16]),
-        ("Conv2d", [32, 16, 16]), ("MaxPool2d", [32, 8, 8]),
-        ("Conv2d", [64, 8, 8]), ("MaxPool2d", [64, 4, 4]),
-        ("Flatten", [1024]), ("Linear", [64]), ("Linear", [10]),
+        ("Conv2d", [32, 32, 32]),
+        ("MaxPool2d", [32, 16, 16]),
+        ("Conv2d", [32, 16, 16]),
+        ("MaxPool2d", [32, 8, 8]),
+        ("Conv2d", [64, 8, 8]),
+        ("MaxPool2d", [64, 4, 4]),
+        ("Flatten", [1024]),
+        ("Linear", [64]),
+        ("Linear", [10]),
     ]
 
 

@@ -61,8 +61,11 @@ def test_augmentation_changes_the_train_columns(train_split: Split) -> None:
     plain = build_preview(train_split, 16, MEAN, STD, augment=False, count=2)
     augmented = build_preview(train_split, 16, MEAN, STD, augment=True, count=2)
     assert np.array_equal(tile(plain, 0, 1, 96), tile(augmented, 0, 1, 96))  # eval column unchanged
-    changed = [not np.array_equal(tile(plain, row, col, 96), tile(augmented, row, col, 96))
-               for row in range(2) for col in range(2, 2 + TRAIN_DRAWS)]
+    changed = [
+        not np.array_equal(tile(plain, row, col, 96), tile(augmented, row, col, 96))
+        for row in range(2)
+        for col in range(2, 2 + TRAIN_DRAWS)
+    ]
     assert any(changed)
 
 

@@ -14,7 +14,6 @@ from visionflow.config import build_config
 from visionflow.data import resolve_dataset
 from visionflow.evaluation import report_from_logits
 from visionflow.manifest import DataRecord, Manifest, MetricsRecord, ModelRecord, TimingRecord
-from visionflow.runs import RunLayout
 from visionflow.reports import (
     markdown_table,
     render_confusion_matrix,
@@ -26,6 +25,7 @@ from visionflow.reports import (
     write_png,
     write_validation_csvs,
 )
+from visionflow.runs import RunLayout
 from visionflow.validate import validate_dataset
 
 CLASSES = ["cat", "dog", "bird"]
@@ -92,13 +92,26 @@ def test_run_summary(tmp_path: Path) -> None:
     layout.last_checkpoint.write_bytes(b"x")
     config = build_config({"data": {"dataset": "sample"}, "training": {"epochs": 3, "seed": 7}}).resolved()
     manifest = Manifest.start("demo", config, "2026-01-01T00:00:00+00:00", "abc").finish(
-        "completed", weights_sha256="e" * 64, device="cpu",
-        data=DataRecord(spec="sample", root="/data/sample", fingerprint="f" * 64, validated_fingerprint="f" * 64,
-                        num_train=12, num_eval=12, eval_split="val", classes=[str(i) for i in range(12)], excluded=[]),
+        "completed",
+        weights_sha256="e" * 64,
+        device="cpu",
+        data=DataRecord(
+            spec="sample",
+            root="/data/sample",
+            fingerprint="f" * 64,
+            validated_fingerprint="f" * 64,
+            num_train=12,
+            num_eval=12,
+            eval_split="val",
+            classes=[str(i) for i in range(12)],
+            excluded=[],
+        ),
         model=ModelRecord(name="tudui", num_parameters=56714, trainable_parameters=56714),
-        metrics=MetricsRecord(eval_accuracy=0.6123, eval_loss=1.02, eval_top5=None, best_epoch=3, epochs_trained=3,
-                              per_class=[]),
-        timing=TimingRecord(train_seconds=12.25, total_seconds=20.0))
+        metrics=MetricsRecord(
+            eval_accuracy=0.6123, eval_loss=1.02, eval_top5=None, best_epoch=3, epochs_trained=3, per_class=[]
+        ),
+        timing=TimingRecord(train_seconds=12.25, total_seconds=20.0),
+    )
 
     markdown = run_summary_markdown(manifest, layout.root)
     assert markdown.startswith("# Run `demo`: completed")

@@ -44,22 +44,43 @@ def tiny_split(n: int, seed: int) -> DecodedSplit:
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)  # (N, 3, 32, 32)
     labels = torch.arange(n) % 2
-    return DecodedSplit(images, labels, CLASSES, f"fp{seed}", tuple(f"{CLASSES[y]}/{i}.png" for i, y in enumerate(labels.tolist())))
+    return DecodedSplit(
+        images, labels, CLASSES, f"fp{seed}", tuple(f"{CLASSES[y]}/{i}.png" for i, y in enumerate(labels.tolist()))
+    )
 
 
 def start(step: int = 0, epoch: int = 0) -> FitStart:
-    return FitStart(epoch=epoch, step=step, epochs=2, steps_per_epoch=2, train_images=16, eval_images=8,
-                    device="cpu", config={"optim": {"lr": 0.1}}, spec={})
+    return FitStart(
+        epoch=epoch,
+        step=step,
+        epochs=2,
+        steps_per_epoch=2,
+        train_images=16,
+        eval_images=8,
+        device="cpu",
+        config={"optim": {"lr": 0.1}},
+        spec={},
+    )
 
 
 def epoch_metrics(epoch: int, eval_accuracy: float) -> EpochMetrics:
-    return EpochMetrics(epoch=epoch, step=2 * epoch, train_loss=1.0, train_accuracy=0.5, eval_loss=0.9,
-                        eval_accuracy=eval_accuracy, lr=0.1, images_per_second=100.0, seconds=1.0)
+    return EpochMetrics(
+        epoch=epoch,
+        step=2 * epoch,
+        train_loss=1.0,
+        train_accuracy=0.5,
+        eval_loss=0.9,
+        eval_accuracy=eval_accuracy,
+        lr=0.1,
+        images_per_second=100.0,
+        seconds=1.0,
+    )
 
 
 def test_callback_logs_a_real_fit(tmp_path: Path) -> None:
-    config = build_config({"data": {"batch_size": 4, "mean": [0.5] * 3, "std": [0.25] * 3},
-                           "training": {"epochs": 2, "device": "cpu"}})
+    config = build_config(
+        {"data": {"batch_size": 4, "mean": [0.5] * 3, "std": [0.25] * 3}, "training": {"epochs": 2, "device": "cpu"}}
+    )
     spec = ModelSpec("tudui", 2, 32, list(CLASSES))
     callback = TensorBoardCallback(tmp_path / "tb", every_n_steps=2)
     result = fit(build_model("tudui", 2), tiny_split(16, 0), tiny_split(8, 1), config, spec, callbacks=[callback])
@@ -106,8 +127,16 @@ def test_model_graph(tmp_path: Path, name: str) -> None:
 
 
 def test_hparams_go_into_the_run_folder(tmp_path: Path) -> None:
-    log_hparams(tmp_path, {"model": {"name": "tudui"}, "optim": {"lr": 0.05, "nesterov": True},
-                           "data": {"mean": [0.5, 0.5, 0.5], "augment": None}}, {"eval_accuracy": 0.8}, step=7)
+    log_hparams(
+        tmp_path,
+        {
+            "model": {"name": "tudui"},
+            "optim": {"lr": 0.05, "nesterov": True},
+            "data": {"mean": [0.5, 0.5, 0.5], "augment": None},
+        },
+        {"eval_accuracy": 0.8},
+        step=7,
+    )
     events = read(tmp_path)
     hparams = session_hparams(events)
     assert hparams["model.name"].string_value == "tudui"

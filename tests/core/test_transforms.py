@@ -74,8 +74,15 @@ def _crop_offset(out: torch.Tensor, image: torch.Tensor) -> tuple[int, int] | No
     """The (dy, dx) of the window of `image` zero-padded by CROP_PADDING that equals `out`, if any."""
     h, w = image.shape[-2:]
     padded = F.pad(image, (CROP_PADDING,) * 4)
-    return next(((dy, dx) for dy in range(2 * CROP_PADDING + 1) for dx in range(2 * CROP_PADDING + 1)
-                 if torch.equal(out, padded[:, dy:dy + h, dx:dx + w])), None)
+    return next(
+        (
+            (dy, dx)
+            for dy in range(2 * CROP_PADDING + 1)
+            for dx in range(2 * CROP_PADDING + 1)
+            if torch.equal(out, padded[:, dy : dy + h, dx : dx + w])
+        ),
+        None,
+    )
 
 
 def _crop_and_flip(outs: torch.Tensor, images: torch.Tensor) -> list[tuple[tuple[int, int] | None, bool]]:

@@ -69,8 +69,10 @@ def test_duplicates_within_and_across_splits(folder_dataset):
     assert report.duplicates_within == (("train/cat/0.png", "train/cat/0_copy.png", "train/dog/same_as_cat0.png"),)
     assert report.duplicates_across == (("train/cat/1.png", "val/cat/leak.png"),)
     as_dict = report.to_dict()["duplicates"]
-    assert as_dict == {"within_split": [["train/cat/0.png", "train/cat/0_copy.png", "train/dog/same_as_cat0.png"]],
-                       "across_splits": [["train/cat/1.png", "val/cat/leak.png"]]}
+    assert as_dict == {
+        "within_split": [["train/cat/0.png", "train/cat/0_copy.png", "train/dog/same_as_cat0.png"]],
+        "across_splits": [["train/cat/1.png", "val/cat/leak.png"]],
+    }
 
 
 def test_duplicates_are_pixel_equal_not_byte_equal(folder_dataset):
@@ -103,8 +105,14 @@ def test_report_is_json_and_readable(broken):
     report, _ = validate_dataset(resolve_folder(broken))
     data = json.loads(json.dumps(report.to_dict()))
     assert {"fingerprint", "splits", "invalid", "duplicates"} <= set(data)
-    assert data["splits"]["val"] == {"images": 4, "classes": {"cat": 2, "dog": 2}, "sizes": {"12x10": 4},
-                                     "modes": {"RGB": 4}, "empty_classes": [], "imbalance": 1.0}
+    assert data["splits"]["val"] == {
+        "images": 4,
+        "classes": {"cat": 2, "dog": 2},
+        "sizes": {"12x10": 4},
+        "modes": {"RGB": 4},
+        "empty_classes": [],
+        "imbalance": 1.0,
+    }
     assert {"path": "train/cat/zero.jpg", "reason": "empty file"} in data["invalid"]
     text = report.format_text()
     assert "train: 13 images" in text and "train/cat/zero.jpg: empty file" in text
@@ -114,6 +122,8 @@ def test_real_hymenoptera(hymenoptera):
     report, clean = validate_dataset(resolve_dataset(str(hymenoptera)))
     assert report.invalid == ()
     assert {n: s.classes for n, s in report.splits.items()} == {
-        "train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
+        "train": {"ants": 124, "bees": 121},
+        "val": {"ants": 70, "bees": 83},
+    }
     assert sum(report.splits["train"].modes.values()) == 245
     assert report.fingerprint == fingerprint_dataset(clean)

@@ -13,15 +13,28 @@ from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
-                                           LogFilter, LogFilterFlowRunId)
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 
 from tests.flows.server_fixtures import copy_tiny_dataset
 from visionflow.config import PipelineConfig, load_config
 
 TINY_CLASSES = ("airplane", "automobile", "cat", "ship")
-HEAVY_TASKS = ("download_dataset", "validate_data", "preview_transforms", "describe_model", "train_model",
-               "evaluate_checkpoint", "export_checkpoint")
+HEAVY_TASKS = (
+    "download_dataset",
+    "validate_data",
+    "preview_transforms",
+    "describe_model",
+    "train_model",
+    "evaluate_checkpoint",
+    "export_checkpoint",
+)
 FINAL_STATES = {"Completed", "Cached", "Failed", "Crashed", "Cancelled"}
 
 
@@ -33,8 +46,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, sample_dataset: Path) ->
 
 def tiny_config(dataset: Path, output: Path, **overrides: Any) -> PipelineConfig:
     """One CPU epoch on `dataset`, everything written under `output`; overrides by dotted field."""
-    values = {"data.dataset": str(dataset), "data.data_dir": str(output / "data"), "data.batch_size": 16,
-              "training.epochs": 1, "training.device": "cpu", "output.output_dir": str(output)}
+    values = {
+        "data.dataset": str(dataset),
+        "data.data_dir": str(output / "data"),
+        "data.batch_size": 16,
+        "training.epochs": 1,
+        "training.device": "cpu",
+        "output.output_dir": str(output),
+    }
     return load_config(None, {**values, **overrides})
 
 
@@ -67,8 +86,9 @@ def task_states(flow_run_id: str, timeout: float = 30.0) -> dict[str, str]:
 
 def artifact_keys(flow_run_id: str) -> set[str]:
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return {artifact.key for artifact in artifacts if artifact.key}
 
 

@@ -44,8 +44,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(read: Callable[[], T], done: Callable[[T], bool], timeout: float, failure: Callable[[T], str],
-             interval: float = 0.5) -> T:
+def wait_for(
+    read: Callable[[], T], done: Callable[[T], bool], timeout: float, failure: Callable[[T], str], interval: float = 0.5
+) -> T:
     """Call `read` until `done` holds for what it returns, and return that; fail the test with
     `failure(last value read)` when it still does not hold after `timeout` seconds."""
     __tracebackhide__ = True
@@ -114,8 +115,15 @@ def _die_with_parent() -> None:
 def background(args: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path) -> Iterator[subprocess.Popen]:
     """Run `args` in its own session with output to `log`; stopped (with its descendants) on exit."""
     with open(log, "ab") as out:
-        process = subprocess.Popen(list(args), env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, preexec_fn=_die_with_parent)
+        process = subprocess.Popen(
+            list(args),
+            env=dict(env),
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
     try:
         yield process
     finally:
@@ -157,8 +165,14 @@ class PrefectServer:
 def isolated_env(home: Path, api_url: str) -> dict[str, str]:
     """This environment without any PREFECT_* setting, plus a private PREFECT_HOME and the API URL."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_API_URL=api_url, PREFECT_CLI_PROMPT="false", PYTHONUNBUFFERED="1")
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_API_URL=api_url,
+        PREFECT_CLI_PROMPT="false",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -219,7 +233,9 @@ def _started_server(root: Path, timeout: float, attempts: int = 3) -> Iterator[P
         url = f"http://127.0.0.1:{port}"
         env = isolated_env(home, f"{url}/api")
         log.write_bytes(b"")
-        with background([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root, log) as process:
+        with background(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root, log
+        ) as process:
             try:
                 wait_healthy(f"{url}/api", process, log, timeout, home)
             except PortTaken as taken:
@@ -232,8 +248,22 @@ def _started_server(root: Path, timeout: float, attempts: int = 3) -> Iterator[P
 
 def run_worker_once(server: PrefectServer, pool: str, cwd: Path, log: Path, timeout: float = 240) -> None:
     """`prefect worker start --run-once --limit 1`: take the runs due now, run them, return when they end."""
-    args = [PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--run-once", "--limit", "1",
-            "--name", f"test-worker-{os.getpid()}", "--install-policy", "never"]
+    args = [
+        PREFECT,
+        "worker",
+        "start",
+        "--pool",
+        pool,
+        "--type",
+        "process",
+        "--run-once",
+        "--limit",
+        "1",
+        "--name",
+        f"test-worker-{os.getpid()}",
+        "--install-policy",
+        "never",
+    ]
     with background(args, server.env, cwd, log) as process:
         try:
             code = process.wait(timeout=timeout)
@@ -279,9 +309,19 @@ def chromium_text(url: str, profile: Path, click_tab: str, expect: Sequence[str]
     list renders only inside the viewport, hence the tall window."""
     from websockets.sync.client import connect
 
-    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}",
-            "--window-size=1280,4000", "--remote-debugging-port=0", "about:blank"]
+    args = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,4000",
+        "--remote-debugging-port=0",
+        "about:blank",
+    ]
     log = profile.parent / "chromium.log"
     profile.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
@@ -290,12 +330,21 @@ def chromium_text(url: str, profile: Path, click_tab: str, expect: Sequence[str]
         return max(deadline - time.monotonic(), 1.0)
 
     with background(args, os.environ, profile, log):
-        port = wait_for(lambda: _devtools_port(log), lambda found: found is not None, left(),
-                        lambda _: f"chromium did not start (no DevTools port in its output):\n{tail(log)}")
-        pages = wait_for(lambda: _page_targets(port), bool, left(),
-                         lambda _: f"chromium on port {port} lists no page target:\n{tail(log)}")
+        port = wait_for(
+            lambda: _devtools_port(log),
+            lambda found: found is not None,
+            left(),
+            lambda _: f"chromium did not start (no DevTools port in its output):\n{tail(log)}",
+        )
+        pages = wait_for(
+            lambda: _page_targets(port),
+            bool,
+            left(),
+            lambda _: f"chromium on port {port} lists no page target:\n{tail(log)}",
+        )
         ids = itertools.count(1)
         with connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as socket_:
+
             def call(method: str, **params: object) -> dict:
                 """The result of one DevTools command ({} when it answered with an error)."""
                 request_id = next(ids)
@@ -316,10 +365,14 @@ def chromium_text(url: str, profile: Path, click_tab: str, expect: Sequence[str]
 
             def missing(state: dict) -> str:
                 absent = [item for item in expect if item not in state["text"]]
-                where = ("the tab is active" if state["active"] else
-                         "the tab is shown but not active" if state["tab"] else "no tab of that name on the page")
-                return (f"{url}: tab {click_tab!r} ({where}) does not show {absent}; page text:\n"
-                        f"{state['text'][:3000]}")
+                where = (
+                    "the tab is active"
+                    if state["active"]
+                    else "the tab is shown but not active"
+                    if state["tab"]
+                    else "no tab of that name on the page"
+                )
+                return f"{url}: tab {click_tab!r} ({where}) does not show {absent}; page text:\n{state['text'][:3000]}"
 
             call("Page.navigate", url=url)
             return wait_for(probe, shown, left(), missing)["text"]

@@ -25,12 +25,28 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.exceptions import PrefectHTTPStatusError
 
-from tests.flows.server_fixtures import (CHROMIUM, PREFECT, PrefectServer, chromium_text, copy_tiny_dataset,
-                                         prefect_server, run_cli, run_worker_once, wait_for)
+from tests.flows.server_fixtures import (
+    CHROMIUM,
+    PREFECT,
+    PrefectServer,
+    chromium_text,
+    copy_tiny_dataset,
+    prefect_server,
+    run_cli,
+    run_worker_once,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -67,16 +83,19 @@ def deployed(server: PrefectServer) -> str:
 def run_config(tmp_path_factory: pytest.TempPathFactory, sample_dataset: Path) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("server-run")
     tiny = copy_tiny_dataset(sample_dataset, root / "tiny", CLASSES, train=10, val=5)
-    return {"data": {"dataset": str(tiny), "data_dir": str(root / "data"), "batch_size": 16},
-            "model": {"name": "tudui"},
-            "training": {"epochs": 1, "device": "cpu"},
-            "output": {"output_dir": str(root / "out"), "champion": SLOT}}
+    return {
+        "data": {"dataset": str(tiny), "data_dir": str(root / "data"), "batch_size": 16},
+        "model": {"name": "tudui"},
+        "training": {"epochs": 1, "device": "cpu"},
+        "output": {"output_dir": str(root / "out"), "champion": SLOT},
+    }
 
 
 def trigger(server: PrefectServer, deployment: str, config: dict[str, Any]) -> UUID:
     """`prefect deployment run` with the whole config as --params; returns the flow run id."""
-    output = run_cli([PREFECT, "deployment", "run", deployment, "--params", json.dumps({"config": config})],
-                     server.env, REPO)
+    output = run_cli(
+        [PREFECT, "deployment", "run", deployment, "--params", json.dumps({"config": config})], server.env, REPO
+    )
     return UUID(re.search(r"UUID: ([0-9a-f-]{36})", output).group(1))
 
 
@@ -91,9 +110,12 @@ def run_to_end(server: PrefectServer, client: SyncPrefectClient, flow_run_id: UU
         if flow_run.state is None or not flow_run.state.is_scheduled() or time.monotonic() > deadline:
             break
     if flow_run.state is None or not flow_run.state.is_final():  # taken by the worker: its end is being recorded
-        flow_run = wait_for(lambda: client.read_flow_run(flow_run_id),
-                            lambda run: run.state is not None and run.state.is_final(), RECORD_SECONDS,
-                            lambda run: f"flow run {flow_run_id} still {run.state}:\n{log.read_text()[-3000:]}")
+        flow_run = wait_for(
+            lambda: client.read_flow_run(flow_run_id),
+            lambda run: run.state is not None and run.state.is_final(),
+            RECORD_SECONDS,
+            lambda run: f"flow run {flow_run_id} still {run.state}:\n{log.read_text()[-3000:]}",
+        )
     assert flow_run.state is not None and flow_run.state.is_final(), f"run still {flow_run.state}"
     return flow_run
 
@@ -102,8 +124,9 @@ def all_logs(client: SyncPrefectClient, flow_run_id: UUID) -> list[str]:
     """Every stored log message of the run, page by page (a page holds at most 200)."""
     messages: list[str] = []
     while True:
-        page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                limit=200, offset=len(messages))
+        page = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=len(messages)
+        )
         messages += [log.message for log in page]
         if len(page) < 200:
             return messages
@@ -112,19 +135,32 @@ def all_logs(client: SyncPrefectClient, flow_run_id: UUID) -> list[str]:
 def logs_of(client: SyncPrefectClient, flow_run_id: UUID, containing: str) -> list[str]:
     """The run's stored log messages, once one of them contains `containing` (the flow-run
     process ships logs in batches, the last ones just before it exits)."""
-    return wait_for(lambda: all_logs(client, flow_run_id), lambda messages: any(containing in m for m in messages),
-                    RECORD_SECONDS, lambda messages: f"no log of flow run {flow_run_id} contains {containing!r} "
-                                                     f"({len(messages)} logs; the last ones: {messages[-10:]})")
+    return wait_for(
+        lambda: all_logs(client, flow_run_id),
+        lambda messages: any(containing in m for m in messages),
+        RECORD_SECONDS,
+        lambda messages: (
+            f"no log of flow run {flow_run_id} contains {containing!r} "
+            f"({len(messages)} logs; the last ones: {messages[-10:]})"
+        ),
+    )
 
 
 def artifact_keys(client: SyncPrefectClient, flow_run_id: UUID, *expected: str) -> set[str]:
     """The keys of the run's artifacts, once they include every key of `expected`."""
+
     def read() -> set[str]:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
         return {artifact.key for artifact in artifacts if artifact.key}
 
-    return wait_for(read, lambda keys: set(expected) <= keys, RECORD_SECONDS,
-                    lambda keys: f"flow run {flow_run_id} has artifacts {sorted(keys)}, not all of {sorted(expected)}")
+    return wait_for(
+        read,
+        lambda keys: set(expected) <= keys,
+        RECORD_SECONDS,
+        lambda keys: f"flow run {flow_run_id} has artifacts {sorted(keys)}, not all of {sorted(expected)}",
+    )
 
 
 def task_runs_of(client: SyncPrefectClient, flow_run_id: UUID, names: Iterable[str]) -> list[TaskRun]:
@@ -133,13 +169,19 @@ def task_runs_of(client: SyncPrefectClient, flow_run_id: UUID, names: Iterable[s
     names = set(names)
 
     def done(runs: list[TaskRun]) -> bool:
-        return (names <= {run.name.rsplit("-", 1)[0] for run in runs}
-                and all(run.state is not None and run.state.is_final() for run in runs))
+        return names <= {run.name.rsplit("-", 1)[0] for run in runs} and all(
+            run.state is not None and run.state.is_final() for run in runs
+        )
 
-    return wait_for(lambda: client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))),
-                    done, RECORD_SECONDS,
-                    lambda runs: f"task runs of {flow_run_id} not all final, or not one for each of {sorted(names)}: "
-                                 f"{sorted((run.name, run.state.name if run.state else None) for run in runs)}")
+    return wait_for(
+        lambda: client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))),
+        done,
+        RECORD_SECONDS,
+        lambda runs: (
+            f"task runs of {flow_run_id} not all final, or not one for each of {sorted(names)}: "
+            f"{sorted((run.name, run.state.name if run.state else None) for run in runs)}"
+        ),
+    )
 
 
 def manifest_of(config: dict[str, Any], flow_run: FlowRun) -> dict[str, Any]:
@@ -149,7 +191,9 @@ def manifest_of(config: dict[str, Any], flow_run: FlowRun) -> dict[str, Any]:
 
 def test_nightly_schedule_and_deployments_are_registered(deployed: str, client: SyncPrefectClient) -> None:
     nightly = client.read_deployment_by_name("train-pipeline/nightly-retrain")
-    assert [(s.active, s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [(True, "30 2 * * *", "Europe/Berlin")]
+    assert [(s.active, s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [
+        (True, "30 2 * * *", "Europe/Berlin")
+    ]
     assert nightly.work_pool_name == POOL and nightly.enforce_parameter_schema
     assert nightly.global_concurrency_limit.limit == 1
     assert nightly.concurrency_options.collision_strategy == "CANCEL_NEW"
@@ -174,22 +218,29 @@ def first_run(deployed: str, server: PrefectServer, client: SyncPrefectClient, r
     return run_to_end(server, client, flow_run_id, server.home / "worker-1.log")
 
 
-def test_on_demand_run_completes_with_artifacts_and_logs(first_run: FlowRun, client: SyncPrefectClient,
-                                                         server: PrefectServer, run_config: dict[str, Any]) -> None:
-    assert first_run.state.is_completed(), f"{first_run.state.name}: {first_run.state.message}\n{(server.home / 'worker-1.log').read_text()[-3000:]}"
+def test_on_demand_run_completes_with_artifacts_and_logs(
+    first_run: FlowRun, client: SyncPrefectClient, server: PrefectServer, run_config: dict[str, Any]
+) -> None:
+    assert first_run.state.is_completed(), (
+        f"{first_run.state.name}: {first_run.state.message}\n{(server.home / 'worker-1.log').read_text()[-3000:]}"
+    )
     assert first_run.name.startswith("train-tiny-tudui-")
     assert {"visionflow", "on-demand"} <= set(first_run.tags)
     assert set(RUN_KEYS) <= artifact_keys(client, first_run.id, *RUN_KEYS)
     assert any("champion" in message for message in logs_of(client, first_run.id, "champion"))
     manifest = manifest_of(run_config, first_run)
     assert manifest["status"] == "completed" and manifest["prefect_flow_run_id"] == str(first_run.id)
-    assert (manifest["champion"]["outcome"], manifest["champion"]["reason"]) == ("promoted", "no champion in the slot yet")
+    assert (manifest["champion"]["outcome"], manifest["champion"]["reason"]) == (
+        "promoted",
+        "no champion in the slot yet",
+    )
     slot = Path(run_config["output"]["output_dir"]) / "models" / SLOT
     assert json.loads((slot / "manifest.json").read_text())["run_name"] == first_run.name
 
 
-def test_rerun_on_unchanged_data_is_cached_and_keeps_the_champion(first_run: FlowRun, server: PrefectServer,
-                                                                  client: SyncPrefectClient, run_config: dict[str, Any]) -> None:
+def test_rerun_on_unchanged_data_is_cached_and_keeps_the_champion(
+    first_run: FlowRun, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any]
+) -> None:
     second = run_to_end(server, client, trigger(server, ON_DEMAND, run_config), server.home / "worker-2.log")
     assert second.state.is_completed(), f"{second.state.name}: {second.state.message}"
     manifest = manifest_of(run_config, second)
@@ -204,10 +255,15 @@ def test_rerun_on_unchanged_data_is_cached_and_keeps_the_champion(first_run: Flo
     assert "champion-decision" in artifact_keys(client, second.id, "champion-decision")
 
 
-def test_evaluate_champion_scores_the_promoted_model(first_run: FlowRun, server: PrefectServer,
-                                                    client: SyncPrefectClient, run_config: dict[str, Any]) -> None:
-    scored = run_to_end(server, client, trigger(server, "evaluate-champion/evaluate-champion", run_config),
-                        server.home / "worker-evaluate.log")
+def test_evaluate_champion_scores_the_promoted_model(
+    first_run: FlowRun, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any]
+) -> None:
+    scored = run_to_end(
+        server,
+        client,
+        trigger(server, "evaluate-champion/evaluate-champion", run_config),
+        server.home / "worker-evaluate.log",
+    )
     assert scored.state.is_completed(), f"{scored.state.name}: {scored.state.message}"
     assert scored.name.startswith(f"evaluate-{SLOT}-")
     assert "champion-evaluation" in artifact_keys(client, scored.id, "champion-evaluation")
@@ -215,8 +271,9 @@ def test_evaluate_champion_scores_the_promoted_model(first_run: FlowRun, server:
     assert any(accuracy in message for message in logs_of(client, scored.id, accuracy))
 
 
-def test_failed_run_is_failed_with_the_reason(deployed: str, server: PrefectServer, client: SyncPrefectClient,
-                                              run_config: dict[str, Any], tmp_path: Path) -> None:
+def test_failed_run_is_failed_with_the_reason(
+    deployed: str, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any], tmp_path: Path
+) -> None:
     missing = tmp_path / "no-such-dataset"
     config = {**run_config, "data": {**run_config["data"], "dataset": str(missing)}}
     failed = run_to_end(server, client, trigger(server, ON_DEMAND, config), server.home / "worker-3.log")
@@ -225,14 +282,20 @@ def test_failed_run_is_failed_with_the_reason(deployed: str, server: PrefectServ
     assert any(str(missing) in message for message in logs_of(client, failed.id, str(missing)))
     # The download step is the retryable one: 1 try + 2 retries before the run fails.
     task_runs = task_runs_of(client, failed.id, ["download_dataset"])
-    assert [(run.state.name, run.run_count) for run in task_runs if run.name.startswith("download_dataset")] == [("Failed", 3)]
+    assert [(run.state.name, run.run_count) for run in task_runs if run.name.startswith("download_dataset")] == [
+        ("Failed", 3)
+    ]
 
 
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
 def test_ui_shows_the_runs_artifacts(first_run: FlowRun, server: PrefectServer, tmp_path: Path) -> None:
     decision = f"Champion '{SLOT}': challenger promoted"  # the champion-decision artifact's description
-    text = chromium_text(f"{server.url}/runs/flow-run/{first_run.id}", tmp_path / "chromium-profile",
-                         click_tab="Artifacts", expect=(first_run.name, "Completed", *RUN_KEYS, decision))
+    text = chromium_text(
+        f"{server.url}/runs/flow-run/{first_run.id}",
+        tmp_path / "chromium-profile",
+        click_tab="Artifacts",
+        expect=(first_run.name, "Completed", *RUN_KEYS, decision),
+    )
     assert first_run.name in text and "Completed" in text
     for key in RUN_KEYS:
         assert key in text, f"artifact {key} not shown on the flow run page; page text:\n{text[:3000]}"

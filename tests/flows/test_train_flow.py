@@ -17,7 +17,7 @@ from flows.cli import main
 from flows.reproduce import reproduce_run
 from flows.train import train_pipeline
 from tasks.artifacts import ARTIFACT_KEYS
-from tests.flows.conftest import HEAVY_TASKS, artifact_keys, train, log_messages, run_dir_of, task_states, tiny_config
+from tests.flows.conftest import HEAVY_TASKS, artifact_keys, log_messages, run_dir_of, task_states, tiny_config, train
 from visionflow.config import RECIPES
 from visionflow.errors import DatasetError
 from visionflow.fileio import file_sha256
@@ -25,8 +25,23 @@ from visionflow.runs import list_runs
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(300)]
 
-MANIFEST_KEYS = {"run_name", "config", "seed", "data", "model", "metrics", "timing", "checkpoint", "weights_sha256",
-                 "tasks", "device", "versions", "git_commit", "prefect_flow_run_id", "status"}
+MANIFEST_KEYS = {
+    "run_name",
+    "config",
+    "seed",
+    "data",
+    "model",
+    "metrics",
+    "timing",
+    "checkpoint",
+    "weights_sha256",
+    "tasks",
+    "device",
+    "versions",
+    "git_commit",
+    "prefect_flow_run_id",
+    "status",
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +91,22 @@ def test_manifest_records_the_run(first: dict[str, Any], tiny_data: Path) -> Non
 
 def test_run_directory_is_complete(first: dict[str, Any]) -> None:
     run_dir = run_dir_of(first)
-    for relpath in ("manifest.json", "checkpoints/last.pt", "checkpoints/best.pt", "export/model.safetensors",
-                    "export/model.json", "preview.png", "model.txt", "validation.json", "evaluation.json",
-                    "per_class_metrics.csv", "confusion_matrix.csv", "validation_counts.csv", "confusion_matrix.png",
-                    "misclassified.png"):
+    for relpath in (
+        "manifest.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "export/model.safetensors",
+        "export/model.json",
+        "preview.png",
+        "model.txt",
+        "validation.json",
+        "evaluation.json",
+        "per_class_metrics.csv",
+        "confusion_matrix.csv",
+        "validation_counts.csv",
+        "confusion_matrix.png",
+        "misclassified.png",
+    ):
         assert (run_dir / relpath).is_file(), relpath
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -125,14 +152,21 @@ def test_identical_rerun_is_cached_and_complete(first: dict[str, Any], tiny_data
 
 def test_changing_epochs_retrains_but_keeps_data_steps(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
     longer = train(tiny_config(tiny_data, output, **{"training.epochs": 3}))
-    assert statuses(longer) == {"download_dataset": "cached", "validate_data": "cached", "preview_transforms": "cached",
-                                "describe_model": "cached", "train_model": "completed",
-                                "evaluate_checkpoint": "completed", "export_checkpoint": "completed"}
+    assert statuses(longer) == {
+        "download_dataset": "cached",
+        "validate_data": "cached",
+        "preview_transforms": "cached",
+        "describe_model": "cached",
+        "train_model": "completed",
+        "evaluate_checkpoint": "completed",
+        "export_checkpoint": "completed",
+    }
     assert longer["metrics"]["epochs_trained"] == 3
 
 
-def test_changed_image_revalidates_retrains_and_blocks_reproduce(first: dict[str, Any], tiny_data: Path, output: Path,
-                                                                 tmp_path: Path) -> None:
+def test_changed_image_revalidates_retrains_and_blocks_reproduce(
+    first: dict[str, Any], tiny_data: Path, output: Path, tmp_path: Path
+) -> None:
     data = shutil.copytree(tiny_data, tmp_path / "data")
     one, other = sorted((data / "train" / "cat").iterdir())[:2]
     shutil.copyfile(other, one)  # same name, different content
@@ -193,7 +227,9 @@ def test_failed_run_is_recorded_as_failed(tiny_data: Path, tmp_path: Path) -> No
 def test_parameter_schema_is_the_config_and_bad_values_fail_before_any_work(tmp_path: Path) -> None:
     schema = train_pipeline.parameters.model_dump()
     assert schema["properties"]["config"]["$ref"].endswith("/PipelineConfig")
-    assert {"data", "model", "optim", "training", "output"} <= set(schema["definitions"]["PipelineConfig"]["properties"])
+    assert {"data", "model", "optim", "training", "output"} <= set(
+        schema["definitions"]["PipelineConfig"]["properties"]
+    )
     with pytest.raises(ParameterTypeError, match="epochs"):
         train_pipeline(config={"training": {"epochs": 0}, "output": {"output_dir": str(tmp_path)}})
     assert not (tmp_path / "runs").exists()

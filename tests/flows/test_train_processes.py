@@ -44,8 +44,17 @@ def write_config(tmp_path: Path, dataset: Path, output: Path, epochs: int) -> Pa
 def test_two_concurrent_runs_share_the_cache_safely(tiny_data: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
     config_file = write_config(tmp_path, tiny_data, output, epochs=1)
-    procs = [subprocess.Popen(train_command(config_file), cwd=tmp_path, env=cli_env(), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            train_command(config_file),
+            cwd=tmp_path,
+            env=cli_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(2)
+    ]
     outputs = [proc.communicate(timeout=240)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     rows = list_runs(output)
@@ -64,8 +73,14 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_data: Path, tmp_path: 
     output = tmp_path / "out"
     config_file = write_config(tmp_path, tiny_data, output, epochs=3)
     run_dir = output / "runs" / "crashy"
-    proc = subprocess.Popen(train_command(config_file, "--run-name", "crashy"), cwd=tmp_path, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        train_command(config_file, "--run-name", "crashy"),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         # Both checkpoints of epoch 1 (last.pt is written after best.pt), then kill during epoch 2.

@@ -36,30 +36,62 @@ from visionflow.models import ModelSpec
 
 
 def metrics(epoch: int) -> EpochMetrics:
-    return EpochMetrics(epoch=epoch, step=10 * epoch, train_loss=1.5 / epoch, train_accuracy=0.4, eval_loss=1.25,
-                        eval_accuracy=0.5, lr=0.01, images_per_second=900.0, seconds=2.0)
+    return EpochMetrics(
+        epoch=epoch,
+        step=10 * epoch,
+        train_loss=1.5 / epoch,
+        train_accuracy=0.4,
+        eval_loss=1.25,
+        eval_accuracy=0.5,
+        lr=0.01,
+        images_per_second=900.0,
+        seconds=2.0,
+    )
 
 
 @task
 def train_with_progress(epochs: int, stop_after: int) -> None:
     # The engine's call sequence for a run that stops early after `stop_after` epochs.
     callback = PrefectProgressCallback(total_epochs=epochs)
-    callback.on_fit_start(FitStart(epoch=0, step=0, epochs=epochs, steps_per_epoch=10, train_images=80,
-                                   eval_images=20, device="cpu", config={}, spec={}))
+    callback.on_fit_start(
+        FitStart(
+            epoch=0,
+            step=0,
+            epochs=epochs,
+            steps_per_epoch=10,
+            train_images=80,
+            eval_images=20,
+            device="cpu",
+            config={},
+            spec={},
+        )
+    )
     history = [metrics(epoch) for epoch in range(1, stop_after + 1)]
     for epoch_metrics in history:
         callback.on_epoch_end(epoch_metrics)
-    callback.on_fit_end(FitResult(history=history, best_metric=0.5, best_epoch=1, last_checkpoint=None,
-                                  best_checkpoint=None, train_seconds=4.0, train_images_per_second=900.0,
-                                  weights_sha256="0" * 64, stopped_early=stop_after < epochs, device="cpu",
-                                  spec=ModelSpec("tudui", 2, 32, ["cat", "dog"])))
+    callback.on_fit_end(
+        FitResult(
+            history=history,
+            best_metric=0.5,
+            best_epoch=1,
+            last_checkpoint=None,
+            best_checkpoint=None,
+            train_seconds=4.0,
+            train_images_per_second=900.0,
+            weights_sha256="0" * 64,
+            stopped_early=stop_after < epochs,
+            device="cpu",
+            spec=ModelSpec("tudui", 2, 32, ["cat", "dog"]),
+        )
+    )
 
 
 @task
 def publish_reports(preview: Path, large: Path, accuracy: float) -> None:
     publish_summary(f"# Run `demo`\n\neval accuracy {accuracy:.2%}")
-    per_class = pd.DataFrame({"class": ["cat", "dog"], "precision": [np.float64(0.5), np.nan],
-                              "support": np.array([3, 4], dtype=np.int64)})
+    per_class = pd.DataFrame(
+        {"class": ["cat", "dog"], "precision": [np.float64(0.5), np.nan], "support": np.array([3, 4], dtype=np.int64)}
+    )
     publish_table(PER_CLASS_KEY, per_class, "Per-class metrics")
     publish_table(VALIDATION_KEY, [{"issue": "unreadable", "path": "cat/x.png", "detail": "truncated image data"}])
     publish_image(PREVIEW_KEY, preview, "Transform preview")
@@ -76,7 +108,8 @@ def reporting_flow(preview: Path, large: Path, accuracy: float) -> UUID:
 def read_run_artifacts(flow_run_id: UUID) -> dict[str, object]:
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return {artifact.key: artifact for artifact in artifacts}
 
 
@@ -104,22 +137,29 @@ def run_artifacts(images: tuple[Path, Path]) -> tuple[dict[str, object], dict[st
 def decoded_image(markdown: str, mime: str) -> Image.Image:
     prefix = f"data:{mime};base64,"
     start = markdown.index(prefix) + len(prefix)
-    encoded = markdown[start:markdown.index(")", start)]
+    encoded = markdown[start : markdown.index(")", start)]
     return Image.open(BytesIO(base64.b64decode(encoded)))
 
 
 def test_every_key_is_published_once_per_run(run_artifacts) -> None:
     latest, _ = run_artifacts
     assert {key: artifact.type for key, artifact in latest.items()} == {
-        SUMMARY_KEY: "markdown", PER_CLASS_KEY: "table", VALIDATION_KEY: "table", PREVIEW_KEY: "markdown",
-        MISCLASSIFIED_KEY: "markdown", PROGRESS_KEY: "progress"}
+        SUMMARY_KEY: "markdown",
+        PER_CLASS_KEY: "table",
+        VALIDATION_KEY: "table",
+        PREVIEW_KEY: "markdown",
+        MISCLASSIFIED_KEY: "markdown",
+        PROGRESS_KEY: "progress",
+    }
 
 
 def test_summary_and_tables(run_artifacts) -> None:
     latest, _ = run_artifacts
     assert latest[SUMMARY_KEY].data == "# Run `demo`\n\neval accuracy 75.00%"
     assert json.loads(latest[PER_CLASS_KEY].data) == [
-        {"class": "cat", "precision": 0.5, "support": 3}, {"class": "dog", "precision": None, "support": 4}]
+        {"class": "cat", "precision": 0.5, "support": 3},
+        {"class": "dog", "precision": None, "support": 4},
+    ]
     assert latest[PER_CLASS_KEY].description == "Per-class metrics"
     assert json.loads(latest[VALIDATION_KEY].data)[0]["detail"] == "truncated image data"
 

@@ -87,11 +87,18 @@ def test_flock_locks_exclude_other_holders_and_die_with_their_process(tmp_path: 
     assert not other.is_locked("k") and other.acquire_lock("k", "two", acquire_timeout=1)
     other.release_lock("k", "two")
 
-    holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from tasks.caching import FlockLockManager;"
-                               f"FlockLockManager({str(tmp_path)!r}).acquire_lock('k', 'child');"
-                               "print('locked', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from tasks.caching import FlockLockManager;"
+            f"FlockLockManager({str(tmp_path)!r}).acquire_lock('k', 'child');"
+            "print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert locks.is_locked("k")
@@ -127,8 +134,15 @@ def test_key_covers_every_core_module(tmp_path: Path) -> None:
 
     def key() -> str:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), str(repo)])}
-        out = subprocess.run([sys.executable, "-c", KEY_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=120, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", KEY_SCRIPT],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout.split()
         assert Path(out[0]).resolve() == (copy / "visionflow" / "__init__.py").resolve()  # the copy is what ran
         return out[1]
 
