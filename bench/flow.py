@@ -12,8 +12,8 @@ startup included:
 It also trains the same resolved config with the training step directly (`steps.train_run`, the
 core call of the training task, without Prefect) on the same data, once before and once after
 the flow runs, and compares the flow's training images/s with the engine's. Each side's figure
-is the median of its per-epoch images/s, first epoch left out (it pays one-time kernel setup): one whole-run average swings by +-10% on this
-shared machine, run to run, with or without Prefect.
+is the median of its per-epoch images/s, first epoch left out (it pays one-time kernel setup):
+one whole-run average swings by +-10% on this shared machine, run to run, with or without Prefect.
 The last line is `first_s=<x> rerun_s=<y> flow_vs_engine=<z>`.
 """
 
