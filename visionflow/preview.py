@@ -10,7 +10,6 @@ so the preview cannot drift from what training does.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from PIL import Image, ImageDraw
 from visionflow.data import Split
 from visionflow.errors import DatasetError
 from visionflow.images import load_rgb
-from visionflow.reports import BLACK, WHITE, default_font, fit_to_tile, write_png
+from visionflow.reports import BLACK, WHITE, default_font, fit_to_tile
 from visionflow.transforms import BatchTransform, eval_pipeline, resize
 
 PREVIEW_COUNT = 8
@@ -98,19 +97,3 @@ def build_preview(
             left = LABEL_WIDTH + col * cell
             grid.paste(picture, (left + (cell - picture.width) // 2, top + (cell - picture.height) // 2))
     return grid
-
-
-def write_preview(
-    path: Path | str,
-    split: Split,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    augment: bool,
-    seed: int = 0,
-    count: int = PREVIEW_COUNT,
-) -> tuple[Path, Image.Image]:
-    """Build the preview grid (see ``build_preview``) and save it as a PNG atomically; returns
-    the path and the image (for ``tensorboard.log_image``)."""
-    image = build_preview(split, image_size, mean, std, augment, seed, count)
-    return write_png(image, path), image

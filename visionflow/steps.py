@@ -18,7 +18,7 @@ from visionflow.evaluation import EvalReport, evaluate_model
 from visionflow.fileio import atomic_write_json, atomic_write_text
 from visionflow.manifest import Manifest
 from visionflow.models import ModelSpec, ModelSummary, build_model, summarize
-from visionflow.preview import write_preview
+from visionflow.preview import build_preview
 from visionflow.reports import render_misclassified, write_evaluation_csvs, write_png, write_validation_csvs
 from visionflow.rng import seed_everything
 from visionflow.runs import RunLayout
@@ -59,9 +59,9 @@ def preview_into(run_dir: Path | str, train: Split, data: DataConfig, seed: int)
     """Render what the model sees (original | eval input | train input) to preview.png and
     TensorBoard; `data` has its normalization filled in."""
     layout = RunLayout(Path(run_dir))
-    path, image = write_preview(layout.preview, train, data.image_size, data.mean, data.std, bool(data.augment), seed)
+    image = build_preview(train, data.image_size, data.mean, data.std, bool(data.augment), seed)
     log_image(layout.tensorboard, "data/transform_preview", image)
-    return path
+    return write_png(image, layout.preview)
 
 
 def describe_into(run_dir: Path | str, name: str, num_classes: int, image_size: int) -> ModelSummary:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from visionflow import checkpoints
+from visionflow import checkpoints, fileio
 from visionflow.checkpoints import (
     FORMAT_VERSION,
     TRAINING_KEYS,
@@ -109,7 +109,7 @@ def test_crash_at_rename_keeps_previous_file(tmp_path, monkeypatch):
     def fail_replace(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(checkpoints.os, "replace", fail_replace)
+    monkeypatch.setattr(fileio.os, "replace", fail_replace)
     with pytest.raises(OSError):
         atomic_write_text(path, "new")
     assert path.read_text() == "old"

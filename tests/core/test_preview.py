@@ -10,7 +10,8 @@ from PIL import Image
 
 from visionflow.data import Split, resolve_dataset
 from visionflow.errors import DatasetError
-from visionflow.preview import HEADER_HEIGHT, LABEL_WIDTH, TRAIN_DRAWS, build_preview, preview_indices, write_preview
+from visionflow.preview import HEADER_HEIGHT, LABEL_WIDTH, TRAIN_DRAWS, build_preview, preview_indices
+from visionflow.reports import write_png
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
@@ -36,7 +37,8 @@ def test_indices_are_seeded_distinct_and_capped(train_split: Split) -> None:
 
 
 def test_write_preview_is_reproducible(tmp_path: Path, train_split: Split) -> None:
-    path, image = write_preview(tmp_path / "run" / "preview.png", train_split, 16, MEAN, STD, augment=True, count=3)
+    image = build_preview(train_split, 16, MEAN, STD, augment=True, count=3)
+    path = write_png(image, tmp_path / "run" / "preview.png")
     assert path == tmp_path / "run" / "preview.png"
     tile_size = 96  # 16 px inputs are enlarged to the minimum tile
     assert image.size == (LABEL_WIDTH + (2 + TRAIN_DRAWS) * (tile_size + 8), HEADER_HEIGHT + 3 * (tile_size + 8))
