@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -237,6 +238,18 @@ def record_outcome(task: Task, task_run: TaskRun, state: State) -> None:
     """State hook (on completion): note whether the task computed its result or reused one."""
     if (scope := _SCOPE.get()) is not None:
         scope.outcomes[task.name] = "cached" if state.name == "Cached" else "completed"
+
+
+class _QuietBookkeeping(logging.Filter):
+    """Prefect logs two lines around every hook it runs; for this bookkeeping hook they would
+    double the run log's task lines, so they are left out (a failing hook is still logged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (record.levelno == logging.INFO and f"hook {record_outcome.__name__!r}" in message.lower())
+
+
+logging.getLogger("prefect.task_runs").addFilter(_QuietBookkeeping())
 
 
 # ---------------------------------------------------------------------------------------------
