@@ -42,9 +42,11 @@ from PIL import Image
 THUMB = 32  # thumbnail side (grayscale) the fingerprints and the verification work on
 VERIFY = 16  # side of the verification image (the thumbnail's 2x2 cell means)
 HASH_SIDE = 8  # 8x8 DCT coefficients: a 64-bit hash
-BLOCKS = 4  # multi-index hashing: 4 blocks of 16 bits
-BLOCK_RADIUS = 2  # bits searched per block
-HASH_RADIUS = BLOCKS * (BLOCK_RADIUS + 1) - 1  # 11: every pair within this many bits is a candidate
+BLOCK_BITS = (21, 21, 22)  # multi-index hashing: the hash as 3 blocks (bucket tables of 2^21, 2^22)
+BLOCK_RADIUS = 3  # bits searched per block for the image itself (and its mirror)
+HASH_RADIUS = len(BLOCK_BITS) * (BLOCK_RADIUS + 1) - 1  # 11: the image itself within 11 bits: a candidate
+CROP_BLOCK_RADIUS = 1  # bits searched per block for a crop variant
+CROP_RADIUS = len(BLOCK_BITS) * (CROP_BLOCK_RADIUS + 1) - 1  # 5: a crop variant within 5 bits: a candidate
 DEFAULT_THRESHOLD = 0.9  # minimum verified correlation (see tests/core/test_near_duplicates.py for rates)
 ON_LEAK = ("report", "drop-eval", "fail")
 _CHUNK = 4096  # queries per vectorized candidate lookup (bounds memory)
@@ -53,19 +55,6 @@ _CHUNK = 4096  # queries per vectorized candidate lookup (bounds memory)
 def thumbnail(image: Image.Image) -> np.ndarray:
     """The (THUMB, THUMB) uint8 grayscale thumbnail of a decoded RGB image (bilinear, antialiased)."""
     return np.asarray(image.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
-def thumbnails_from_rgb(images: np.ndarray) -> np.ndarray:
-    """(N, THUMB, THUMB) uint8 grayscale thumbnails of (N, 3, S, S) uint8 RGB arrays (the decoded
-    cache's layout); S must be THUMB or a multiple of it."""
-    gray = images[:, 0] * 0.299 + images[:, 1] * 0.587 + images[:, 2] * 0.114  # ITU-R 601, as PIL's "L"
-    side = gray.shape[-1]
-    if side != THUMB:
-        if side % THUMB:
-            raise ValueError(f"Invalid image size {side}: expected a multiple of {THUMB}")
-        factor = side // THUMB
-        gray = gray.reshape(len(gray), THUMB, factor, THUMB, factor).mean(axis=(2, 4))
-    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
 
 
 def _resize_matrix(crop: tuple[float, float], size: int = THUMB) -> np.ndarray:
@@ -91,12 +80,12 @@ def _dct_matrix(n: int, k: int) -> np.ndarray:
     return rows
 
 
-# Per axis: the crops a query tries (pixels off the first and the last side, at THUMB pixels). A
-# copy cropped by 2-3 pixels at any offset is within ~0.5 pixel of one of them; variant 0 is the
-# image itself. Each image is queried as AXIS_CROPS^2 = 49 variants (and their mirrors).
-AXIS_CROPS = ((0, 0), (0, 2), (1, 1), (2, 0), (0, 3), (1.5, 1.5), (3, 0))
+# Per axis: the crops a query tries (pixels off the first and the last side, at THUMB pixels):
+# every crop of 2 or 3 pixels of a 32-pixel image; variant 0 is the image itself. Each image is
+# queried as AXIS_CROPS^2 = 64 variants. (A few pixels off a larger image are a fraction of a
+# thumbnail pixel: the image itself is close enough.)
+AXIS_CROPS = ((0, 0), (0, 2), (1, 1), (2, 0), (0, 3), (1, 2), (2, 1), (3, 0))
 VARIANTS = tuple((vertical, horizontal) for vertical in AXIS_CROPS for horizontal in AXIS_CROPS)
-CROP_RADIUS = 7  # bits searched for the crop variants (BLOCK_RADIUS 1); the image itself: HASH_RADIUS
 # DCT rows of each cropped axis: coefficients of variant (v, h) = _AXIS_DCT[v] @ thumb @ _AXIS_DCT[h].T
 _AXIS_DCT = np.stack([_dct_matrix(THUMB, HASH_SIDE) @ _resize_matrix(crop) for crop in AXIS_CROPS]).astype(np.float32)
 # The same crops at the verification size (VERIFY pixels).
@@ -131,29 +120,31 @@ def dct_hashes(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hashes, mirrors
 
 
-def _block_masks(radius: int) -> np.ndarray:
-    """Every 16-bit value with at most `radius` bits set (the neighbourhood of a block)."""
+def _block_masks(bits: int, radius: int) -> np.ndarray:
+    """Every `bits`-bit value with at most `radius` bits set (the neighbourhood of a block)."""
     masks = [0]
-    for bits in range(1, radius + 1):
-        masks += [sum(1 << bit for bit in chosen) for chosen in combinations(range(16), bits)]
+    for count in range(1, radius + 1):
+        masks += [sum(1 << bit for bit in chosen) for chosen in combinations(range(bits), count)]
     return np.array(masks, dtype=np.int64)
 
 
 def _search(index: np.ndarray, queries: np.ndarray, block_radius: int, images: int, per_image: int) -> np.ndarray:
     """Multi-index hashing: the unique keys `query_image * images + index_image` (query row r is
-    image r // per_image, index row r image r % images) of the pairs of different images whose
-    hashes are within BLOCKS * (block_radius + 1) - 1 bits."""
-    radius = BLOCKS * (block_radius + 1) - 1
-    masks = _block_masks(block_radius)
+    image r // per_image, index row r image r % images) of the pairs whose hashes are within
+    len(BLOCK_BITS) * (block_radius + 1) - 1 bits (pigeonhole: then one block is within
+    block_radius bits, and every such block value is looked up)."""
+    radius = len(BLOCK_BITS) * (block_radius + 1) - 1
     found = [np.empty(0, np.int64)]
-    step = max(1, (1 << 21) // len(masks))  # queries per chunk: ~2M bucket lookups at a time
-    for block in range(BLOCKS):
-        shift = np.uint64(16 * block)
-        keys = ((index >> shift) & np.uint64(0xFFFF)).astype(np.int64)
+    shift = 0
+    for bits in BLOCK_BITS:
+        masks = _block_masks(bits, block_radius)
+        step = max(1, (1 << 22) // len(masks))  # queries per chunk: ~4M bucket lookups at a time
+        keys = ((index >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
         order = np.argsort(keys, kind="stable")
-        counts = np.bincount(keys, minlength=1 << 16)
+        sorted_hashes = index[order]
+        counts = np.bincount(keys, minlength=1 << bits).astype(np.int32)
         starts = np.cumsum(counts) - counts
-        query_keys = ((queries >> shift) & np.uint64(0xFFFF)).astype(np.int64)
+        query_keys = ((queries >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
         for start in range(0, len(queries), step):
             neighbours = (query_keys[start : start + step, None] ^ masks).ravel()
             hit = np.flatnonzero(counts[neighbours])
@@ -161,23 +152,22 @@ def _search(index: np.ndarray, queries: np.ndarray, block_radius: int, images: i
             sizes = counts[buckets]
             owners = np.repeat(start + hit // len(masks), sizes)
             # Positions inside each bucket: a running index restarted at every bucket.
-            offsets = np.arange(len(owners)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-            others = order[np.repeat(starts[buckets], sizes) + offsets]
-            close = np.bitwise_count(queries[owners] ^ index[others]) <= radius
-            pairs = (owners[close] // per_image) * images + others[close] % images
+            positions = np.repeat(starts[buckets] - (np.cumsum(sizes) - sizes), sizes) + np.arange(len(owners))
+            close = np.bitwise_count(queries[owners] ^ sorted_hashes[positions]) <= radius
+            pairs = (owners[close] // per_image) * images + order[positions[close]] % images
             found.append(np.unique(pairs))
+        shift += bits
     return np.unique(np.concatenate(found))
 
 
 def candidates(hashes: np.ndarray, mirrors: np.ndarray) -> np.ndarray:
-    """(P, 2) int64 unique rows (i, j), i != j: a variant of image i (VARIANTS) is within
-    HASH_RADIUS (the image itself) or CROP_RADIUS bits (a crop) of image j or of j's mirror."""
+    """(P, 2) int64 unique rows (i, j), i != j: image i is within HASH_RADIUS bits of image j or of
+    j's mirror, or one of i's crop variants (VARIANTS) within CROP_RADIUS bits."""
     count = len(hashes)
     index = np.concatenate([hashes[:, 0], mirrors[:, 0]])  # row r: image r % count, mirrored when r >= count
-    crop_radius = (CROP_RADIUS + 1) // BLOCKS - 1
     keys = np.union1d(
         _search(index, hashes[:, 0], BLOCK_RADIUS, count, 1),
-        _search(index, hashes[:, 1:].ravel(), crop_radius, count, len(VARIANTS) - 1),
+        _search(index, hashes[:, 1:].ravel(), CROP_BLOCK_RADIUS, count, len(VARIANTS) - 1),
     )
     rows = np.stack(np.divmod(keys, count), axis=1)
     return rows[rows[:, 0] != rows[:, 1]]

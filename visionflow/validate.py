@@ -1,6 +1,8 @@
 """Dataset validation: counts per split and class, image sizes and modes, invalid files, empty
 classes, class imbalance, and exact duplicates within a split and across splits (train/eval
-leakage). Every file is read once, on a thread pool; the same pass yields the fingerprint.
+leakage); optionally near-duplicates (`visionflow.near_duplicates`: re-encoded, resized, cropped,
+brightened or mirrored copies) from thumbnails made in the same pass. Every file is read once, on
+a thread pool; the same pass yields the fingerprint.
 """
 
 from __future__ import annotations
@@ -8,14 +10,18 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from visionflow.data import DatasetInfo, Split
 from visionflow.errors import ConfigError, DatasetError
 from visionflow.fileio import file_sha256
 from visionflow.fingerprint import combine_fingerprints, fingerprint_from_digests
 from visionflow.images import UnreadableImage, is_image_file, open_image, thread_map, to_rgb
+from visionflow.near_duplicates import DEFAULT_THRESHOLD, ON_LEAK, NearDuplicateReport, near_duplicate_report, thumbnail
 
 ON_INVALID = ("skip", "fail")
 
@@ -29,6 +35,7 @@ class FileCheck:
     mode: str | None = None  # original pixel mode, before conversion to RGB
     pixels: str | None = None  # sha256 of mode + size + RGB pixel bytes: equal for exact duplicates
     reason: str | None = None  # set when the file is invalid
+    thumb: np.ndarray | None = None  # grayscale thumbnail, when near-duplicates are searched
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,19 @@ class ValidationReport:
     invalid: tuple[tuple[str, str], ...]  # (path, reason)
     duplicates_within: tuple[tuple[str, ...], ...]  # groups of identical images in one split
     duplicates_across: tuple[tuple[str, str], ...]  # (train path, eval path) pairs: leakage
+    near_duplicates: NearDuplicateReport | None = None  # when searched
+    dropped: tuple[str, ...] = ()  # leaked eval images left out (on_leak="drop-eval")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with keys fingerprint, splits, invalid, duplicates, and more."""
+        """JSON-ready dict with keys fingerprint, splits, invalid, duplicates, and more; with
+        near-duplicates searched, `near_duplicates` ({"within_split": [[path, ...]],
+        "across_splits": [{"train", "eval", "score"}]}) and `near_duplicate_summary`."""
+        near = {}
+        if self.near_duplicates is not None:
+            near = {
+                "near_duplicates": self.near_duplicates.to_dict(),
+                "near_duplicate_summary": {**self.near_duplicates.summary(), "dropped": list(self.dropped)},
+            }
         return {
             "spec": self.spec,
             "root": self.root,
@@ -77,6 +94,7 @@ class ValidationReport:
                 "within_split": [list(group) for group in self.duplicates_within],
                 "across_splits": [list(pair) for pair in self.duplicates_across],
             },
+            **near,
         }
 
     def format_text(self) -> str:
@@ -99,6 +117,12 @@ class ValidationReport:
         lines += ["  " + " = ".join(group) for group in self.duplicates_within]
         lines.append(f"duplicates across splits (train/eval leakage): {len(self.duplicates_across)}")
         lines += [f"  {a} = {b}" for a, b in self.duplicates_across]
+        if self.near_duplicates is not None:
+            lines += self.near_duplicates.format_lines()
+            if self.dropped:
+                lines.append(
+                    f"  left out of {self.near_duplicates.eval_split} (on_leak=drop-eval): {len(self.dropped)}"
+                )
         return "\n".join(lines)
 
 
@@ -108,8 +132,9 @@ def _top(counts: dict[str, int], limit: int = 5) -> str:
     return shown + (f" (+{more} more)" if more > 0 else "")
 
 
-def check_file(path: Path) -> FileCheck:
-    """Read and fully decode one file (thread-safe)."""
+def check_file(path: Path, thumbnails: bool = False) -> FileCheck:
+    """Read and fully decode one file (thread-safe); with `thumbnails`, keep its near-duplicate
+    thumbnail too."""
     try:
         digest = file_sha256(path)
     except OSError as err:  # e.g. deleted or unreadable since the dataset was resolved
@@ -124,7 +149,8 @@ def check_file(path: Path) -> FileCheck:
     width, height = rgb.size
     pixels = hashlib.sha256(f"{rgb.mode}\0{width}x{height}\0".encode())
     pixels.update(rgb.tobytes())
-    return FileCheck(digest, f"{width}x{height}", image.mode, pixels.hexdigest())
+    thumb = thumbnail(rgb) if thumbnails else None
+    return FileCheck(digest, f"{width}x{height}", image.mode, pixels.hexdigest(), thumb=thumb)
 
 
 def _split_report(split: Split, checks: list[FileCheck]) -> SplitReport:
@@ -179,14 +205,59 @@ def _without(info: DatasetInfo, bad: set[Path]) -> DatasetInfo:
     return replace(info, splits=splits)
 
 
-def validate_dataset(info: DatasetInfo, on_invalid: str = "skip") -> tuple[ValidationReport, DatasetInfo]:
+def _near_duplicates(
+    info: DatasetInfo,
+    valid: dict[str, list[FileCheck]],
+    valid_paths: dict[str, list[str]],
+    threshold: float,
+    on_leak: str,
+) -> tuple[NearDuplicateReport, DatasetInfo]:
+    """The near-duplicate report of the valid files, and `info` without the leaked eval images
+    (on_leak="drop-eval") or unchanged ("report"); on_leak="fail" raises DatasetError on leakage."""
+    eval_name = info.eval_split.name
+    split_classes = {
+        name: [info.classes[label] for label in info.splits[name].labels] for name in valid_paths
+    }  # info holds the valid files only, in the same order
+    report = near_duplicate_report(
+        {name: np.stack([c.thumb for c in checks]) for name, checks in valid.items()},
+        valid_paths,
+        split_classes,
+        eval_name,
+        threshold,
+    )
+    leaked = report.leaked_eval
+    if leaked and on_leak == "fail":
+        shown = ", ".join(leaked[:3]) + (", ..." if len(leaked) > 3 else "")
+        raise DatasetError(
+            f"{len(leaked)} of {report.eval_images} {eval_name} images of dataset '{info.spec}' have a near-duplicate "
+            f"in train (score >= {threshold}): {shown} (on_leak='fail'; use 'drop-eval' to evaluate without them)"
+        )
+    if leaked and on_leak == "drop-eval":
+        info = _without(info, {info.root / path for path in leaked})
+    return report, info
+
+
+def validate_dataset(
+    info: DatasetInfo,
+    on_invalid: str = "skip",
+    near_duplicates: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    on_leak: str = "report",
+) -> tuple[ValidationReport, DatasetInfo]:
     """Check every file of every split. Returns the report and the dataset without invalid files
     (on_invalid="skip"); with on_invalid="fail" the first invalid file (train first, then path
-    order) raises DatasetError naming it."""
+    order) raises DatasetError naming it. With `near_duplicates`, also search near-duplicates at
+    `threshold`; eval images with one in train are reported (on_leak="report"), left out of the
+    returned dataset ("drop-eval") or raise DatasetError ("fail")."""
     if on_invalid not in ON_INVALID:
         raise ConfigError(f"Invalid on_invalid '{on_invalid}'. Choose from: {', '.join(ON_INVALID)}")
+    if on_leak not in ON_LEAK:
+        raise ConfigError(f"Invalid on_leak '{on_leak}'. Choose from: {', '.join(ON_LEAK)}")
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"Invalid near-duplicate threshold {threshold}: expected a correlation in (0, 1]")
     order = ["train"] + [name for name in info.splits if name != "train"]
-    checks = {name: thread_map(check_file, info.splits[name].files) for name in order}
+    check = partial(check_file, thumbnails=near_duplicates)
+    checks = {name: thread_map(check, info.splits[name].files) for name in order}
     paths = {name: _report_paths(info, info.splits[name]) for name in order}
     invalid = [
         (paths[name][i], check.reason, info.splits[name].files[i])
@@ -206,6 +277,13 @@ def validate_dataset(info: DatasetInfo, on_invalid: str = "skip") -> tuple[Valid
     within, across = _duplicates(
         valid_paths, {name: [c.pixels for c in valid[name]] for name in order}, clean.eval_split.name
     )
+    near, dropped = None, ()
+    if near_duplicates:
+        near, without_leaked = _near_duplicates(clean, valid, valid_paths, threshold, on_leak)
+        if without_leaked is not clean:  # drop-eval: the leaked eval images are left out like invalid files
+            dropped, clean = near.leaked_eval, without_leaked
+            left_out = set(dropped)
+            valid = {name: [c for c, p in zip(valid[name], valid_paths[name]) if p not in left_out] for name in order}
     fingerprints = {
         name: fingerprint_from_digests(clean.splits[name], [c.sha256 for c in valid[name]]) for name in order
     }
@@ -218,5 +296,7 @@ def validate_dataset(info: DatasetInfo, on_invalid: str = "skip") -> tuple[Valid
         invalid=tuple((path, reason) for path, reason, _ in invalid),
         duplicates_within=within,
         duplicates_across=across,
+        near_duplicates=near,
+        dropped=dropped,
     )
     return report, clean
