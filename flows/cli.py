@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
-from visionflow.errors import DatasetError, VisionflowError
+from visionflow.errors import ConfigError, DatasetError, VisionflowError
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     info = resolve_dataset(
         args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction, split_seed=args.split_seed
     )
-    report, _ = validate_dataset(info, on_invalid=args.on_invalid)
+    near = {"threshold": args.threshold, "on_leak": args.on_leak}
+    if not args.near_duplicates:
+        given = [flag for flag, value in (("--threshold", args.threshold), ("--on-leak", args.on_leak)) if value]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} need --near-duplicates")
+    report, _ = validate_dataset(
+        info,
+        on_invalid=args.on_invalid,
+        near_duplicates=args.near_duplicates,
+        **{key: value for key, value in near.items() if value is not None},
+    )
     if args.json:
         print_json(report.to_dict())
     else:
@@ -294,6 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("skip", "fail"),
         default="skip",
         help="leave unreadable files out and report them (skip, default) or stop at the first (fail)",
+    )
+    p.add_argument(
+        "--near-duplicates",
+        action="store_true",
+        help="also find near-duplicates (re-encoded, resized, cropped, brightened, mirrored copies)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="with --near-duplicates: minimum pixel correlation of a pair, in (0, 1] (default: 0.9)",
+    )
+    p.add_argument(
+        "--on-leak",
+        choices=("report", "drop-eval", "fail"),
+        help="with --near-duplicates: eval images with a near-duplicate in train are reported (report, default; "
+        "drop-eval also counts what evaluation would leave out) or stop with an error (fail)",
     )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=cmd_validate)

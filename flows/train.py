@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 from tasks.caching import durable_results
 from tasks.champion import challenge_champion
 from tasks.data import compute_normalization, download_dataset, fingerprint_data, preview_transforms, validate_data
-from tasks.evaluation import evaluate_checkpoint, export_checkpoint
+from tasks.evaluation import evaluate_checkpoint, evaluate_with_leaked, export_checkpoint
 from tasks.model import describe_model
 from tasks.run import failure_recorded, finish_run, publish_run, start_run
 from tasks.training import train_model
@@ -35,7 +35,7 @@ def train_pipeline(config: PipelineConfig) -> Manifest:
         dataset = fingerprint_data(config.data, location)
         run = start_run(config)
         with failure_recorded(run):  # a failing step marks the run failed in its manifest
-            validated = validate_data(dataset, config.data.on_invalid, run.run_dir)
+            validated = validate_data(dataset, config.data.on_invalid, run.run_dir, config.data)
             normalization = compute_normalization(dataset, validated, config.data)
             preview = preview_transforms(
                 dataset, validated, config.data, normalization, config.training.seed, run.run_dir
@@ -45,7 +45,10 @@ def train_pipeline(config: PipelineConfig) -> Manifest:
             evaluation = evaluate_checkpoint(
                 dataset, validated, training.best_checkpoint, config.training.device, config.data.data_dir, run.run_dir
             )
+            with_leaked = evaluate_with_leaked(
+                dataset, validated, training.best_checkpoint, config.training.device, config.data.data_dir
+            )
             export = export_checkpoint(training.best_checkpoint, run.run_dir)
-            manifest = finish_run(run, dataset, validated, preview, model, training, evaluation, export)
+            manifest = finish_run(run, dataset, validated, preview, model, training, evaluation, with_leaked, export)
             publish_run(run, manifest)
             return challenge_champion(run, dataset, validated, config)

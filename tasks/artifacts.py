@@ -40,6 +40,7 @@ CONFUSION_KEY = "confusion-matrix"
 PREVIEW_KEY = "transform-preview"
 MISCLASSIFIED_KEY = "misclassified"
 PROGRESS_KEY = "training-progress"
+NEAR_DUPLICATES_KEY = "near-duplicates"  # only with data.near_duplicates, so not in ARTIFACT_KEYS
 ARTIFACT_KEYS = (
     SUMMARY_KEY,
     VALIDATION_KEY,

@@ -47,16 +47,25 @@ class DatasetRef(BaseModel):
 class ValidatedData(TaskOutput):
     """Validation outcome: the files left out (dataset-relative) and the counts that remain."""
 
-    excluded: tuple[str, ...]
+    excluded: tuple[str, ...]  # invalid files, and leaked eval images with on_leak="drop-eval"
     fingerprint: str  # of the dataset without the excluded files
     num_train: int
     num_eval: int
     eval_split: str
+    leaked: tuple[str, ...] = ()  # eval images with a near-duplicate in train (left out or not)
+    eval_leakage_rate: float | None = None  # None: near-duplicates not searched
 
-    def apply(self, dataset: DatasetRef) -> DatasetInfo:
-        """The dataset's splits without the excluded files."""
+    @property
+    def dropped_leaked(self) -> tuple[str, ...]:
+        """Leaked eval images left out (on_leak="drop-eval")."""
+        return tuple(path for path in self.leaked if path in set(self.excluded))
+
+    def apply(self, dataset: DatasetRef, keep_leaked: bool = False) -> DatasetInfo:
+        """The dataset's splits without the excluded files (`keep_leaked`: the leaked eval images
+        that on_leak="drop-eval" left out stay in)."""
         info = dataset.load()
-        bad = [info.root / relpath for relpath in self.excluded]
+        kept = set(self.leaked) if keep_leaked else set()
+        bad = [info.root / relpath for relpath in self.excluded if relpath not in kept]
         return replace(info, splits={name: split.without(bad) for name, split in info.splits.items()})
 
     def record(self, dataset: DatasetRef) -> DataRecord:
@@ -71,6 +80,8 @@ class ValidatedData(TaskOutput):
             eval_split=self.eval_split,
             classes=list(dataset.classes),
             excluded=list(self.excluded),
+            eval_leakage_rate=self.eval_leakage_rate,
+            leaked_eval=list(self.leaked),
         )
 
 
@@ -121,21 +132,38 @@ def fingerprint_data(data: DataConfig, location: DataLocation) -> DatasetRef:
     return DatasetRef(data=data, root=str(info.root), fingerprint=fingerprint_dataset(info), classes=info.classes)
 
 
-@cached_task("on_invalid", dataset=by_fingerprint)
-def validate_data(dataset: DatasetRef, on_invalid: str, run_dir: str) -> ValidatedData:
-    """Validate every image (report: validation.json and CSVs); invalid files are left out."""
+def by_validation(data: DataConfig) -> tuple:
+    """What validation depends on in the data config: the near-duplicate search and its policy."""
+    return data.near_duplicates, data.near_duplicate_threshold, data.on_leak
+
+
+@cached_task("on_invalid", dataset=by_fingerprint, data=by_validation)
+def validate_data(dataset: DatasetRef, on_invalid: str, run_dir: str, data: DataConfig) -> ValidatedData:
+    """Validate every image (report: validation.json and CSVs); invalid files are left out, and
+    with data.near_duplicates the near-duplicates are searched (see data.on_leak)."""
     with written_files(run_dir) as files:
-        report, clean = validate_into(run_dir, dataset.load(), on_invalid)
+        report, clean = validate_into(run_dir, dataset.load(), on_invalid, data)
     if report.invalid:
         get_run_logger().warning(
             "%d invalid file(s) left out: %s", len(report.invalid), ", ".join(path for path, _ in report.invalid[:5])
         )
+    near = report.near_duplicates
+    if near is not None and near.across:
+        get_run_logger().warning(
+            "%d of %d %s images have a near-duplicate in train (%d left out)",
+            len(near.leaked_eval),
+            near.eval_images,
+            near.eval_split,
+            len(report.dropped),
+        )
     return ValidatedData(
-        excluded=tuple(path for path, _ in report.invalid),
+        excluded=tuple(path for path, _ in report.invalid) + report.dropped,
         fingerprint=report.fingerprint,
         num_train=len(clean.train),
         num_eval=len(clean.eval_split),
         eval_split=clean.eval_split.name,
+        leaked=near.leaked_eval if near is not None else (),
+        eval_leakage_rate=near.eval_leakage_rate if near is not None else None,
         files=files,
     )
 

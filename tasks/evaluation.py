@@ -10,7 +10,7 @@ from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
 from tasks.training import TrainOutput
 from visionflow.manifest import MetricsRecord
-from visionflow.steps import export_into, write_evaluation
+from visionflow.steps import accuracy_on, export_into, write_evaluation
 
 
 class EvalOutput(TaskOutput):
@@ -20,8 +20,9 @@ class EvalOutput(TaskOutput):
     num_images: int
     per_class: list[dict[str, Any]]
 
-    def metrics(self, training: TrainOutput) -> MetricsRecord:
-        """The manifest's metrics: this evaluation of the training's best checkpoint."""
+    def metrics(self, training: TrainOutput, with_leaked: LeakedEvalOutput) -> MetricsRecord:
+        """The manifest's metrics: this evaluation of the training's best checkpoint (and its
+        accuracy with the leaked eval images that on_leak="drop-eval" left out)."""
         return MetricsRecord(
             eval_accuracy=self.accuracy,
             eval_loss=self.loss,
@@ -29,7 +30,12 @@ class EvalOutput(TaskOutput):
             best_epoch=training.fit.best_epoch,
             epochs_trained=len(training.fit.history),
             per_class=self.per_class,
+            eval_accuracy_with_leaked=with_leaked.accuracy,
         )
+
+
+class LeakedEvalOutput(TaskOutput):
+    accuracy: float | None  # None: no leaked eval image was left out
 
 
 class ExportOutput(TaskOutput):
@@ -57,6 +63,19 @@ def evaluate_checkpoint(
         per_class=report.to_dict()["per_class"],
         files=files,
     )
+
+
+@cached_task("device", dataset=by_fingerprint, validated=by_exclusions, checkpoint=by_sha256)
+def evaluate_with_leaked(
+    dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str, data_dir: str
+) -> LeakedEvalOutput:
+    """Accuracy on the eval split with the leaked images that on_leak="drop-eval" left out (None when none were)."""
+    if not validated.dropped_leaked:
+        return LeakedEvalOutput(accuracy=None)
+    full = validated.apply(dataset, keep_leaked=True).eval_split
+    accuracy = accuracy_on(checkpoint.path, full, device, data_dir)
+    get_run_logger().info("eval accuracy %.4f with the %d leaked images", accuracy, len(validated.dropped_leaked))
+    return LeakedEvalOutput(accuracy=accuracy)
 
 
 @cached_task(checkpoint=by_sha256)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.artifacts import (
     CONFUSION_KEY,
     MISCLASSIFIED_KEY,
+    NEAR_DUPLICATES_KEY,
     PER_CLASS_KEY,
     PREVIEW_KEY,
     VALIDATION_KEY,
@@ -31,7 +32,7 @@ from tasks.artifacts import (
 )
 from tasks.caching import TaskOutput, record_outcome, task_outcomes
 from tasks.data import DatasetRef, ValidatedData
-from tasks.evaluation import EvalOutput, ExportOutput
+from tasks.evaluation import EvalOutput, ExportOutput, LeakedEvalOutput
 from tasks.model import ModelInfo
 from tasks.training import TrainOutput
 from visionflow.config import PipelineConfig
@@ -74,6 +75,7 @@ def finish_run(
     model: ModelInfo,
     training: TrainOutput,
     evaluation: EvalOutput,
+    with_leaked: LeakedEvalOutput,
     export: ExportOutput,
 ) -> Manifest:
     """Copy cached results' files into the run, then write the completed manifest and the run's
@@ -87,7 +89,7 @@ def finish_run(
         config=training.used_config(manifest.config),
         data=validated.record(dataset),
         model=model.record,
-        metrics=evaluation.metrics(training),
+        metrics=evaluation.metrics(training, with_leaked),
         device=training.fit.device,
         weights_sha256=export.weights_sha256,
         timing=TimingRecord(
@@ -104,7 +106,8 @@ def finish_run(
 
 @task(cache_policy=NO_CACHE)
 def publish_run(run: RunInfo, manifest: Manifest) -> None:
-    """Publish the run's Prefect artifacts: summary, validation, per-class and confusion tables, images."""
+    """Publish the run's Prefect artifacts: summary, validation, per-class and confusion tables, images
+    (and the worst near-duplicate pairs, with data.near_duplicates)."""
     layout = RunLayout(Path(run.run_dir))
     evaluated = json.loads(layout.evaluation.read_text())
     publish_summary(run_summary_markdown(manifest, layout.root))
@@ -119,6 +122,9 @@ def publish_run(run: RunInfo, manifest: Manifest) -> None:
     )
     publish_image(PREVIEW_KEY, layout.preview, "Transform preview: original | eval input | train input")
     publish_image(MISCLASSIFIED_KEY, layout.misclassified_png, "Most confidently wrong eval images")
+    if manifest.data is not None and manifest.data.eval_leakage_rate is not None:  # data.near_duplicates
+        rate = f"{manifest.data.eval_leakage_rate:.2%} of {manifest.data.eval_split} leaked"
+        publish_image(NEAR_DUPLICATES_KEY, layout.near_duplicates_png, f"Worst near-duplicate pairs ({rate})")
 
 
 @task(cache_policy=NO_CACHE)

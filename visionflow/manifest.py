@@ -44,7 +44,18 @@ class DataRecord(_Record):
     num_eval: int = Field(description="Evaluation images used.")
     eval_split: str = Field(description="Name of the evaluation split: val or test.")
     classes: list[str] = Field(description="Class names; label i is classes[i].")
-    excluded: list[str] = Field(description="Invalid files left out, dataset-relative.")
+    excluded: list[str] = Field(
+        description="Files left out, dataset-relative: invalid ones, and leaked eval images with "
+        "data.on_leak='drop-eval'."
+    )
+    eval_leakage_rate: float | None = Field(
+        None,
+        description="Fraction of the eval split with a near-duplicate in train; None when near-duplicates "
+        "were not searched (data.near_duplicates).",
+    )
+    leaked_eval: list[str] = Field(
+        default_factory=list, description="Eval images with a near-duplicate in train, dataset-relative."
+    )
 
 
 class ModelRecord(_Record):
@@ -64,6 +75,11 @@ class MetricsRecord(_Record):
     best_epoch: int | None = Field(description="Epoch of the best checkpoint (1-based).")
     epochs_trained: int
     per_class: list[dict[str, Any]] = Field(description="Rows of class, precision, recall, f1, support.")
+    eval_accuracy_with_leaked: float | None = Field(
+        None,
+        description="Top-1 accuracy on the eval split with the leaked images that data.on_leak='drop-eval' "
+        "left out; None when none were left out.",
+    )
 
 
 class TimingRecord(_Record):

@@ -22,6 +22,7 @@ from visionflow.config import flatten
 from visionflow.fileio import atomic_write_bytes, atomic_write_text
 from visionflow.images import load_rgb
 from visionflow.manifest import Manifest
+from visionflow.near_duplicates import NearDuplicateReport
 from visionflow.runs import RunLayout, runs_root
 
 FONT_SIZE = 12
@@ -197,6 +198,18 @@ def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
     parts = [f"# Run `{manifest.run_name}`: {manifest.status}", "", headline + "."]
     if manifest.error:
         parts += ["", f"**Error:** {manifest.error}"]
+    if manifest.data is not None and manifest.data.eval_leakage_rate is not None:
+        data, metrics = manifest.data, manifest.metrics
+        leak = (
+            f"Near-duplicate leakage: **{data.eval_leakage_rate:.2%}** of the {data.eval_split} split "
+            f"({len(data.leaked_eval)} images) has a near-duplicate in train"
+        )
+        if metrics is not None and metrics.eval_accuracy_with_leaked is not None:
+            leak += (
+                f"; left out of evaluation (accuracy {metrics.eval_accuracy:.2%} without them, "
+                f"{metrics.eval_accuracy_with_leaked:.2%} with them)"
+            )
+        parts += ["", leak + "."]
     sections = {"Metrics": manifest.metrics, "Data": manifest.data, "Model": manifest.model, "Timing": manifest.timing}
     for title, section in sections.items():
         if section is not None:
@@ -377,4 +390,34 @@ def render_misclassified(
         )
         draw.text((x0, y0 + tile + 4), true_text, font=font, fill=(0, 110, 0))
         draw.text((x0, y0 + tile + 4 + line), predicted_text, font=font, fill=(180, 0, 0))
+    return image
+
+
+def render_near_duplicates(
+    report: NearDuplicateReport, root: Path | str, limit: int = 8, tile: int = 64
+) -> Image.Image:
+    """The worst near-duplicate pairs side by side (train | eval across splits first, highest score
+    first, then pairs within a split), each row captioned with its score and both paths
+    (dataset-relative, resolved against ``root``)."""
+    rows = [(p.train, p.eval, f"leak, score {p.score:.3f}") for p in report.across[:limit]]
+    rows += [(group[0], group[1], "same split") for group in report.within[: max(0, limit - len(rows))]]
+    font = default_font()
+    text_width = 300
+    width = 2 * tile + 16 + text_width
+    if not rows:
+        image = Image.new("RGB", (width, FONT_SIZE + 12), WHITE)
+        ImageDraw.Draw(image).text((4, 4), "no near-duplicates", font=font, fill=BLACK)
+        return image
+    image = Image.new("RGB", (width, len(rows) * (tile + 8)), WHITE)
+    draw = ImageDraw.Draw(image)
+    for index, (first, second, caption) in enumerate(rows):
+        y0 = index * (tile + 8) + 4
+        for column, path in enumerate((first, second)):
+            picture = fit_to_tile(load_rgb(Path(root) / path), tile, Image.Resampling.BICUBIC)
+            image.paste(picture, (4 + column * (tile + 4), y0))
+        x0 = 2 * tile + 16
+        for line, text in enumerate((caption, first, second)):
+            draw.text(
+                (x0, y0 + line * (FONT_SIZE + 4)), _fit_text(draw, text, font, text_width - 4), font=font, fill=BLACK
+            )
     return image

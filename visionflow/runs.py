@@ -92,6 +92,10 @@ class RunLayout:
     def misclassified_png(self) -> Path:
         return self.root / "misclassified.png"
 
+    @property
+    def near_duplicates_png(self) -> Path:
+        return self.root / "near_duplicates.png"
+
 
 def runs_root(output_dir: Path | str) -> Path:
     return Path(output_dir) / RUNS_SUBDIR

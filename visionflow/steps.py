@@ -19,7 +19,13 @@ from visionflow.fileio import atomic_write_json, atomic_write_text
 from visionflow.manifest import Manifest
 from visionflow.models import ModelSpec, ModelSummary, build_model, summarize
 from visionflow.preview import build_preview
-from visionflow.reports import render_misclassified, write_evaluation_csvs, write_png, write_validation_csvs
+from visionflow.reports import (
+    render_misclassified,
+    render_near_duplicates,
+    write_evaluation_csvs,
+    write_png,
+    write_validation_csvs,
+)
 from visionflow.rng import seed_everything
 from visionflow.runs import RunLayout
 from visionflow.tensorboard import (
@@ -34,15 +40,31 @@ from visionflow.transforms import fill_mean_std
 from visionflow.validate import ValidationReport, validate_dataset
 
 
-def validate_into(run_dir: Path | str, dataset: DatasetInfo, on_invalid: str) -> tuple[ValidationReport, DatasetInfo]:
+def validate_into(
+    run_dir: Path | str, dataset: DatasetInfo, on_invalid: str, data: DataConfig | None = None
+) -> tuple[ValidationReport, DatasetInfo]:
     """Validate every image; write validation.json and its CSVs. Returns the report and the
-    dataset without the invalid files (`on_invalid="fail"` raises on the first one instead)."""
+    dataset without the invalid files (`on_invalid="fail"` raises on the first one instead).
+    With `data.near_duplicates`, near-duplicates too (`data.near_duplicate_threshold`,
+    `data.on_leak`: leaked eval images reported, left out or an error) and near_duplicates.png,
+    the worst pairs side by side."""
     layout = RunLayout(Path(run_dir))
-    report, clean = validate_dataset(dataset, on_invalid=on_invalid)
+    near = data is not None and data.near_duplicates
+    options = dict(threshold=data.near_duplicate_threshold, on_leak=data.on_leak) if near else {}
+    report, clean = validate_dataset(dataset, on_invalid=on_invalid, near_duplicates=near, **options)
     values = report.to_dict()
     atomic_write_json(layout.validation, values)
     write_validation_csvs(values, layout.root)
+    if report.near_duplicates is not None:
+        write_png(render_near_duplicates(report.near_duplicates, dataset.root), layout.near_duplicates_png)
     return report, clean
+
+
+def accuracy_on(checkpoint: Path | str, split: Split, device: str, data_dir: Path | str) -> float:
+    """Top-1 accuracy of a checkpoint on a split (no files written)."""
+    model, spec = load_model(checkpoint)
+    decoded = load_decoded(split, spec.input_size, decoded_cache_dir(data_dir))
+    return evaluate_model(model, spec, decoded, device=device).accuracy
 
 
 def fill_normalization(train: Split, data: DataConfig) -> DataConfig:
