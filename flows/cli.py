@@ -58,7 +58,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.near_duplicates:
         given = [flag for flag, value in (("--threshold", args.threshold), ("--on-leak", args.on_leak)) if value]
         if given:
-            raise ConfigError(f"{' and '.join(given)} need --near-duplicates")
+            raise ConfigError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --near-duplicates")
     report, _ = validate_dataset(
         info,
         on_invalid=args.on_invalid,

@@ -147,3 +147,50 @@ def test_sample_json_in_process(tmp_path, capsys, monkeypatch):
     assert main(["validate", "--dataset", "sample", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["spec"] == "sample" and report["splits"]["train"]["images"] > 0
+
+
+@pytest.fixture
+def leaked_copy(cifar_mini, tmp_path) -> Path:
+    """cat photos of cifar10-mini: 12 in train, 5 others in val plus a JPEG-30, mirrored copy of
+    train/cat/0004.jpg (val/cat/copy.jpg)."""
+    from PIL import Image, ImageOps
+
+    root = tmp_path / "leaky"
+    for split, names in (("train", range(0, 12)), ("val", range(500, 505))):
+        (root / split / "cat").mkdir(parents=True)
+        for k in names:
+            source = cifar_mini / split / "cat" / f"{k:04d}.jpg"
+            (root / split / "cat" / source.name).write_bytes(source.read_bytes())
+    with Image.open(root / "train" / "cat" / "0004.jpg") as image:
+        ImageOps.mirror(image.convert("RGB")).save(root / "val" / "cat" / "copy.jpg", quality=30)
+    return root
+
+
+def test_near_duplicates_json_contract(leaked_copy, capsys):
+    from flows.cli import main
+
+    assert main(["validate", "--dataset", str(leaked_copy), "--near-duplicates", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    near = report["near_duplicates"]
+    assert set(near) == {"within_split", "across_splits"} and near["within_split"] == []
+    [pair] = near["across_splits"]
+    assert set(pair) == {"train", "eval", "score"}
+    assert (pair["train"], pair["eval"]) == ("train/cat/0004.jpg", "val/cat/copy.jpg")  # as "duplicates" writes paths
+    assert 0.9 <= pair["score"] <= 1.0
+    assert report["near_duplicate_summary"]["eval_leakage_rate"] == pytest.approx(1 / 6)
+
+
+def test_near_duplicates_on_leak_fail_is_one_error_line(leaked_copy):
+    result = run("validate", "--dataset", str(leaked_copy), "--near-duplicates", "--on-leak", "fail", cwd=leaked_copy)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: 1 of 6 val images") and "val/cat/copy.jpg" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_near_duplicate_options_need_the_flag(leaked_copy, capsys):
+    from flows.cli import main
+
+    assert main(["validate", "--dataset", str(leaked_copy), "--threshold", "0.95"]) == 2
+    assert capsys.readouterr().err == "error: --threshold needs --near-duplicates\n"
+    assert main(["validate", "--dataset", str(leaked_copy), "--near-duplicates", "--threshold", "1.5"]) == 2
+    assert "threshold 1.5" in capsys.readouterr().err

@@ -48,6 +48,7 @@ HASH_RADIUS = len(BLOCK_BITS) * (BLOCK_RADIUS + 1) - 1  # 11: the image itself w
 CROP_BLOCK_RADIUS = 1  # bits searched per block for a crop variant
 CROP_RADIUS = len(BLOCK_BITS) * (CROP_BLOCK_RADIUS + 1) - 1  # 5: a crop variant within 5 bits: a candidate
 DEFAULT_THRESHOLD = 0.9  # minimum verified correlation (see tests/core/test_near_duplicates.py for rates)
+VERIFY_SLACK = 0  # verify the variants this many bits farther than the closest (0: the closest ones)
 ON_LEAK = ("report", "drop-eval", "fail")
 _CHUNK = 4096  # queries per vectorized candidate lookup (bounds memory)
 
@@ -219,13 +220,13 @@ def pair_scores(thumbs: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def _near_best_variants(hashes: np.ndarray, mirrors: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Candidate rows (i, j, variant, mirrored) for (P, 2) image pairs: the variants of i (mirrored
-    or not) whose hash is within 2 bits of the pair's closest one (the closest by hash is not
-    always the best aligned: verification picks among them)."""
+    or not) whose hash is within VERIFY_SLACK bits of the pair's closest one (the closest by hash
+    is not always the best aligned: verification picks among them)."""
     i, j = pairs.T
     distances = np.concatenate(
         [np.bitwise_count(table[i] ^ hashes[j, :1]) for table in (hashes, mirrors)], axis=1
     )  # (P, 2 * variants)
-    chosen = np.argwhere(distances <= distances.min(axis=1, keepdims=True) + 2)
+    chosen = np.argwhere(distances <= distances.min(axis=1, keepdims=True) + VERIFY_SLACK)
     mirrored, variant = np.divmod(chosen[:, 1], len(VARIANTS))
     return np.stack([i[chosen[:, 0]], j[chosen[:, 0]], variant, mirrored], axis=1)
 
