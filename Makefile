@@ -63,6 +63,7 @@ lock:
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/flow.py
+	$(BIN)/python bench/near_duplicates.py
 
 clean:
 	rm -rf $(VENV) artifacts/runs data/cache

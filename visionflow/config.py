@@ -49,7 +49,8 @@ class DataConfig(_Section):
     near_duplicates: bool = Field(
         False,
         description="Also search near-duplicates (re-encoded, resized, cropped, brightened or mirrored copies) "
-        "within and across splits during validation; adds ~1/8 of validation's time on CIFAR-sized data.",
+        "within and across splits during validation: ~0.5 ms per image on 2 CPU cores (~30 s for CIFAR-10's "
+        "60,000, ~10% of a 10-epoch CPU run).",
     )
     near_duplicate_threshold: float = Field(
         0.9,
