@@ -58,7 +58,8 @@ class ValidatedData(TaskOutput):
     @property
     def dropped_leaked(self) -> tuple[str, ...]:
         """Leaked eval images left out (on_leak="drop-eval")."""
-        return tuple(path for path in self.leaked if path in set(self.excluded))
+        excluded = set(self.excluded)
+        return tuple(path for path in self.leaked if path in excluded)
 
     def apply(self, dataset: DatasetRef, keep_leaked: bool = False) -> DatasetInfo:
         """The dataset's splits without the excluded files (`keep_leaked`: the leaked eval images

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ class FileCheck:
     mode: str | None = None  # original pixel mode, before conversion to RGB
     pixels: str | None = None  # sha256 of mode + size + RGB pixel bytes: equal for exact duplicates
     reason: str | None = None  # set when the file is invalid
-    thumb: np.ndarray | None = None  # grayscale thumbnail, when near-duplicates are searched
+    thumb: np.ndarray | None = field(default=None, compare=False, repr=False)  # for near-duplicates
 
 
 @dataclass(frozen=True)
