@@ -102,7 +102,8 @@ def validation_counts_frame(validation: Mapping[str, Any]) -> pd.DataFrame:
 
 def validation_issues_frame(validation: Mapping[str, Any]) -> pd.DataFrame:
     """One row per finding (``issue``, ``path``, ``detail``): unreadable files (left out),
-    duplicate images within a split, and train/eval leakage."""
+    duplicate images within a split, and train/eval leakage (exact, and near-duplicates when
+    they were searched)."""
     rows = [{"issue": "unreadable", "path": item["path"], "detail": item["reason"]} for item in validation["invalid"]]
     duplicates = validation["duplicates"]
     rows += [
@@ -112,6 +113,19 @@ def validation_issues_frame(validation: Mapping[str, Any]) -> pd.DataFrame:
     rows += [
         {"issue": "train/eval leakage", "path": train, "detail": f"same image as {evaluated}"}
         for train, evaluated in duplicates["across_splits"]
+    ]
+    near = validation.get("near_duplicates", {"within_split": [], "across_splits": []})  # when searched
+    rows += [
+        {"issue": "near-duplicate", "path": group[0], "detail": "near-duplicate of " + ", ".join(group[1:])}
+        for group in near["within_split"]
+    ]
+    rows += [
+        {
+            "issue": "near-duplicate leakage",
+            "path": pair["train"],
+            "detail": f"near-duplicate of {pair['eval']} (score {pair['score']:.3f})",
+        }
+        for pair in near["across_splits"]
     ]
     return pd.DataFrame(rows, columns=["issue", "path", "detail"])
 
