@@ -134,8 +134,9 @@ def fingerprint_data(data: DataConfig, location: DataLocation) -> DatasetRef:
 
 
 def by_validation(data: DataConfig) -> tuple:
-    """What validation depends on in the data config: the near-duplicate search and its policy."""
-    return data.near_duplicates, data.near_duplicate_threshold, data.on_leak
+    """What validation depends on in the data config: the near-duplicate search and its policy
+    (their settings do not matter while the search is off)."""
+    return (True, data.near_duplicate_threshold, data.on_leak) if data.near_duplicates else (False,)
 
 
 @cached_task("on_invalid", dataset=by_fingerprint, data=by_validation)
