@@ -25,7 +25,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from visionflow.data import resolve_dataset
 from visionflow.errors import DatasetError
 from visionflow.near_duplicates import DEFAULT_THRESHOLD, dct_hashes, near_duplicate_report, thumbnail
-from visionflow.reports import validation_issues_frame
+from visionflow.reports import render_near_duplicates, validation_issues_frame
 from visionflow.validate import validate_dataset
 
 CLASSES = ("bird", "frog", "horse")
@@ -170,3 +170,12 @@ def test_false_positives_on_untouched_cifar_mini(cifar_mini: Path) -> None:
     assert near is not None
     assert ("train/deer/0368.jpg", "val/deer/0531.jpg") in {(p.train, p.eval) for p in near.across}
     assert len(near.across) <= 20  # <= 4e-6 of the 5,000,000 cross-split pairs
+
+
+def test_worst_pairs_render_side_by_side(leaky: tuple[Path, dict[str, str]]) -> None:
+    root, _ = leaky
+    report, _ = validate_dataset(resolve_dataset(str(root)), near_duplicates=True)
+    image = render_near_duplicates(report.near_duplicates, root, limit=5, tile=64)
+    assert image.size == (2 * 64 + 16 + 300, 5 * (64 + 8))  # the 5 worst pairs, one per row
+    left, right = np.asarray(image)[4:68, 4:68], np.asarray(image)[4:68, 72:136]
+    assert left.std() > 0 and right.std() > 0  # both photos drawn
