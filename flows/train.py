@@ -35,7 +35,7 @@ def train_pipeline(config: PipelineConfig) -> Manifest:
         dataset = fingerprint_data(config.data, location)
         run = start_run(config)
         with failure_recorded(run):  # a failing step marks the run failed in its manifest
-            validated = validate_data(dataset, config.data.on_invalid, run.run_dir, config.data)
+            validated = validate_data(dataset, config.data, run.run_dir)
             normalization = compute_normalization(dataset, validated, config.data)
             preview = preview_transforms(
                 dataset, validated, config.data, normalization, config.training.seed, run.run_dir

@@ -134,17 +134,18 @@ def fingerprint_data(data: DataConfig, location: DataLocation) -> DatasetRef:
 
 
 def by_validation(data: DataConfig) -> tuple:
-    """What validation depends on in the data config: the near-duplicate search and its policy
-    (their settings do not matter while the search is off)."""
-    return (True, data.near_duplicate_threshold, data.on_leak) if data.near_duplicates else (False,)
+    """What validation depends on in the data config: the invalid-file policy, the near-duplicate
+    search and its policy (their settings do not matter while the search is off)."""
+    search = (True, data.near_duplicate_threshold, data.on_leak) if data.near_duplicates else (False,)
+    return data.on_invalid, *search
 
 
-@cached_task("on_invalid", dataset=by_fingerprint, data=by_validation)
-def validate_data(dataset: DatasetRef, on_invalid: str, run_dir: str, data: DataConfig) -> ValidatedData:
+@cached_task(dataset=by_fingerprint, data=by_validation)
+def validate_data(dataset: DatasetRef, data: DataConfig, run_dir: str) -> ValidatedData:
     """Validate every image (report: validation.json and CSVs); invalid files are left out, and
     with data.near_duplicates the near-duplicates are searched (see data.on_leak)."""
     with written_files(run_dir) as files:
-        report, clean = validate_into(run_dir, dataset.load(), on_invalid, data)
+        report, clean = validate_into(run_dir, dataset.load(), data)
     if report.invalid:
         get_run_logger().warning(
             "%d invalid file(s) left out: %s", len(report.invalid), ", ".join(path for path, _ in report.invalid[:5])

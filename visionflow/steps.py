@@ -40,18 +40,17 @@ from visionflow.transforms import fill_mean_std
 from visionflow.validate import ValidationReport, validate_dataset
 
 
-def validate_into(
-    run_dir: Path | str, dataset: DatasetInfo, on_invalid: str, data: DataConfig | None = None
-) -> tuple[ValidationReport, DatasetInfo]:
+def validate_into(run_dir: Path | str, dataset: DatasetInfo, data: DataConfig) -> tuple[ValidationReport, DatasetInfo]:
     """Validate every image; write validation.json and its CSVs. Returns the report and the
-    dataset without the invalid files (`on_invalid="fail"` raises on the first one instead).
+    dataset without the invalid files (`data.on_invalid="fail"` raises on the first one instead).
     With `data.near_duplicates`, near-duplicates too (`data.near_duplicate_threshold`,
     `data.on_leak`: leaked eval images reported, left out or an error) and near_duplicates.png,
     the worst pairs side by side."""
     layout = RunLayout(Path(run_dir))
-    near = data is not None and data.near_duplicates
-    options = dict(threshold=data.near_duplicate_threshold, on_leak=data.on_leak) if near else {}
-    report, clean = validate_dataset(dataset, on_invalid=on_invalid, near_duplicates=near, **options)
+    options = dict(threshold=data.near_duplicate_threshold, on_leak=data.on_leak) if data.near_duplicates else {}
+    report, clean = validate_dataset(
+        dataset, on_invalid=data.on_invalid, near_duplicates=data.near_duplicates, **options
+    )
     values = report.to_dict()
     atomic_write_json(layout.validation, values)
     write_validation_csvs(values, layout.root)
