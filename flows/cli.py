@@ -154,6 +154,10 @@ TRAIN_OVERRIDES = {  # CLI flag (argparse dest) -> dotted config field
 
 def prefect_environment() -> None:
     """Call before importing prefect."""
+    # PREFECT_API_URL set but empty (a common way to "unset" it) is a URL to Prefect, which then
+    # logs an EventsWorker traceback on every run: treat it as unset.
+    if os.environ.get("PREFECT_API_URL") == "":
+        del os.environ["PREFECT_API_URL"]
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     # Prefect installs its console handler (timestamps, flow and task run names) only when the

@@ -5,6 +5,7 @@ reusable result."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
 
@@ -35,6 +37,7 @@ from tasks.data import DatasetRef, ValidatedData
 from tasks.evaluation import EvalOutput, ExportOutput, LeakedEvalOutput
 from tasks.model import ModelInfo
 from tasks.training import TrainOutput
+from visionflow.checkpoints import load_checkpoint
 from visionflow.config import PipelineConfig
 from visionflow.manifest import CheckpointRecord, Manifest, TimingRecord
 from visionflow.reports import confusion_frame, per_class_frame, run_summary_markdown, validation_markdown
@@ -137,13 +140,32 @@ def fail_run(run: RunInfo, error: str) -> None:
     publish_summary(run_summary_markdown(manifest, run.run_dir))
 
 
+def record_interruption(run: RunInfo, reason: BaseException) -> None:
+    """Mark the run interrupted in its manifest, with the epoch its last.pt holds. A plain call, not
+    a task: the flow run is being torn down (Ctrl-C, SIGTERM) and no task can start now."""
+    last = RunLayout(Path(run.run_dir)).last_checkpoint
+    epoch = load_checkpoint(last)["epoch"] if last.is_file() else 0
+    cause = signal.Signals(reason.signal).name if isinstance(reason, TerminationSignal) else type(reason).__name__
+    manifest = Manifest.load(run.run_dir).finish(
+        "interrupted",
+        timing=TimingRecord(total_seconds=time.time() - run.started_time),
+        tasks=task_outcomes(),
+        error=f"interrupted by {cause} after epoch {epoch}; rerun with the same run name to resume",
+    )
+    manifest.save(run.run_dir)
+
+
 @contextmanager
 def failure_recorded(run: RunInfo) -> Iterator[None]:
-    """A step that fails inside the block marks the run failed (`fail_run`); the error goes on."""
+    """A step that fails inside the block marks the run failed (`fail_run`), a stop from outside
+    (Ctrl-C, SIGTERM) marks it interrupted; the error goes on."""
     try:
         yield
     except Exception as err:
         fail_run(run, " ".join(str(err).split()) or type(err).__name__)
+        raise
+    except BaseException as stop:
+        record_interruption(run, stop)
         raise
 
 

@@ -73,7 +73,8 @@ def test_first_run_on_a_new_prefect_home(
 ) -> None:
     data = copy_tiny_dataset(sample_dataset, tmp_path / "data", ("bird", "frog", "truck"), 6, 3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
+    # PREFECT_API_URL set but empty, as a shell "unset" often leaves it: the CLI treats it as unset.
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO), PREFECT_API_URL="")
     done = subprocess.run(
         [
             sys.executable,
@@ -102,6 +103,7 @@ def test_first_run_on_a_new_prefect_home(
     printed = done.stdout + done.stderr
     assert done.returncode == 0, printed
     assert "Traceback" not in printed and "ERROR" not in printed
+    assert "EventsWorker" not in printed
     run_dir = tmp_path / "out" / "runs" / "first"
     assert f"run directory: {run_dir}" in done.stdout
     assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in done.stdout

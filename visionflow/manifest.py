@@ -8,7 +8,9 @@ collected here too.
 
 from __future__ import annotations
 
+import os
 import platform
+import socket
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -24,7 +26,7 @@ from visionflow.fileio import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 2  # 2: typed model (1 was the untyped dict, its "manifest_version" is read as schema_version)
-RunStatus = Literal["running", "completed", "failed"]
+RunStatus = Literal["running", "completed", "failed", "interrupted"]
 TaskStatus = Literal["completed", "cached"]
 HEADLINE_PACKAGES = ("torch", "torchvision", "prefect")
 
@@ -119,6 +121,8 @@ class Manifest(_Record):
     packages: dict[str, str] = Field(default_factory=dict, description="Every installed package the run imported.")
     git_commit: str | None = Field(None, description="Commit of this code, '-dirty' with local changes.")
     prefect_flow_run_id: str | None = None
+    pid: int | None = Field(None, description="Process that runs the flow (see apparent_status).")
+    host: str | None = Field(None, description="Host name of that process.")
     resumed_from: str | None = Field(None, description="last.pt of the interrupted run this one continued.")
     error: str | None = Field(None, description="One line: why the run failed.")
     champion: dict[str, Any] | None = Field(None, description="The champion/challenger decision, when made.")
@@ -146,8 +150,24 @@ class Manifest(_Record):
             config=config,
             seed=config.training.seed,
             prefect_flow_run_id=prefect_flow_run_id,
+            pid=os.getpid(),
+            host=socket.gethostname(),
             **provenance(),
         )
+
+    @property
+    def apparent_status(self) -> RunStatus:
+        """The status, except that a run still marked running whose process on this host no longer
+        exists (killed without a word: kill -9, power loss) is interrupted."""
+        if self.status != "running" or self.pid is None or self.host != socket.gethostname():
+            return self.status
+        try:
+            os.kill(self.pid, 0)  # signal 0: only checks that the process exists
+        except ProcessLookupError:
+            return "interrupted"
+        except PermissionError:  # exists, owned by another user
+            pass
+        return self.status
 
     def finish(self, status: RunStatus, **fields: Any) -> Manifest:
         """This manifest ended with `status` now, `fields` filled in, provenance refreshed."""

@@ -201,7 +201,7 @@ def list_runs(output_dir: Path | str) -> list[dict[str, Any]]:
                 "model": manifest.config.model.name if manifest else None,
                 "accuracy": manifest.metrics.eval_accuracy if manifest and manifest.metrics else None,
                 "duration": manifest.timing.total_seconds if manifest and manifest.timing else None,
-                "status": manifest.status if manifest else "unknown",
+                "status": manifest.apparent_status if manifest else "unknown",
                 "path": str(run_dir),
             }
         )

@@ -92,6 +92,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_data: Path, tmp_path: 
         proc.wait()
     interrupted = json.loads((run_dir / "manifest.json").read_text())
     assert interrupted["status"] == "running"
+    # Its process is gone: the run history does not list a dead run as running.
+    assert {row["name"]: row["status"] for row in list_runs(output)}["crashy"] == "interrupted"
 
     resumed = train(tiny_config(tiny_data, output, **{"training.epochs": 3, "output.run_name": "crashy"}))
     assert resumed["status"] == "completed" and resumed["run_name"] == "crashy"
@@ -101,3 +103,41 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_data: Path, tmp_path: 
 
     uninterrupted = train(tiny_config(tiny_data, tmp_path / "fresh", **{"training.epochs": 3}))
     assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]  # exact resume
+
+
+def test_sigterm_marks_the_run_interrupted_and_a_rerun_resumes(tiny_data: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    config_file = write_config(tmp_path, tiny_data, output, epochs=3)
+    run_dir = output / "runs" / "stopped"
+    proc = subprocess.Popen(
+        train_command(config_file, "--run-name", "stopped"),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint written in time"
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)  # what a process manager, `timeout` or a worker sends
+        start = time.monotonic()
+        # Ended by the signal itself once the manifest is written (a shell reports 143 = 128 + 15).
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+        assert time.monotonic() - start < 10
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        proc.wait()
+    stopped = json.loads((run_dir / "manifest.json").read_text())
+    assert stopped["status"] == "interrupted" and "SIGTERM" in stopped["error"] and stopped["finished_at"]
+    assert {row["name"]: row["status"] for row in list_runs(output)}["stopped"] == "interrupted"
+
+    resumed = train(tiny_config(tiny_data, output, **{"training.epochs": 3, "output.run_name": "stopped"}))
+    assert resumed["status"] == "completed" and resumed["resumed_from"] == str(
+        run_dir.resolve() / "checkpoints" / "last.pt"
+    )
+    uninterrupted = train(tiny_config(tiny_data, tmp_path / "fresh", **{"training.epochs": 3}))
+    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
