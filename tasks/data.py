@@ -13,12 +13,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
-from tasks.caching import TaskOutput, cached_task, record_outcome, written_files
+from tasks.caching import FileRef, TaskOutput, cached_task, record_outcome, written_files
 from visionflow.config import DataConfig
 from visionflow.data import DatasetInfo, resolve_dataset, resolve_folder
 from visionflow.fingerprint import fingerprint_dataset
 from visionflow.manifest import DataRecord
 from visionflow.steps import fill_normalization, preview_into, validate_into
+from visionflow.validate import ValidationReport
 
 
 class DataLocation(TaskOutput):
@@ -54,6 +55,21 @@ class ValidatedData(TaskOutput):
     eval_split: str
     leaked: tuple[str, ...] = ()  # eval images with a near-duplicate in train (left out or not)
     eval_leakage_rate: float | None = None  # None: near-duplicates not searched
+
+    @classmethod
+    def of(cls, report: ValidationReport, clean: DatasetInfo, files: dict[str, FileRef]) -> ValidatedData:
+        """The outcome of `steps.validate_into`: its report and the dataset it left."""
+        near = report.near_duplicates
+        return cls(
+            excluded=tuple(path for path, _ in report.invalid) + report.dropped,
+            fingerprint=report.fingerprint,
+            num_train=len(clean.train),
+            num_eval=len(clean.eval_split),
+            eval_split=clean.eval_split.name,
+            leaked=near.leaked_eval if near is not None else (),
+            eval_leakage_rate=near.eval_leakage_rate if near is not None else None,
+            files=files,
+        )
 
     @property
     def dropped_leaked(self) -> tuple[str, ...]:
@@ -146,29 +162,9 @@ def validate_data(dataset: DatasetRef, data: DataConfig, run_dir: str) -> Valida
     with data.near_duplicates the near-duplicates are searched (see data.on_leak)."""
     with written_files(run_dir) as files:
         report, clean = validate_into(run_dir, dataset.load(), data)
-    if report.invalid:
-        get_run_logger().warning(
-            "%d invalid file(s) left out: %s", len(report.invalid), ", ".join(path for path, _ in report.invalid[:5])
-        )
-    near = report.near_duplicates
-    if near is not None and near.across:
-        get_run_logger().warning(
-            "%d of %d %s images have a near-duplicate in train (%d left out)",
-            len(near.leaked_eval),
-            near.eval_images,
-            near.eval_split,
-            len(report.dropped),
-        )
-    return ValidatedData(
-        excluded=tuple(path for path, _ in report.invalid) + report.dropped,
-        fingerprint=report.fingerprint,
-        num_train=len(clean.train),
-        num_eval=len(clean.eval_split),
-        eval_split=clean.eval_split.name,
-        leaked=near.leaked_eval if near is not None else (),
-        eval_leakage_rate=near.eval_leakage_rate if near is not None else None,
-        files=files,
-    )
+    for line in report.warnings():
+        get_run_logger().warning(line)
+    return ValidatedData.of(report, clean, files)
 
 
 @cached_task(dataset=by_fingerprint, validated=by_exclusions, data=by_transform)

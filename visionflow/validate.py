@@ -73,6 +73,20 @@ class ValidationReport:
     near_duplicates: NearDuplicateReport | None = None  # when searched
     dropped: tuple[str, ...] = ()  # leaked eval images left out (on_leak="drop-eval")
 
+    def warnings(self) -> list[str]:
+        """One line per finding a run should warn about: invalid files left out, leaked eval images."""
+        lines = []
+        if self.invalid:
+            shown = ", ".join(path for path, _ in self.invalid[:5])
+            lines.append(f"{len(self.invalid)} invalid file(s) left out: {shown}")
+        near = self.near_duplicates
+        if near is not None and near.across:
+            lines.append(
+                f"{len(near.leaked_eval)} of {near.eval_images} {near.eval_split} images have a "
+                f"near-duplicate in train ({len(self.dropped)} left out)"
+            )
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with keys fingerprint, splits, invalid, duplicates, and more; with
         near-duplicates searched, `near_duplicates` ({"within_split": [[path, ...]],
