@@ -41,6 +41,27 @@ def write_config(tmp_path: Path, dataset: Path, output: Path, epochs: int) -> Pa
     return path
 
 
+def start_until_first_checkpoint(config_file: Path, tmp_path: Path, run_dir: Path) -> subprocess.Popen:
+    """`visionflow train` into `run_dir` in its own process group, returned once epoch 1's
+    checkpoints are written (last.pt after best.pt): the run is then in epoch 2 or later."""
+    proc = subprocess.Popen(
+        train_command(config_file, "--run-name", run_dir.name),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None:
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError("no checkpoint written in time")
+        time.sleep(0.02)
+    return proc
+
+
 def test_two_concurrent_runs_share_the_cache_safely(tiny_data: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
     config_file = write_config(tmp_path, tiny_data, output, epochs=1)
@@ -73,23 +94,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_data: Path, tmp_path: 
     output = tmp_path / "out"
     config_file = write_config(tmp_path, tiny_data, output, epochs=3)
     run_dir = output / "runs" / "crashy"
-    proc = subprocess.Popen(
-        train_command(config_file, "--run-name", "crashy"),
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        # Both checkpoints of epoch 1 (last.pt is written after best.pt), then kill during epoch 2.
-        while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint written in time"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, the training lock dies with it
-        proc.wait()
+    proc = start_until_first_checkpoint(config_file, tmp_path, run_dir)
+    os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, the training lock dies with it
+    proc.wait()
     interrupted = json.loads((run_dir / "manifest.json").read_text())
     assert interrupted["status"] == "running"
     # Its process is gone: the run history does not list a dead run as running.
@@ -109,19 +116,8 @@ def test_sigterm_marks_the_run_interrupted_and_a_rerun_resumes(tiny_data: Path, 
     output = tmp_path / "out"
     config_file = write_config(tmp_path, tiny_data, output, epochs=3)
     run_dir = output / "runs" / "stopped"
-    proc = subprocess.Popen(
-        train_command(config_file, "--run-name", "stopped"),
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_until_first_checkpoint(config_file, tmp_path, run_dir)
     try:
-        deadline = time.monotonic() + 180
-        while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint written in time"
-            time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be stopped"
         proc.send_signal(signal.SIGTERM)  # what a process manager, `timeout` or a worker sends
         start = time.monotonic()
