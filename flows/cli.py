@@ -9,12 +9,17 @@ and exit 2, like argparse usage errors; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import signal
+import socket
+import subprocess
 import sys
-import threading
-from typing import Any, Callable, Sequence
+import time
+import urllib.request
+from typing import Any, Sequence
 
 from visionflow.errors import ConfigError, DatasetError, VisionflowError
 
@@ -131,12 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # Prefect settings for a CLI run, applied before prefect is imported (it reads them at import);
 # a value the user set in the environment wins. Analytics off: no network call on a first run.
-# The ephemeral API server (used when PREFECT_API_URL is unset) starts in a subprocess; on a busy
-# machine it can take longer than Prefect's default startup timeout.
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}
+PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 TRAIN_OVERRIDES = {  # CLI flag (argparse dest) -> dotted config field
     "dataset": "data.dataset",
@@ -152,6 +152,10 @@ TRAIN_OVERRIDES = {  # CLI flag (argparse dest) -> dotted config field
 }
 
 
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def prefect_environment() -> None:
     """Call before importing prefect."""
     # PREFECT_API_URL set but empty (a common way to "unset" it) is a URL to Prefect, which then
@@ -160,6 +164,10 @@ def prefect_environment() -> None:
         del os.environ["PREFECT_API_URL"]
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    # SIGTERM (a process manager, `timeout`, a worker) ends the command as Ctrl-C does: the stack
+    # unwinds (a run records its interruption), exit handlers run (the temporary server stops),
+    # exit status 143. During a flow run Prefect handles SIGTERM first, then calls this handler.
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     # Prefect installs its console handler (timestamps, flow and task run names) only when the
     # root logger has no handler of its own; main()'s basicConfig one would swallow that format.
     # (Exact type: subclasses belong to someone else, e.g. a test runner's log capture.)
@@ -168,46 +176,98 @@ def prefect_environment() -> None:
         root.removeHandler(handler)
 
 
-def start_prefect_api() -> Callable[[], None]:
-    """Without PREFECT_API_URL, Prefect starts a temporary API server (a subprocess) when the flow
-    is called and waits seconds for it. Starting it here, on a thread, overlaps that startup with
-    importing the flow; the returned function waits for it and re-raises a failed start."""
-    from prefect.settings import PREFECT_API_URL
+class PrefectAPI:
+    """The Prefect API a command's flows talk to: PREFECT_API_URL when it is set, otherwise a
+    server of its own, started with Prefect's public CLI (`prefect server start`) on a free port
+    of 127.0.0.1, in its own session so that a terminal's Ctrl-C reaches only this process, and
+    stopped when this process exits, last: after Prefect has sent its final logs and events."""
 
-    if PREFECT_API_URL.value():
-        return lambda: None
-    failed: list[Exception] = []
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        if os.environ.get("PREFECT_API_URL"):
+            return
+        port = free_port()
+        # Starts while the flow modules import; wait() blocks until it answers.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, "PREFECT_UI_ENABLED": "false"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        # atexit runs last what is registered first: before prefect is imported, this runs after
+        # every exit handler Prefect registers (the flush of its logs and events to this server).
+        atexit.register(self.stop)
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
 
-    def start() -> None:
+    @property
+    def temporary(self) -> bool:
+        return self.process is not None
+
+    def wait(self, timeout: float = 120.0) -> None:
+        """Block until the temporary server answers (no-op for PREFECT_API_URL)."""
+        if self.process is None:
+            return
+        health = os.environ["PREFECT_API_URL"] + "/health"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                stderr = self.process.stderr.read().decode(errors="replace").strip().splitlines()
+                raise ConfigError(
+                    f"The temporary Prefect server exited ({self.process.returncode}): "
+                    f"{stderr[-1] if stderr else 'no output'}; set PREFECT_API_URL to a running server"
+                )
+            try:
+                with urllib.request.urlopen(health, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise ConfigError(
+            f"The temporary Prefect server did not answer within {timeout:.0f} s; "
+            f"set PREFECT_API_URL to a running server"
+        )
+
+    def stop(self) -> None:
+        """Stop the temporary server and everything it started (its session), waiting for it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            # No public API starts Prefect's temporary server ahead of the flow: SubprocessASGIServer
-            # is the per-port singleton Prefect itself starts it with (prefect.server.api.server).
-            # tests/test_cli_train.py checks it is still there, so an upgrade that moves it fails loudly.
-            from prefect.server.api.server import SubprocessASGIServer
-
-            SubprocessASGIServer().start()  # the instance the flow's client will use
-        except Exception as err:  # re-raised by wait(), in the thread that runs the flow
-            failed.append(err)
-
-    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
-    thread.start()
-
-    def wait() -> None:
-        thread.join()
-        if failed:
-            raise failed[0]
-
-    return wait
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
-def prefect_ui_hint(flow_run_id: str | None) -> str:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prefect_ui_hint(api: PrefectAPI, flow_run_id: str | None) -> str:
     """Where to see a flow run in the Prefect UI."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+    from prefect.settings import PREFECT_UI_URL
 
     path = f"/runs/flow-run/{flow_run_id}" if flow_run_id else ""
-    if PREFECT_API_URL.value() and PREFECT_UI_URL.value():
+    if not api.temporary and PREFECT_UI_URL.value():
         return f"{PREFECT_UI_URL.value()}{path}"
     return f"run `prefect server start`, then open http://127.0.0.1:4200{path}"
+
+
+def resume_hint(output_dir: str) -> str:
+    """The line printed when a training run is interrupted: how to resume it."""
+    from visionflow.runs import list_runs
+
+    mine = [
+        row["name"] for row in list_runs(output_dir) if row["status"] == "interrupted" and row["pid"] == os.getpid()
+    ]
+    if not mine:
+        return "interrupted"
+    return f"interrupted: rerun the same command with --run-name {mine[-1]} to resume from its last checkpoint"
 
 
 def check_before_run(config: Any) -> None:
@@ -237,16 +297,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     check_before_run(config)
     prefect_environment()
-    wait_for_api = start_prefect_api()
+    api = PrefectAPI()
     from prefect import tags
 
     from flows.train import train_pipeline
     from visionflow.reports import tensorboard_command
     from visionflow.runs import RunLayout, runs_root
 
-    wait_for_api()
-    with tags("visionflow", f"model:{config.model.name}", f"recipe:{config.optim.recipe}"):
-        manifest = train_pipeline(config)
+    api.wait()
+    try:
+        with tags("visionflow", f"model:{config.model.name}", f"recipe:{config.optim.recipe}"):
+            manifest = train_pipeline(config)
+    except KeyboardInterrupt:
+        print(resume_hint(config.output.output_dir), file=sys.stderr)
+        return 130
     layout = RunLayout(runs_root(config.output.output_dir) / manifest.run_name)
     statuses = list(manifest.tasks.values())
     print(
@@ -255,7 +319,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"  run directory: {layout.root}")
     print(f"  TensorBoard:   {tensorboard_command(layout.tensorboard)}")
-    print(f"  Prefect UI:    {prefect_ui_hint(manifest.prefect_flow_run_id)}")
+    print(f"  Prefect UI:    {prefect_ui_hint(api, manifest.prefect_flow_run_id)}")
     return 0
 
 
@@ -277,10 +341,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     Manifest.load(args.run_dir)  # a wrong directory fails here, before Prefect starts
     prefect_environment()
-    wait_for_api = start_prefect_api()
+    api = PrefectAPI()
     from flows.reproduce import reproduce_run
 
-    wait_for_api()
+    api.wait()
     result = reproduce_run(args.run_dir)
     if args.json:
         print_json(result)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,15 +127,55 @@ def test_first_run_on_a_new_prefect_home(
     assert code == 2 and "already completed" in err
 
 
-def test_the_temporary_server_class_the_cli_starts_is_the_one_prefect_uses() -> None:
-    """`start_prefect_api` starts Prefect's temporary API server through a private class (no
-    public API starts it ahead of the flow). This fails loudly when an upgrade moves or changes
-    it: the class must exist, be one instance per port, and be what Prefect's client starts."""
-    import inspect
+def processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose environment contains `marker` (Linux /proc)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
 
-    from prefect.client import orchestration
-    from prefect.server.api.server import SubprocessASGIServer
 
-    assert SubprocessASGIServer() is SubprocessASGIServer()  # the flow's client reuses our instance
-    assert callable(SubprocessASGIServer.start) and hasattr(SubprocessASGIServer, "api_url")
-    assert "SubprocessASGIServer()" in inspect.getsource(orchestration.get_client)
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "how, status", [("ctrl-c", 130), ("sigint", 130), ("sigterm", 143)], ids=["ctrl-c", "sigint", "sigterm"]
+)
+def test_a_run_stopped_from_outside_ends_cleanly(tmp_path: Path, sample_dataset: Path, how: str, status: int) -> None:
+    """Ctrl-C in a terminal (SIGINT to the process group), SIGINT to the process, SIGTERM: the
+    command exits with 130/143 within seconds, the manifest says interrupted, and no process of
+    the run is left, the temporary Prefect server included (it runs in its own session)."""
+    data = copy_tiny_dataset(sample_dataset, tmp_path / "data", ("bird", "frog", "truck"), 6, 3)
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO))
+    run_dir = tmp_path / "out" / "runs" / "stopped"
+    argv = [sys.executable, "-m", "flows.cli", "train", "--dataset", str(data), "--epochs", "3", "--batch-size", "9",
+            "--device", "cpu", "--output", str(tmp_path / "out"), "--run-name", "stopped"]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "last.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written in time"
+            time.sleep(0.02)
+        sent = time.monotonic()
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole foreground group
+        else:
+            proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == status, err[-2000:]
+        assert time.monotonic() - sent < 10
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and "after epoch" in manifest["error"]
+    if status == 130:
+        assert err.strip().splitlines()[-1].startswith("interrupted: rerun the same command with --run-name stopped")
+    assert processes_with(f"PREFECT_HOME={home}") == []  # the temporary server stopped with it

@@ -202,6 +202,7 @@ def list_runs(output_dir: Path | str) -> list[dict[str, Any]]:
                 "accuracy": manifest.metrics.eval_accuracy if manifest and manifest.metrics else None,
                 "duration": manifest.timing.total_seconds if manifest and manifest.timing else None,
                 "status": manifest.apparent_status if manifest else "unknown",
+                "pid": manifest.pid if manifest else None,
                 "path": str(run_dir),
             }
         )
