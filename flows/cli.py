@@ -98,7 +98,6 @@ def select_split(info: Any, name: str | None) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-
     from visionflow.cache import decoded_cache_dir, load_decoded
     from visionflow.checkpoints import load_model
     from visionflow.data import resolve_dataset

@@ -82,9 +82,6 @@ class TaskOutput(BaseModel):
     def problems(self) -> list[str]:
         return [p for ref in self.files.values() if (p := ref.problem()) is not None]
 
-    def file(self, relpath: str) -> Path:
-        return Path(self.files[relpath].path)
-
     def adopted_into(self, run_dir: Path | str) -> TaskOutput:
         """This output with every file copied to its place in `run_dir` (a cached result points
         into the run that computed it; each run directory must hold its own copy)."""

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from visionflow.checkpoints import BEST_CHECKPOINT, EXPORT_SPEC, EXPORT_WEIGHTS, LAST_CHECKPOINT
+from visionflow.checkpoints import BEST_CHECKPOINT, EXPORT_SPEC, LAST_CHECKPOINT
 from visionflow.config import PipelineConfig
 from visionflow.errors import ConfigError, DatasetError
 from visionflow.manifest import MANIFEST_NAME, Manifest
@@ -55,10 +55,6 @@ class RunLayout:
     @property
     def export_dir(self) -> Path:
         return self.root / "export"
-
-    @property
-    def export_weights(self) -> Path:
-        return self.export_dir / EXPORT_WEIGHTS
 
     @property
     def export_spec(self) -> Path:

@@ -50,8 +50,8 @@ def test_key_ignores_unnamed_inputs_and_cached_files_are_adopted(tmp_path: Path)
     assert status == "completed"
     second, status = run(tmp_path, "b")  # another run_dir: not part of the key
     assert status == "cached"
-    assert second.file("out.txt") == (tmp_path / "runs" / "b" / "out.txt").resolve()
-    assert second.file("out.txt").read_text() == "hello"
+    assert Path(second.files["out.txt"].path) == (tmp_path / "runs" / "b" / "out.txt").resolve()
+    assert Path(second.files["out.txt"].path).read_text() == "hello"
     assert run(tmp_path, "c", text="other")[1] == "completed"
     assert (tmp_path / "out" / ".prefect-results").is_dir()
 
@@ -60,13 +60,13 @@ def test_key_ignores_unnamed_inputs_and_cached_files_are_adopted(tmp_path: Path)
 def test_missing_or_changed_file_makes_a_miss(tmp_path: Path, damage: str) -> None:
     first, _ = run(tmp_path, "a")
     if damage == "delete":
-        first.file("out.txt").unlink()
+        Path(first.files["out.txt"].path).unlink()
     else:
-        first.file("out.txt").write_text("tampered")
+        Path(first.files["out.txt"].path).write_text("tampered")
     CALLS.clear()
     again, status = run(tmp_path, "b")
     assert status == "completed" and CALLS == ["hello"]
-    assert again.file("out.txt").read_text() == "hello"
+    assert Path(again.files["out.txt"].path).read_text() == "hello"
     assert run(tmp_path, "c")[1] == "cached"  # the recomputed record is valid again
 
 
