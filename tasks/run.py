@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
@@ -39,7 +40,7 @@ from tasks.model import ModelInfo
 from tasks.training import TrainOutput
 from visionflow.checkpoints import load_checkpoint
 from visionflow.config import PipelineConfig
-from visionflow.manifest import CheckpointRecord, Manifest, TimingRecord
+from visionflow.manifest import CheckpointRecord, Manifest, RunStatus, TimingRecord
 from visionflow.reports import confusion_frame, per_class_frame, run_summary_markdown, validation_markdown
 from visionflow.runs import RunLayout, check_same_data, compare_runs, open_run, reproduction_config
 from visionflow.steps import finish_into
@@ -131,36 +132,58 @@ def publish_run(run: RunInfo, manifest: Manifest) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def fail_run(run: RunInfo, error: str) -> None:
-    """Mark the run failed in its manifest, with the error, and publish that as the summary."""
+def fail_run(run: RunInfo, error: str, status: RunStatus = "failed") -> None:
+    """Mark the run failed (or timed_out) in its manifest, with the error, and publish that as the summary."""
     manifest = Manifest.load(run.run_dir).finish(
-        "failed", timing=TimingRecord(total_seconds=time.time() - run.started_time), tasks=task_outcomes(), error=error
+        status, timing=TimingRecord(total_seconds=time.time() - run.started_time), tasks=task_outcomes(), error=error
     )
     manifest.save(run.run_dir)
     publish_summary(run_summary_markdown(manifest, run.run_dir))
 
 
-def record_interruption(run: RunInfo, reason: BaseException) -> None:
-    """Mark the run interrupted in its manifest, with the epoch its last.pt holds. A plain call, not
-    a task: the flow run is being torn down (Ctrl-C, SIGTERM) and no task can start now."""
+def last_epoch(run: RunInfo) -> int:
+    """The epoch the run's last.pt holds (0 before the first checkpoint): where a rerun resumes."""
     last = RunLayout(Path(run.run_dir)).last_checkpoint
-    epoch = load_checkpoint(last)["epoch"] if last.is_file() else 0
-    cause = signal.Signals(reason.signal).name if isinstance(reason, TerminationSignal) else type(reason).__name__
+    return load_checkpoint(last)["epoch"] if last.is_file() else 0
+
+
+def cancelled_through_prefect() -> bool:
+    """Whether this flow run is being cancelled through Prefect (the UI, the API): its state is
+    Cancelling (a worker then sends the flow-run process SIGTERM) or already Cancelled."""
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(flow_run.get_id())).state
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
+
+
+def record_interruption(run: RunInfo, reason: BaseException) -> None:
+    """Mark the run interrupted (cancelled, when Prefect cancelled it) in its manifest, with the
+    epoch its last.pt holds. A plain call, not a task: the flow run is being torn down (Ctrl-C,
+    SIGTERM) and no task can start now."""
+    status: RunStatus = "interrupted"
+    cause = type(reason).__name__
+    if isinstance(reason, TerminationSignal):  # SIGTERM: a process manager, `timeout`, or a worker cancelling
+        cause = signal.Signals(reason.signal).name
+        status = "cancelled" if cancelled_through_prefect() else "interrupted"
     manifest = Manifest.load(run.run_dir).finish(
-        "interrupted",
+        status,
         timing=TimingRecord(total_seconds=time.time() - run.started_time),
         tasks=task_outcomes(),
-        error=f"interrupted by {cause} after epoch {epoch}; rerun with the same run name to resume",
+        error=f"{status} by {cause} after epoch {last_epoch(run)}; rerun with the same run name to resume",
     )
     manifest.save(run.run_dir)
 
 
 @contextmanager
 def failure_recorded(run: RunInfo) -> Iterator[None]:
-    """A step that fails inside the block marks the run failed (`fail_run`), a stop from outside
-    (Ctrl-C, SIGTERM) marks it interrupted; the error goes on."""
+    """A step that fails inside the block marks the run failed (`fail_run`), a timeout marks it
+    timed_out, a stop from outside (Ctrl-C, SIGTERM, a Prefect cancellation) interrupted or
+    cancelled; the error goes on (a TimeoutError ends the flow run TimedOut)."""
     try:
         yield
+    except TimeoutError as err:  # training.timeout_minutes, or a task's own timeout
+        error = f"{' '.join(str(err).split()) or type(err).__name__}; timed out after epoch {last_epoch(run)}"
+        fail_run(run, f"{error}; rerun with the same run name to resume", "timed_out")
+        raise
     except Exception as err:
         fail_run(run, " ".join(str(err).split()) or type(err).__name__)
         raise

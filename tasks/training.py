@@ -29,8 +29,11 @@ class TrainOutput(TaskOutput):
 
 
 def by_training_fields(config: PipelineConfig) -> dict[str, Any]:
-    """What training depends on: the whole config except where data and outputs live."""
-    return config.model_dump(mode="json", exclude={"output": True, "data": {"dataset", "data_dir"}})
+    """What training depends on: the whole config except where data and outputs live and the time
+    limit (a run that finishes within it trains the same weights)."""
+    return config.model_dump(
+        mode="json", exclude={"output": True, "data": {"dataset", "data_dir"}, "training": {"timeout_minutes"}}
+    )
 
 
 class _LogStream:

@@ -136,6 +136,12 @@ class TrainingConfig(_Section):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many epochs without improvement; None = never."
     )
+    timeout_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Stop training at a batch boundary after this many minutes of training in one process "
+        "(the run ends timed_out; rerunning it resumes from last.pt); None = no limit.",
+    )
 
 
 class OutputConfig(_Section):

@@ -32,12 +32,20 @@ from visionflow.loaders import Batches, eval_batches, make_loader
 from visionflow.models import ModelSpec
 from visionflow.optim import build_optimizer, build_scheduler
 from visionflow.rng import Generators, restore_rng_state, rng_state
+from visionflow.stopping import StopGuard
 from visionflow.transforms import BatchTransform, fill_mean_std
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change where
 # things are written or how fast it runs, not the numbers (data.num_workers: a removed loader
 # setting that checkpoints written before its removal still carry).
-_RESUME_FREE_FIELDS = ("output.", "data.data_dir", "data.num_workers", "training.device", "training.compile")
+_RESUME_FREE_FIELDS = (
+    "output.",
+    "data.data_dir",
+    "data.num_workers",
+    "training.device",
+    "training.compile",
+    "training.timeout_minutes",
+)
 _PROGRESS_INTERVAL = 0.25  # seconds between progress-bar redraws (each redraw is one device sync)
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +187,10 @@ def train_one_epoch(
     step: int = 0,
     callbacks: Sequence[Callback] = (),
     progress: Progress | None = None,
+    stop: StopGuard | None = None,
 ) -> TrainStats:
-    """One pass over model-ready `batches`; the scheduler steps per batch; `grad_clip` 0 = off."""
+    """One pass over model-ready `batches`; the scheduler steps per batch; `grad_clip` 0 = off;
+    `stop` is checked after every batch (a held Ctrl-C/SIGTERM or a deadline ends the epoch there)."""
     model.train()
     # Running sums stay on the device: reading them (.item()) would sync every step.
     loss_sum = torch.zeros((), device=device)  # sum of per-image losses
@@ -206,15 +216,22 @@ def train_one_epoch(
                 cb.on_step_end(step, loss.item(), optimizer.param_groups[0]["lr"])
         if progress is not None:
             progress.update(epoch, batch, len(batches), loss_sum, correct, images, time.perf_counter() - start)
+        if stop is not None:
+            stop.check()  # host-side only: no device sync
     mean_loss, accuracy = loss_sum.item() / images, correct.item() / images  # the epoch's one sync
     return TrainStats(mean_loss, accuracy, images, time.perf_counter() - start, step)
 
 
 @torch.no_grad()
 def collect_logits(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, precision: str = "fp32"
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    precision: str = "fp32",
+    stop: StopGuard | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Run `model` (eval mode) over model-ready `batches`: (N, C) float32 logits and (N,) labels, on CPU."""
+    """Run `model` (eval mode) over model-ready `batches`: (N, C) float32 logits and (N,) labels, on CPU;
+    `stop` is checked after every batch."""
     model.eval()
     all_logits, all_labels = [], []
     for inputs, labels in batches:
@@ -222,14 +239,20 @@ def collect_logits(
             logits = model(inputs.to(device, non_blocking=True))  # (B, C)
         all_logits.append(logits.float().cpu())
         all_labels.append(labels.cpu())
+        if stop is not None:
+            stop.check()
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
 def evaluate(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, precision: str = "fp32"
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    precision: str = "fp32",
+    stop: StopGuard | None = None,
 ) -> tuple[float, float]:
     """(mean cross-entropy per image, accuracy in [0, 1]) of `model` on model-ready `batches`."""
-    logits, labels = collect_logits(model, batches, device, precision)  # (N, C), (N,)
+    logits, labels = collect_logits(model, batches, device, precision, stop)  # (N, C), (N,)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
@@ -443,6 +466,7 @@ def _run_epoch(
     device: torch.device,
     callbacks: Sequence[Callback],
     progress: Progress,
+    stop: StopGuard,
 ) -> EpochMetrics:
     """Train and evaluate one epoch, and fold its figures into `state`."""
     precision = config.training.precision
@@ -460,8 +484,9 @@ def _run_epoch(
         step=state.step,
         callbacks=callbacks,
         progress=progress,
+        stop=stop,
     )
-    eval_loss, eval_accuracy = evaluate(run.forward, run.eval_batches, device, precision)
+    eval_loss, eval_accuracy = evaluate(run.forward, run.eval_batches, device, precision, stop)
     if not (math.isfinite(stats.loss) and math.isfinite(eval_loss)):
         raise ConfigError(
             f"Training diverged in epoch {epoch} (train loss {stats.loss:.4g}, eval loss {eval_loss:.4g}) "
@@ -541,6 +566,8 @@ def fit(
     """Train `model` in place on decoded splits (`.images` uint8 (N, 3, H, W), `.labels` (N,)).
 
     Writes checkpoint_dir/last.pt every epoch and best.pt when config.training.monitor improves.
+    Ctrl-C/SIGTERM stop it at the next batch boundary (see StopGuard), and so does
+    config.training.timeout_minutes (TrainingTimedOut).
     `resume_from` continues a run at its next epoch (checkpoints go beside it unless
     `checkpoint_dir` says otherwise); a finished run returns its stored result at once.
     `progress_stream` receives the progress bar / epoch lines (default stderr).
@@ -561,14 +588,18 @@ def fit(
     for cb in callbacks:
         cb.on_fit_start(_start_info(run, state, config, spec, device, train, eval_split))
     progress = Progress(config.training.epochs, progress_stream)
-    for epoch in range(state.epoch + 1, config.training.epochs + 1):
-        metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress)
-        progress.epoch_end(metrics)
-        _save_checkpoints(checkpoint_dir, state, run, config, spec)
-        for cb in callbacks:
-            cb.on_epoch_end(metrics)
-        if state.stopped_early:
-            break
+    timeout = config.training.timeout_minutes
+    # Ctrl-C, SIGTERM and the timeout stop training at a batch boundary: last.pt stays the last
+    # finished epoch's, and rerunning resumes from it.
+    with StopGuard(timeout * 60 if timeout is not None else None) as stop:
+        for epoch in range(state.epoch + 1, config.training.epochs + 1):
+            metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress, stop)
+            progress.epoch_end(metrics)
+            _save_checkpoints(checkpoint_dir, state, run, config, spec)
+            for cb in callbacks:
+                cb.on_epoch_end(metrics)
+            if state.stopped_early:
+                break
     result = _result(state, run.model, checkpoint_dir, device, spec)
     for cb in callbacks:
         cb.on_fit_end(result)

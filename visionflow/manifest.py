@@ -26,7 +26,10 @@ from visionflow.fileio import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 2  # 2: typed model (1 was the untyped dict, its "manifest_version" is read as schema_version)
-RunStatus = Literal["running", "completed", "failed", "interrupted"]
+# interrupted: Ctrl-C, SIGTERM or a dead process; cancelled: by Prefect (UI, API); timed_out:
+# training.timeout_minutes. Rerunning a run that stopped in any of these ways resumes it.
+RunStatus = Literal["running", "completed", "failed", "interrupted", "cancelled", "timed_out"]
+STOPPED_STATUSES = ("interrupted", "cancelled", "timed_out")
 TaskStatus = Literal["completed", "cached"]
 HEADLINE_PACKAGES = ("torch", "torchvision", "prefect")
 
@@ -124,7 +127,7 @@ class Manifest(_Record):
     pid: int | None = Field(None, description="Process that runs the flow (see apparent_status).")
     host: str | None = Field(None, description="Host name of that process.")
     resumed_from: str | None = Field(None, description="last.pt of the interrupted run this one continued.")
-    error: str | None = Field(None, description="One line: why the run failed.")
+    error: str | None = Field(None, description="One line: why the run failed or stopped.")
     champion: dict[str, Any] | None = Field(None, description="The champion/challenger decision, when made.")
 
     @model_validator(mode="before")

@@ -1,0 +1,95 @@
+"""StopGuard with real signals sent to this process: a stop waits for the next batch boundary,
+a second one acts at once, and a deadline stops training the same way; then `fit` stopped by a
+real SIGINT at a known step, and resumed to the same weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.core.test_engine import _config, _fit
+from visionflow import checkpoints, engine
+from visionflow.stopping import StopGuard, TrainingTimedOut
+
+
+def test_a_signal_waits_for_the_next_check() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    with StopGuard() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # Python runs the handler between bytecodes: it has run by now
+        assert stop.pending == signal.SIGINT  # held, not raised
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
+        assert signal.getsignal(signal.SIGINT) is before  # delivered once: the guard is off
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_signal_acts_at_once() -> None:
+    with pytest.raises(KeyboardInterrupt), StopGuard():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # never reached the end: the second signal raises here
+        pytest.fail("the second SIGINT did not stop at once")
+
+
+def test_sigterm_reaches_the_previous_handler_at_the_check() -> None:
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with StopGuard() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert received == []
+            stop.check()
+            assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_after_the_last_check_is_delivered_at_the_end() -> None:
+    with pytest.raises(KeyboardInterrupt), StopGuard():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+
+
+def test_the_deadline_stops_at_a_check() -> None:
+    with StopGuard(timeout_seconds=0.05) as stop:
+        stop.check()  # before the deadline: nothing
+        time.sleep(0.06)
+        with pytest.raises(TrainingTimedOut, match=r"training.timeout_minutes \(0.000833333\) reached"):
+            stop.check()
+
+
+class SignalAt(engine.Callback):
+    """Sends this process SIGINT after optimizer step `step` (as Ctrl-C would, mid-epoch)."""
+
+    def __init__(self, step: int):
+        self.step, self.steps = step, []
+
+    def on_step_end(self, step, loss, lr):
+        self.steps.append(step)
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_fit_stops_at_the_batch_boundary_and_resumes_to_the_same_weights(tmp_path) -> None:
+    config = _config(epochs=3)  # 96 images, batches of 32: 3 steps per epoch
+    stopper = SignalAt(step=5)  # epoch 2, batch 2
+    with pytest.raises(KeyboardInterrupt):
+        _fit(config, checkpoint_dir=tmp_path, callbacks=[stopper])
+    assert stopper.steps == [1, 2, 3, 4, 5]  # the batch in flight finished, no other started
+    last = checkpoints.load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 1 and last["step"] == 3  # the last finished epoch, intact
+    resumed = _fit(config, resume_from=tmp_path / "last.pt")
+    assert resumed.weights_sha256 == _fit(config).weights_sha256
+
+
+def test_fit_timeout_stops_training(tmp_path) -> None:
+    config = _config(epochs=50, training={"timeout_minutes": 1e-5})  # 0.6 ms: the first check stops it
+    with pytest.raises(TrainingTimedOut):
+        _fit(config, checkpoint_dir=tmp_path)
+    assert not (tmp_path / "last.pt").exists()  # stopped inside epoch 1

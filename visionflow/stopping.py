@@ -1,0 +1,81 @@
+"""Stopping training cleanly. Inside `StopGuard`, a SIGINT (Ctrl-C) or SIGTERM takes effect at the
+next batch boundary, so the batch in flight finishes and no checkpoint is left half-written; a
+deadline (training.timeout_minutes) ends training at a batch boundary too. No Prefect here:
+whatever handled the signal before (Python's KeyboardInterrupt, Prefect's flow engine, the CLI)
+still handles it, only later.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingTimedOut(TimeoutError):
+    """Training ran past training.timeout_minutes and stopped at a batch boundary."""
+
+
+class StopGuard:
+    """`with StopGuard(timeout_seconds) as stop:` ... `stop.check()` at every batch boundary.
+
+    In the main thread, the first SIGINT or SIGTERM is held until the next `check()` (or the end of
+    the block), which then runs the handler installed before the guard: KeyboardInterrupt for
+    Ctrl-C, Prefect's or the CLI's SIGTERM handler. A second signal runs it at once (Ctrl-C twice:
+    stop now; files are written atomically, so none is left half-written). In other threads, where
+    Python delivers no signal, only the deadline applies. `check()` raises TrainingTimedOut once
+    `timeout_seconds` (None = no limit) have passed since the block was entered.
+    """
+
+    def __init__(self, timeout_seconds: float | None = None):
+        self.timeout_seconds = timeout_seconds
+        self.pending: int | None = None  # the signal held for the next check()
+        self._previous: dict[int, Any] = {}  # signal -> the handler the guard replaced
+        self._deadline: float | None = None  # time.monotonic() past which check() raises
+
+    def __enter__(self) -> StopGuard:
+        if self.timeout_seconds is not None:
+            self._deadline = time.monotonic() + self.timeout_seconds
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._hold) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
+        if self.pending is not None and exc_type is None:
+            self._deliver(self.pending, None)  # a signal after the last check() is not lost
+        self._restore()
+
+    def check(self) -> None:
+        """Call at a batch boundary: act on a held signal, then on the deadline."""
+        if self.pending is not None:
+            self._deliver(self.pending, None)
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise TrainingTimedOut(f"training.timeout_minutes ({self.timeout_seconds / 60:g}) reached")
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        if self.pending is not None:
+            self._deliver(signum, frame)  # the second signal: now
+            return
+        self.pending = signum
+        # os.write, not print: the signal may have interrupted a write to sys.stderr.
+        name = signal.Signals(signum).name
+        os.write(2, f"\n{name}: stopping at the end of this batch ({name} again to stop now)\n".encode())
+
+    def _deliver(self, signum: int, frame: FrameType | None) -> None:
+        handler = self._previous.get(signum, signal.SIG_DFL)
+        self.pending = None
+        self._restore()
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)  # the default action, now that it is restored
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
