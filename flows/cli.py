@@ -3,7 +3,7 @@ parser block in build_parser(). Handlers import what they need inside the functi
 imported only by the subcommands that run flows, so `validate` starts fast and works without it.
 
 Errors caused by user input (VisionflowError) print `error: <message>` on one line to stderr
-and exit 2, like argparse usage errors; Ctrl-C exits 130.
+and exit 2, like argparse usage errors; Ctrl-C exits 130, SIGTERM 143, a training timeout 124.
 """
 
 from __future__ import annotations
@@ -151,6 +151,9 @@ TRAIN_OVERRIDES = {  # CLI flag (argparse dest) -> dotted config field
 }
 
 
+EXIT_TIMED_OUT = 124  # what GNU `timeout` returns
+
+
 def exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -258,15 +261,17 @@ def prefect_ui_hint(api: PrefectAPI, flow_run_id: str | None) -> str:
 
 
 def resume_hint(output_dir: str) -> str:
-    """The line printed when a training run is interrupted: how to resume it."""
+    """The line printed when a training run stopped before its end: how to resume it."""
+    from visionflow.manifest import STOPPED_STATUSES
     from visionflow.runs import list_runs
 
-    mine = [
-        row["name"] for row in list_runs(output_dir) if row["status"] == "interrupted" and row["pid"] == os.getpid()
-    ]
+    mine = [row for row in list_runs(output_dir) if row["status"] in STOPPED_STATUSES and row["pid"] == os.getpid()]
     if not mine:
         return "interrupted"
-    return f"interrupted: rerun the same command with --run-name {mine[-1]} to resume from its last checkpoint"
+    return (
+        f"{mine[-1]['status']}: rerun the same command with --run-name {mine[-1]['name']} "
+        f"to resume from its last checkpoint"
+    )
 
 
 def check_before_run(config: Any) -> None:
@@ -310,6 +315,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(resume_hint(config.output.output_dir), file=sys.stderr)
         return 130
+    except TimeoutError as err:  # training.timeout_minutes
+        print(f"error: {err}", file=sys.stderr)
+        print(resume_hint(config.output.output_dir), file=sys.stderr)
+        return EXIT_TIMED_OUT
     layout = RunLayout(runs_root(config.output.output_dir) / manifest.run_name)
     statuses = list(manifest.tasks.values())
     print(
