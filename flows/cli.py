@@ -9,18 +9,25 @@ and exit 2, like argparse usage errors; Ctrl-C exits 130, SIGTERM 143, a trainin
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from typing import Any, Sequence
 
+from flows.prefect_server import (
+    DEFAULT_PORT,
+    NOT_RUNNING_STATUS,
+    BackgroundServer,
+    PrefectAPI,
+    prefect_home,
+    recorded_server,
+    running_server,
+    server_url,
+    start_server,
+    stop_server,
+)
 from visionflow.errors import ConfigError, DatasetError, VisionflowError
 
 
@@ -178,86 +185,16 @@ def prefect_environment() -> None:
         root.removeHandler(handler)
 
 
-class PrefectAPI:
-    """The Prefect API a command's flows talk to: PREFECT_API_URL when it is set, otherwise a
-    server of its own, started with Prefect's public CLI (`prefect server start`) on a free port
-    of 127.0.0.1, in its own session so that a terminal's Ctrl-C reaches only this process, and
-    stopped when this process exits, last: after Prefect has sent its final logs and events."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
-        if os.environ.get("PREFECT_API_URL"):
-            return
-        port = free_port()
-        # Starts while the flow modules import; wait() blocks until it answers.
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, "PREFECT_UI_ENABLED": "false"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        # atexit runs last what is registered first: before prefect is imported, this runs after
-        # every exit handler Prefect registers (the flush of its logs and events to this server).
-        atexit.register(self.stop)
-        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-
-    @property
-    def temporary(self) -> bool:
-        return self.process is not None
-
-    def wait(self, timeout: float = 120.0) -> None:
-        """Block until the temporary server answers (no-op for PREFECT_API_URL)."""
-        if self.process is None:
-            return
-        health = os.environ["PREFECT_API_URL"] + "/health"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                stderr = self.process.stderr.read().decode(errors="replace").strip().splitlines()
-                raise ConfigError(
-                    f"The temporary Prefect server exited ({self.process.returncode}): "
-                    f"{stderr[-1] if stderr else 'no output'}; set PREFECT_API_URL to a running server"
-                )
-            try:
-                with urllib.request.urlopen(health, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise ConfigError(
-            f"The temporary Prefect server did not answer within {timeout:.0f} s; "
-            f"set PREFECT_API_URL to a running server"
-        )
-
-    def stop(self) -> None:
-        """Stop the temporary server and everything it started (its session), waiting for it."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def prefect_ui_hint(api: PrefectAPI, flow_run_id: str | None) -> str:
     """Where to see a flow run in the Prefect UI."""
     from prefect.settings import PREFECT_UI_URL
 
     path = f"/runs/flow-run/{flow_run_id}" if flow_run_id else ""
+    if api.server is not None:
+        return f"{api.server.url}{path}"
     if not api.temporary and PREFECT_UI_URL.value():
         return f"{PREFECT_UI_URL.value()}{path}"
-    return f"run `prefect server start`, then open http://127.0.0.1:4200{path}"
+    return f"run `visionflow server start`, then open {server_url(DEFAULT_PORT)}{path}"
 
 
 def resume_hint(output_dir: str) -> str:
@@ -367,6 +304,59 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0 if result["identical"] else 1
 
 
+def api_url_note() -> str | None:
+    """The line saying that PREFECT_API_URL, when set, wins over `visionflow server`."""
+    url = os.environ.get("PREFECT_API_URL")
+    return f"note: PREFECT_API_URL is set ({url}): visionflow commands use that API, not this server" if url else None
+
+
+def print_server(server: BackgroundServer) -> None:
+    """Where a running server's UI, API and log are."""
+    print(f"  UI:   {server.url}")
+    print(f"  API:  {server.api_url}")
+    print(f"  log:  {server.log}")
+    if note := api_url_note():
+        print(note)
+
+
+def cmd_server_start(args: argparse.Namespace) -> int:
+    prefect_environment()
+    server, started = start_server(args.port or DEFAULT_PORT)
+    if started:
+        print(f"Prefect server started (pid {server.pid}), database and log in {server.home}")
+    elif args.port not in (None, server.port):
+        print(f"Prefect server already running on port {server.port}, not {args.port}: stop it first to move it")
+    else:
+        print(f"Prefect server already running (pid {server.pid})")
+    print_server(server)
+    return 0
+
+
+def cmd_server_stop(args: argparse.Namespace) -> int:
+    print(stop_server())
+    return 0
+
+
+def cmd_server_status(args: argparse.Namespace) -> int:
+    home = prefect_home()
+    server = running_server(home)
+    if server is None:
+        recorded = recorded_server(home)
+        why = f": pid {recorded.pid} does not answer at {recorded.url}" if recorded else ""
+        print(f"Prefect server not running{why} (start it with `visionflow server start`)")
+        return NOT_RUNNING_STATUS
+    print(f"Prefect server running (pid {server.pid})")
+    print_server(server)
+    return 0
+
+
+def tcp_port(text: str) -> int:
+    """argparse type: a TCP port number, 1-65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a TCP port, 1-65535")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="visionflow", description="Train, evaluate and serve image classifiers.")
@@ -464,6 +454,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (<output>/runs/<run-name>)")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
     p.set_defaults(handler=cmd_reproduce)
+
+    p = commands.add_parser(
+        "server",
+        help="keep a Prefect server (API and UI) running in the background for the commands that run flows",
+        description="Prefect's server on 127.0.0.1 in the background, its database and log in the Prefect home "
+        "(PREFECT_HOME, default ~/.prefect). While it runs, `train` and `reproduce` use it (unless "
+        "PREFECT_API_URL is set) instead of starting a temporary server each.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    action = actions.add_parser("start", help="start it, or say where it already runs; prints the UI URL")
+    action.add_argument("--port", type=tcp_port, help=f"port on 127.0.0.1 (default: {DEFAULT_PORT})")
+    action.set_defaults(handler=cmd_server_start)
+    action = actions.add_parser("stop", help="stop it and wait until its process has exited")
+    action.set_defaults(handler=cmd_server_stop)
+    action = actions.add_parser(
+        "status", help=f"say whether it runs and where; exit status 0 when it runs, {NOT_RUNNING_STATUS} when not"
+    )
+    action.set_defaults(handler=cmd_server_status)
 
     return parser
 
