@@ -45,7 +45,9 @@ from pydantic import BaseModel, ConfigDict
 
 import visionflow
 from visionflow.config import OutputConfig
+from visionflow.errors import VisionflowError
 from visionflow.fileio import copy_atomic, file_sha256, try_lock, unlock
+from visionflow.stopping import TrainingTimedOut
 
 RESULTS_SUBDIR = ".prefect-results"
 CORE_PACKAGE = Path(visionflow.__file__).resolve().parent
@@ -246,7 +248,21 @@ class _QuietBookkeeping(logging.Filter):
         return not (record.levelno == logging.INFO and f"hook {record_outcome.__name__!r}" in message.lower())
 
 
+class _ExpectedErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed task or flow run with the exception's traceback. For errors the
+    product raises on purpose (VisionflowError: bad data, config, checkpoint, device;
+    TrainingTimedOut: training.timeout_minutes) the one-line message says everything, so the
+    traceback is left out of the log, as the CLI leaves it out of its output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (VisionflowError, TrainingTimedOut)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 logging.getLogger("prefect.task_runs").addFilter(_QuietBookkeeping())
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_ExpectedErrorsInOneLine())
 
 
 # ---------------------------------------------------------------------------------------------

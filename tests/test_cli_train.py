@@ -142,12 +142,22 @@ def processes_with(marker: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    "how, status", [("ctrl-c", 130), ("sigint", 130), ("sigterm", 143)], ids=["ctrl-c", "sigint", "sigterm"]
+    "how, code, status",
+    [
+        ("ctrl-c", 130, "interrupted"),
+        ("sigint", 130, "interrupted"),
+        ("sigterm", 143, "interrupted"),
+        ("timeout", 124, "timed_out"),
+    ],
+    ids=["ctrl-c", "sigint", "sigterm", "timeout"],
 )
-def test_a_run_stopped_from_outside_ends_cleanly(tmp_path: Path, sample_dataset: Path, how: str, status: int) -> None:
-    """Ctrl-C in a terminal (SIGINT to the process group), SIGINT to the process, SIGTERM: the
-    command exits with 130/143 within seconds, the manifest says interrupted, and no process of
-    the run is left, the temporary Prefect server included (it runs in its own session)."""
+def test_a_run_stopped_from_outside_ends_cleanly(
+    tmp_path: Path, sample_dataset: Path, how: str, code: int, status: str
+) -> None:
+    """Ctrl-C in a terminal (SIGINT to the process group), SIGINT to the process, SIGTERM, a
+    training.timeout_minutes: the command exits with 130/143/124 within seconds, the manifest says
+    interrupted or timed_out, and no process of the run is left, the temporary Prefect server
+    included (it runs in its own session)."""
     data = copy_tiny_dataset(sample_dataset, tmp_path / "data", ("bird", "frog", "truck"), 6, 3)
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -155,27 +165,35 @@ def test_a_run_stopped_from_outside_ends_cleanly(tmp_path: Path, sample_dataset:
     run_dir = tmp_path / "out" / "runs" / "stopped"
     argv = [sys.executable, "-m", "flows.cli", "train", "--dataset", str(data), "--epochs", "3", "--batch-size", "9",
             "--device", "cpu", "--output", str(tmp_path / "out"), "--run-name", "stopped"]  # fmt: skip
+    if how == "timeout":  # 1.2 s of training; 300 epochs of 18 images take several seconds
+        (tmp_path / "limit.yaml").write_text("training:\n  timeout_minutes: 0.02\n")
+        argv[argv.index("3")] = "300"
+        argv += ["--config", str(tmp_path / "limit.yaml")]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoints" / "last.pt").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written in time"
-            time.sleep(0.02)
-        sent = time.monotonic()
-        if how == "ctrl-c":
-            os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole foreground group
+        if how == "timeout":
+            _, err = proc.communicate(timeout=240)
         else:
-            proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        assert proc.returncode == status, err[-2000:]
-        assert time.monotonic() - sent < 10
+            deadline = time.monotonic() + 240
+            while not (run_dir / "checkpoints" / "last.pt").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written in time"
+                time.sleep(0.02)
+            sent = time.monotonic()
+            if how == "ctrl-c":
+                os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole foreground group
+            else:
+                proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert time.monotonic() - sent < 10
+        assert proc.returncode == code, err[-2000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "interrupted" and "after epoch" in manifest["error"]
-    if status == 130:
-        assert err.strip().splitlines()[-1].startswith("interrupted: rerun the same command with --run-name stopped")
+    assert manifest["status"] == status and "after epoch" in manifest["error"]
+    if code != 143:
+        assert err.strip().splitlines()[-1].startswith(f"{status}: rerun the same command with --run-name stopped")
+    assert "Traceback" not in err
     assert processes_with(f"PREFECT_HOME={home}") == []  # the temporary server stopped with it

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect import get_client
 from prefect.exceptions import ParameterTypeError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -18,10 +19,12 @@ from flows.reproduce import reproduce_run
 from flows.train import train_pipeline
 from tasks.artifacts import ARTIFACT_KEYS
 from tests.flows.conftest import HEAVY_TASKS, artifact_keys, log_messages, run_dir_of, task_states, tiny_config, train
+from visionflow.checkpoints import load_checkpoint
 from visionflow.config import RECIPES
 from visionflow.errors import DatasetError
 from visionflow.fileio import file_sha256
 from visionflow.runs import list_runs
+from visionflow.stopping import TrainingTimedOut
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -233,3 +236,26 @@ def test_parameter_schema_is_the_config_and_bad_values_fail_before_any_work(tmp_
     with pytest.raises(ParameterTypeError, match="epochs"):
         train_pipeline(config={"training": {"epochs": 0}, "output": {"output_dir": str(tmp_path)}})
     assert not (tmp_path / "runs").exists()
+
+
+def test_timeout_ends_the_run_timed_out_and_a_rerun_resumes(tiny_data: Path, tmp_path: Path) -> None:
+    output, epochs = tmp_path / "out", 100
+    limited = tiny_config(
+        tiny_data, output, **{"training.epochs": epochs, "training.timeout_minutes": 0.02, "output.run_name": "slow"}
+    )  # 1.2 s of training: about 20 epochs on an idle 2-core machine, 100 take several seconds
+    with pytest.raises(TrainingTimedOut):
+        train(limited)
+    run_dir = output / "runs" / "slow"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    last = run_dir.resolve() / "checkpoints" / "last.pt"
+    reached = load_checkpoint(last)["epoch"] if last.exists() else 0  # 0 on a machine too busy to end epoch 1
+    assert reached < epochs
+    assert manifest["status"] == "timed_out" and f"timed out after epoch {reached}" in manifest["error"]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(manifest["prefect_flow_run_id"]).state.name == "TimedOut"
+
+    resumed = train(tiny_config(tiny_data, output, **{"training.epochs": epochs, "output.run_name": "slow"}))
+    assert resumed["status"] == "completed"
+    assert resumed["resumed_from"] == (str(last) if reached else None)
+    uninterrupted = train(tiny_config(tiny_data, tmp_path / "fresh", **{"training.epochs": epochs}))
+    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
