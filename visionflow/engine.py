@@ -190,7 +190,7 @@ def train_one_epoch(
     stop: StopGuard | None = None,
 ) -> TrainStats:
     """One pass over model-ready `batches`; the scheduler steps per batch; `grad_clip` 0 = off;
-    `stop` is checked after every batch (a held Ctrl-C/SIGTERM or a deadline ends the epoch there)."""
+    `stop` is checked after every batch (a held Ctrl-C or a deadline ends the epoch there)."""
     model.train()
     # Running sums stay on the device: reading them (.item()) would sync every step.
     loss_sum = torch.zeros((), device=device)  # sum of per-image losses
@@ -566,7 +566,7 @@ def fit(
     """Train `model` in place on decoded splits (`.images` uint8 (N, 3, H, W), `.labels` (N,)).
 
     Writes checkpoint_dir/last.pt every epoch and best.pt when config.training.monitor improves.
-    Ctrl-C/SIGTERM stop it at the next batch boundary (see StopGuard), and so does
+    Ctrl-C stops it at the next batch boundary (see StopGuard), and so does
     config.training.timeout_minutes (TrainingTimedOut).
     `resume_from` continues a run at its next epoch (checkpoints go beside it unless
     `checkpoint_dir` says otherwise); a finished run returns its stored result at once.
@@ -589,8 +589,8 @@ def fit(
         cb.on_fit_start(_start_info(run, state, config, spec, device, train, eval_split))
     progress = Progress(config.training.epochs, progress_stream)
     timeout = config.training.timeout_minutes
-    # Ctrl-C, SIGTERM and the timeout stop training at a batch boundary: last.pt stays the last
-    # finished epoch's, and rerunning resumes from it.
+    # Ctrl-C and the timeout stop training at a batch boundary: last.pt stays the last finished
+    # epoch's, and rerunning resumes from it.
     with StopGuard(timeout * 60 if timeout is not None else None) as stop:
         for epoch in range(state.epoch + 1, config.training.epochs + 1):
             metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress, stop)

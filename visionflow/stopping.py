@@ -1,8 +1,12 @@
-"""Stopping training cleanly. Inside `StopGuard`, a SIGINT (Ctrl-C) or SIGTERM takes effect at the
-next batch boundary, so the batch in flight finishes and no checkpoint is left half-written; a
-deadline (training.timeout_minutes) ends training at a batch boundary too. No Prefect here:
-whatever handled the signal before (Python's KeyboardInterrupt, Prefect's flow engine, the CLI)
-still handles it, only later.
+"""Stopping training cleanly. Inside `StopGuard`, Ctrl-C (SIGINT) takes effect at the next batch
+boundary, so the batch in flight finishes and no checkpoint is left half-written; a deadline
+(training.timeout_minutes) ends training at a batch boundary too. No Prefect here: whatever
+handled SIGINT before (Python's KeyboardInterrupt, a caller's handler) still handles it, only later.
+
+SIGTERM is left to its handler: in a flow run, Prefect's engine turns it into a cancellation (a
+worker cancelling the run from the UI) or a crash, and it accepts a worker's cancellation only
+while its own SIGTERM handler is installed. Files are written atomically, so a SIGTERM mid-batch
+leaves no half-written file either.
 """
 
 from __future__ import annotations
@@ -14,8 +18,6 @@ import time
 from types import FrameType
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
 
 class TrainingTimedOut(TimeoutError):
     """Training ran past training.timeout_minutes and stopped at a batch boundary."""
@@ -24,25 +26,25 @@ class TrainingTimedOut(TimeoutError):
 class StopGuard:
     """`with StopGuard(timeout_seconds) as stop:` ... `stop.check()` at every batch boundary.
 
-    In the main thread, the first SIGINT or SIGTERM is held until the next `check()` (or the end of
-    the block), which then runs the handler installed before the guard: KeyboardInterrupt for
-    Ctrl-C, Prefect's or the CLI's SIGTERM handler. A second signal runs it at once (Ctrl-C twice:
-    stop now; files are written atomically, so none is left half-written). In other threads, where
-    Python delivers no signal, only the deadline applies. `check()` raises TrainingTimedOut once
-    `timeout_seconds` (None = no limit) have passed since the block was entered.
+    In the main thread, the first SIGINT is held until the next `check()` (or the end of the
+    block), which then runs the handler installed before the guard (Python's raises
+    KeyboardInterrupt). A second SIGINT runs it at once (Ctrl-C twice: stop now; files are written
+    atomically, so none is left half-written). In other threads, where Python delivers no signal,
+    only the deadline applies. `check()` raises TrainingTimedOut once `timeout_seconds` (None = no
+    limit) have passed since the block was entered.
     """
 
     def __init__(self, timeout_seconds: float | None = None):
         self.timeout_seconds = timeout_seconds
         self.pending: int | None = None  # the signal held for the next check()
-        self._previous: dict[int, Any] = {}  # signal -> the handler the guard replaced
+        self._previous: dict[int, Any] = {}  # signal -> the handler the guard replaced (SIGINT's)
         self._deadline: float | None = None  # time.monotonic() past which check() raises
 
     def __enter__(self) -> StopGuard:
         if self.timeout_seconds is not None:
             self._deadline = time.monotonic() + self.timeout_seconds
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._hold) for signum in STOP_SIGNALS}
+            self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._hold)}
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
@@ -51,7 +53,7 @@ class StopGuard:
         self._restore()
 
     def check(self) -> None:
-        """Call at a batch boundary: act on a held signal, then on the deadline."""
+        """Call at a batch boundary: act on a held Ctrl-C, then on the deadline."""
         if self.pending is not None:
             self._deliver(self.pending, None)
         if self._deadline is not None and time.monotonic() > self._deadline:

@@ -35,18 +35,22 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.exceptions import PrefectHTTPStatusError
+from prefect.states import Cancelling
 
 from tests.flows.server_fixtures import (
     CHROMIUM,
     PREFECT,
     PrefectServer,
+    background,
     chromium_text,
     copy_tiny_dataset,
     prefect_server,
     run_cli,
     run_worker_once,
+    tail,
     wait_for,
 )
+from visionflow.checkpoints import load_checkpoint
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -300,3 +304,49 @@ def test_ui_shows_the_runs_artifacts(first_run: FlowRun, server: PrefectServer, 
     for key in RUN_KEYS:
         assert key in text, f"artifact {key} not shown on the flow run page; page text:\n{text[:3000]}"
     assert decision in text
+
+
+def test_cancelling_a_run_stops_it_cleanly_and_the_worker_takes_the_next(
+    deployed: str, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any], tmp_path: Path
+) -> None:
+    """Cancel (as the UI's Cancel button does: state Cancelling) a run while a long-running worker
+    trains it: the worker stops the flow-run process, the run ends Cancelled with its manifest
+    `cancelled`, and the same worker then takes the rerun, which resumes from last.pt."""
+    config = {
+        **run_config,
+        "training": {**run_config["training"], "epochs": 60},  # ~20 s in a worker; cancelled within ~1 s
+        "output": {"output_dir": str(tmp_path / "out"), "run_name": "cancel-me"},
+    }
+    run_dir = tmp_path / "out" / "runs" / "cancel-me"
+    last = run_dir / "checkpoints" / "last.pt"
+    worker = [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1",
+              "--name", "test-long-worker", "--install-policy", "never"]  # fmt: skip
+    log = server.home / "worker-cancel.log"
+    with background(worker, server.env, REPO, log) as process:
+        first = trigger(server, ON_DEMAND, config)
+        wait_for(lambda: last.exists(), bool, RUN_SECONDS, lambda _: f"no checkpoint of {first}:\n{tail(log)}")
+        client.set_flow_run_state(first, Cancelling(message="cancelled by the test"), force=True)
+        cancelled = wait_for(
+            lambda: client.read_flow_run(first),
+            lambda run: run.state is not None and run.state.is_final(),
+            RECORD_SECONDS,
+            lambda run: f"flow run {first} still {run.state}:\n{tail(log)}",
+        )
+        assert cancelled.state.is_cancelled(), f"{cancelled.state}:\n{tail(log)}"
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert manifest["status"] == "cancelled" and "SIGTERM" in manifest["error"], manifest["error"]
+        epoch = load_checkpoint(last)["epoch"]
+        assert 0 < epoch < 60
+
+        assert process.poll() is None, f"the worker exited:\n{tail(log)}"
+        rerun = trigger(server, ON_DEMAND, config)  # the same worker takes it
+        resumed = wait_for(
+            lambda: client.read_flow_run(rerun),
+            lambda run: run.state is not None and run.state.is_final(),
+            RUN_SECONDS,
+            lambda run: f"flow run {rerun} still {run.state}:\n{tail(log)}",
+        )
+    assert resumed.state.is_completed(), f"{resumed.state}:\n{tail(log)}"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["resumed_from"] == str(last.resolve())
+    assert manifest["prefect_flow_run_id"] == str(rerun)
