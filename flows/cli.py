@@ -252,6 +252,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(resume_hint(config.output.output_dir), file=sys.stderr)
         return 130
+    except SystemExit:  # SIGTERM (exit_on_sigterm): exit 143
+        print(resume_hint(config.output.output_dir), file=sys.stderr)
+        raise
     except TimeoutError as err:  # training.timeout_minutes
         print(f"error: {err}", file=sys.stderr)
         print(resume_hint(config.output.output_dir), file=sys.stderr)
