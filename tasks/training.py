@@ -23,9 +23,12 @@ class TrainOutput(TaskOutput):
         return self.files[BEST_CHECKPOINT_PATH]
 
     def used_config(self, config: PipelineConfig) -> PipelineConfig:
-        """`config` (resolved) with the normalization this training used."""
+        """`config` (resolved) with the normalization, precision and memory format this training used."""
         data = config.data.model_copy(update={"mean": self.fit.spec.mean, "std": self.fit.spec.std})
-        return config.model_copy(update={"data": data})
+        training = config.training.model_copy(
+            update={"precision": self.fit.precision, "channels_last": self.fit.channels_last}
+        )
+        return config.model_copy(update={"data": data, "training": training})
 
 
 def by_training_fields(config: PipelineConfig) -> dict[str, Any]:

@@ -124,9 +124,15 @@ class TrainingConfig(_Section):
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
         description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.",
     )
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (CUDA and CPU).")
-    channels_last: bool = Field(
-        False, description="Use channels_last memory format (faster convolutions on recent GPUs)."
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto (bf16 where the device computes it natively and it is faster, else fp32; "
+        "decided once per machine), fp32, or bf16 autocast.",
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        "auto",
+        description="channels_last memory format: auto (on for CUDA; on a CPU where it is faster for the model, "
+        "measured once per machine), true or false.",
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     seed: int = Field(0, ge=0, description="One seed for Python, NumPy, torch, shuffling and augmentation.")

@@ -10,6 +10,7 @@ schedule (`visionflow.optim`).
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -24,6 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from visionflow import checkpoints
+from visionflow.autotune import BF16_SLOWDOWN_WARNING, bf16_slowdown, cpu_name, fast_settings, native_bf16
 from visionflow.checkpoints import BEST_CHECKPOINT, LAST_CHECKPOINT
 from visionflow.config import DataConfig, PipelineConfig, flatten, is_improvement
 from visionflow.device import autocast, resolve_device
@@ -46,6 +48,7 @@ _RESUME_FREE_FIELDS = (
     "training.compile",
     "training.timeout_minutes",
 )
+log = logging.getLogger(__name__)
 _PROGRESS_INTERVAL = 0.25  # seconds between progress-bar redraws (each redraw is one device sync)
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +96,8 @@ class FitResult:
     stopped_early: bool
     device: str
     spec: ModelSpec  # the input spec with the normalization the run used
+    precision: str  # fp32 or bf16: what training.precision (auto) meant on this device
+    channels_last: bool  # what training.channels_last (auto) meant
 
 
 @dataclass
@@ -358,6 +363,30 @@ def _with_normalization(config: PipelineConfig, train_images: Tensor) -> Pipelin
     return config.model_copy(update={"data": data})
 
 
+def _with_fast_settings(config: PipelineConfig, spec: ModelSpec, device: torch.device) -> PipelineConfig:
+    """Fill training.precision and training.channels_last left `auto` with what is fast on `device`
+    (visionflow.autotune); warn when an explicit bf16 is emulated, and slow, on this CPU."""
+    training = config.training
+    if "auto" in (training.precision, training.channels_last):
+        chosen = fast_settings(device, spec.name, spec.input_size)
+        update = {
+            "precision": chosen.precision if training.precision == "auto" else training.precision,
+            "channels_last": chosen.channels_last if training.channels_last == "auto" else training.channels_last,
+        }
+        log.info("training.precision %s, channels_last %s (%s)", *update.values(), chosen.reason)
+        return config.model_copy(update={"training": training.model_copy(update=update)})
+    if training.precision == "bf16" and device.type == "cpu" and not native_bf16():
+        slowdown = bf16_slowdown(spec.name, spec.input_size)
+        if slowdown >= BF16_SLOWDOWN_WARNING:
+            log.warning(
+                "training.precision bf16 trains %.1fx slower than fp32 on this CPU (%s: no native bf16); "
+                "use precision auto or fp32",
+                slowdown,
+                cpu_name(),
+            )
+    return config
+
+
 def _check_data(train: Any, eval_split: Any, spec: ModelSpec, config: PipelineConfig) -> None:
     for name, split in (("train", train), ("eval", eval_split)):
         if len(split.labels) == 0:
@@ -375,7 +404,12 @@ def _check_data(train: Any, eval_split: Any, spec: ModelSpec, config: PipelineCo
 
 
 def _result(
-    state: _FitState, model: nn.Module, checkpoint_dir: Path | None, device: torch.device, spec: ModelSpec
+    state: _FitState,
+    model: nn.Module,
+    checkpoint_dir: Path | None,
+    device: torch.device,
+    spec: ModelSpec,
+    config: PipelineConfig,
 ) -> FitResult:
     best = checkpoint_dir / BEST_CHECKPOINT if checkpoint_dir is not None and state.best_epoch is not None else None
     return FitResult(
@@ -390,6 +424,8 @@ def _result(
         stopped_early=state.stopped_early,
         device=str(device),
         spec=spec,
+        precision=config.training.precision,
+        channels_last=config.training.channels_last,
     )
 
 
@@ -576,6 +612,7 @@ def fit(
     spec = replace(spec, mean=config.data.mean, std=config.data.std)
     _check_data(train, eval_split, spec, config)
     device = resolve_device(config.training.device)
+    config = _with_fast_settings(config, spec, device)
     run = _build_run(model, train, eval_split, config, device)
     state, finished = _FitState(), False
     if resume_from is not None:
@@ -584,7 +621,7 @@ def fit(
         state, finished = _resume(run, resume_from, config, device)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if finished:
-        return _result(state, run.model, checkpoint_dir, device, spec)
+        return _result(state, run.model, checkpoint_dir, device, spec, config)
     for cb in callbacks:
         cb.on_fit_start(_start_info(run, state, config, spec, device, train, eval_split))
     progress = Progress(config.training.epochs, progress_stream)
@@ -600,7 +637,7 @@ def fit(
                 cb.on_epoch_end(metrics)
             if state.stopped_early:
                 break
-    result = _result(state, run.model, checkpoint_dir, device, spec)
+    result = _result(state, run.model, checkpoint_dir, device, spec, config)
     for cb in callbacks:
         cb.on_fit_end(result)
     return result

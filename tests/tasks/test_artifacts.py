@@ -82,6 +82,8 @@ def train_with_progress(epochs: int, stop_after: int) -> None:
             stopped_early=stop_after < epochs,
             device="cpu",
             spec=ModelSpec("tudui", 2, 32, ["cat", "dog"]),
+            precision="fp32",
+            channels_last=False,
         )
     )
 

@@ -1,0 +1,57 @@
+"""`training.precision: auto` and `training.channels_last: auto` on this machine's CPU: decided
+once (measured, stored per machine), recorded in the result and the checkpoint, without moving
+the training's random streams; an explicit bf16 on a CPU that emulates it is warned about."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from tests.core.test_engine import _config, _fit
+from visionflow import autotune, checkpoints
+
+
+@pytest.fixture
+def settings_file(tmp_path, monkeypatch) -> object:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "visionflow" / autotune.SETTINGS_FILE
+
+
+def test_cpu_settings_are_measured_once_and_stored(settings_file) -> None:
+    chosen = autotune.fast_settings(torch.device("cpu"), "tudui", 32)
+    assert chosen.precision in (("fp32", "bf16") if autotune.native_bf16() else ("fp32",))
+    assert isinstance(chosen.channels_last, bool) and autotune.cpu_name() in chosen.reason
+    [(key, stored)] = json.loads(settings_file.read_text()).items()
+    assert key.endswith("|tudui|32px") and f"threads {torch.get_num_threads()}" in key
+    assert stored == {"precision": chosen.precision, "channels_last": chosen.channels_last, "reason": chosen.reason}
+    before = settings_file.stat().st_mtime_ns
+    assert autotune.fast_settings(torch.device("cpu"), "tudui", 32) == chosen  # read back, not measured again
+    assert settings_file.stat().st_mtime_ns == before
+
+
+def test_auto_is_resolved_recorded_and_leaves_the_random_streams_alone(settings_file, tmp_path) -> None:
+    config = _config(epochs=1)
+    assert (config.training.precision, config.training.channels_last) == ("auto", "auto")  # the defaults
+    cold = _fit(config, checkpoint_dir=tmp_path / "cold")  # measures first
+    warm = _fit(config, checkpoint_dir=tmp_path / "warm")  # reads the stored decision
+    chosen = autotune.fast_settings(torch.device("cpu"), "tudui", 32)
+    assert (cold.precision, cold.channels_last) == (chosen.precision, chosen.channels_last)
+    assert cold.weights_sha256 == warm.weights_sha256
+    stored = checkpoints.load_checkpoint(tmp_path / "cold" / "last.pt")["config"]["training"]
+    assert (stored["precision"], stored["channels_last"]) == (chosen.precision, chosen.channels_last)
+    explicit = _fit(_config(epochs=1, training={"precision": chosen.precision, "channels_last": chosen.channels_last}))
+    assert explicit.weights_sha256 == cold.weights_sha256  # auto is exactly the setting it chose
+
+
+def test_explicit_bf16_on_a_cpu_without_native_bf16_is_warned_about(settings_file, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="visionflow.engine"):
+        result = _fit(_config(epochs=1, training={"precision": "bf16", "channels_last": False}))
+    assert result.precision == "bf16"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if autotune.native_bf16():
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "slower than fp32 on this CPU" in warnings[0]
