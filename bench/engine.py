@@ -1,15 +1,16 @@
 """Training-engine throughput and memory benchmark (not a test). Run from the repo root:
 
-    .venv/bin/python bench/engine.py [--rounds 15] [--precision bf16|fp32] [--no-channels-last]
+    .venv/bin/python bench/engine.py [--rounds 15] [--precision auto|fp32|bf16] [--channels-last auto|true|false]
 
 On cifar10-mini/train (5,000 32x32 images), model tudui, batch 64, it measures images/s of
 
   tutorial  the seed tutorial's loop: ImageFolder + ToTensor + DataLoader(shuffle=True, batch 64)
             + SGD(lr 0.01), decoding every JPEG as it goes
-  engine    engine.fit with the default recipe (augmentation on the device, folded normalization)
-            and, by default, the engine's fast settings for this CPU: bf16 autocast + channels_last
-            (--precision fp32 --no-channels-last measures the plain fp32 engine). Its
-            train_images_per_second: evaluation excluded
+  engine    engine.fit with the product's defaults: the default recipe (augmentation on the
+            device, folded normalization) and training.precision / channels_last `auto`, which
+            this run resolves for this CPU as training does (visionflow.autotune: bf16 only where
+            native, the faster memory format as measured) and prints; --precision and
+            --channels-last override them. Its train_images_per_second: evaluation excluded
   ceiling   the same model, optimizer and loss: forward + backward + step on preloaded, normalized
             float batches in a tight loop (same precision and memory format)
 
@@ -43,8 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from visionflow import engine  # noqa: E402
+from visionflow.autotune import fast_settings  # noqa: E402
 from visionflow.cache import DecodedSplit, decoded_cache_dir, load_decoded  # noqa: E402
-from visionflow.config import PipelineConfig, build_config  # noqa: E402
+from visionflow.config import DataConfig, PipelineConfig, build_config  # noqa: E402
 from visionflow.data import resolve_dataset  # noqa: E402
 from visionflow.device import autocast  # noqa: E402
 from visionflow.models import ModelSpec, build_model  # noqa: E402
@@ -53,10 +55,10 @@ from visionflow.rng import seed_everything  # noqa: E402
 from visionflow.transforms import BatchTransform, mean_std  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cifar10-mini"
-BATCH = 64
+BATCH = DataConfig().batch_size  # the product default (64)
 MODEL = "tudui"
-PRECISION = "bf16"  # 1.5-2x fp32 on CPUs with AVX512-BF16/AMX (this one has AVX512-BF16)
-CHANNELS_LAST = True  # oneDNN's preferred convolution layout on CPU as well
+PRECISION = "auto"  # the product's default: resolved in main() as training resolves it
+CHANNELS_LAST: bool | str = "auto"
 SLICE_BATCHES = 20  # batches per timed slice: 1,280 images, about half a second per method
 RSS_IMAGES = 50_000
 
@@ -170,7 +172,7 @@ def peak_rss_child() -> None:
 
 
 def peak_rss_mb() -> dict:
-    settings = ["--precision", PRECISION] + ([] if CHANNELS_LAST else ["--no-channels-last"])
+    settings = ["--precision", PRECISION, "--channels-last", str(CHANNELS_LAST).lower()]
     out = subprocess.run(
         [sys.executable, __file__, "--rss-child", *settings], capture_output=True, text=True, check=True
     )
@@ -183,15 +185,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved slices per method (best is kept)")
     parser.add_argument(
         "--precision",
-        choices=("bf16", "fp32"),
-        default=PRECISION,
-        help="engine and ceiling precision (the tutorial loop is fp32 as written)",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="engine and ceiling precision (default: auto, as training); the tutorial loop is fp32 as written",
     )
-    parser.add_argument("--no-channels-last", action="store_true", help="engine and ceiling in NCHW layout")
+    parser.add_argument(
+        "--channels-last",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="engine and ceiling memory format (default: auto, as training)",
+    )
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    PRECISION, CHANNELS_LAST = args.precision, not args.no_channels_last
-    print(f"engine and ceiling: {PRECISION}, channels_last={CHANNELS_LAST}", flush=True)
+    chosen = fast_settings(torch.device("cpu"), MODEL, 32)
+    PRECISION = chosen.precision if args.precision == "auto" else args.precision
+    CHANNELS_LAST = chosen.channels_last if args.channels_last == "auto" else args.channels_last == "true"
+    print(
+        f"engine and ceiling: precision {PRECISION} ({args.precision}), channels_last {CHANNELS_LAST} "
+        f"({args.channels_last}); auto on this CPU: {chosen.reason}",
+        flush=True,
+    )
     if args.rss_child:
         return peak_rss_child()
     train, val = _decoded()
