@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -252,12 +253,15 @@ class PrefectAPI:
             return
         print(TEMPORARY_SERVER_HINT, file=sys.stderr)
         port = free_port()
+        # Its errors go to an unnamed file, not a pipe: a pipe nobody reads during a long run would
+        # fill up and block the server.
+        self.errors = tempfile.TemporaryFile()
         # Starts while the flow modules import; wait() blocks until it answers.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)],
             env={**os.environ, "PREFECT_UI_ENABLED": "false"},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self.errors,
             start_new_session=True,
         )
         os.environ["PREFECT_API_URL"] = f"{server_url(port)}/api"
@@ -274,7 +278,8 @@ class PrefectAPI:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                stderr = self.process.stderr.read().decode(errors="replace").strip().splitlines()
+                self.errors.seek(0)
+                stderr = self.errors.read().decode(errors="replace").strip().splitlines()
                 raise ConfigError(
                     f"The temporary Prefect server exited ({self.process.returncode}): "
                     f"{stderr[-1] if stderr else 'no output'}; set PREFECT_API_URL to a running server"
