@@ -236,9 +236,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.refresh:
         overrides["output.refresh"] = True
     config = load_config(args.config, overrides)
-    check_before_run(config)
     prefect_environment()
-    api = PrefectAPI()
+    api = PrefectAPI()  # a temporary server starts now, while the checks below import torch
+    try:
+        check_before_run(config)
+    except VisionflowError:
+        api.stop()  # nothing ran on it
+        raise
     from prefect import tags
 
     from flows.train import train_pipeline

@@ -251,7 +251,6 @@ class PrefectAPI:
         if self.server is not None:
             os.environ["PREFECT_API_URL"] = self.server.api_url
             return
-        print(TEMPORARY_SERVER_HINT, file=sys.stderr)
         port = free_port()
         # Its errors go to an unnamed file, not a pipe: a pipe nobody reads during a long run would
         # fill up and block the server.
@@ -274,6 +273,7 @@ class PrefectAPI:
         """Block until the temporary server answers (no-op for any other API)."""
         if self.process is None:
             return
+        print(TEMPORARY_SERVER_HINT, file=sys.stderr)
         health = os.environ["PREFECT_API_URL"] + "/health"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -296,12 +296,8 @@ class PrefectAPI:
             f"set PREFECT_API_URL to a running server"
         )
 
-    def close(self) -> None:
-        """The command's last exit handler: stop the temporary server and everything it started
-        (its session), waiting for it. Then gc.freeze(): the interpreter's teardown no longer
-        searches the millions of objects torch and Prefect made for reference cycles (over a
-        second of a cached `visionflow train` on 2 cores) that the operating system frees at
-        once anyway; objects outside cycles, open files among them, are still finalized."""
+    def stop(self) -> None:
+        """Stop the temporary server and everything it started (its session), waiting for it."""
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -309,4 +305,11 @@ class PrefectAPI:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+    def close(self) -> None:
+        """The command's last exit handler: `stop`. Then gc.freeze(): the interpreter's teardown no
+        longer searches the millions of objects torch and Prefect made for reference cycles (over
+        a second of a cached `visionflow train` on 2 cores) that the operating system frees at
+        once anyway; objects outside cycles, open files among them, are still finalized."""
+        self.stop()
         gc.freeze()

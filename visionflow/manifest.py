@@ -8,11 +8,13 @@ collected here too.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
@@ -222,9 +224,16 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+@functools.cache
+def _module_owners() -> Mapping[str, list[str]]:
+    """Top-level module -> distributions providing it; reads every installed package's file list
+    (~0.3 s), so once per process."""
+    return packages_distributions()
+
+
 def imported_packages() -> dict[str, str]:
     """Distribution name -> installed version of every package this process has imported."""
-    owners = packages_distributions()  # top-level module -> distributions providing it
+    owners = _module_owners()
     found: dict[str, str] = {}
     for module in {name.partition(".")[0] for name in list(sys.modules)}:
         for distribution in owners.get(module, ()):

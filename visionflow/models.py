@@ -7,7 +7,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
 
 from visionflow.errors import ConfigError
 
@@ -30,6 +29,8 @@ def build_tudui(num_classes: int) -> nn.Module:
 def build_resnet18(num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 adapted for 32x32 images: a 3x3 stride-1 stem and no max-pool,
     so a 32x32 input still reaches the last stage at 4x4 instead of 1x1."""
+    from torchvision.models import resnet18  # here: torchvision's import costs ~2 s (torch._dynamo)
+
     model = resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()

@@ -10,12 +10,11 @@ mean and std per channel on [0, 1] pixels.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision import transforms as T
 
 CROP_PADDING = 4  # pixels of zero padding around each image before the random crop (CIFAR standard)
 _STATS_CHUNK = 4096  # images per bincount pass: bounds the temporary copy to ~12 MB at 32x32
@@ -25,14 +24,18 @@ _MIN_STD = 1 / 255  # one grey level: a constant channel would otherwise divide 
 # PIL pipelines (one image at a time)
 
 
-def resize(image_size: int) -> T.Resize:
+def resize(image_size: int) -> Any:
     """To `image_size` x `image_size`, bilinear with antialiasing: exactly what cache.py stores, so a
     model sees the same pixels whether an image comes from the decoded cache or from a file."""
+    from torchvision import transforms as T  # here: torchvision's import costs ~2 s (torch._dynamo)
+
     return T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BILINEAR)
 
 
-def eval_pipeline(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+def eval_pipeline(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
     """PIL image -> normalized float32 (3, S, S): what evaluation and prediction feed the model."""
+    from torchvision import transforms as T
+
     return T.Compose([resize(image_size), T.ToTensor(), T.Normalize(mean, std)])
 
 

@@ -1,9 +1,14 @@
 """The model registry, the tutorial's convolution arithmetic and its network's shapes, ModelSpec."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import REPO
+from visionflow.config import MODEL_NAMES
 from visionflow.errors import ConfigError
 from visionflow.models import MODELS, ModelSpec, build_model, summarize
 
@@ -85,6 +90,13 @@ def test_too_few_classes_is_a_config_error():
 
 def test_registry_names():
     assert sorted(MODELS) == ["resnet18", "tudui"]
+    assert sorted(MODEL_NAMES) == sorted(MODELS)  # the config validates names without importing torch
+
+
+def test_the_config_and_the_cli_import_neither_torch_nor_torchvision():
+    code = "import sys, flows.cli, visionflow.config; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_model_spec_round_trip_and_build():
