@@ -306,6 +306,16 @@ def test_ui_shows_the_runs_artifacts(first_run: FlowRun, server: PrefectServer, 
     assert decision in text
 
 
+def ended(client: SyncPrefectClient, flow_run_id: UUID, timeout: float, log: Path) -> FlowRun:
+    """The flow run, once it is in a final state (failing the test with the worker's log after `timeout` s)."""
+    return wait_for(
+        lambda: client.read_flow_run(flow_run_id),
+        lambda run: run.state is not None and run.state.is_final(),
+        timeout,
+        lambda run: f"flow run {flow_run_id} still {run.state}:\n{tail(log)}",
+    )
+
+
 def test_cancelling_a_run_stops_it_cleanly_and_the_worker_takes_the_next(
     deployed: str, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -326,12 +336,7 @@ def test_cancelling_a_run_stops_it_cleanly_and_the_worker_takes_the_next(
         first = trigger(server, ON_DEMAND, config)
         wait_for(lambda: last.exists(), bool, RUN_SECONDS, lambda _: f"no checkpoint of {first}:\n{tail(log)}")
         client.set_flow_run_state(first, Cancelling(message="cancelled by the test"), force=True)
-        cancelled = wait_for(
-            lambda: client.read_flow_run(first),
-            lambda run: run.state is not None and run.state.is_final(),
-            RECORD_SECONDS,
-            lambda run: f"flow run {first} still {run.state}:\n{tail(log)}",
-        )
+        cancelled = ended(client, first, RECORD_SECONDS, log)
         assert cancelled.state.is_cancelled(), f"{cancelled.state}:\n{tail(log)}"
         manifest = json.loads((run_dir / "manifest.json").read_text())
         assert manifest["status"] == "cancelled" and "SIGTERM" in manifest["error"], manifest["error"]
@@ -340,12 +345,7 @@ def test_cancelling_a_run_stops_it_cleanly_and_the_worker_takes_the_next(
 
         assert process.poll() is None, f"the worker exited:\n{tail(log)}"
         rerun = trigger(server, ON_DEMAND, config)  # the same worker takes it
-        resumed = wait_for(
-            lambda: client.read_flow_run(rerun),
-            lambda run: run.state is not None and run.state.is_final(),
-            RUN_SECONDS,
-            lambda run: f"flow run {rerun} still {run.state}:\n{tail(log)}",
-        )
+        resumed = ended(client, rerun, RUN_SECONDS, log)
     assert resumed.state.is_completed(), f"{resumed.state}:\n{tail(log)}"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["resumed_from"] == str(last.resolve())
