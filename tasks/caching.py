@@ -13,7 +13,7 @@
   SERIALIZABLE isolation on flock locks: a concurrent run waits for a result instead of
   computing it twice, and a lock dies with its process (kill -9 included).
 - **Outcomes from Prefect's own states.** A state hook records each task's outcome (completed
-  or cached) for the manifest; `finish_run` copies a cached result's files into the run.
+  or cached) for the manifest; `finish_run` hard-links a cached result's files into the run.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from pydantic import BaseModel, ConfigDict
 import visionflow
 from visionflow.config import OutputConfig
 from visionflow.errors import VisionflowError
-from visionflow.fileio import copy_atomic, file_sha256, try_lock, unlock
+from visionflow.fileio import file_sha256, link_or_copy, try_lock, unlock
+from visionflow.retention import LOCKS_SUBDIR, RESULTS_SUBDIR
 from visionflow.stopping import TrainingTimedOut
 
-RESULTS_SUBDIR = ".prefect-results"
 CORE_PACKAGE = Path(visionflow.__file__).resolve().parent
 
 
@@ -85,14 +85,16 @@ class TaskOutput(BaseModel):
         return [p for ref in self.files.values() if (p := ref.problem()) is not None]
 
     def adopted_into(self, run_dir: Path | str) -> TaskOutput:
-        """This output with every file copied to its place in `run_dir` (a cached result points
-        into the run that computed it; each run directory must hold its own copy)."""
+        """This output with every file adopted into its place in `run_dir`: a cached result points
+        into the run that computed it; each run directory holds its own hard link of the file
+        (a copy across file systems), so deleting one run never breaks another, and the bytes
+        are on disk once."""
         run_dir = Path(run_dir).resolve()
         files = {}
         for relpath, ref in self.files.items():
             target = run_dir / relpath
             if Path(ref.path) != target:
-                copy_atomic(ref.path, target)
+                link_or_copy(ref.path, target)
             files[relpath] = FileRef(path=str(target), sha256=ref.sha256)
         return self.model_copy(update={"files": files})
 
@@ -214,7 +216,7 @@ def durable_results(output: OutputConfig) -> Iterator[dict[str, str]]:
     store = context.result_store.model_copy(
         update={
             "result_storage": LocalFileSystem(basepath=str(store_dir)),
-            "lock_manager": FlockLockManager(store_dir / "locks"),
+            "lock_manager": FlockLockManager(store_dir / LOCKS_SUBDIR),
         }
     )
     scope = _Scope(refresh=output.refresh)

@@ -1,5 +1,5 @@
 """File I/O helpers shared by every layer: atomic writes, sha256 of files, atomic copies and
-advisory locks. No torch import here: the CLI and tasks use it without loading torch.
+hard links, advisory locks. No torch import here: the CLI and tasks use it without loading torch.
 
 Every write goes to a temporary file in the destination folder, is flushed and fsynced, then
 renamed over the target, so a crash at any moment leaves the previous file intact.
@@ -7,6 +7,7 @@ renamed over the target, so a crash at any moment leaves the previous file intac
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -73,6 +74,35 @@ def copy_atomic(source: Path | str, target: Path | str) -> Path:
             shutil.copyfileobj(original, handle)
 
     return atomic_write(target, copy)
+
+
+# link() errors that mean "this file system (or this file) cannot be linked here": copy instead.
+_CANNOT_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
+
+
+def link_or_copy(source: Path | str, target: Path | str) -> Path:
+    """Make ``target`` a hard link of ``source`` (no bytes copied), atomically: the link gets a
+    temporary name beside ``target`` and is renamed over it. Where linking is impossible (another
+    file system, a file system without hard links, the link limit) ``copy_atomic`` copies.
+
+    A hard link shares the file with ``source``: it must never be modified in place, only
+    replaced (every write in this package is atomic, which replaces the file)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.urandom(4).hex()}.link")
+    try:
+        os.link(source, tmp)
+    except OSError as err:
+        if err.errno not in _CANNOT_LINK:
+            raise
+        return copy_atomic(source, target)
+    try:
+        os.replace(tmp, target)
+    finally:
+        # rename() of two links to one file does nothing and leaves tmp: target already is the link.
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(target.parent)
+    return target
 
 
 def file_sha256(path: Path | str) -> str:
