@@ -1,6 +1,7 @@
 """The training flow: data -> validation -> normalization -> transform preview -> model ->
 training -> evaluation -> export -> manifest and artifacts -> champion decision (with
-output.champion set). Every heavy step is a cached task (tasks/caching.py)."""
+output.champion set) -> gc of old runs (with output.keep_last or output.keep_days set). Every
+heavy step is a cached task (tasks/caching.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tasks.champion import challenge_champion
 from tasks.data import compute_normalization, download_dataset, fingerprint_data, preview_transforms, validate_data
 from tasks.evaluation import evaluate_checkpoint, evaluate_with_leaked, export_checkpoint
 from tasks.model import describe_model
-from tasks.run import failure_recorded, finish_run, publish_run, start_run
+from tasks.run import collect_garbage, failure_recorded, finish_run, publish_run, start_run
 from tasks.training import train_model
 from visionflow.config import PipelineConfig
 from visionflow.manifest import Manifest
@@ -51,4 +52,6 @@ def train_pipeline(config: PipelineConfig) -> Manifest:
             export = export_checkpoint(training.best_checkpoint, run.run_dir)
             manifest = finish_run(run, dataset, validated, preview, model, training, evaluation, with_leaked, export)
             publish_run(run, manifest)
-            return challenge_champion(run, dataset, validated, config)
+            manifest = challenge_champion(run, dataset, validated, config)
+        collect_garbage(config, run)  # after the run is complete: its problems are warnings, not failures
+    return manifest

@@ -1,6 +1,6 @@
 """Run bookkeeping tasks: open the run directory, write the final manifest, publish the run's
-artifacts, record a failure, and reproduce a run. Never cached: they describe this run, not a
-reusable result."""
+artifacts, record a failure, remove old runs (retention), and reproduce a run. Never cached:
+they describe this run, not a reusable result."""
 
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ from tasks.data import DatasetRef, ValidatedData
 from tasks.evaluation import EvalOutput, ExportOutput, LeakedEvalOutput
 from tasks.model import ModelInfo
 from tasks.training import TrainOutput
+from visionflow import retention
 from visionflow.checkpoints import load_checkpoint
 from visionflow.config import PipelineConfig
+from visionflow.errors import VisionflowError
 from visionflow.manifest import CheckpointRecord, Manifest, RunStatus, TimingRecord
 from visionflow.reports import confusion_frame, per_class_frame, run_summary_markdown, validation_markdown
 from visionflow.runs import RunLayout, check_same_data, compare_runs, open_run, reproduction_config
@@ -190,6 +192,25 @@ def failure_recorded(run: RunInfo) -> Iterator[None]:
     except BaseException as stop:
         record_interruption(run, stop)
         raise
+
+
+@task(cache_policy=NO_CACHE)
+def collect_garbage(config: PipelineConfig, run: RunInfo) -> None:
+    """With output.keep_last or output.keep_days set: remove old runs and their orphaned cached
+    results (visionflow.retention), never this run. A problem is a warning: the run completed."""
+    output = config.output
+    if output.keep_last is None and output.keep_days is None:
+        return
+    logger = get_run_logger()
+    try:
+        plan = retention.collect_garbage(
+            output.output_dir, output.keep_last, output.keep_days, keep={Path(run.run_dir).name}
+        )
+    except (VisionflowError, OSError) as err:
+        logger.warning("gc skipped: %s", " ".join(str(err).split()))
+        return
+    for line in plan.format_text().splitlines():
+        logger.info("gc: %s", line)
 
 
 class Reproduction(BaseModel):

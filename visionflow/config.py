@@ -161,6 +161,15 @@ class OutputConfig(_Section):
         description="Champion slot under <output_dir>/models/: promote this run there when it scores at least "
         "as well as the current champion on training.monitor; None = no promotion.",
     )
+    keep_last: int | None = Field(
+        None,
+        ge=0,
+        description="After the run, gc keeps the newest N runs under <output_dir>/runs (and runs younger than "
+        "keep_days, the champions' runs, running runs); None with keep_days None = no gc after the run.",
+    )
+    keep_days: float | None = Field(
+        None, ge=0, description="After the run, gc keeps runs younger than this many days; None = no age rule."
+    )
 
 
 class PipelineConfig(_Section):
