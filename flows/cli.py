@@ -288,6 +288,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from visionflow.retention import collect_garbage
+
+    plan = collect_garbage(args.output, args.keep_last, args.keep_days, dry_run=args.dry_run)
+    if args.json:
+        print_json(plan.to_dict())
+    else:
+        print(plan.format_text())
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from visionflow.manifest import Manifest
 
@@ -451,6 +462,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="artifacts", metavar="DIR", help="root of run outputs (default: artifacts)")
     p.add_argument("--json", action="store_true", help="print a JSON list of runs")
     p.set_defaults(handler=cmd_runs)
+
+    from visionflow.retention import DEFAULT_KEEP_DAYS, DEFAULT_KEEP_LAST
+
+    p = commands.add_parser(
+        "gc",
+        help="remove old runs and their orphaned cached results; never a champion's run or a running one",
+        description="Remove run directories under <output>/runs that are neither among the newest N, nor younger "
+        "than D days, nor a champion's run, nor running, and the cached task results only they referenced. "
+        "Prints each removed path and the bytes freed (hard links counted once).",
+    )
+    p.add_argument("--output", default="artifacts", metavar="DIR", help="root of run outputs (default: artifacts)")
+    p.add_argument(
+        "--keep-last",
+        type=int,
+        default=DEFAULT_KEEP_LAST,
+        metavar="N",
+        help=f"keep the newest N runs (default: {DEFAULT_KEEP_LAST})",
+    )
+    p.add_argument(
+        "--keep-days",
+        type=float,
+        default=DEFAULT_KEEP_DAYS,
+        metavar="D",
+        help=f"keep runs younger than D days (default: {DEFAULT_KEEP_DAYS:g})",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    p.add_argument("--json", action="store_true", help="print the plan (kept, removed, freed bytes) as one JSON object")
+    p.set_defaults(handler=cmd_gc)
 
     p = commands.add_parser(
         "reproduce",
