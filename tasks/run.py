@@ -84,7 +84,7 @@ def finish_run(
     with_leaked: LeakedEvalOutput,
     export: ExportOutput,
 ) -> Manifest:
-    """Copy cached results' files into the run, then write the completed manifest and the run's
+    """Hard-link cached results' files into the run, then write the completed manifest and the run's
     hyperparameters with its final metrics (TensorBoard)."""
     for output in (validated, preview, model, training, evaluation, export):
         output.adopted_into(run.run_dir)

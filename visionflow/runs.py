@@ -1,7 +1,7 @@
 """Run directories: naming, the `<output>/runs/<run-name>/` layout (every file name of a run,
 defined once), creating or resuming a run directory, the run history, and reproduction.
 
-A run directory is complete on its own: a run whose steps were cached gets copies of the cached
+A run directory is complete on its own: a run whose steps were cached gets hard links of the cached
 files, so deleting one run never breaks another. Its manifest is `visionflow.manifest.Manifest`.
 """
 
