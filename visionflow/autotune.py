@@ -2,11 +2,12 @@
 that trains, decided from what the hardware does, once per machine.
 
 CUDA: bf16 where `torch.cuda.is_bf16_supported()`, channels_last on (tensor cores prefer NHWC).
-MPS: fp32, NCHW. CPU: measured. PyTorch does not say whether a CPU computes bf16 natively
-(AVX512-BF16, AMX) or emulates it (~10x slower than fp32 on AMD Zen 3), nor whether oneDNN's
-convolutions are faster in NHWC for a given model, so a few training steps of the model are timed
-in each candidate setting and the fastest wins. bf16 is a candidate only where the CPU flags
-say it is native (AVX512-BF16, AMX-BF16), so an emulating CPU spends no time on bf16 steps.
+MPS: fp32, NCHW. CPU: bf16 where the CPU flags say it is native (AVX512-BF16, AMX-BF16: 2-3x
+fp32 for tudui on such a Xeon), else fp32 (emulated bf16 is ~10x slower than fp32 on AMD Zen 3);
+PyTorch exposes no such flag. Whether oneDNN's convolutions are faster in NHWC depends on the
+model and the CPU, so a few training steps of the model are timed in both layouts, at that
+precision, and the faster wins. A rule for the precision, not a race: a race run while other
+work shares the cores can pick a setting that is slower on the idle machine, and stays picked.
 
 Each choice is stored in `<cache>/visionflow/fast-settings.json` (`$XDG_CACHE_HOME` or
 ~/.cache), keyed by CPU, torch version, threads, model and image size, so a
@@ -116,25 +117,20 @@ def _probe_batch(image_size: int) -> int:
 
 
 def measure_cpu_settings(model_name: str, image_size: int) -> FastSettings:
-    """Time the candidate settings for `model_name` at `image_size` on this CPU; the fastest."""
+    """bf16 where native on this CPU, else fp32; the faster memory format for `model_name` at
+    `image_size` in that precision, measured."""
     batch = _probe_batch(image_size)
     native = native_bf16()
-    precisions = ["fp32", "bf16"] if native else ["fp32"]
+    precision = "bf16" if native else "fp32"
     seconds = _fastest_steps(
-        {
-            (precision, cl): _Probe(model_name, image_size, batch, precision, cl)
-            for precision in precisions
-            for cl in (False, True)
-        }
+        {(precision, cl): _Probe(model_name, image_size, batch, precision, cl) for cl in (False, True)}
     )
-    (precision, channels_last), best = min(seconds.items(), key=lambda item: item[1])
-    baseline = seconds[("fp32", False)]
+    channels_last = seconds[(precision, True)] < seconds[(precision, False)]
     return FastSettings(
         precision,
         channels_last,
-        f"measured on {cpu_name()} ({'native' if native else 'no native'} bf16): "
-        f"{precision}{' channels_last' if channels_last else ''} {baseline / best:.2f}x fp32 NCHW "
-        f"({batch} images per step)",
+        f"{cpu_name()}: {'native' if native else 'no native'} bf16; {precision} channels_last "
+        f"{seconds[(precision, False)] / seconds[(precision, True)]:.2f}x NCHW, measured ({batch} images per step)",
     )
 
 
@@ -147,7 +143,7 @@ def fast_settings(device: torch.device, model_name: str, image_size: int) -> Fas
         return FastSettings("bf16" if bf16 else "fp32", True, f"{name}: bf16 {'supported' if bf16 else 'unsupported'}")
     if device.type != "cpu":
         return FastSettings("fp32", False, f"{device.type}: fp32, NCHW")
-    key = f"{cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{model_name}|{image_size}px"
+    key = f"v2|{cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{model_name}|{image_size}px"
     path = cache_file()
     with locked(path.with_suffix(".lock")):  # two runs starting at once measure once and agree
         stored = json.loads(path.read_text()) if path.is_file() else {}
