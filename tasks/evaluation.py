@@ -9,6 +9,7 @@ from prefect import get_run_logger
 from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
 from tasks.training import TrainOutput
+from visionflow.engine import time_to_accuracy
 from visionflow.manifest import MetricsRecord
 from visionflow.steps import accuracy_on, export_into, write_evaluation
 
@@ -31,6 +32,7 @@ class EvalOutput(TaskOutput):
             epochs_trained=len(training.fit.history),
             per_class=self.per_class,
             eval_accuracy_with_leaked=with_leaked.accuracy,
+            time_to_accuracy=time_to_accuracy(training.fit.history),
         )
 
 

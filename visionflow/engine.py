@@ -70,6 +70,24 @@ class EpochMetrics:
     seconds: float  # training loop + evaluation, wall clock
 
 
+ACCURACY_MILESTONES = (0.5, 0.6, 0.7)  # eval accuracies whose time to reach a run records
+
+
+def time_to_accuracy(
+    history: Sequence[EpochMetrics], milestones: Sequence[float] = ACCURACY_MILESTONES
+) -> dict[str, dict[str, float] | None]:
+    """For each milestone ('50%'...): the first epoch whose eval accuracy reached it and the
+    training seconds (loops and per-epoch evaluation) until the end of that epoch; None if none did."""
+    reached: dict[str, dict[str, float] | None] = {f"{m:.0%}": None for m in milestones}
+    seconds = 0.0
+    for metrics in history:
+        seconds += metrics.seconds
+        for milestone in milestones:
+            if reached[f"{milestone:.0%}"] is None and metrics.eval_accuracy >= milestone:
+                reached[f"{milestone:.0%}"] = {"epoch": metrics.epoch, "seconds": seconds}
+    return reached
+
+
 @dataclass
 class TrainStats:
     """What `train_one_epoch` returns."""

@@ -73,6 +73,16 @@ class ModelRecord(_Record):
     trainable_parameters: int
 
 
+class Milestone(_Record):
+    """When training first reached an eval accuracy."""
+
+    epoch: int = Field(description="First epoch (1-based) whose eval accuracy reached the milestone.")
+    seconds: float = Field(
+        description="Training wall time until the end of that epoch: training loops and per-epoch evaluation, "
+        "every session of a resumed run (checkpoint writes and data preparation excluded)."
+    )
+
+
 class MetricsRecord(_Record):
     """What the run's best checkpoint scored on the evaluation split."""
 
@@ -86,6 +96,10 @@ class MetricsRecord(_Record):
         None,
         description="Top-1 accuracy on the eval split with the leaked images that data.on_leak='drop-eval' "
         "left out; None when none were left out.",
+    )
+    time_to_accuracy: dict[str, Milestone | None] = Field(
+        default_factory=dict,
+        description="Eval accuracy milestone ('50%', '60%', '70%') -> when training first reached it; None: never.",
     )
 
 

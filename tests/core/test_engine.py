@@ -331,6 +331,18 @@ def test_early_stopping_on_the_monitored_metric():
     assert result.best_metric == result.history[0].eval_loss
 
 
+def test_time_to_accuracy_is_the_first_epoch_past_each_milestone():
+    history = [
+        engine.EpochMetrics(epoch, epoch, 1.0, 0.5, 1.0, accuracy, 0.1, 100.0, seconds=2.0)
+        for epoch, accuracy in enumerate([0.4, 0.55, 0.52, 0.65], 1)
+    ]
+    assert engine.time_to_accuracy(history) == {
+        "50%": {"epoch": 2, "seconds": 4.0},
+        "60%": {"epoch": 4, "seconds": 8.0},
+        "70%": None,
+    }
+
+
 def test_early_stopping_predicate():
     assert not engine._should_stop_early(epoch=3, best_epoch=2, patience=2)
     assert engine._should_stop_early(epoch=4, best_epoch=2, patience=2)

@@ -79,6 +79,11 @@ def test_manifest_records_the_run(first: dict[str, Any], tiny_data: Path) -> Non
     metrics = on_disk["metrics"]
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
     assert [row["class"] for row in metrics["per_class"]] == data["classes"]
+    assert set(metrics["time_to_accuracy"]) == {"50%", "60%", "70%"}
+    for reached in filter(None, metrics["time_to_accuracy"].values()):  # 1 epoch on tiny data: may reach none
+        assert reached["epoch"] == 1 and 0 < reached["seconds"] <= on_disk["timing"]["total_seconds"]
+    trained = on_disk["config"]["training"]  # what auto meant on this machine, recorded
+    assert trained["precision"] in ("fp32", "bf16") and isinstance(trained["channels_last"], bool)
     timing = on_disk["timing"]
     assert timing["train_seconds"] > 0 and timing["train_images_per_second"] > 0
     assert timing["total_seconds"] >= timing["train_seconds"]
