@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 
 from visionflow.engine import Callback, EpochMetrics, FitResult, FitStart
 
@@ -40,6 +43,7 @@ CONFUSION_KEY = "confusion-matrix"
 PREVIEW_KEY = "transform-preview"
 MISCLASSIFIED_KEY = "misclassified"
 PROGRESS_KEY = "training-progress"
+HISTORY_KEY = "training-history"
 NEAR_DUPLICATES_KEY = "near-duplicates"  # only with data.near_duplicates, so not in ARTIFACT_KEYS
 ARTIFACT_KEYS = (
     SUMMARY_KEY,
@@ -49,12 +53,24 @@ ARTIFACT_KEYS = (
     PREVIEW_KEY,
     MISCLASSIFIED_KEY,
     PROGRESS_KEY,
+    HISTORY_KEY,
 )
 
 # Encoded image bytes per artifact (base64 adds a third). Small enough that listing a few
 # dozen artifacts stays fast; a 600 px confusion matrix or a preview grid fits as PNG.
 MAX_IMAGE_BYTES = 300_000
 _KEY_PATTERN = re.compile(r"^[a-z0-9-]+$")
+# training-history columns: EpochMetrics field -> (column, decimals; None keeps the value as is).
+HISTORY_COLUMNS = {
+    "epoch": ("epoch", None),
+    "train_loss": ("train loss", 4),
+    "train_accuracy": ("train accuracy", 4),
+    "eval_loss": ("eval loss", 4),
+    "eval_accuracy": ("eval accuracy", 4),
+    "lr": ("learning rate", None),
+    "images_per_second": ("images/s", 1),
+    "seconds": ("seconds", 2),
+}
 
 
 def _checked_key(key: str) -> str:
@@ -109,16 +125,29 @@ def publish_image(key: str, png_path: Path | str, description: str | None = None
     return publish_markdown(key, markdown, description)
 
 
+def history_row(metrics: EpochMetrics) -> dict[str, float | int]:
+    """One epoch as a ``training-history`` row (readable column names, rounded figures)."""
+    return {
+        column: getattr(metrics, name) if decimals is None else round(getattr(metrics, name), decimals)
+        for name, (column, decimals) in HISTORY_COLUMNS.items()
+    }
+
+
 class PrefectProgressCallback(Callback):
     """Engine callback: a ``training-progress`` progress artifact, created at fit start and
-    updated after every epoch with the latest metrics in its description."""
+    updated after every epoch with the latest metrics in its description, and a
+    ``training-history`` table artifact with one row per finished epoch (a resumed run's
+    earlier epochs included), updated in place after every epoch."""
 
-    def __init__(self, total_epochs: int, key: str = PROGRESS_KEY) -> None:
+    def __init__(self, total_epochs: int, key: str = PROGRESS_KEY, history_key: str = HISTORY_KEY) -> None:
         if total_epochs < 1:
             raise ValueError(f"Invalid total_epochs {total_epochs}: expected an integer >= 1")
         self.total_epochs = total_epochs
         self.key = _checked_key(key)
+        self.history_key = _checked_key(history_key)
         self.artifact_id: UUID | None = None
+        self.history_id: UUID | None = None
+        self.rows: list[dict[str, float | int]] = []
 
     def on_fit_start(self, state: FitStart) -> None:
         # A resumed run starts at its checkpoint's epoch, not at 0.
@@ -126,6 +155,10 @@ class PrefectProgressCallback(Callback):
             progress=100.0 * state.epoch / self.total_epochs,
             key=self.key,
             description=f"epoch {state.epoch}/{self.total_epochs}",
+        )
+        self.rows = [history_row(metrics) for metrics in state.history]
+        self.history_id = create_table_artifact(
+            table=table_records(self.rows), key=self.history_key, description="Training history, one row per epoch"
         )
 
     def on_epoch_end(self, metrics: EpochMetrics) -> None:
@@ -136,6 +169,11 @@ class PrefectProgressCallback(Callback):
         update_progress_artifact(
             artifact_id=self.artifact_id, progress=100.0 * metrics.epoch / self.total_epochs, description=description
         )
+        # One artifact per run, updated in place: a new version per epoch would bury the key's
+        # history across runs under partial tables.
+        self.rows.append(history_row(metrics))
+        with get_client(sync_client=True) as client:
+            client.update_artifact(self.history_id, ArtifactUpdate(data=json.dumps(table_records(self.rows))))
 
     def on_fit_end(self, result: FitResult) -> None:
         # Early stopping ends the fit before the last epoch; the bar still has to reach 100 %.

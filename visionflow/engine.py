@@ -131,6 +131,7 @@ class FitStart:
     device: str
     config: dict[str, Any]  # resolved, with the normalization the run uses
     spec: dict[str, Any]
+    history: list[EpochMetrics] = field(default_factory=list)  # epochs finished before (when resuming)
 
 
 class Callback:
@@ -602,6 +603,7 @@ def _start_info(
         device=str(device),
         config=config.model_dump(mode="json"),
         spec=spec.to_dict(),
+        history=list(state.history),
     )
 
 

@@ -19,6 +19,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.context import get_run_context
 
 from tasks.artifacts import (
+    HISTORY_KEY,
     MISCLASSIFIED_KEY,
     PER_CLASS_KEY,
     PREVIEW_KEY,
@@ -50,13 +51,15 @@ def metrics(epoch: int) -> EpochMetrics:
 
 
 @task
-def train_with_progress(epochs: int, stop_after: int) -> None:
-    # The engine's call sequence for a run that stops early after `stop_after` epochs.
+def train_with_progress(epochs: int, stop_after: int, resumed_after: int = 0) -> None:
+    # The engine's call sequence for a run that stops after `stop_after` epochs (early when
+    # fewer than `epochs`), resumed from a checkpoint of epoch `resumed_after` when nonzero.
     callback = PrefectProgressCallback(total_epochs=epochs)
+    history = [metrics(epoch) for epoch in range(1, stop_after + 1)]
     callback.on_fit_start(
         FitStart(
-            epoch=0,
-            step=0,
+            epoch=resumed_after,
+            step=10 * resumed_after,
             epochs=epochs,
             steps_per_epoch=10,
             train_images=80,
@@ -64,10 +67,10 @@ def train_with_progress(epochs: int, stop_after: int) -> None:
             device="cpu",
             config={},
             spec={},
+            history=history[:resumed_after],
         )
     )
-    history = [metrics(epoch) for epoch in range(1, stop_after + 1)]
-    for epoch_metrics in history:
+    for epoch_metrics in history[resumed_after:]:
         callback.on_epoch_end(epoch_metrics)
     callback.on_fit_end(
         FitResult(
@@ -104,6 +107,12 @@ def publish_reports(preview: Path, large: Path, accuracy: float) -> None:
 def reporting_flow(preview: Path, large: Path, accuracy: float) -> UUID:
     publish_reports(preview, large, accuracy)
     train_with_progress(epochs=4, stop_after=3)
+    return get_run_context().flow_run.id
+
+
+@flow
+def resumed_flow() -> UUID:
+    train_with_progress(epochs=4, stop_after=4, resumed_after=2)
     return get_run_context().flow_run.id
 
 
@@ -152,6 +161,7 @@ def test_every_key_is_published_once_per_run(run_artifacts) -> None:
         PREVIEW_KEY: "markdown",
         MISCLASSIFIED_KEY: "markdown",
         PROGRESS_KEY: "progress",
+        HISTORY_KEY: "table",
     }
 
 
@@ -185,6 +195,48 @@ def test_progress_reaches_100_when_stopped_early(run_artifacts) -> None:
     progress = latest[PROGRESS_KEY]
     assert progress.data == 100.0
     assert progress.description == "stopped early after epoch 3"
+
+
+def history_epochs(artifact) -> list[int]:
+    return [row["epoch"] for row in json.loads(artifact.data)]
+
+
+def test_training_history_has_a_row_per_finished_epoch(run_artifacts) -> None:
+    latest, _ = run_artifacts
+    rows = json.loads(latest[HISTORY_KEY].data)
+    assert [row["epoch"] for row in rows] == [1, 2, 3]  # stopped early after epoch 3 of 4
+    assert rows[1] == {
+        "epoch": 2,
+        "train loss": 0.75,
+        "train accuracy": 0.4,
+        "eval loss": 1.25,
+        "eval accuracy": 0.5,
+        "learning rate": 0.01,
+        "images/s": 900.0,
+        "seconds": 2.0,
+    }
+
+
+def test_training_history_is_updated_in_place(run_artifacts) -> None:
+    latest, _ = run_artifacts
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[HISTORY_KEY]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[latest[HISTORY_KEY].flow_run_id]),
+            )
+        )
+    assert [artifact.id for artifact in versions] == [latest[HISTORY_KEY].id]  # not a version per epoch
+
+
+def test_resumed_training_history_holds_every_epoch() -> None:
+    resumed = read_run_artifacts(resumed_flow())
+    assert history_epochs(resumed[HISTORY_KEY]) == [1, 2, 3, 4]
+    with get_client(sync_client=True) as client:
+        collection = {c.key: c for c in client.read_latest_artifacts()}[HISTORY_KEY]
+    # The Artifacts page shows the key's latest version: updated along with it.
+    assert collection.latest_id == resumed[HISTORY_KEY].id
+    assert history_epochs(collection) == [1, 2, 3, 4]
 
 
 def test_stable_keys_keep_a_history(run_artifacts) -> None:
