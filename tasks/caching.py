@@ -346,11 +346,13 @@ def cached_task(
     retries: int = 0,
     retry_delay_seconds: int | list[int] = 0,
     timeout_seconds: float | None = None,
+    task_run_name: str | Callable[..., str] | None = None,
     **projections: Callable[[Any], Any],
 ) -> Callable[[Callable], Task]:
     """`@task` for a pipeline step whose result is reused: keyed on the inputs in `names` (as
     they are) and `projections` (input name -> function giving its identity), stored durably
-    (`durable_results`), verified before reuse, its outcome recorded for the manifest."""
+    (`durable_results`), verified before reuse, its outcome recorded for the manifest; its runs
+    named by `task_run_name` (Prefect's option)."""
     policy = VerifiedCache(inputs={**{name: None for name in names}, **projections}).configure(
         isolation_level="SERIALIZABLE"
     )
@@ -363,5 +365,6 @@ def cached_task(
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,
         timeout_seconds=timeout_seconds,
+        task_run_name=task_run_name,
         on_completion=[record_outcome],
     )

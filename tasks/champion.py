@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import publish_markdown
 from tasks.data import DatasetRef, ValidatedData
+from tasks.names import run_name
 from tasks.run import RunInfo
 from visionflow.cache import decoded_cache_dir
 from visionflow.champion import challenge, champion_report_markdown, evaluate_champion
@@ -22,7 +23,7 @@ DECISION_KEY = "champion-decision"
 EVALUATION_KEY = "champion-evaluation"
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="challenge champion")
 def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedData, config: PipelineConfig) -> Manifest:
     """With output.champion set: compare the run with that slot's champion on its eval split and
     promote it when at least as good. Returns the run's manifest (with the decision, if any)."""
@@ -42,7 +43,7 @@ def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedDa
     return Manifest.load(run.run_dir)  # now with the decision
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name=run_name("score champion on {dataset_name}"))
 def score_champion(dataset: DatasetRef, config: PipelineConfig) -> dict[str, Any]:
     """Evaluate the champion in config.output.champion on the dataset's eval split."""
     eval_split = dataset.load().eval_split

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from tasks.caching import FileRef, TaskOutput, cached_task, record_outcome, written_files
+from tasks.names import run_name
 from visionflow.config import DataConfig
 from visionflow.data import DatasetInfo, resolve_dataset, resolve_folder
 from visionflow.fingerprint import fingerprint_dataset
@@ -132,7 +133,8 @@ def by_transform(data: DataConfig) -> tuple:
     return data.image_size, data.augment, data.mean, data.std
 
 
-@cached_task(data=by_source, retries=2, retry_delay_seconds=[2, 10])  # downloads fail transiently
+# Downloads fail transiently: retried.
+@cached_task(data=by_source, retries=2, retry_delay_seconds=[2, 10], task_run_name=run_name("download {dataset_name}"))
 def download_dataset(data: DataConfig) -> DataLocation:
     """Download and prepare the dataset if needed (CIFAR-10)."""
     info = resolve_dataset(data.dataset, data.data_dir, data.val_fraction, data.split_seed, download=True)
@@ -141,7 +143,7 @@ def download_dataset(data: DataConfig) -> DataLocation:
 
 
 # Never cached: its output is what every other data task is keyed on, so it must see each change.
-@task(cache_policy=NO_CACHE, on_completion=[record_outcome])
+@task(cache_policy=NO_CACHE, on_completion=[record_outcome], task_run_name=run_name("fingerprint {dataset_name}"))
 def fingerprint_data(data: DataConfig, location: DataLocation) -> DatasetRef:
     """Resolve the splits and fingerprint every file's content."""
     info = resolve_folder(location.root, data.dataset, data.val_fraction, data.split_seed)
@@ -156,7 +158,7 @@ def by_validation(data: DataConfig) -> tuple:
     return data.on_invalid, *search
 
 
-@cached_task(dataset=by_fingerprint, data=by_validation)
+@cached_task(dataset=by_fingerprint, data=by_validation, task_run_name=run_name("validate {dataset_name}"))
 def validate_data(dataset: DatasetRef, data: DataConfig, run_dir: str) -> ValidatedData:
     """Validate every image (report: validation.json and CSVs); invalid files are left out, and
     with data.near_duplicates the near-duplicates are searched (see data.on_leak)."""
@@ -167,14 +169,26 @@ def validate_data(dataset: DatasetRef, data: DataConfig, run_dir: str) -> Valida
     return ValidatedData.of(report, clean, files)
 
 
-@cached_task(dataset=by_fingerprint, validated=by_exclusions, data=by_transform)
+@cached_task(
+    dataset=by_fingerprint,
+    validated=by_exclusions,
+    data=by_transform,
+    task_run_name=run_name("normalize {dataset_name}"),
+)
 def compute_normalization(dataset: DatasetRef, validated: ValidatedData, data: DataConfig) -> Normalization:
     """The train split's per-channel mean and std where the config leaves them empty (computed once per run)."""
     filled = fill_normalization(validated.apply(dataset).train, data)
     return Normalization(mean=filled.mean, std=filled.std)
 
 
-@cached_task("seed", "normalization", dataset=by_fingerprint, validated=by_exclusions, data=by_transform)
+@cached_task(
+    "seed",
+    "normalization",
+    dataset=by_fingerprint,
+    validated=by_exclusions,
+    data=by_transform,
+    task_run_name=run_name("preview {dataset_name}"),
+)
 def preview_transforms(
     dataset: DatasetRef,
     validated: ValidatedData,

@@ -8,6 +8,7 @@ from prefect import get_run_logger
 
 from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
+from tasks.names import run_name
 from tasks.training import TrainOutput
 from visionflow.engine import time_to_accuracy
 from visionflow.manifest import MetricsRecord
@@ -49,7 +50,13 @@ def by_sha256(ref: FileRef) -> str:
     return ref.sha256
 
 
-@cached_task("device", dataset=by_fingerprint, validated=by_exclusions, checkpoint=by_sha256)
+@cached_task(
+    "device",
+    dataset=by_fingerprint,
+    validated=by_exclusions,
+    checkpoint=by_sha256,
+    task_run_name=run_name("evaluate {checkpoint_name}"),
+)
 def evaluate_checkpoint(
     dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str, data_dir: str, run_dir: str
 ) -> EvalOutput:
@@ -67,7 +74,13 @@ def evaluate_checkpoint(
     )
 
 
-@cached_task("device", dataset=by_fingerprint, validated=by_exclusions, checkpoint=by_sha256)
+@cached_task(
+    "device",
+    dataset=by_fingerprint,
+    validated=by_exclusions,
+    checkpoint=by_sha256,
+    task_run_name=run_name("evaluate {checkpoint_name} with leaked"),
+)
 def evaluate_with_leaked(
     dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str, data_dir: str
 ) -> LeakedEvalOutput:
@@ -80,7 +93,7 @@ def evaluate_with_leaked(
     return LeakedEvalOutput(accuracy=accuracy)
 
 
-@cached_task(checkpoint=by_sha256)
+@cached_task(checkpoint=by_sha256, task_run_name=run_name("export {checkpoint_name}"))
 def export_checkpoint(checkpoint: FileRef, run_dir: str) -> ExportOutput:
     """Export the checkpoint's weights (safetensors) and spec (json) for serving."""
     with written_files(run_dir) as files:

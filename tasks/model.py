@@ -13,7 +13,7 @@ class ModelInfo(TaskOutput):
     record: ModelRecord
 
 
-@cached_task("name", "num_classes", "image_size")
+@cached_task("name", "num_classes", "image_size", task_run_name="describe {name}")
 def describe_model(name: str, num_classes: int, image_size: int, run_dir: str) -> ModelInfo:
     """Build the model to write its layer summary (model.txt) and graph (TensorBoard)."""
     with written_files(run_dir) as files:

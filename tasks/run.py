@@ -55,7 +55,7 @@ class RunInfo(BaseModel):
     started_time: float  # time.time() of the flow run's start, for the total duration
 
 
-@task(cache_policy=NO_CACHE, on_completion=[record_outcome])
+@task(cache_policy=NO_CACHE, on_completion=[record_outcome], task_run_name="start run")
 def start_run(config: PipelineConfig) -> RunInfo:
     """Create the run directory (or reopen an interrupted one) and write its 'running' manifest."""
     # The run's clock starts with the flow run (data preparation included), not with this task.
@@ -72,7 +72,7 @@ def start_run(config: PipelineConfig) -> RunInfo:
     )
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="finish run")
 def finish_run(
     run: RunInfo,
     dataset: DatasetRef,
@@ -110,7 +110,7 @@ def finish_run(
     return finish_into(run.run_dir, manifest)
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="publish run")
 def publish_run(run: RunInfo, manifest: Manifest) -> None:
     """Publish the run's Prefect artifacts: summary, validation, per-class and confusion tables, images
     (and the worst near-duplicate pairs, with data.near_duplicates)."""
@@ -133,7 +133,7 @@ def publish_run(run: RunInfo, manifest: Manifest) -> None:
         publish_image(NEAR_DUPLICATES_KEY, layout.near_duplicates_png, f"Worst near-duplicate pairs ({rate})")
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="mark run {status}")
 def fail_run(run: RunInfo, error: str, status: RunStatus = "failed") -> None:
     """Mark the run failed (or timed_out) in its manifest, with the error, and publish that as the summary."""
     manifest = Manifest.load(run.run_dir).finish(
@@ -194,7 +194,7 @@ def failure_recorded(run: RunInfo) -> Iterator[None]:
         raise
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="collect garbage")
 def collect_garbage(config: PipelineConfig, run: RunInfo) -> None:
     """With output.keep_last or output.keep_days set: remove old runs and their orphaned cached
     results (visionflow.retention), never this run. A problem is a warning: the run completed."""

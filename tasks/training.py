@@ -9,6 +9,7 @@ from prefect import get_run_logger
 from tasks.artifacts import PrefectProgressCallback
 from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, Normalization, ValidatedData, by_exclusions, by_fingerprint
+from tasks.names import run_name
 from visionflow.config import PipelineConfig
 from visionflow.engine import FitResult
 from visionflow.runs import BEST_CHECKPOINT_PATH, LAST_CHECKPOINT_PATH
@@ -57,7 +58,13 @@ class _LogStream:
         return False
 
 
-@cached_task("normalization", dataset=by_fingerprint, validated=by_exclusions, config=by_training_fields)
+@cached_task(
+    "normalization",
+    dataset=by_fingerprint,
+    validated=by_exclusions,
+    config=by_training_fields,
+    task_run_name=run_name("train {config.model.name} on {dataset_name}"),
+)
 def train_model(
     dataset: DatasetRef,
     validated: ValidatedData,

@@ -7,6 +7,7 @@ run their own server and must not see the harness settings.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.client.schemas.objects import TaskRun
 
 from tests.flows.server_fixtures import copy_tiny_dataset
 from visionflow.config import PipelineConfig, load_config
@@ -68,6 +71,12 @@ def run_dir_of(manifest: dict[str, Any]) -> Path:
     return Path(manifest["config"]["output"]["output_dir"]) / "runs" / manifest["run_name"]
 
 
+def task_name(run: TaskRun) -> str:
+    """The name of the task a task run ran: its task key is "<task name>-<code hash>" (run names
+    are the readable ones of tasks/names.py)."""
+    return run.task_key.rsplit("-", 1)[0]
+
+
 def task_states(flow_run_id: str, timeout: float = 30.0) -> dict[str, str]:
     """Task name -> state name of a flow run's task runs, read through the API (task run states
     arrive as events, so wait until every one is final)."""
@@ -75,13 +84,20 @@ def task_states(flow_run_id: str, timeout: float = 30.0) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            # Task run names are "<task name>-<3 hex>".
-            states = {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.state is not None}
+            states = {task_name(run): run.state.name for run in runs if run.state is not None}
             if states and set(states.values()) <= FINAL_STATES and len(states) == len(runs):
                 return states
             if time.monotonic() > deadline:
                 raise AssertionError(f"task runs of {flow_run_id} not final after {timeout}s: {states}")
             time.sleep(0.5)
+
+
+def task_run_names(flow_run_id: str) -> dict[str, str]:
+    """Task name -> task run name of a flow run's task runs, once every one is final."""
+    task_states(flow_run_id)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {task_name(run): run.name for run in runs}
 
 
 def artifact_keys(flow_run_id: str) -> set[str]:
@@ -90,6 +106,17 @@ def artifact_keys(flow_run_id: str) -> set[str]:
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
     return {artifact.key for artifact in artifacts if artifact.key}
+
+
+def artifact_data(flow_run_id: str, key: str) -> Any:
+    """The data of a flow run's artifact under `key` (a table's rows decoded)."""
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])
+            )
+        )
+    return json.loads(artifact.data) if artifact.type == "table" else artifact.data
 
 
 def log_messages(flow_run_id: str, containing: str, timeout: float = 30.0) -> list[str]:

@@ -37,6 +37,7 @@ from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Cancelling
 
+from tests.flows.conftest import task_name
 from tests.flows.server_fixtures import (
     CHROMIUM,
     PREFECT,
@@ -173,7 +174,7 @@ def task_runs_of(client: SyncPrefectClient, flow_run_id: UUID, names: Iterable[s
     names = set(names)
 
     def done(runs: list[TaskRun]) -> bool:
-        return names <= {run.name.rsplit("-", 1)[0] for run in runs} and all(
+        return names <= {task_name(run) for run in runs} and all(
             run.state is not None and run.state.is_final() for run in runs
         )
 
@@ -250,7 +251,7 @@ def test_rerun_on_unchanged_data_is_cached_and_keeps_the_champion(
     manifest = manifest_of(run_config, second)
     assert manifest["tasks"]["train_model"] == "cached"
     task_runs = task_runs_of(client, second.id, manifest["tasks"])
-    assert {run.state.name for run in task_runs if run.name.startswith("train_model")} == {"Cached"}
+    assert {run.state.name for run in task_runs if task_name(run) == "train_model"} == {"Cached"}
     assert all({f"dataset:{run_config['data']['dataset']}", "model:tudui"} <= set(run.tags) for run in task_runs)
     decision = manifest["champion"]
     assert (decision["outcome"], decision["reason"]) == ("kept", "same weights")
@@ -286,7 +287,7 @@ def test_failed_run_is_failed_with_the_reason(
     assert any(str(missing) in message for message in logs_of(client, failed.id, str(missing)))
     # The download step is the retryable one: 1 try + 2 retries before the run fails.
     task_runs = task_runs_of(client, failed.id, ["download_dataset"])
-    assert [(run.state.name, run.run_count) for run in task_runs if run.name.startswith("download_dataset")] == [
+    assert [(run.state.name, run.run_count) for run in task_runs if task_name(run) == "download_dataset"] == [
         ("Failed", 3)
     ]
 

@@ -17,8 +17,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from flows.cli import main
 from flows.reproduce import reproduce_run
 from flows.train import train_pipeline
-from tasks.artifacts import ARTIFACT_KEYS
-from tests.flows.conftest import HEAVY_TASKS, artifact_keys, log_messages, run_dir_of, task_states, tiny_config, train
+from tasks.artifacts import ARTIFACT_KEYS, HISTORY_KEY, PROGRESS_KEY
+from tests.flows.conftest import (
+    HEAVY_TASKS,
+    artifact_data,
+    artifact_keys,
+    log_messages,
+    run_dir_of,
+    task_run_names,
+    task_states,
+    tiny_config,
+    train,
+)
 from visionflow.checkpoints import load_checkpoint
 from visionflow.config import RECIPES
 from visionflow.errors import DatasetError
@@ -144,6 +154,27 @@ def test_artifacts_task_states_and_logs_in_prefect(first: dict[str, Any]) -> Non
     assert [m.split(" train_loss")[0] for m in log_messages(flow_run_id, "train_loss")] == ["epoch 1/1"]
 
 
+def test_task_runs_have_readable_names(first: dict[str, Any], tiny_data: Path) -> None:
+    dataset = tiny_data.name  # the dataset spec's last path component
+    assert task_run_names(first["prefect_flow_run_id"]) == {
+        "download_dataset": f"download {dataset}",
+        "fingerprint_data": f"fingerprint {dataset}",
+        "start_run": "start run",
+        "validate_data": f"validate {dataset}",
+        "compute_normalization": f"normalize {dataset}",
+        "preview_transforms": f"preview {dataset}",
+        "describe_model": "describe tudui",
+        "train_model": f"train tudui on {dataset}",
+        "evaluate_checkpoint": "evaluate best.pt",
+        "evaluate_with_leaked": "evaluate best.pt with leaked",
+        "export_checkpoint": "export best.pt",
+        "finish_run": "finish run",
+        "publish_run": "publish run",
+        "challenge_champion": "challenge champion",
+        "collect_garbage": "collect garbage",
+    }
+
+
 def test_identical_rerun_is_cached_and_complete(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
     again = train(tiny_config(tiny_data, output))
     assert statuses(again) == {name: "cached" for name in HEAVY_TASKS}
@@ -155,7 +186,8 @@ def test_identical_rerun_is_cached_and_complete(first: dict[str, Any], tiny_data
     for relpath in ("checkpoints/last.pt", "checkpoints/best.pt", "export/model.safetensors", "preview.png"):
         assert file_sha256(run_dir / relpath) == file_sha256(run_dir_of(first) / relpath), relpath
     assert again["checkpoint"]["path"] == str(run_dir / "checkpoints" / "best.pt")
-    assert set(ARTIFACT_KEYS) - {"training-progress"} <= artifact_keys(again["prefect_flow_run_id"])
+    # Training is cached: no progress bar, no history table.
+    assert set(ARTIFACT_KEYS) - {PROGRESS_KEY, HISTORY_KEY} <= artifact_keys(again["prefect_flow_run_id"])
 
 
 def test_changing_epochs_retrains_but_keeps_data_steps(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
@@ -262,5 +294,8 @@ def test_timeout_ends_the_run_timed_out_and_a_rerun_resumes(tiny_data: Path, tmp
     resumed = train(tiny_config(tiny_data, output, **{"training.epochs": epochs, "output.run_name": "slow"}))
     assert resumed["status"] == "completed"
     assert resumed["resumed_from"] == (str(last) if reached else None)
+    # The resumed run's history table holds the epochs before the resume too.
+    history = artifact_data(resumed["prefect_flow_run_id"], HISTORY_KEY)
+    assert [row["epoch"] for row in history] == list(range(1, resumed["metrics"]["epochs_trained"] + 1))
     uninterrupted = train(tiny_config(tiny_data, tmp_path / "fresh", **{"training.epochs": epochs}))
     assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
