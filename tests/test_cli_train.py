@@ -165,9 +165,9 @@ def test_a_run_stopped_from_outside_ends_cleanly(
     run_dir = tmp_path / "out" / "runs" / "stopped"
     argv = [sys.executable, "-m", "flows.cli", "train", "--dataset", str(data), "--epochs", "3", "--batch-size", "9",
             "--device", "cpu", "--output", str(tmp_path / "out"), "--run-name", "stopped"]  # fmt: skip
-    if how == "timeout":  # 1.2 s of training; 300 epochs of 18 images take several seconds
+    if how == "timeout":  # 1.2 s of training; 3,000 epochs of 18 images take far longer on any CPU
         (tmp_path / "limit.yaml").write_text("training:\n  timeout_minutes: 0.02\n")
-        argv[argv.index("3")] = "300"
+        argv[argv.index("3")] = "3000"
         argv += ["--config", str(tmp_path / "limit.yaml")]
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
