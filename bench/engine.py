@@ -45,12 +45,13 @@ sys.path.insert(0, str(REPO))
 
 from visionflow import engine  # noqa: E402
 from visionflow.autotune import fast_settings  # noqa: E402
-from visionflow.cache import DecodedSplit, decoded_cache_dir, load_decoded  # noqa: E402
+from visionflow.cache import DecodedSplit, load_decoded  # noqa: E402
 from visionflow.config import DataConfig, PipelineConfig, build_config  # noqa: E402
-from visionflow.data import resolve_dataset  # noqa: E402
+from visionflow.data import decoded_cache_dir, resolve_dataset  # noqa: E402
 from visionflow.device import autocast  # noqa: E402
-from visionflow.models import ModelSpec, build_model  # noqa: E402
+from visionflow.models import build_model  # noqa: E402
 from visionflow.optim import build_optimizer  # noqa: E402
+from visionflow.records import ModelSpec  # noqa: E402
 from visionflow.rng import seed_everything  # noqa: E402
 from visionflow.transforms import BatchTransform, mean_std  # noqa: E402
 

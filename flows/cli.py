@@ -105,9 +105,9 @@ def select_split(info: Any, name: str | None) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from visionflow.cache import decoded_cache_dir, load_decoded
+    from visionflow.cache import load_decoded
     from visionflow.checkpoints import load_model
-    from visionflow.data import resolve_dataset
+    from visionflow.data import decoded_cache_dir, resolve_dataset
     from visionflow.evaluation import check_classes_match, evaluate_model
 
     model, spec = load_model(args.checkpoint)
@@ -215,7 +215,6 @@ def check_before_run(config: Any) -> None:
     """Reject a missing dataset, an unavailable device or a completed run's name before the flow
     creates anything. CIFAR-10 is exempt from the dataset check: the flow downloads it."""
     from visionflow.data import resolve_dataset
-    from visionflow.engine import resolve_device
     from visionflow.runs import resumable_run
 
     if config.output.run_name is not None:
@@ -224,7 +223,10 @@ def check_before_run(config: Any) -> None:
         resolve_dataset(
             config.data.dataset, config.data.data_dir, config.data.val_fraction, config.data.split_seed, download=False
         )
-    resolve_device(config.training.device)
+    if config.training.device not in ("auto", "cpu"):  # these always resolve; checking cuda/mps imports torch
+        from visionflow.device import resolve_device
+
+        resolve_device(config.training.device)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

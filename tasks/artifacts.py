@@ -34,7 +34,7 @@ from prefect.artifacts import (
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
-from visionflow.engine import Callback, EpochMetrics, FitResult, FitStart
+from visionflow.records import Callback, EpochMetrics, FitResult, FitStart
 
 SUMMARY_KEY = "run-summary"
 VALIDATION_KEY = "validation-report"

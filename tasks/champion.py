@@ -14,9 +14,9 @@ from tasks.artifacts import publish_markdown
 from tasks.data import DatasetRef, ValidatedData
 from tasks.names import run_name
 from tasks.run import RunInfo
-from visionflow.cache import decoded_cache_dir
 from visionflow.champion import challenge, champion_report_markdown, evaluate_champion
 from visionflow.config import PipelineConfig
+from visionflow.data import decoded_cache_dir
 from visionflow.manifest import Manifest
 
 DECISION_KEY = "champion-decision"

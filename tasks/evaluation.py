@@ -10,8 +10,8 @@ from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
 from tasks.names import run_name
 from tasks.training import TrainOutput
-from visionflow.engine import time_to_accuracy
 from visionflow.manifest import MetricsRecord
+from visionflow.records import time_to_accuracy
 from visionflow.steps import accuracy_on, export_into, write_evaluation
 
 

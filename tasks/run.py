@@ -39,7 +39,6 @@ from tasks.evaluation import EvalOutput, ExportOutput, LeakedEvalOutput
 from tasks.model import ModelInfo
 from tasks.training import TrainOutput
 from visionflow import retention
-from visionflow.checkpoints import load_checkpoint
 from visionflow.config import PipelineConfig
 from visionflow.errors import VisionflowError
 from visionflow.manifest import CheckpointRecord, Manifest, RunStatus, TimingRecord
@@ -145,6 +144,8 @@ def fail_run(run: RunInfo, error: str, status: RunStatus = "failed") -> None:
 
 def last_epoch(run: RunInfo) -> int:
     """The epoch the run's last.pt holds (0 before the first checkpoint): where a rerun resumes."""
+    from visionflow.checkpoints import load_checkpoint  # torch: only when a run stopped
+
     last = RunLayout(Path(run.run_dir)).last_checkpoint
     return load_checkpoint(last)["epoch"] if last.is_file() else 0
 

@@ -11,7 +11,7 @@ from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, Normalization, ValidatedData, by_exclusions, by_fingerprint
 from tasks.names import run_name
 from visionflow.config import PipelineConfig
-from visionflow.engine import FitResult
+from visionflow.records import FitResult
 from visionflow.runs import BEST_CHECKPOINT_PATH, LAST_CHECKPOINT_PATH
 from visionflow.steps import train_run
 

@@ -21,7 +21,7 @@ from visionflow.checkpoints import export_model, load_checkpoint, load_model, sa
 from visionflow.config import build_config
 from visionflow.data import resolve_dataset
 from visionflow.engine import fit
-from visionflow.models import ModelSpec
+from visionflow.records import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 2

@@ -120,6 +120,17 @@ def test_first_run_on_a_new_prefect_home(
     assert out.splitlines()[0].split() == ["name", "date", "data", "model", "accuracy", "duration", "status"]
     assert out.splitlines()[1].startswith("first ")
 
+    # The identical command under a new name: every heavy step is a cache hit, and the process
+    # never imports torch (the cached results hold torch-free records: visionflow.records).
+    again = subprocess.run(
+        done.args[:-1] + ["again"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    manifest = json.loads((tmp_path / "out" / "runs" / "again" / "manifest.json").read_text())
+    assert manifest["tasks"]["train_model"] == manifest["tasks"]["evaluate_checkpoint"] == "cached"
+    assert "torch" not in manifest["packages"] and "torch" in manifest["versions"]
+    assert manifest["metrics"] == json.loads((run_dir / "manifest.json").read_text())["metrics"]
+
     # The same name again: the run completed, so it is not reused.
     code, _, err = run_main(
         capsys, "train", "--dataset", str(data), "--output", str(tmp_path / "out"), "--run-name", "first"

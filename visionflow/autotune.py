@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from visionflow.device import autocast
-from visionflow.fileio import atomic_write_json, locked
+from visionflow.fileio import atomic_write_json, locked, user_cache_dir
 from visionflow.models import build_model
 
 log = logging.getLogger(__name__)
@@ -51,8 +50,7 @@ class FastSettings:
 
 def cache_file() -> Path:
     """Where the per-machine decisions are stored."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "visionflow" / SETTINGS_FILE
+    return user_cache_dir() / SETTINGS_FILE
 
 
 def cpu_name() -> str:

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 # Bump when the stored layout or the decoding (resize filter, conversion) changes, so that old
 # files are simply never looked up again.
 _FORMAT = 1
-CACHE_SUBDIR = "cache"  # the decoded cache lives in <data.data_dir>/cache
 
 
 @dataclass
@@ -40,11 +39,6 @@ class DecodedSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def decoded_cache_dir(data_dir: Path | str) -> Path:
-    """The decoded-tensor cache folder of a data directory (`data.data_dir`)."""
-    return Path(data_dir) / CACHE_SUBDIR
 
 
 def cache_path(fingerprint: str, image_size: int, cache_dir: Path | str) -> Path:

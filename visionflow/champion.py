@@ -34,17 +34,17 @@ import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from visionflow.cache import load_decoded
-from visionflow.checkpoints import EXPORT_SPEC, EXPORT_WEIGHTS, load_model
 from visionflow.config import MONITOR_MODES, is_improvement
 from visionflow.data import Split
 from visionflow.errors import CheckpointError, ConfigError
-from visionflow.evaluation import EvalReport, check_classes_match, evaluate_model
 from visionflow.fileio import atomic_write_bytes, atomic_write_json, locked
 from visionflow.manifest import MANIFEST_NAME, Manifest
-from visionflow.runs import RunLayout
+from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS, RunLayout
+
+if TYPE_CHECKING:
+    from visionflow.evaluation import EvalReport
 
 MODELS_SUBDIR = "models"
 DECISION = "decision.json"
@@ -162,6 +162,10 @@ def read_champion(output_dir: Path | str, slot: str) -> Champion | None:
 
 def evaluate_export(path: Path, eval_split: Split, cache_dir: Path | str, device: str = "auto") -> EvalReport:
     """Evaluate an exported model on ``eval_split``, decoded at the model's own input size."""
+    from visionflow.cache import load_decoded  # torch: only when a champion is evaluated
+    from visionflow.checkpoints import load_model
+    from visionflow.evaluation import check_classes_match, evaluate_model
+
     model, spec = load_model(path)
     check_classes_match(spec, eval_split.classes)
     return evaluate_model(model, spec, load_decoded(eval_split, spec.input_size, cache_dir), device=device)

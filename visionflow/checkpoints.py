@@ -22,7 +22,8 @@ from torch import nn
 
 from visionflow.errors import CheckpointError, VisionflowError
 from visionflow.fileio import atomic_write, atomic_write_bytes, atomic_write_json
-from visionflow.models import ModelSpec
+from visionflow.records import ModelSpec
+from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS
 
 FORMAT_VERSION = 1
 TRAINING_KEYS = frozenset(
@@ -43,10 +44,6 @@ TRAINING_KEYS = frozenset(
         "best_epoch",
     }
 )
-LAST_CHECKPOINT = "last.pt"  # rewritten every epoch
-BEST_CHECKPOINT = "best.pt"  # rewritten when the monitored metric improves
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_SPEC = "model.json"
 EXPECTED_MODEL_FILE = "a training checkpoint (.pt), an export folder, or a .safetensors file beside its .json spec"
 # Leaf types a weights-only torch.load accepts (exact types: a numpy.float64 is a float subclass
 # that the weights-only unpickler refuses).

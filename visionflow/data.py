@@ -15,16 +15,13 @@ import hashlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
-
-from PIL import Image
-from torch.utils.data import Dataset
+from typing import Iterable, Iterator
 
 from visionflow.download import CIFAR10_URL, prepare_cifar10
 from visionflow.errors import DatasetError
-from visionflow.images import load_rgb
 
 EVAL_SPLITS = ("val", "test")  # preference order
+CACHE_SUBDIR = "cache"  # decoded tensors (visionflow.cache) live in <data.data_dir>/cache
 # `sample` lives at <data_dir>/sample; outside the repo checkout the copy bundled beside the
 # package is used, so `--dataset sample` works from any working directory.
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -111,7 +108,7 @@ def _walk(folder: Path, prefix: str = "") -> Iterator[tuple[str, Path]]:
                 yield f"{prefix}{entry.name}", Path(entry.path)
 
 
-def _files_under(folder: Path) -> list[Path]:
+def files_under(folder: Path) -> list[Path]:
     """Visible regular files below folder, sorted by relative path."""
     return [path for _, path in sorted(_walk(folder))]
 
@@ -210,6 +207,11 @@ def resolve_folder(
     return DatasetInfo(given, root, splits["train"].classes, splits)
 
 
+def decoded_cache_dir(data_dir: Path | str) -> Path:
+    """The decoded-tensor cache folder of a data directory (`data.data_dir`)."""
+    return Path(data_dir) / CACHE_SUBDIR
+
+
 def resolve_dataset(
     spec: str,
     data_dir: Path | str = "data",
@@ -227,40 +229,3 @@ def resolve_dataset(
     else:
         root = Path(spec)
     return resolve_folder(root, spec, val_fraction, split_seed)
-
-
-class FolderDataset(Dataset):
-    """torch Dataset over a Split: item i is (transform(load_rgb(file i)), label i)."""
-
-    def __init__(self, split: Split, transform: Callable[[Image.Image], object] | None = None) -> None:
-        self.split = split
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> tuple[object, int]:
-        image = load_rgb(self.split.files[index])
-        return (self.transform(image) if self.transform else image), self.split.labels[index]
-
-
-class LabelFolder(Dataset):
-    """The tutorial's `Mydata(root_dir, label_dir)`: every file in root_dir/label_dir, item i is
-    (PIL RGB image, label_dir). `ants + bees` concatenates (torch's Dataset.__add__)."""
-
-    def __init__(self, root_dir: Path | str, label_dir: str) -> None:
-        self.root_dir = Path(root_dir)
-        self.label_dir = label_dir
-        folder = self.root_dir / label_dir
-        if not folder.is_dir():
-            raise DatasetError(
-                f"Label folder '{folder}' not found; expected a folder of images "
-                f"named after its label inside {self.root_dir}"
-            )
-        self.files = _files_under(folder)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
-        return load_rgb(self.files[index]), self.label_dir

@@ -26,14 +26,14 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from visionflow import checkpoints
 from visionflow.autotune import BF16_SLOWDOWN_WARNING, bf16_slowdown, cpu_name, fast_settings, native_bf16
-from visionflow.checkpoints import BEST_CHECKPOINT, LAST_CHECKPOINT
 from visionflow.config import DataConfig, PipelineConfig, flatten, is_improvement
 from visionflow.device import autocast, resolve_device
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.loaders import Batches, eval_batches, make_loader
-from visionflow.models import ModelSpec
 from visionflow.optim import build_optimizer, build_scheduler
+from visionflow.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec, TrainStats
 from visionflow.rng import Generators, restore_rng_state, rng_state
+from visionflow.runs import BEST_CHECKPOINT, LAST_CHECKPOINT
 from visionflow.stopping import StopGuard
 from visionflow.transforms import BatchTransform, fill_mean_std
 
@@ -52,108 +52,7 @@ log = logging.getLogger(__name__)
 _PROGRESS_INTERVAL = 0.25  # seconds between progress-bar redraws (each redraw is one device sync)
 
 # ---------------------------------------------------------------------------------------------
-# Metrics, callbacks, progress
-
-
-@dataclass
-class EpochMetrics:
-    """One epoch's figures, as callbacks, the history and checkpoints see them."""
-
-    epoch: int  # 1-based
-    step: int  # optimizer steps so far
-    train_loss: float  # mean per image, with label smoothing
-    train_accuracy: float  # fraction in [0, 1], on augmented batches
-    eval_loss: float  # mean cross-entropy per image, no smoothing
-    eval_accuracy: float  # fraction in [0, 1]
-    lr: float  # after the epoch's last step
-    images_per_second: float  # training images / training-loop seconds
-    seconds: float  # training loop + evaluation, wall clock
-
-
-ACCURACY_MILESTONES = (0.5, 0.6, 0.7)  # eval accuracies whose time to reach a run records
-
-
-def time_to_accuracy(
-    history: Sequence[EpochMetrics], milestones: Sequence[float] = ACCURACY_MILESTONES
-) -> dict[str, dict[str, float] | None]:
-    """For each milestone ('50%'...): the first epoch whose eval accuracy reached it and the
-    training seconds (loops and per-epoch evaluation) until the end of that epoch; None if none did."""
-    reached: dict[str, dict[str, float] | None] = {f"{m:.0%}": None for m in milestones}
-    seconds = 0.0
-    for metrics in history:
-        seconds += metrics.seconds
-        for milestone in milestones:
-            if reached[f"{milestone:.0%}"] is None and metrics.eval_accuracy >= milestone:
-                reached[f"{milestone:.0%}"] = {"epoch": metrics.epoch, "seconds": seconds}
-    return reached
-
-
-@dataclass
-class TrainStats:
-    """What `train_one_epoch` returns."""
-
-    loss: float  # mean per image
-    accuracy: float  # fraction in [0, 1]
-    images: int
-    seconds: float  # wall clock of the loop, device synced
-    step: int  # optimizer steps so far, after this epoch
-
-
-@dataclass
-class FitResult:
-    """What `fit` returns (and `Callback.on_fit_end` receives)."""
-
-    history: list[EpochMetrics]
-    best_metric: float | None  # value of config.training.monitor at best_epoch
-    best_epoch: int | None
-    last_checkpoint: Path | None
-    best_checkpoint: Path | None
-    train_seconds: float  # training loops only (no evaluation, no checkpoint writes), all sessions
-    train_images_per_second: float
-    weights_sha256: str  # of the final weights
-    stopped_early: bool
-    device: str
-    spec: ModelSpec  # the input spec with the normalization the run used
-    precision: str  # fp32 or bf16: what training.precision (auto) meant on this device
-    channels_last: bool  # what training.channels_last (auto) meant
-
-
-@dataclass
-class FitStart:
-    """What `Callback.on_fit_start` receives; `epoch`/`step` are nonzero when resuming."""
-
-    epoch: int  # last finished epoch (0 for a fresh run)
-    step: int  # optimizer steps already taken
-    epochs: int  # config.training.epochs
-    steps_per_epoch: int
-    train_images: int
-    eval_images: int
-    device: str
-    config: dict[str, Any]  # resolved, with the normalization the run uses
-    spec: dict[str, Any]
-    history: list[EpochMetrics] = field(default_factory=list)  # epochs finished before (when resuming)
-
-
-class Callback:
-    """Hooks into `fit`; override what you need. Steps are reported every `every_n_steps` steps.
-
-    on_step_end costs one device sync (to read the loss) each time it is called, so it is only
-    called for callbacks that override it.
-    """
-
-    every_n_steps: int = 1
-
-    def on_fit_start(self, state: FitStart) -> None:
-        """Before the first (or first resumed) epoch."""
-
-    def on_step_end(self, step: int, loss: float, lr: float) -> None:
-        """After optimizer step `step` (1-based, counted across epochs); `loss` of that batch."""
-
-    def on_epoch_end(self, metrics: EpochMetrics) -> None:
-        """After the epoch is evaluated and its checkpoints are written."""
-
-    def on_fit_end(self, result: FitResult) -> None:
-        """After the last epoch (or early stop)."""
+# Callbacks and progress
 
 
 def _step_listeners(callbacks: Sequence[Callback]) -> list[Callback]:

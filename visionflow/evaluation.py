@@ -20,7 +20,7 @@ from visionflow.engine import collect_logits
 from visionflow.errors import DatasetError
 from visionflow.images import load_rgb, thread_map
 from visionflow.loaders import eval_batches
-from visionflow.models import ModelSpec
+from visionflow.records import ModelSpec
 
 CONFIDENTLY_WRONG_K = 16
 TOP_K = 5

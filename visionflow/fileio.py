@@ -105,6 +105,11 @@ def link_or_copy(source: Path | str, target: Path | str) -> Path:
     return target
 
 
+def user_cache_dir() -> Path:
+    """visionflow's per-user cache folder: `$XDG_CACHE_HOME/visionflow`, else ~/.cache/visionflow."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "visionflow"
+
+
 def file_sha256(path: Path | str) -> str:
     """sha256 hex digest of a file's bytes."""
     digest = hashlib.sha256()

@@ -9,6 +9,7 @@ collected here too.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import socket
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from visionflow.config import PipelineConfig
 from visionflow.errors import ConfigError
-from visionflow.fileio import atomic_write_json
+from visionflow.fileio import atomic_write_json, user_cache_dir
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 2  # 2: typed model (1 was the untyped dict, its "manifest_version" is read as schema_version)
@@ -34,6 +35,7 @@ RunStatus = Literal["running", "completed", "failed", "interrupted", "cancelled"
 STOPPED_STATUSES = ("interrupted", "cancelled", "timed_out")
 TaskStatus = Literal["completed", "cached"]
 HEADLINE_PACKAGES = ("torch", "torchvision", "prefect")
+MODULE_OWNERS_FILE = "module-owners.json"  # in fileio.user_cache_dir(): see _module_owners
 
 
 class _Record(BaseModel):
@@ -137,7 +139,13 @@ class Manifest(_Record):
     tasks: dict[str, TaskStatus] = Field(default_factory=dict, description="Pipeline task -> completed or cached.")
     device: str | None = None
     versions: dict[str, str] = Field(default_factory=dict, description="Python, torch, torchvision and prefect.")
-    packages: dict[str, str] = Field(default_factory=dict, description="Every installed package the run imported.")
+    packages: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Every installed package the run's process imported (a fully cached run does not import torch; "
+            "`versions` names it)."
+        ),
+    )
     git_commit: str | None = Field(None, description="Commit of this code, '-dirty' with local changes.")
     prefect_flow_run_id: str | None = None
     pid: int | None = Field(None, description="Process that runs the flow (see apparent_status).")
@@ -240,9 +248,24 @@ def package_versions() -> dict[str, str]:
 
 @functools.cache
 def _module_owners() -> Mapping[str, list[str]]:
-    """Top-level module -> distributions providing it; reads every installed package's file list
-    (~0.3 s), so once per process."""
-    return packages_distributions()
+    """Top-level module -> distributions providing it. Computing it reads every installed
+    package's file list (0.3-1 s), so it is kept in the user cache until a folder on sys.path
+    changes (installing, upgrading or removing a package changes its site-packages folder)."""
+    folders = sorted({str(Path(entry or ".").resolve()) for entry in sys.path})
+    key = [[folder, os.stat(folder).st_mtime_ns] for folder in folders if os.path.isdir(folder)]
+    path = user_cache_dir() / MODULE_OWNERS_FILE
+    try:
+        stored = json.loads(path.read_text())
+        if stored["key"] == key:
+            return stored["owners"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: compute it again
+    owners = packages_distributions()
+    try:
+        atomic_write_json(path, {"key": key, "owners": owners})
+    except OSError:
+        pass  # a read-only cache folder: the next process computes it again
+    return owners
 
 
 def imported_packages() -> dict[str, str]:

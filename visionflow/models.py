@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,32 +50,6 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     if num_classes < 2:
         raise ConfigError(f"Invalid num_classes {num_classes}: a classifier needs at least 2 classes")
     return MODELS[name](num_classes)
-
-
-@dataclass
-class ModelSpec:
-    """Everything needed to rebuild a model and preprocess its input, saved beside its weights."""
-
-    name: str
-    num_classes: int
-    input_size: int  # pixels, square
-    class_names: list[str]
-    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # per channel, on [0, 1] pixels
-    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ModelSpec":
-        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
-        missing = sorted(set(cls.__dataclass_fields__) - set(known))
-        if missing:
-            raise ConfigError(f"Model spec is missing {', '.join(missing)}")
-        return cls(**known)
-
-    def build(self) -> nn.Module:
-        return build_model(self.name, self.num_classes)
 
 
 @dataclass

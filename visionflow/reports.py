@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from visionflow.config import flatten
@@ -63,9 +62,11 @@ def write_csv(frame: pd.DataFrame, path: Path | str) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Tables
 
+Matrix = Any  # a (C, C) count matrix: numpy array, torch.Tensor (this module does not import torch) or nested lists
 
-def _square_matrix(matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]], classes: Sequence[str]) -> np.ndarray:
-    counts = np.asarray(matrix.cpu() if isinstance(matrix, torch.Tensor) else matrix)
+
+def _square_matrix(matrix: Matrix, classes: Sequence[str]) -> np.ndarray:
+    counts = np.asarray(matrix.cpu() if hasattr(matrix, "cpu") else matrix)  # a torch.Tensor, maybe on a GPU
     if counts.shape != (len(classes), len(classes)):
         raise ValueError(
             f"Invalid confusion matrix shape {counts.shape}: expected ({len(classes)}, {len(classes)}) "
@@ -74,9 +75,7 @@ def _square_matrix(matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]], 
     return counts
 
 
-def confusion_frame(
-    matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]], classes: Sequence[str]
-) -> pd.DataFrame:
+def confusion_frame(matrix: Matrix, classes: Sequence[str]) -> pd.DataFrame:
     """The (C, C) confusion matrix as a table: column ``true`` then one count column per
     predicted class."""
     counts = _square_matrix(matrix, classes)
@@ -320,9 +319,7 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> st
     return text + "…"
 
 
-def render_confusion_matrix(
-    matrix: np.ndarray | torch.Tensor | Sequence[Sequence[int]], classes: Sequence[str]
-) -> Image.Image:
+def render_confusion_matrix(matrix: Matrix, classes: Sequence[str]) -> Image.Image:
     """Draw the (C, C) confusion matrix (rows = true class, columns = predicted) as an RGB image.
     Cells are shaded by the row fraction (the recall of the true class), so rare classes are as
     readable as common ones; each cell shows its count when the cell is big enough."""

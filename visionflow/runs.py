@@ -14,12 +14,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from visionflow.checkpoints import BEST_CHECKPOINT, EXPORT_SPEC, LAST_CHECKPOINT
 from visionflow.config import PipelineConfig
 from visionflow.errors import ConfigError, DatasetError
 from visionflow.manifest import MANIFEST_NAME, Manifest
 
 RUNS_SUBDIR = "runs"
+LAST_CHECKPOINT = "last.pt"  # rewritten every epoch
+BEST_CHECKPOINT = "best.pt"  # rewritten when the monitored metric improves
+EXPORT_WEIGHTS = "model.safetensors"  # the export folder: weights, and the spec beside them
+EXPORT_SPEC = "model.json"
 CHECKPOINTS_SUBDIR = "checkpoints"
 BEST_CHECKPOINT_PATH = f"{CHECKPOINTS_SUBDIR}/{BEST_CHECKPOINT}"  # run-directory-relative
 LAST_CHECKPOINT_PATH = f"{CHECKPOINTS_SUBDIR}/{LAST_CHECKPOINT}"

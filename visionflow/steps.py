@@ -1,43 +1,30 @@
 """The pipeline's steps as plain functions, one per Prefect task: each writes its outputs into a
 run directory (`runs.RunLayout`) and returns what the next steps and the manifest need. No
 Prefect here: `tasks/` wraps each function in a cached task, `bench/` calls them directly.
+
+The steps that compute import torch (and what builds on it) inside the function: a fully cached
+run calls only the others, and never pays torch's import (~2 s of every command's start).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from visionflow.cache import decoded_cache_dir, load_decoded
-from visionflow.checkpoints import export_model, load_model
 from visionflow.config import DataConfig, PipelineConfig
-from visionflow.data import DatasetInfo, Split
-from visionflow.engine import Callback, FitResult, fit
-from visionflow.evaluation import EvalReport, evaluate_model
+from visionflow.data import DatasetInfo, Split, decoded_cache_dir
 from visionflow.fileio import atomic_write_json, atomic_write_text
+from visionflow.hparams import log_hparams
 from visionflow.manifest import Manifest
-from visionflow.models import ModelSpec, ModelSummary, build_model, summarize
-from visionflow.preview import build_preview
-from visionflow.reports import (
-    render_misclassified,
-    render_near_duplicates,
-    write_evaluation_csvs,
-    write_png,
-    write_validation_csvs,
-)
-from visionflow.rng import seed_everything
+from visionflow.records import Callback, FitResult, ModelSpec
+from visionflow.reports import render_near_duplicates, write_png, write_validation_csvs
 from visionflow.runs import RunLayout
-from visionflow.tensorboard import (
-    TensorBoardCallback,
-    log_confusion_matrix,
-    log_hparams,
-    log_image,
-    log_model_graph,
-    log_pr_curves,
-)
-from visionflow.transforms import fill_mean_std
 from visionflow.validate import ValidationReport, validate_dataset
+
+if TYPE_CHECKING:
+    from visionflow.evaluation import EvalReport
+    from visionflow.models import ModelSummary
 
 
 def validate_into(run_dir: Path | str, dataset: DatasetInfo, data: DataConfig) -> tuple[ValidationReport, DatasetInfo]:
@@ -61,6 +48,10 @@ def validate_into(run_dir: Path | str, dataset: DatasetInfo, data: DataConfig) -
 
 def accuracy_on(checkpoint: Path | str, split: Split, device: str, data_dir: Path | str) -> float:
     """Top-1 accuracy of a checkpoint on a split (no files written)."""
+    from visionflow.cache import load_decoded
+    from visionflow.checkpoints import load_model
+    from visionflow.evaluation import evaluate_model
+
     model, spec = load_model(checkpoint)
     decoded = load_decoded(split, spec.input_size, decoded_cache_dir(data_dir))
     return evaluate_model(model, spec, decoded, device=device).accuracy
@@ -69,6 +60,9 @@ def accuracy_on(checkpoint: Path | str, split: Split, device: str, data_dir: Pat
 def fill_normalization(train: Split, data: DataConfig) -> DataConfig:
     """`data` with mean/std filled from the train split's pixels where empty (computed once per
     run: preview and training both take the result)."""
+    from visionflow.cache import load_decoded
+    from visionflow.transforms import fill_mean_std
+
     if data.mean is not None and data.std is not None:
         return data
     decoded = load_decoded(train, data.image_size, decoded_cache_dir(data.data_dir))
@@ -79,6 +73,9 @@ def fill_normalization(train: Split, data: DataConfig) -> DataConfig:
 def preview_into(run_dir: Path | str, train: Split, data: DataConfig, seed: int) -> Path:
     """Render what the model sees (original | eval input | train input) to preview.png and
     TensorBoard; `data` has its normalization filled in."""
+    from visionflow.preview import build_preview
+    from visionflow.tensorboard import log_image
+
     layout = RunLayout(Path(run_dir))
     image = build_preview(train, data.image_size, data.mean, data.std, bool(data.augment), seed)
     log_image(layout.tensorboard, "data/transform_preview", image)
@@ -87,6 +84,9 @@ def preview_into(run_dir: Path | str, train: Split, data: DataConfig, seed: int)
 
 def describe_into(run_dir: Path | str, name: str, num_classes: int, image_size: int) -> ModelSummary:
     """Build the model once: its layer summary to model.txt, its graph to TensorBoard."""
+    from visionflow.models import build_model, summarize
+    from visionflow.tensorboard import log_model_graph
+
     layout = RunLayout(Path(run_dir))
     model = build_model(name, num_classes)
     summary = summarize(model, image_size)
@@ -105,6 +105,11 @@ def train_run(
 ) -> FitResult:
     """Train on the dataset's decoded splits with checkpoints in run_dir/checkpoints and curves
     in TensorBoard; `resume_from` continues an interrupted run (see `engine.fit`)."""
+    from visionflow.cache import load_decoded
+    from visionflow.engine import fit
+    from visionflow.rng import seed_everything
+    from visionflow.tensorboard import TensorBoardCallback
+
     layout = RunLayout(Path(run_dir))
     data = config.data
     train = load_decoded(dataset.train, data.image_size, decoded_cache_dir(data.data_dir))
@@ -130,6 +135,12 @@ def write_evaluation(
     """Evaluate a checkpoint on the eval split: evaluation.json, per-class and confusion CSVs,
     the confusion matrix (PNG and TensorBoard), per-class PR curves (TensorBoard) and the most
     confidently wrong images."""
+    from visionflow.cache import load_decoded
+    from visionflow.checkpoints import load_model
+    from visionflow.evaluation import evaluate_model
+    from visionflow.reports import render_misclassified, write_evaluation_csvs
+    from visionflow.tensorboard import log_confusion_matrix, log_pr_curves
+
     layout = RunLayout(Path(run_dir))
     model, spec = load_model(checkpoint)
     report = evaluate_model(
@@ -147,6 +158,8 @@ def write_evaluation(
 def export_into(run_dir: Path | str, checkpoint: Path | str) -> str:
     """Export the checkpoint's weights (safetensors) and spec (json) for serving; returns the
     weights' sha256."""
+    from visionflow.checkpoints import export_model, load_model
+
     model, spec = load_model(checkpoint)
     return export_model(model, spec, RunLayout(Path(run_dir)).export_dir)["weights_sha256"]
 

@@ -1,6 +1,6 @@
 """TensorBoard logging for one training run: an engine callback for the training curves, and
-functions for the transform preview, the model graph, hyperparameters with final metrics, the
-confusion matrix and per-class precision-recall curves.
+functions for the transform preview, the model graph, the confusion matrix and per-class
+precision-recall curves (hyperparameters with final metrics: `visionflow.hparams`, without torch).
 
 Decisions:
 - One folder per run (``runs.RunLayout.tensorboard``: ``<output_dir>/runs/<run_name>/tensorboard``),
@@ -11,36 +11,29 @@ Decisions:
   which TensorBoard merges.
 - Every scalar uses the global optimizer step as x-axis, so step and epoch curves overlay in one
   chart, and a resumed run can hide the crashed run's tail with one ``purge_step``.
-- Hyperparameters go into the run folder itself, not the timestamped subfolder that
-  ``SummaryWriter.add_hparams`` creates, so the HPARAMS tab links them to this run's curves.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from visionflow.config import flatten
-from visionflow.engine import Callback, EpochMetrics, FitResult, FitStart
+from visionflow.records import Callback, EpochMetrics, FitResult, FitStart
 from visionflow.reports import render_confusion_matrix
-
-HPARAM_METRIC_PREFIX = "hparam/"
 
 
 class TensorBoardCallback(Callback):
     """Engine callback: the training loss (of that step's batch) and the learning rate every
     ``every_n_steps`` optimizer steps; per epoch the train/eval loss and accuracy, throughput
     and the epoch number. The event file is flushed every epoch, so a crash loses at most the
-    current epoch. Hyperparameters are logged once, after evaluation, by ``log_hparams``."""
+    current epoch. Hyperparameters are logged once, after evaluation, by ``hparams.log_hparams``."""
 
     def __init__(self, log_dir: Path | str, every_n_steps: int = 10) -> None:
         if every_n_steps < 1:
@@ -106,37 +99,6 @@ def log_model_graph(log_dir: Path | str, model: nn.Module, input_size: int) -> N
             writer.add_graph(module, dummy)
     finally:
         module.train(was_training)
-
-
-def flatten_hparams(values: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """Flatten nested mappings to dotted keys ({'optim': {'lr': 0.1}} -> {'optim.lr': 0.1});
-    lists become strings (the HPARAMS tab shows numbers, strings and booleans only) and None
-    values are left out (an unset field has no value to compare)."""
-    flat: dict[str, bool | int | float | str] = {}
-    for name, value in flatten(values, prefix).items():
-        if isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        elif isinstance(value, (list, tuple)):
-            flat[name] = str(list(value))
-        elif value is not None:
-            raise ValueError(
-                f"Invalid hyperparameter '{name}' = {value!r}: expected a number, string, bool, list or None"
-            )
-    return flat
-
-
-def log_hparams(log_dir: Path | str, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int = 0) -> None:
-    """Log hyperparameters (nested mappings allowed, e.g. the resolved config's model_dump())
-    with final metrics into the run folder (the HPARAMS tab); metrics become ``hparam/<name>``
-    scalars. Call it once per run, when the final metrics are known."""
-    flat = flatten_hparams(hparams)
-    tagged = {f"{HPARAM_METRIC_PREFIX}{name}": float(value) for name, value in metrics.items()}
-    with SummaryWriter(str(log_dir)) as writer:
-        # The three summaries add_hparams writes, but into this writer's folder (the run's own).
-        for summary in hparams_summary(flat, tagged):
-            writer.file_writer.add_summary(summary, step)
-        for tag, value in tagged.items():
-            writer.add_scalar(tag, value, step)
 
 
 def log_confusion_matrix(

@@ -18,7 +18,8 @@ from visionflow.config import PipelineConfig
 from visionflow.data import DatasetInfo, resolve_dataset
 from visionflow.errors import CheckpointError, ConfigError, DatasetError
 from visionflow.manifest import Manifest, MetricsRecord
-from visionflow.models import ModelSpec, build_model
+from visionflow.models import build_model
+from visionflow.records import ModelSpec
 
 CLASSES = ("airplane", "cat", "ship")
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from visionflow import checkpoints, engine
+from visionflow import checkpoints, engine, records
 from visionflow.config import build_config, is_improvement
 from visionflow.device import resolve_device
 from visionflow.errors import ConfigError, DatasetError, DeviceError
 from visionflow.loaders import DeviceLoader, eval_batches, make_loader
-from visionflow.models import ModelSpec, build_model
+from visionflow.models import build_model
 from visionflow.optim import build_optimizer, build_scheduler
+from visionflow.records import ModelSpec
 from visionflow.rng import Generators, seed_everything
 from visionflow.transforms import BatchTransform, mean_std
 
@@ -46,7 +47,7 @@ def _config(epochs: int = 2, **sections):
     return build_config(values)
 
 
-def _fit(config, checkpoint_dir=None, resume_from=None, callbacks=()) -> engine.FitResult:
+def _fit(config, checkpoint_dir=None, resume_from=None, callbacks=()) -> records.FitResult:
     seed_everything(config.training.seed)
     model = build_model("tudui", NUM_CLASSES)
     return engine.fit(
@@ -54,7 +55,7 @@ def _fit(config, checkpoint_dir=None, resume_from=None, callbacks=()) -> engine.
     )
 
 
-class Recorder(engine.Callback):
+class Recorder(records.Callback):
     def __init__(self):
         self.starts, self.steps, self.epochs, self.ends = [], [], [], []
 
@@ -71,7 +72,7 @@ class Recorder(engine.Callback):
         self.ends.append(result)
 
 
-class KillAfter(engine.Callback):
+class KillAfter(records.Callback):
     """Simulates a crash right after epoch `epoch` was checkpointed."""
 
     def __init__(self, epoch: int):
@@ -231,7 +232,7 @@ def test_same_seed_same_weights():
     assert c.weights_sha256 != a.weights_sha256
 
 
-def asdict_loss(m: engine.EpochMetrics) -> tuple:
+def asdict_loss(m: records.EpochMetrics) -> tuple:
     return m.train_loss, m.train_accuracy, m.eval_loss, m.eval_accuracy
 
 
@@ -281,7 +282,7 @@ def test_resume_refuses_a_different_config(tmp_path):
 def test_checkpoints_every_epoch(tmp_path):
     seen = []
 
-    class Inspect(engine.Callback):
+    class Inspect(records.Callback):
         def on_epoch_end(self, metrics):
             seen.append(checkpoints.load_checkpoint(tmp_path / "last.pt")["epoch"])
 
@@ -333,10 +334,10 @@ def test_early_stopping_on_the_monitored_metric():
 
 def test_time_to_accuracy_is_the_first_epoch_past_each_milestone():
     history = [
-        engine.EpochMetrics(epoch, epoch, 1.0, 0.5, 1.0, accuracy, 0.1, 100.0, seconds=2.0)
+        records.EpochMetrics(epoch, epoch, 1.0, 0.5, 1.0, accuracy, 0.1, 100.0, seconds=2.0)
         for epoch, accuracy in enumerate([0.4, 0.55, 0.52, 0.65], 1)
     ]
-    assert engine.time_to_accuracy(history) == {
+    assert records.time_to_accuracy(history) == {
         "50%": {"epoch": 2, "seconds": 4.0},
         "60%": {"epoch": 4, "seconds": 8.0},
         "70%": None,
@@ -434,7 +435,7 @@ def test_step_callbacks_every_n_steps():
 def test_progress_plain_lines_off_a_tty():
     stream = io.StringIO()
     progress = engine.Progress(2, stream)
-    metrics = engine.EpochMetrics(1, 3, 1.2, 0.5, 1.1, 0.6, 0.01, 1234.0, 2.0)
+    metrics = records.EpochMetrics(1, 3, 1.2, 0.5, 1.1, 0.6, 0.01, 1234.0, 2.0)
     progress.update(1, 1, 3, torch.tensor(3.0), torch.tensor(1), 2, 0.1)
     progress.epoch_end(metrics)
     assert stream.getvalue() == (

@@ -13,7 +13,7 @@ from torch import nn
 from visionflow.cache import DecodedSplit
 from visionflow.errors import DatasetError
 from visionflow.evaluation import evaluate_model, predict_images, report_from_logits
-from visionflow.models import ModelSpec
+from visionflow.records import ModelSpec
 
 CLASSES = ["a", "b", "c", "d"]  # "d" never occurs and is never predicted
 

@@ -11,7 +11,15 @@ import pytest
 
 from visionflow.config import build_config
 from visionflow.errors import ConfigError
-from visionflow.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, TimingRecord, imported_packages
+from visionflow.manifest import (
+    MANIFEST_NAME,
+    MODULE_OWNERS_FILE,
+    SCHEMA_VERSION,
+    Manifest,
+    TimingRecord,
+    _module_owners,
+    imported_packages,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,6 +58,29 @@ def test_provenance_lists_every_imported_package(tmp_path: Path) -> None:
     assert set(manifest.versions) == {"python", "torch", "torchvision", "prefect"}
     assert {"torch", "pydantic", "PyYAML"} <= set(manifest.packages)  # imported by visionflow.config/manifest
     assert "pytest" in imported_packages() and sys.modules.get("pytest") is not None
+
+
+def test_package_owners_are_kept_until_a_folder_on_sys_path_changes(tmp_path: Path, monkeypatch) -> None:
+    # Which distribution provides each module is read from every installed package's file list
+    # (0.3-1 s): one process computes it, later ones read it back, an install recomputes it.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    stored = tmp_path / "cache" / "visionflow" / MODULE_OWNERS_FILE
+    try:
+        _module_owners.cache_clear()
+        assert "torch" in _module_owners()["torch"]
+        values = json.loads(stored.read_text())
+        values["owners"]["marker"] = ["written-by-the-test"]  # shows whether the next process reads the file
+        stored.write_text(json.dumps(values))
+        _module_owners.cache_clear()
+        assert _module_owners()["marker"] == ["written-by-the-test"]
+        (site / "newpackage-1.0.dist-info").mkdir()  # what installing a package does to its folder
+        _module_owners.cache_clear()
+        assert "marker" not in _module_owners() and "marker" not in json.loads(stored.read_text())["owners"]
+    finally:
+        _module_owners.cache_clear()
 
 
 def test_missing_or_foreign_manifest_is_a_one_line_config_error(tmp_path: Path) -> None:

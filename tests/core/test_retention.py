@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from visionflow.champion import DECISION, MODELS_SUBDIR
-from visionflow.checkpoints import EXPORT_SPEC
 from visionflow.config import PipelineConfig
 from visionflow.errors import ConfigError
 from visionflow.fileio import atomic_write_json, link_or_copy
@@ -29,7 +28,7 @@ from visionflow.retention import (
     freed_by,
     plan_gc,
 )
-from visionflow.runs import runs_root
+from visionflow.runs import EXPORT_SPEC, runs_root
 
 MB = 1_000_000
 

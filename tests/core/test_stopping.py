@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.core.test_engine import _config, _fit
-from visionflow import checkpoints, engine
+from visionflow import checkpoints, records
 from visionflow.stopping import StopGuard, TrainingTimedOut
 
 
@@ -70,7 +70,7 @@ def test_the_deadline_stops_at_a_check() -> None:
             stop.check()
 
 
-class SignalAt(engine.Callback):
+class SignalAt(records.Callback):
     """Sends this process SIGINT after optimizer step `step` (as Ctrl-C would, mid-epoch)."""
 
     def __init__(self, step: int):

@@ -13,13 +13,13 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from visionflow.cache import DecodedSplit
 from visionflow.config import build_config
-from visionflow.engine import EpochMetrics, FitStart, fit
-from visionflow.models import ModelSpec, build_model
+from visionflow.engine import fit
+from visionflow.hparams import flatten_hparams, log_hparams
+from visionflow.models import build_model
+from visionflow.records import EpochMetrics, FitStart, ModelSpec
 from visionflow.tensorboard import (
     TensorBoardCallback,
-    flatten_hparams,
     log_confusion_matrix,
-    log_hparams,
     log_image,
     log_model_graph,
     log_pr_curves,

@@ -32,8 +32,7 @@ from tasks.artifacts import (
     publish_summary,
     publish_table,
 )
-from visionflow.engine import EpochMetrics, FitResult, FitStart
-from visionflow.models import ModelSpec
+from visionflow.records import EpochMetrics, FitResult, FitStart, ModelSpec
 
 
 def metrics(epoch: int) -> EpochMetrics:

@@ -1,0 +1,52 @@
+"""The tutorial's torch Datasets over image files: `FolderDataset` over a resolved `Split`, and
+`LabelFolder`, the tutorial's `Mydata` (one folder per label; `ants + bees` concatenates). Kept
+apart from `visionflow.data`, which resolves datasets without importing torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from visionflow.data import Split, files_under
+from visionflow.errors import DatasetError
+from visionflow.images import load_rgb
+
+
+class FolderDataset(Dataset):
+    """torch Dataset over a Split: item i is (transform(load_rgb(file i)), label i)."""
+
+    def __init__(self, split: Split, transform: Callable[[Image.Image], object] | None = None) -> None:
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        image = load_rgb(self.split.files[index])
+        return (self.transform(image) if self.transform else image), self.split.labels[index]
+
+
+class LabelFolder(Dataset):
+    """The tutorial's `Mydata(root_dir, label_dir)`: every file in root_dir/label_dir, item i is
+    (PIL RGB image, label_dir). `ants + bees` concatenates (torch's Dataset.__add__)."""
+
+    def __init__(self, root_dir: Path | str, label_dir: str) -> None:
+        self.root_dir = Path(root_dir)
+        self.label_dir = label_dir
+        folder = self.root_dir / label_dir
+        if not folder.is_dir():
+            raise DatasetError(
+                f"Label folder '{folder}' not found; expected a folder of images "
+                f"named after its label inside {self.root_dir}"
+            )
+        self.files = files_under(folder)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+        return load_rgb(self.files[index]), self.label_dir
