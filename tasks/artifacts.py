@@ -17,13 +17,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import pandas as pd
 from PIL import Image
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -35,6 +35,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
 from visionflow.records import Callback, EpochMetrics, FitResult, FitStart
+from visionflow.reports import Table
 
 SUMMARY_KEY = "run-summary"
 VALIDATION_KEY = "validation-report"
@@ -89,15 +90,19 @@ def publish_summary(markdown: str, description: str | None = "Run summary") -> U
     return publish_markdown(SUMMARY_KEY, markdown, description)
 
 
-def table_records(table: pd.DataFrame | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _json_ready(value: Any) -> Any:
+    value = value.item() if hasattr(value, "item") else value  # a numpy scalar -> its Python number
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def table_records(table: Table | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows as JSON-ready dicts (numpy scalars become Python numbers, NaN becomes None)."""
-    frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(list(table))
-    # object dtype first so where() can hold None in numeric columns.
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+    records = table.records() if isinstance(table, Table) else table
+    return [{name: _json_ready(value) for name, value in record.items()} for record in records]
 
 
-def publish_table(key: str, table: pd.DataFrame | Sequence[Mapping[str, Any]], description: str | None = None) -> UUID:
-    """Create a table artifact under ``key`` from a DataFrame or a list of row dicts."""
+def publish_table(key: str, table: Table | Sequence[Mapping[str, Any]], description: str | None = None) -> UUID:
+    """Create a table artifact under ``key`` from a `reports.Table` or a list of row dicts."""
     return create_table_artifact(table=table_records(table), key=_checked_key(key), description=description)
 
 

@@ -42,7 +42,7 @@ from visionflow import retention
 from visionflow.config import PipelineConfig
 from visionflow.errors import VisionflowError
 from visionflow.manifest import CheckpointRecord, Manifest, RunStatus, TimingRecord
-from visionflow.reports import confusion_frame, per_class_frame, run_summary_markdown, validation_markdown
+from visionflow.reports import confusion_table, per_class_table, run_summary_markdown, validation_markdown
 from visionflow.runs import RunLayout, check_same_data, compare_runs, open_run, reproduction_config
 from visionflow.steps import finish_into
 
@@ -119,10 +119,10 @@ def publish_run(run: RunInfo, manifest: Manifest) -> None:
     publish_markdown(
         VALIDATION_KEY, validation_markdown(json.loads(layout.validation.read_text())), "Dataset validation"
     )
-    publish_table(PER_CLASS_KEY, per_class_frame(evaluated), "Per-class precision, recall, F1")
+    publish_table(PER_CLASS_KEY, per_class_table(evaluated), "Per-class precision, recall, F1")
     publish_table(
         CONFUSION_KEY,
-        confusion_frame(evaluated["confusion_matrix"], evaluated["classes"]),
+        confusion_table(evaluated["confusion_matrix"], evaluated["classes"]),
         "Confusion matrix (rows: true class)",
     )
     publish_image(PREVIEW_KEY, layout.preview, "Transform preview: original | eval input | train input")

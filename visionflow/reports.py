@@ -8,13 +8,15 @@ the previous version or the new one, never half a file.
 
 from __future__ import annotations
 
+import csv
 import io
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from visionflow.config import flatten
@@ -54,15 +56,43 @@ def write_png(image: Image.Image, path: Path | str) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_csv(frame: pd.DataFrame, path: Path | str) -> Path:
-    """Write ``frame`` (without its index) as UTF-8 CSV atomically; returns the path."""
-    return atomic_write_text(path, frame.to_csv(index=False))
+def write_csv(table: Table, path: Path | str) -> Path:
+    """Write ``table`` as UTF-8 CSV (a header row, then one line per row) atomically; returns the path."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(table.columns)
+    writer.writerows(table.rows)
+    return atomic_write_text(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
 # Tables
 
 Matrix = Any  # a (C, C) count matrix: numpy array, torch.Tensor (this module does not import torch) or nested lists
+PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
+ISSUE_COLUMNS = ("issue", "path", "detail")
+
+
+@dataclass(frozen=True)
+class Table:
+    """Named columns and rows of plain values: what a report writes as CSV, markdown or a Prefect
+    table artifact. (Not pandas: its import costs 0.3-1 s, and a fully cached run publishes tables.)"""
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+    @classmethod
+    def of(cls, columns: Sequence[str], records: Iterable[Mapping[str, Any]]) -> Table:
+        """A table of ``columns`` from row dicts (a missing key is an empty cell)."""
+        return cls(tuple(columns), tuple(tuple(record.get(name) for name in columns) for record in records))
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per row, keys in column order."""
+        return [dict(zip(self.columns, row)) for row in self.rows]
+
+    def column(self, name: str) -> list[Any]:
+        index = self.columns.index(name)
+        return [row[index] for row in self.rows]
 
 
 def _square_matrix(matrix: Matrix, classes: Sequence[str]) -> np.ndarray:
@@ -75,31 +105,29 @@ def _square_matrix(matrix: Matrix, classes: Sequence[str]) -> np.ndarray:
     return counts
 
 
-def confusion_frame(matrix: Matrix, classes: Sequence[str]) -> pd.DataFrame:
+def confusion_table(matrix: Matrix, classes: Sequence[str]) -> Table:
     """The (C, C) confusion matrix as a table: column ``true`` then one count column per
     predicted class."""
     counts = _square_matrix(matrix, classes)
-    frame = pd.DataFrame(counts.astype(np.int64), columns=list(classes))
-    frame.insert(0, "true", list(classes))
-    return frame
+    return Table(("true", *classes), tuple((name, *map(int, row)) for name, row in zip(classes, counts)))
 
 
-def per_class_frame(evaluation: Mapping[str, Any]) -> pd.DataFrame:
+def per_class_table(evaluation: Mapping[str, Any]) -> Table:
     """Per-class precision, recall, F1 and support from ``EvalReport.to_dict()``."""
-    return pd.DataFrame(evaluation["per_class"], columns=["class", "precision", "recall", "f1", "support"])
+    return Table.of(PER_CLASS_COLUMNS, evaluation["per_class"])
 
 
-def validation_counts_frame(validation: Mapping[str, Any]) -> pd.DataFrame:
+def validation_counts_table(validation: Mapping[str, Any]) -> Table:
     """Images per class (rows) and split (columns, plus ``total``) from ``ValidationReport.to_dict()``."""
     splits = validation["splits"]
-    frame = pd.DataFrame({"class": list(validation["classes"])})
-    for name, split in splits.items():
-        frame[name] = [int(split["classes"].get(c, 0)) for c in frame["class"]]
-    frame["total"] = frame[list(splits)].sum(axis=1)
-    return frame
+    rows = []
+    for name in validation["classes"]:
+        counts = [int(split["classes"].get(name, 0)) for split in splits.values()]
+        rows.append((name, *counts, sum(counts)))
+    return Table(("class", *splits, "total"), tuple(rows))
 
 
-def validation_issues_frame(validation: Mapping[str, Any]) -> pd.DataFrame:
+def validation_issues_table(validation: Mapping[str, Any]) -> Table:
     """One row per finding (``issue``, ``path``, ``detail``): unreadable files (left out),
     duplicate images within a split, and train/eval leakage (exact, and near-duplicates when
     they were searched)."""
@@ -126,16 +154,16 @@ def validation_issues_frame(validation: Mapping[str, Any]) -> pd.DataFrame:
         }
         for pair in near["across_splits"]
     ]
-    return pd.DataFrame(rows, columns=["issue", "path", "detail"])
+    return Table.of(ISSUE_COLUMNS, rows)
 
 
 def write_evaluation_csvs(evaluation: Mapping[str, Any], out_dir: Path | str) -> dict[str, Path]:
     """``per_class_metrics.csv`` and ``confusion_matrix.csv`` from ``EvalReport.to_dict()``."""
     out_dir = Path(out_dir)
     return {
-        "per_class_metrics": write_csv(per_class_frame(evaluation), out_dir / "per_class_metrics.csv"),
+        "per_class_metrics": write_csv(per_class_table(evaluation), out_dir / "per_class_metrics.csv"),
         "confusion_matrix": write_csv(
-            confusion_frame(evaluation["confusion_matrix"], evaluation["classes"]), out_dir / "confusion_matrix.csv"
+            confusion_table(evaluation["confusion_matrix"], evaluation["classes"]), out_dir / "confusion_matrix.csv"
         ),
     }
 
@@ -144,8 +172,8 @@ def write_validation_csvs(validation: Mapping[str, Any], out_dir: Path | str) ->
     """``validation_counts.csv`` and ``validation_issues.csv`` from ``ValidationReport.to_dict()``."""
     out_dir = Path(out_dir)
     return {
-        "validation_counts": write_csv(validation_counts_frame(validation), out_dir / "validation_counts.csv"),
-        "validation_issues": write_csv(validation_issues_frame(validation), out_dir / "validation_issues.csv"),
+        "validation_counts": write_csv(validation_counts_table(validation), out_dir / "validation_counts.csv"),
+        "validation_issues": write_csv(validation_issues_table(validation), out_dir / "validation_issues.csv"),
     }
 
 
@@ -180,14 +208,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
-    """``frame`` (index left out) as a GitHub-flavoured markdown table."""
+def markdown_table(table: Table, float_format: str = "{:.4f}") -> str:
+    """``table`` as a GitHub-flavoured markdown table."""
 
     def text(value: Any) -> str:
         return float_format.format(value) if isinstance(value, float) else str(value)
 
-    lines = ["| " + " | ".join(_cell(str(c)) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(_cell(text(v)) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(_cell(str(c)) for c in table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(_cell(text(v)) for v in row) + " |" for row in table.rows]
     return "\n".join(lines)
 
 
@@ -277,7 +305,7 @@ def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
 def validation_markdown(validation: Mapping[str, Any]) -> str:
     """The dataset validation report as markdown: fingerprint, images per class and split, and
     the first findings (unreadable files, duplicates, leakage)."""
-    issues = validation_issues_frame(validation)
+    issues = validation_issues_table(validation)
     parts = [
         f"# Dataset `{validation['spec']}`",
         "",
@@ -285,19 +313,19 @@ def validation_markdown(validation: Mapping[str, Any]) -> str:
         "",
         "## Images per class",
         "",
-        markdown_table(validation_counts_frame(validation)),
+        markdown_table(validation_counts_table(validation)),
         "",
         "## Findings",
         "",
     ]
-    if issues.empty:
+    if not issues.rows:
         parts.append("No unreadable files, duplicates or train/eval leakage.")
     else:
-        counts = issues["issue"].value_counts()
-        parts.append(", ".join(f"{name}: {count}" for name, count in counts.items()))
-        parts += ["", markdown_table(issues.head(MAX_LISTED))]
-        if len(issues) > MAX_LISTED:
-            parts.append(f"\n... and {len(issues) - MAX_LISTED} more (see validation_issues.csv)")
+        counts = Counter(issues.column("issue")).most_common()
+        parts.append(", ".join(f"{name}: {count}" for name, count in counts))
+        parts += ["", markdown_table(Table(issues.columns, issues.rows[:MAX_LISTED]))]
+        if len(issues.rows) > MAX_LISTED:
+            parts.append(f"\n... and {len(issues.rows) - MAX_LISTED} more (see validation_issues.csv)")
     return "\n".join(parts) + "\n"
 
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from visionflow.data import resolve_dataset
 from visionflow.errors import DatasetError
 from visionflow.near_duplicates import DEFAULT_THRESHOLD, dct_hashes, near_duplicate_report, thumbnail
-from visionflow.reports import render_near_duplicates, validation_issues_frame
+from visionflow.reports import render_near_duplicates, validation_issues_table
 from visionflow.validate import validate_dataset
 
 CLASSES = ("bird", "frog", "horse")
@@ -117,8 +117,8 @@ def test_json_contract(leaky: tuple[Path, dict[str, str]]) -> None:
     assert pair["eval"].startswith("val/") and pair["train"].startswith("train/")  # like "duplicates"
     assert values["near_duplicate_summary"]["leaked_eval_images"] == len(planted)
     assert "near-duplicates across splits" in report.format_text()
-    issues = validation_issues_frame(values)  # validation_issues.csv and the validation artifact
-    assert (issues["issue"] == "near-duplicate leakage").sum() == len(values["near_duplicates"]["across_splits"])
+    issues = validation_issues_table(values)  # validation_issues.csv and the validation artifact
+    assert issues.column("issue").count("near-duplicate leakage") == len(values["near_duplicates"]["across_splits"])
     plain, _ = validate_dataset(resolve_dataset(str(root)))
     assert "near_duplicates" not in plain.to_dict()  # off by default
 

@@ -15,6 +15,7 @@ from visionflow.data import resolve_dataset
 from visionflow.evaluation import report_from_logits
 from visionflow.manifest import DataRecord, Manifest, MetricsRecord, ModelRecord, TimingRecord
 from visionflow.reports import (
+    Table,
     markdown_table,
     render_confusion_matrix,
     render_misclassified,
@@ -54,9 +55,9 @@ def test_evaluation_csvs_round_trip(tmp_path: Path, evaluation: dict) -> None:
 
 def test_write_csv_replaces_atomically(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
-    write_csv(pd.DataFrame({"a": [1]}), path)
-    write_csv(pd.DataFrame({"a": [2, 3]}), path)
-    assert pd.read_csv(path)["a"].tolist() == [2, 3]
+    write_csv(Table(("a",), ((1,),)), path)
+    write_csv(Table(("a", "b"), ((2, None), (3, 0.5))), path)
+    assert path.read_text() == "a,b\n2,\n3,0.5\n"  # an empty cell for None, as pandas writes NaN
     assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]
 
 
@@ -81,7 +82,7 @@ def test_validation_tables_and_markdown(tmp_path: Path, folder_dataset: Path) ->
 
 
 def test_markdown_table_escapes_pipes() -> None:
-    table = markdown_table(pd.DataFrame({"name": ["a|b"], "value": [0.5]}))
+    table = markdown_table(Table.of(("name", "value"), [{"name": "a|b", "value": 0.5}]))
     assert table.splitlines() == ["| name | value |", "|---|---|", "| a\\|b | 0.5000 |"]
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from uuid import UUID
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 from prefect import flow, task
@@ -33,6 +32,7 @@ from tasks.artifacts import (
     publish_table,
 )
 from visionflow.records import EpochMetrics, FitResult, FitStart, ModelSpec
+from visionflow.reports import Table
 
 
 def metrics(epoch: int) -> EpochMetrics:
@@ -93,8 +93,12 @@ def train_with_progress(epochs: int, stop_after: int, resumed_after: int = 0) ->
 @task
 def publish_reports(preview: Path, large: Path, accuracy: float) -> None:
     publish_summary(f"# Run `demo`\n\neval accuracy {accuracy:.2%}")
-    per_class = pd.DataFrame(
-        {"class": ["cat", "dog"], "precision": [np.float64(0.5), np.nan], "support": np.array([3, 4], dtype=np.int64)}
+    per_class = Table.of(  # numpy scalars and NaN, as metrics computed with numpy hold
+        ("class", "precision", "support"),
+        [
+            {"class": "cat", "precision": np.float64(0.5), "support": np.int64(3)},
+            {"class": "dog", "precision": np.nan, "support": np.int64(4)},
+        ],
     )
     publish_table(PER_CLASS_KEY, per_class, "Per-class metrics")
     publish_table(VALIDATION_KEY, [{"issue": "unreadable", "path": "cat/x.png", "detail": "truncated image data"}])
