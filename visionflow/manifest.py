@@ -247,10 +247,10 @@ def package_versions() -> dict[str, str]:
 
 
 @functools.cache
-def _module_owners() -> Mapping[str, list[str]]:
-    """Top-level module -> distributions providing it. Computing it reads every installed
-    package's file list (0.3-1 s), so it is kept in the user cache until a folder on sys.path
-    changes (installing, upgrading or removing a package changes its site-packages folder)."""
+def _module_owners() -> Mapping[str, dict[str, str]]:
+    """Top-level module -> {distribution providing it: its version}. Computing it reads every
+    installed package's file list (0.3-1 s), so it is kept in the user cache until a folder on
+    sys.path changes (installing, upgrading or removing a package changes its site-packages folder)."""
     folders = sorted({str(Path(entry or ".").resolve()) for entry in sys.path})
     key = [[folder, os.stat(folder).st_mtime_ns] for folder in folders if os.path.isdir(folder)]
     path = user_cache_dir() / MODULE_OWNERS_FILE
@@ -260,7 +260,13 @@ def _module_owners() -> Mapping[str, list[str]]:
             return stored["owners"]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, or unreadable: compute it again
-    owners = packages_distributions()
+    owners: dict[str, dict[str, str]] = {}
+    for module, distributions in packages_distributions().items():
+        for distribution in distributions:
+            try:
+                owners.setdefault(module, {})[distribution] = version(distribution)
+            except PackageNotFoundError:
+                continue
     try:
         atomic_write_json(path, {"key": key, "owners": owners})
     except OSError:
@@ -273,11 +279,7 @@ def imported_packages() -> dict[str, str]:
     owners = _module_owners()
     found: dict[str, str] = {}
     for module in {name.partition(".")[0] for name in list(sys.modules)}:
-        for distribution in owners.get(module, ()):
-            try:
-                found[distribution] = version(distribution)
-            except PackageNotFoundError:
-                continue
+        found.update(owners.get(module, {}))
     return dict(sorted(found.items(), key=lambda item: item[0].lower()))
 
 
