@@ -290,6 +290,22 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from visionflow.datachanges import changes_markdown
+    from visionflow.runs import diff_runs, diff_to_dict, find_run
+
+    before, after = find_run(args.output, args.run_a), find_run(args.output, args.run_b)
+    if args.json:
+        print_json(diff_to_dict(before, after))
+        return 0
+    changes, config = diff_runs(before, after)
+    print(changes_markdown(changes, f"Data changes from {before.name} to {after.name}"))
+    print("# Config differences\n")
+    rows = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in config.items()]
+    print("\n".join(rows) if rows else "none")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from visionflow.retention import collect_garbage
 
@@ -464,6 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="artifacts", metavar="DIR", help="root of run outputs (default: artifacts)")
     p.add_argument("--json", action="store_true", help="print a JSON list of runs")
     p.set_defaults(handler=cmd_runs)
+
+    p = commands.add_parser(
+        "diff", help="what changed between two runs: files added, removed, changed, relabelled; config values"
+    )
+    p.add_argument("run_a", metavar="RUN_A", help="the earlier run: its directory or its name under --output")
+    p.add_argument("run_b", metavar="RUN_B", help="the later run")
+    p.add_argument("--output", default="artifacts", metavar="DIR", help="root of run outputs (default: artifacts)")
+    p.add_argument("--json", action="store_true", help="print the differences as JSON")
+    p.set_defaults(handler=cmd_diff)
 
     from visionflow.retention import DEFAULT_KEEP_DAYS, DEFAULT_KEEP_LAST
 

@@ -45,6 +45,7 @@ PREVIEW_KEY = "transform-preview"
 MISCLASSIFIED_KEY = "misclassified"
 PROGRESS_KEY = "training-progress"
 HISTORY_KEY = "training-history"
+DATA_CHANGES_KEY = "data-changes"  # against the champion's data, or the previous run's
 NEAR_DUPLICATES_KEY = "near-duplicates"  # only with data.near_duplicates, so not in ARTIFACT_KEYS
 ARTIFACT_KEYS = (
     SUMMARY_KEY,
@@ -55,6 +56,7 @@ ARTIFACT_KEYS = (
     MISCLASSIFIED_KEY,
     PROGRESS_KEY,
     HISTORY_KEY,
+    DATA_CHANGES_KEY,
 )
 
 # Encoded image bytes per artifact (base64 adds a third). Small enough that listing a few

@@ -39,7 +39,13 @@ def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedDa
         config.training.device,
     )
     publish_markdown(DECISION_KEY, decision.to_markdown(), f"Champion '{decision.slot}': challenger {decision.outcome}")
-    get_run_logger().info("champion '%s': challenger %s (%s)", decision.slot, decision.outcome, decision.reason)
+    get_run_logger().info(
+        "champion '%s': challenger %s (%s; data: %s)",
+        decision.slot,
+        decision.outcome,
+        decision.reason,
+        decision.data_changes or "no listing to compare",
+    )
     return Manifest.load(run.run_dir)  # now with the decision
 
 

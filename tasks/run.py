@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.artifacts import (
     CONFUSION_KEY,
+    DATA_CHANGES_KEY,
     MISCLASSIFIED_KEY,
     NEAR_DUPLICATES_KEY,
     PER_CLASS_KEY,
@@ -39,6 +40,7 @@ from tasks.evaluation import EvalOutput, ExportOutput, LeakedEvalOutput
 from tasks.model import ModelInfo
 from tasks.training import TrainOutput
 from visionflow import retention
+from visionflow.champion import data_changes_report
 from visionflow.config import PipelineConfig
 from visionflow.errors import VisionflowError
 from visionflow.manifest import CheckpointRecord, Manifest, RunStatus, TimingRecord
@@ -111,8 +113,9 @@ def finish_run(
 
 @task(cache_policy=NO_CACHE, task_run_name="publish run")
 def publish_run(run: RunInfo, manifest: Manifest) -> None:
-    """Publish the run's Prefect artifacts: summary, validation, per-class and confusion tables, images
-    (and the worst near-duplicate pairs, with data.near_duplicates)."""
+    """Publish the run's Prefect artifacts: summary, validation, per-class and confusion tables, data
+    changes (against the champion's data or the previous run's), images (and the worst
+    near-duplicate pairs, with data.near_duplicates)."""
     layout = RunLayout(Path(run.run_dir))
     evaluated = json.loads(layout.evaluation.read_text())
     publish_summary(run_summary_markdown(manifest, layout.root))
@@ -125,6 +128,8 @@ def publish_run(run: RunInfo, manifest: Manifest) -> None:
         confusion_table(evaluated["confusion_matrix"], evaluated["classes"]),
         "Confusion matrix (rows: true class)",
     )
+    output = manifest.config.output
+    publish_markdown(DATA_CHANGES_KEY, *data_changes_report(layout.root, output.output_dir, output.champion))
     publish_image(PREVIEW_KEY, layout.preview, "Transform preview: original | eval input | train input")
     publish_image(MISCLASSIFIED_KEY, layout.misclassified_png, "Most confidently wrong eval images")
     if manifest.data is not None and manifest.data.eval_leakage_rate is not None:  # data.near_duplicates

@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 from visionflow.config import MONITOR_MODES, is_improvement
 from visionflow.data import Split
+from visionflow.datachanges import LISTING_NAME, changes_markdown, diff_listings, read_listing, summary_line
 from visionflow.errors import CheckpointError, ConfigError
 from visionflow.fileio import atomic_write_bytes, atomic_write_json, locked
 from visionflow.manifest import MANIFEST_NAME, Manifest
-from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS, RunLayout
+from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS, RunLayout, list_runs
 
 if TYPE_CHECKING:
     from visionflow.evaluation import EvalReport
@@ -79,6 +80,9 @@ class ChampionDecision:
     eval_split: str
     eval_images: int
     decided_at: str  # ISO 8601, UTC
+    # The challenger's data against the champion's (datachanges.summary_line); None when either
+    # has no data listing (an empty slot, a champion promoted before listings existed).
+    data_changes: str | None = None
 
     @property
     def outcome(self) -> str:
@@ -108,6 +112,11 @@ class ChampionDecision:
                 f"| `{(self.champion_weights_sha256 or '')[:12]}` |",
                 "",
                 f"Both scored on the `{self.eval_split}` split ({self.eval_images} images); decided {self.decided_at}.",
+                *(
+                    ["", f"Data: challenger {self.data_changes}, against the champion's data."]
+                    if self.data_changes
+                    else []
+                ),
             ]
         )
 
@@ -237,8 +246,10 @@ def decide(
     champion: Champion | None,
     champion_score: float | None,
     eval_split: Split,
+    data_changes: str | None = None,
 ) -> ChampionDecision:
-    """The decision for a challenger against the current champion (None: empty slot)."""
+    """The decision for a challenger against the current champion (None: empty slot), citing
+    what changed in the data (`data_changes`, when known)."""
     same_weights = champion is not None and champion.weights_sha256 == challenger_sha
     if same_weights:
         champion_score = challenger_score  # identical weights score identically on one split
@@ -257,6 +268,7 @@ def decide(
         eval_split=eval_split.name,
         eval_images=len(eval_split),
         decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        data_changes=data_changes,
     )
 
 
@@ -265,6 +277,32 @@ def _prune(versions: Path, current: str) -> None:
     done = sorted(p.name for p in versions.iterdir() if p.is_dir() and not p.name.startswith("."))
     for name in done[: max(0, done.index(current) - KEEP_PREVIOUS)]:
         shutil.rmtree(versions / name, ignore_errors=True)
+
+
+def champion_data_changes(champion: Champion | None, layout: RunLayout) -> str | None:
+    """What changed from the champion's data to the run's (`datachanges.summary_line`); None when
+    either listing is missing."""
+    if champion is None or not (champion.path / LISTING_NAME).is_file() or not layout.data_listing.is_file():
+        return None
+    return summary_line(diff_listings(read_listing(champion.path / LISTING_NAME), read_listing(layout.data_listing)))
+
+
+def data_changes_report(run_dir: Path | str, output_dir: Path | str, slot: str | None) -> tuple[str, str]:
+    """The run's data against the champion's in `slot` (when it has a data listing), else against
+    the newest earlier run with one: (markdown, one-line description)."""
+    layout = RunLayout(Path(run_dir))
+    champion = read_champion(output_dir, slot) if slot else None
+    if champion is not None and (champion.path / LISTING_NAME).is_file():
+        baseline, listing = f"champion '{slot}' ({champion.run_name})", champion.path / LISTING_NAME
+    else:
+        runs = [RunLayout(Path(row["path"])) for row in list_runs(output_dir)]
+        names = [run.name for run in runs]
+        earlier = [run for run in runs[: names.index(layout.name)] if run.data_listing.is_file()]
+        if not earlier:
+            return "# Data changes\n\nNo champion or earlier run to compare with.\n", "No earlier data"
+        baseline, listing = f"run {earlier[-1].name}", earlier[-1].data_listing
+    changes = diff_listings(read_listing(listing), read_listing(layout.data_listing))
+    return changes_markdown(changes, f"Data changes against {baseline}"), f"Against {baseline}: {summary_line(changes)}"
 
 
 def promote(run_dir: Path, manifest: Manifest, decision: ChampionDecision, output_dir: Path | str) -> Path:
@@ -282,6 +320,8 @@ def promote(run_dir: Path, manifest: Manifest, decision: ChampionDecision, outpu
     try:
         for name in (EXPORT_WEIGHTS, EXPORT_SPEC):
             atomic_write_bytes(staging / name, (RunLayout(run_dir).export_dir / name).read_bytes())
+        if RunLayout(run_dir).data_listing.is_file():  # what the next challengers' data is compared with
+            atomic_write_bytes(staging / LISTING_NAME, RunLayout(run_dir).data_listing.read_bytes())
         manifest.save(staging)
         atomic_write_json(staging / DECISION, decision.to_dict())
         os.replace(staging, versions / version)
@@ -331,6 +371,7 @@ def challenge(
             champion,
             champion_score,
             eval_split,
+            champion_data_changes(champion, layout),
         )
         manifest = manifest.model_copy(update={"champion": decision.to_dict()})
         if decision.promoted:

@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from visionflow.config import PipelineConfig
+from visionflow.datachanges import (
+    LISTING_NAME,
+    SplitChanges,
+    changes_to_dict,
+    config_differences,
+    diff_listings,
+    read_listing,
+    summary_line,
+)
 from visionflow.errors import ConfigError, DatasetError
 from visionflow.manifest import MANIFEST_NAME, Manifest
 
@@ -94,6 +103,10 @@ class RunLayout:
     @property
     def near_duplicates_png(self) -> Path:
         return self.root / "near_duplicates.png"
+
+    @property
+    def data_listing(self) -> Path:
+        return self.root / LISTING_NAME
 
 
 def runs_root(output_dir: Path | str) -> Path:
@@ -275,4 +288,38 @@ def compare_runs(original: Manifest, reproduced: Manifest) -> dict[str, Any]:
         "original_weights_sha256": original.weights_sha256,
         "reproduced_weights_sha256": reproduced.weights_sha256,
         "metrics": {"original": metrics(original), "reproduced": metrics(reproduced)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Differences
+
+
+def find_run(output_dir: Path | str, run: str) -> RunLayout:
+    """A run given as its directory or as a run name under `output_dir`; ConfigError when neither exists."""
+    for candidate in (Path(run), runs_root(output_dir) / run):
+        if (candidate / MANIFEST_NAME).is_file():
+            return RunLayout(candidate)
+    raise ConfigError(
+        f"Run '{run}' not found: expected a run directory or the name of a run under {runs_root(output_dir)}"
+    )
+
+
+def diff_runs(before: RunLayout, after: RunLayout) -> tuple[dict[str, SplitChanges], dict[str, list[Any]]]:
+    """What changed from one run to another: per split the files added, removed, changed and
+    relabelled (their data listings), and every config value that differs."""
+    changes = diff_listings(read_listing(before.data_listing), read_listing(after.data_listing))
+    configs = [Manifest.load(layout.root).config.model_dump(mode="json") for layout in (before, after)]
+    return changes, config_differences(*configs)
+
+
+def diff_to_dict(before: RunLayout, after: RunLayout) -> dict[str, Any]:
+    """`diff_runs` as JSON: the two runs, a one-line summary, the data per split and the config."""
+    changes, config = diff_runs(before, after)
+    return {
+        "before": str(before.root),
+        "after": str(after.root),
+        "summary": summary_line(changes),
+        "data": changes_to_dict(changes),
+        "config": config,
     }

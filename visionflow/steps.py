@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from visionflow.config import DataConfig, PipelineConfig
 from visionflow.data import DatasetInfo, Split, decoded_cache_dir
+from visionflow.datachanges import write_listing
 from visionflow.fileio import atomic_write_json, atomic_write_text
 from visionflow.hparams import log_hparams
 from visionflow.manifest import Manifest
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 
 def validate_into(run_dir: Path | str, dataset: DatasetInfo, data: DataConfig) -> tuple[ValidationReport, DatasetInfo]:
-    """Validate every image; write validation.json and its CSVs. Returns the report and the
+    """Validate every image; write validation.json, its CSVs and the data listing
+    (data_listing.csv.gz: every file used, with its label, sha256 and size). Returns the report and the
     dataset without the invalid files (`data.on_invalid="fail"` raises on the first one instead).
     With `data.near_duplicates`, near-duplicates too (`data.near_duplicate_threshold`,
     `data.on_leak`: leaked eval images reported, left out or an error) and near_duplicates.png,
@@ -41,6 +43,7 @@ def validate_into(run_dir: Path | str, dataset: DatasetInfo, data: DataConfig) -
     values = report.to_dict()
     atomic_write_json(layout.validation, values)
     write_validation_csvs(values, layout.root)
+    write_listing(report.listing, layout.data_listing)
     if report.near_duplicates is not None:
         write_png(render_near_duplicates(report.near_duplicates, dataset.root), layout.near_duplicates_png)
     return report, clean

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from visionflow.data import DatasetInfo, Split
+from visionflow.datachanges import ListedFile
 from visionflow.errors import ConfigError, DatasetError
 from visionflow.fileio import file_sha256
 from visionflow.fingerprint import combine_fingerprints, fingerprint_from_digests
@@ -72,6 +73,7 @@ class ValidationReport:
     duplicates_across: tuple[tuple[str, str], ...]  # (train path, eval path) pairs: leakage
     near_duplicates: NearDuplicateReport | None = None  # when searched
     dropped: tuple[str, ...] = ()  # leaked eval images left out (on_leak="drop-eval")
+    listing: tuple[ListedFile, ...] = ()  # every file of the returned dataset (not in to_dict: one row per file)
 
     def warnings(self) -> list[str]:
         """One line per finding a run should warn about: invalid files left out, leaked eval images."""
@@ -312,5 +314,11 @@ def validate_dataset(
         duplicates_across=across,
         near_duplicates=near,
         dropped=dropped,
+        listing=tuple(
+            ListedFile(name, path, split.classes[split.labels[i]], check.sha256, check.size)
+            for name in order
+            for split in [clean.splits[name]]
+            for i, (path, check) in enumerate(zip(_report_paths(clean, split), valid[name]))
+        ),
     )
     return report, clean

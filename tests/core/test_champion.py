@@ -16,10 +16,12 @@ from visionflow import champion as ch
 from visionflow.checkpoints import export_model, load_model
 from visionflow.config import PipelineConfig
 from visionflow.data import DatasetInfo, resolve_dataset
+from visionflow.datachanges import LISTING_NAME, ListedFile, write_listing
 from visionflow.errors import CheckpointError, ConfigError, DatasetError
 from visionflow.manifest import Manifest, MetricsRecord
 from visionflow.models import build_model
 from visionflow.records import ModelSpec
+from visionflow.runs import RunLayout
 
 CLASSES = ("airplane", "cat", "ship")
 
@@ -230,3 +232,27 @@ def test_concurrent_challengers_are_judged_one_after_the_other(tmp_path: Path, d
     assert all(d.promoted for d in decisions)
     first, second = sorted(decisions, key=lambda d: d.champion_run is not None)
     assert first.champion_run is None and second.champion_run == first.challenger_run
+
+
+def test_the_decision_cites_the_data_changes_against_the_champion(tmp_path: Path, dataset: DatasetInfo) -> None:
+    champion_files = [ListedFile("train", f"train/cat/{i}.png", "cat", f"{i:064x}", "32x32") for i in range(3)]
+    champion_run = make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3})
+    write_listing(champion_files, RunLayout(champion_run).data_listing)
+    markdown, description = ch.data_changes_report(champion_run, tmp_path, "nightly")
+    assert description == "No earlier data" and "No champion or earlier run" in markdown
+    challenge(champion_run, tmp_path, dataset)  # promoted into the empty slot, with its listing
+    assert (tmp_path / "models" / "nightly" / LISTING_NAME).is_file()
+
+    challenger = make_run(tmp_path, "run-b", seed=1, metrics={"eval_accuracy": 0.4})
+    extra = ListedFile("train", "train/dog/new.png", "dog", "f" * 64, "32x32")
+    write_listing([*champion_files, extra], RunLayout(challenger).data_listing)
+    markdown, description = ch.data_changes_report(challenger, tmp_path, "nightly")
+    assert description == "Against champion 'nightly' (run-a): trained on +1 images"
+    assert "`train/dog/new.png`" in markdown
+    decision = challenge(challenger, tmp_path, dataset)
+    assert decision.data_changes == "trained on +1 images"
+    assert "Data: challenger trained on +1 images, against the champion's data." in decision.to_markdown()
+    manifest = json.loads((challenger / "manifest.json").read_text())
+    assert manifest["champion"]["data_changes"] == "trained on +1 images"
+    # Without a champion slot the run is compared with the newest earlier run that has a listing.
+    assert ch.data_changes_report(challenger, tmp_path, None)[1] == "Against run run-a: trained on +1 images"

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from flows.cli import main
 from flows.reproduce import reproduce_run
 from flows.train import train_pipeline
-from tasks.artifacts import ARTIFACT_KEYS, HISTORY_KEY, PROGRESS_KEY
+from tasks.artifacts import ARTIFACT_KEYS, DATA_CHANGES_KEY, HISTORY_KEY, PROGRESS_KEY
 from tests.flows.conftest import (
     HEAVY_TASKS,
     artifact_data,
@@ -204,16 +204,32 @@ def test_changing_epochs_retrains_but_keeps_data_steps(first: dict[str, Any], ti
     assert longer["metrics"]["epochs_trained"] == 3
 
 
-def test_changed_image_revalidates_retrains_and_blocks_reproduce(
-    first: dict[str, Any], tiny_data: Path, output: Path, tmp_path: Path
+def test_changed_image_revalidates_retrains_explains_and_blocks_reproduce(
+    first: dict[str, Any], tiny_data: Path, output: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = shutil.copytree(tiny_data, tmp_path / "data")
     one, other = sorted((data / "train" / "cat").iterdir())[:2]
     shutil.copyfile(other, one)  # same name, different content
+    moved = sorted((data / "train" / "automobile").iterdir())[0]
+    moved.rename(data / "train" / "cat" / f"relabelled{moved.suffix}")  # the same image, now a cat
     changed = train(tiny_config(data, output))
     assert changed["data"]["fingerprint"] != first["data"]["fingerprint"]
     assert {changed["tasks"][n] for n in ("validate_data", "train_model", "evaluate_checkpoint")} == {"completed"}
     assert changed["tasks"]["describe_model"] == "cached"
+
+    # What changed, against the previous run (the same data as `first`): the artifact and `visionflow diff`.
+    report = artifact_data(changed["prefect_flow_run_id"], DATA_CHANGES_KEY)
+    assert "trained on 1 changed, 1 relabelled; val split unchanged" in report
+    assert f"`train/automobile/{moved.name} -> train/cat/relabelled{moved.suffix}`" in report
+    capsys.readouterr()
+    assert main(["diff", first["run_name"], str(run_dir_of(changed)), "--output", str(output), "--json"]) == 0
+    diff = json.loads(capsys.readouterr().out)
+    assert diff["summary"] == "trained on 1 changed, 1 relabelled; val split unchanged"
+    changed_files = diff["data"]["train"]["changed"]
+    assert changed_files == {"total": 1, "classes": {"cat": 1}, "examples": [f"train/cat/{one.name}"]}
+    assert diff["data"]["train"]["relabelled"]["classes"] == {"cat": 1}
+    assert diff["config"]["data.dataset"] == [str(tiny_data), str(data)]
+    assert set(diff["config"]) <= {"data.dataset", "data.mean", "data.std"}  # the normalization is measured
 
     shutil.copyfile(sorted((data / "val" / "ship").iterdir())[0], one)
     with pytest.raises(DatasetError, match="changed since run"):
