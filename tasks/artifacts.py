@@ -26,6 +26,7 @@ from uuid import UUID
 
 from PIL import Image
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -46,6 +47,8 @@ MISCLASSIFIED_KEY = "misclassified"
 PROGRESS_KEY = "training-progress"
 HISTORY_KEY = "training-history"
 DATA_CHANGES_KEY = "data-changes"  # against the champion's data, or the previous run's
+RUN_DIRECTORY_KEY = "run-directory"  # a link (file:// on the worker)
+TENSORBOARD_KEY = "tensorboard"  # a link, only with output.tensorboard_url, so not in ARTIFACT_KEYS
 NEAR_DUPLICATES_KEY = "near-duplicates"  # only with data.near_duplicates, so not in ARTIFACT_KEYS
 ARTIFACT_KEYS = (
     SUMMARY_KEY,
@@ -57,6 +60,7 @@ ARTIFACT_KEYS = (
     PROGRESS_KEY,
     HISTORY_KEY,
     DATA_CHANGES_KEY,
+    RUN_DIRECTORY_KEY,
 )
 
 # Encoded image bytes per artifact (base64 adds a third). Small enough that listing a few
@@ -85,6 +89,11 @@ def _checked_key(key: str) -> str:
 def publish_markdown(key: str, markdown: str, description: str | None = None) -> UUID:
     """Create a markdown artifact under ``key``."""
     return create_markdown_artifact(markdown=markdown, key=_checked_key(key), description=description)
+
+
+def publish_link(key: str, link: str, text: str, description: str | None = None) -> UUID:
+    """Create a link artifact under ``key``."""
+    return create_link_artifact(link=link, link_text=text, key=_checked_key(key), description=description)
 
 
 def publish_summary(markdown: str, description: str | None = "Run summary") -> UUID:

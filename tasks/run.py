@@ -28,8 +28,11 @@ from tasks.artifacts import (
     NEAR_DUPLICATES_KEY,
     PER_CLASS_KEY,
     PREVIEW_KEY,
+    RUN_DIRECTORY_KEY,
+    TENSORBOARD_KEY,
     VALIDATION_KEY,
     publish_image,
+    publish_link,
     publish_markdown,
     publish_summary,
     publish_table,
@@ -44,7 +47,13 @@ from visionflow.champion import data_changes_report
 from visionflow.config import PipelineConfig
 from visionflow.errors import VisionflowError
 from visionflow.manifest import CheckpointRecord, Manifest, RunStatus, TimingRecord
-from visionflow.reports import confusion_table, per_class_table, run_summary_markdown, validation_markdown
+from visionflow.reports import (
+    confusion_table,
+    per_class_table,
+    run_summary_markdown,
+    tensorboard_run_url,
+    validation_markdown,
+)
 from visionflow.runs import RunLayout, check_same_data, compare_runs, open_run, reproduction_config
 from visionflow.steps import finish_into
 
@@ -114,8 +123,9 @@ def finish_run(
 @task(cache_policy=NO_CACHE, task_run_name="publish run")
 def publish_run(run: RunInfo, manifest: Manifest) -> None:
     """Publish the run's Prefect artifacts: summary, validation, per-class and confusion tables, data
-    changes (against the champion's data or the previous run's), images (and the worst
-    near-duplicate pairs, with data.near_duplicates)."""
+    changes (against the champion's data or the previous run's), links to the run directory (and
+    to its curves, with output.tensorboard_url), images (and the worst near-duplicate pairs, with
+    data.near_duplicates)."""
     layout = RunLayout(Path(run.run_dir))
     evaluated = json.loads(layout.evaluation.read_text())
     publish_summary(run_summary_markdown(manifest, layout.root))
@@ -130,6 +140,10 @@ def publish_run(run: RunInfo, manifest: Manifest) -> None:
     )
     output = manifest.config.output
     publish_markdown(DATA_CHANGES_KEY, *data_changes_report(layout.root, output.output_dir, output.champion))
+    publish_link(RUN_DIRECTORY_KEY, layout.root.resolve().as_uri(), str(layout.root.resolve()), "Run directory")
+    if output.tensorboard_url:
+        url = tensorboard_run_url(output.tensorboard_url, layout.name)
+        publish_link(TENSORBOARD_KEY, url, url, "The run's curves in TensorBoard")
     publish_image(PREVIEW_KEY, layout.preview, "Transform preview: original | eval input | train input")
     publish_image(MISCLASSIFIED_KEY, layout.misclassified_png, "Most confidently wrong eval images")
     if manifest.data is not None and manifest.data.eval_leakage_rate is not None:  # data.near_duplicates

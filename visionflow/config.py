@@ -170,6 +170,12 @@ class OutputConfig(_Section):
     keep_days: float | None = Field(
         None, ge=0, description="After the run, gc keeps runs younger than this many days; None = no age rule."
     )
+    tensorboard_url: str | None = Field(
+        None,
+        pattern=r"^https?://\S+$",
+        description="A TensorBoard serving <output_dir>/runs (e.g. tensorboard --logdir artifacts/runs --bind_all): "
+        "each run's Prefect artifacts link to its curves there; None = no such link.",
+    )
 
 
 class PipelineConfig(_Section):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -179,6 +181,12 @@ def write_validation_csvs(validation: Mapping[str, Any], out_dir: Path | str) ->
 
 # ---------------------------------------------------------------------------------------------
 # Markdown
+
+
+def tensorboard_run_url(base_url: str, run_name: str) -> str:
+    """The run's curves in a TensorBoard serving `<output_dir>/runs` at `base_url`: the time
+    series view, its run filter set to this run's folder."""
+    return f"{base_url.rstrip('/')}/#timeseries&runFilter={quote('^' + re.escape(run_name) + '/')}"
 
 
 def tensorboard_command(log_dir: Path | str) -> str:

@@ -5,9 +5,11 @@ or changed file, refresh) plus reproduction."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from prefect import get_client
@@ -17,7 +19,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from flows.cli import main
 from flows.reproduce import reproduce_run
 from flows.train import train_pipeline
-from tasks.artifacts import ARTIFACT_KEYS, DATA_CHANGES_KEY, HISTORY_KEY, PROGRESS_KEY
+from tasks.artifacts import (
+    ARTIFACT_KEYS,
+    DATA_CHANGES_KEY,
+    HISTORY_KEY,
+    PROGRESS_KEY,
+    RUN_DIRECTORY_KEY,
+    TENSORBOARD_KEY,
+)
 from tests.flows.conftest import (
     HEAVY_TASKS,
     artifact_data,
@@ -176,7 +185,8 @@ def test_task_runs_have_readable_names(first: dict[str, Any], tiny_data: Path) -
 
 
 def test_identical_rerun_is_cached_and_complete(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
-    again = train(tiny_config(tiny_data, output))
+    # Where outputs are shown is not part of any result: still every step cached.
+    again = train(tiny_config(tiny_data, output, **{"output.tensorboard_url": "http://127.0.0.1:6006/"}))
     assert statuses(again) == {name: "cached" for name in HEAVY_TASKS}
     assert {task_states(again["prefect_flow_run_id"])[name] for name in HEAVY_TASKS} == {"Cached"}
     assert again["run_name"] != first["run_name"]
@@ -188,6 +198,13 @@ def test_identical_rerun_is_cached_and_complete(first: dict[str, Any], tiny_data
     assert again["checkpoint"]["path"] == str(run_dir / "checkpoints" / "best.pt")
     # Training is cached: no progress bar, no history table.
     assert set(ARTIFACT_KEYS) - {PROGRESS_KEY, HISTORY_KEY} <= artifact_keys(again["prefect_flow_run_id"])
+    assert run_dir.as_uri() in artifact_data(again["prefect_flow_run_id"], RUN_DIRECTORY_KEY)
+    (url,) = re.findall(r"\((http[^)]+)\)", artifact_data(again["prefect_flow_run_id"], TENSORBOARD_KEY))
+    assert url.startswith("http://127.0.0.1:6006/#timeseries&runFilter=")
+    run_filter = unquote(url.partition("runFilter=")[2])  # TensorBoard's run filter: a regex on run folders
+    assert re.search(run_filter, f"{again['run_name']}/tensorboard")
+    assert not re.search(run_filter, f"{first['run_name']}/tensorboard")
+    assert TENSORBOARD_KEY not in artifact_keys(first["prefect_flow_run_id"])  # only with output.tensorboard_url
 
 
 def test_changing_epochs_retrains_but_keeps_data_steps(first: dict[str, Any], tiny_data: Path, output: Path) -> None:
