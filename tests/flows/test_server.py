@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ from tests.flows.server_fixtures import (
     CHROMIUM,
     PREFECT,
     PrefectServer,
+    WebhookReceiver,
     background,
     chromium_text,
     copy_tiny_dataset,
@@ -82,6 +84,21 @@ def deployed(server: PrefectServer) -> str:
     """The work pool and every deployment of the repository's prefect.yaml; returns the deploy output."""
     run_cli([PREFECT, "work-pool", "create", POOL, "--type", "process"], server.env, REPO)
     return run_cli([PREFECT, "--no-prompt", "deploy", "--all"], server.env, REPO, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def webhook() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def alerts(deployed: str, server: PrefectServer, webhook: WebhookReceiver) -> str:
+    """automations.yaml applied with `visionflow alerts apply`, notifying `webhook`; returns its output."""
+    return run_cli(
+        [sys.executable, "-m", "flows.cli", "alerts", "apply", "--webhook-url", webhook.url], server.env, REPO
+    )
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +235,9 @@ def test_parameter_schema_rejects_a_bad_config_before_any_worker(deployed: str, 
 
 
 @pytest.fixture(scope="module")
-def first_run(deployed: str, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any]) -> FlowRun:
+def first_run(
+    deployed: str, alerts: str, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any]
+) -> FlowRun:
     flow_run_id = trigger(server, ON_DEMAND, run_config)
     return run_to_end(server, client, flow_run_id, server.home / "worker-1.log")
 
@@ -276,12 +295,22 @@ def test_evaluate_champion_scores_the_promoted_model(
     assert any(accuracy in message for message in logs_of(client, scored.id, accuracy))
 
 
-def test_failed_run_is_failed_with_the_reason(
-    deployed: str, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any], tmp_path: Path
-) -> None:
-    missing = tmp_path / "no-such-dataset"
+@pytest.fixture(scope="module")
+def failed_run(
+    alerts: str,
+    server: PrefectServer,
+    client: SyncPrefectClient,
+    run_config: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[FlowRun, Path]:
+    """An on-demand run of a dataset that does not exist, and that dataset's path."""
+    missing = tmp_path_factory.mktemp("failing") / "no-such-dataset"
     config = {**run_config, "data": {**run_config["data"], "dataset": str(missing)}}
-    failed = run_to_end(server, client, trigger(server, ON_DEMAND, config), server.home / "worker-3.log")
+    return run_to_end(server, client, trigger(server, ON_DEMAND, config), server.home / "worker-3.log"), missing
+
+
+def test_failed_run_is_failed_with_the_reason(failed_run: tuple[FlowRun, Path], client: SyncPrefectClient) -> None:
+    failed, missing = failed_run
     assert failed.state.is_failed()
     assert str(missing) in failed.state.message
     assert any(str(missing) in message for message in logs_of(client, failed.id, str(missing)))
@@ -290,6 +319,27 @@ def test_failed_run_is_failed_with_the_reason(
     assert [(run.state.name, run.run_count) for run in task_runs if task_name(run) == "download_dataset"] == [
         ("Failed", 3)
     ]
+
+
+def test_failed_run_alert_reaches_the_webhook(failed_run: tuple[FlowRun, Path], webhook: WebhookReceiver) -> None:
+    """automations.yaml's visionflow-run-failed, fired by the server's triggers service, POSTs
+    through the Custom Webhook block to the receiver in this process."""
+    failed, missing = failed_run
+    alert = webhook.received(failed.name, "Failed", timeout=RECORD_SECONDS)
+    assert alert["subject"] == f"visionflow: train-on-demand run {failed.name} Failed"
+    assert f"Deployment: train-pipeline/train-on-demand\nFlow run: {failed.name} ({failed.id})" in alert["body"]
+    assert f"Message: {failed.state.message}" in alert["body"] and str(missing) in alert["body"]
+
+
+def test_champion_promotion_alert_reaches_the_webhook(
+    first_run: FlowRun, webhook: WebhookReceiver, run_config: dict[str, Any]
+) -> None:
+    alert = webhook.received(f"new champion in '{SLOT}'", timeout=RECORD_SECONDS)
+    assert alert["subject"] == f"visionflow: new champion in '{SLOT}': {first_run.name}"
+    assert "Replaces: nobody (the slot was empty)" in alert["body"]
+    assert f"Flow run: {first_run.name} ({first_run.id}), deployment train-on-demand" in alert["body"]
+    # Only promotions notify: the cached rerun kept the champion (test above), so one alert.
+    assert sum("new champion" in body.get("subject", "") for body in webhook.bodies) == 1
 
 
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
