@@ -33,7 +33,6 @@ NOTIFY_ACTION = "send-notification"
 def load_automations(path: Path | str, block_document_id: UUID) -> list[AutomationCore]:
     """The automations of a file like automations.yaml, validated by Prefect's own model, with
     every send-notification action sending through the block `block_document_id`."""
-    from prefect.events.actions import SendNotification
     from prefect.events.schemas.automations import AutomationCore
     from pydantic import ValidationError
 
@@ -63,9 +62,6 @@ def load_automations(path: Path | str, block_document_id: UUID) -> list[Automati
             raise ConfigError(
                 f"Automation '{name}' in '{path}' is not a Prefect automation: {where}: {first['msg']}"
             ) from err
-        if not all(isinstance(action, SendNotification) for action in automation.actions):
-            kinds = sorted({getattr(action, "type", type(action).__name__) for action in automation.actions})
-            raise ConfigError(f"Automation '{name}' in '{path}' has actions {kinds}: expected only {NOTIFY_ACTION}")
         automations.append(automation)
     names = [automation.name for automation in automations]
     if len(set(names)) != len(names):

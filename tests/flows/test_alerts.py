@@ -10,7 +10,8 @@ from uuid import uuid4
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.events.actions import SendNotification
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState, SendNotification
 from prefect.server.events.schemas.automations import AutomationCore as ServerAutomation
 from prefect.settings import PREFECT_API_URL
 
@@ -19,7 +20,12 @@ from flows.cli import main
 from tasks.champion import PROMOTED_EVENT
 from visionflow.errors import ConfigError
 
-NAMES = ["visionflow-run-failed", "visionflow-nightly-missing", "visionflow-champion-promoted"]
+NAMES = [
+    "visionflow-run-failed",
+    "visionflow-rerun-crashed",
+    "visionflow-nightly-missing",
+    "visionflow-champion-promoted",
+]
 
 
 def test_automations_file_is_valid_for_prefects_client_and_server_models() -> None:
@@ -28,13 +34,21 @@ def test_automations_file_is_valid_for_prefects_client_and_server_models() -> No
     automations = load_automations(AUTOMATIONS_FILE, block)
     assert [automation.name for automation in automations] == NAMES
     for automation in automations:
-        assert [type(action) for action in automation.actions] == [SendNotification]
-        assert automation.actions[0].block_document_id == block
-        # The server's model also compiles the Jinja subject and body.
+        # The server's model also compiles the Jinja subjects and bodies.
         ServerAutomation.model_validate(automation.model_dump(mode="json"))
-    failed, missing, promoted = (automation.trigger for automation in automations)
-    assert failed.posture == "Reactive"
-    assert failed.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"}
+    failed, rerun, missing, promoted = automations
+    for alert in (failed, missing, promoted):
+        assert [(type(action), action.block_document_id) for action in alert.actions] == [(SendNotification, block)]
+    assert failed.trigger.posture == "Reactive"
+    assert failed.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"}
+    # A crashed run is rescheduled (the same flow run, so it resumes), once per flow run per day.
+    assert [(type(action), action.state, action.force) for action in rerun.actions] == [
+        (ChangeFlowRunState, StateType.SCHEDULED, True)
+    ]
+    assert rerun.trigger.expect == {"prefect.flow-run.Crashed"}
+    assert rerun.trigger.for_each == {"prefect.resource.id"} and rerun.trigger.within == timedelta(days=1)
+    assert rerun.trigger.match_related == failed.trigger.match_related
+    missing, promoted = missing.trigger, promoted.trigger
     assert missing.posture == "Proactive" and missing.within == timedelta(hours=26)
     assert missing.expect == {"prefect.flow-run.Completed"}
     assert missing.match_related.root == {
@@ -93,7 +107,10 @@ def test_alerts_apply_twice_leaves_one_of_each_updated_in_place(
         for name in NAMES:
             (automation,) = client.read_automations_by_name(name)
             assert automation.id == ids[name]
-            assert [action.block_document_id for action in automation.actions] == [block.id]
+            notify = [action for action in automation.actions if isinstance(action, SendNotification)]
+            assert [action.block_document_id for action in notify] == (
+                [] if name == "visionflow-rerun-crashed" else [block.id]
+            )
 
         assert main(["alerts", "apply", "--block", "slack-webhook/nobody"]) == 2
         assert "No block 'slack-webhook/nobody' on the Prefect server" in capsys.readouterr().err
