@@ -79,6 +79,20 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def processes_with_env(root: int, name: str, value: str) -> list[int]:
+    """The live descendants of process `root` whose environment has `name`=`value` (e.g. the
+    processes of one flow run, PREFECT__FLOW_RUN_ID, under a worker)."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for pid in _descendants(root):
+        try:
+            if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(pid)
+        except OSError:  # exited meanwhile
+            continue
+    return found
+
+
 def _signal_all(pids: Sequence[int], sig: signal.Signals) -> None:
     for pid in pids:
         try:

@@ -10,8 +10,7 @@ from uuid import uuid4
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import StateType
-from prefect.events.actions import ChangeFlowRunState, SendNotification
+from prefect.events.actions import SendNotification
 from prefect.server.events.schemas.automations import AutomationCore as ServerAutomation
 from prefect.settings import PREFECT_API_URL
 
@@ -22,7 +21,6 @@ from visionflow.errors import ConfigError
 
 NAMES = [
     "visionflow-run-failed",
-    "visionflow-rerun-crashed",
     "visionflow-nightly-missing",
     "visionflow-champion-promoted",
 ]
@@ -36,18 +34,11 @@ def test_automations_file_is_valid_for_prefects_client_and_server_models() -> No
     for automation in automations:
         # The server's model also compiles the Jinja subjects and bodies.
         ServerAutomation.model_validate(automation.model_dump(mode="json"))
-    failed, rerun, missing, promoted = automations
-    for alert in (failed, missing, promoted):
+    failed, missing, promoted = automations
+    for alert in automations:
         assert [(type(action), action.block_document_id) for action in alert.actions] == [(SendNotification, block)]
     assert failed.trigger.posture == "Reactive"
     assert failed.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"}
-    # A crashed run is rescheduled (the same flow run, so it resumes), once per flow run per day.
-    assert [(type(action), action.state, action.force) for action in rerun.actions] == [
-        (ChangeFlowRunState, StateType.SCHEDULED, True)
-    ]
-    assert rerun.trigger.expect == {"prefect.flow-run.Crashed"}
-    assert rerun.trigger.for_each == {"prefect.resource.id"} and rerun.trigger.within == timedelta(days=1)
-    assert rerun.trigger.match_related == failed.trigger.match_related
     missing, promoted = missing.trigger, promoted.trigger
     assert missing.posture == "Proactive" and missing.within == timedelta(hours=26)
     assert missing.expect == {"prefect.flow-run.Completed"}
@@ -107,10 +98,7 @@ def test_alerts_apply_twice_leaves_one_of_each_updated_in_place(
         for name in NAMES:
             (automation,) = client.read_automations_by_name(name)
             assert automation.id == ids[name]
-            notify = [action for action in automation.actions if isinstance(action, SendNotification)]
-            assert [action.block_document_id for action in notify] == (
-                [] if name == "visionflow-rerun-crashed" else [block.id]
-            )
+            assert [action.block_document_id for action in automation.actions] == [block.id]
 
         assert main(["alerts", "apply", "--block", "slack-webhook/nobody"]) == 2
         assert "No block 'slack-webhook/nobody' on the Prefect server" in capsys.readouterr().err

@@ -15,8 +15,10 @@ the test then asserts, never for something else or for a fixed time.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -48,6 +50,7 @@ from tests.flows.server_fixtures import (
     chromium_text,
     copy_tiny_dataset,
     prefect_server,
+    processes_with_env,
     run_cli,
     run_worker_once,
     tail,
@@ -401,3 +404,63 @@ def test_cancelling_a_run_stops_it_cleanly_and_the_worker_takes_the_next(
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["resumed_from"] == str(last.resolve())
     assert manifest["prefect_flow_run_id"] == str(rerun)
+
+
+def test_crashed_run_retried_resumes_to_the_same_weights(
+    alerts: str,
+    server: PrefectServer,
+    client: SyncPrefectClient,
+    run_config: dict[str, Any],
+    webhook: WebhookReceiver,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of a flow-run process after its first checkpoint: the worker reports the run
+    Crashed and visionflow-run-failed alerts; `prefect flow-run retry` (what the alert says to
+    run) schedules the same flow run again, a worker runs it, and it resumes from last.pt in the
+    same run directory (keyed on the flow run) to the weights of an uninterrupted run."""
+    epochs = 10  # 9 epochs (>= 0.3 s each) left when it is killed, within ~0.1 s of the first checkpoint
+    config = {
+        **run_config,
+        "training": {**run_config["training"], "epochs": epochs},
+        "output": {"output_dir": str(tmp_path / "out")},
+    }
+    runs = tmp_path / "out" / "runs"
+    worker = [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1",
+              "--name", "test-crash-worker", "--install-policy", "never"]  # fmt: skip
+    log = server.home / "worker-crash.log"
+    with background(worker, server.env, REPO, log) as process:
+        flow_run_id = trigger(server, ON_DEMAND, config)
+        last = wait_for(
+            lambda: next(runs.glob("*/checkpoints/last.pt"), None),
+            lambda found: found is not None,
+            RUN_SECONDS,
+            lambda _: f"no checkpoint of {flow_run_id}:\n{tail(log)}",
+            interval=0.05,
+        )
+        pids = processes_with_env(process.pid, "PREFECT__FLOW_RUN_ID", str(flow_run_id))
+        assert pids, f"no process of flow run {flow_run_id} under the worker:\n{tail(log)}"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # no cleanup: the manifest still says running
+        reached = load_checkpoint(last)["epoch"]
+        assert 0 < reached < epochs
+        crashed = ended(client, flow_run_id, RECORD_SECONDS, log)
+        assert crashed.state.is_crashed(), f"{crashed.state}:\n{tail(log)}"
+    # The worker is stopped before the retry: a process worker reports a crash twice, as the
+    # process exits and again ~10-20 s later once it has released the run, and that second report
+    # would turn a run retried in between back to Crashed (a person retrying from the alert is
+    # minutes later). A fresh worker takes the retried run.
+    run_cli([PREFECT, "flow-run", "retry", str(flow_run_id)], server.env, REPO)
+    resumed = run_to_end(server, client, flow_run_id, server.home / "worker-retry.log")
+    assert resumed.state.is_completed(), f"{resumed.state}:\n{tail(server.home / 'worker-retry.log')}"
+    fresh = {**config, "output": {"output_dir": str(tmp_path / "fresh")}}
+    uninterrupted = run_to_end(server, client, trigger(server, ON_DEMAND, fresh), server.home / "worker-fresh.log")
+    assert uninterrupted.state.is_completed(), f"{uninterrupted.state}"
+
+    assert [run_dir.name for run_dir in runs.iterdir()] == [resumed.name]  # the same directory, reopened
+    manifest = manifest_of(config, resumed)
+    assert manifest["status"] == "completed" and manifest["prefect_flow_run_id"] == str(flow_run_id)
+    assert manifest["resumed_from"] == str(last.resolve())
+    assert manifest["weights_sha256"] == manifest_of(fresh, uninterrupted)["weights_sha256"]
+    alert = webhook.received(resumed.name, "Crashed", timeout=RECORD_SECONDS)
+    assert alert["subject"] == f"visionflow: train-on-demand run {resumed.name} Crashed"
+    assert f"prefect flow-run retry {flow_run_id}" in alert["body"]
