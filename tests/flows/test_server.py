@@ -27,6 +27,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+import yaml
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -40,6 +41,7 @@ from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Cancelling
 
+from flows.alerts import AUTOMATIONS_FILE
 from tests.flows.conftest import task_name
 from tests.flows.server_fixtures import (
     CHROMIUM,
@@ -343,6 +345,27 @@ def test_champion_promotion_alert_reaches_the_webhook(
     assert f"Flow run: {first_run.name} ({first_run.id}), deployment train-on-demand" in alert["body"]
     # Only promotions notify: the cached rerun kept the champion (test above), so one alert.
     assert sum("new champion" in body.get("subject", "") for body in webhook.bodies) == 1
+
+
+def test_missed_nightly_alert_fires_when_no_run_completes_in_the_window(
+    alerts: str, server: PrefectServer, webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    """visionflow-nightly-missing with its 26-hour window cut to 10 s (Prefect's minimum for a
+    proactive trigger), applied over the module's one: no nightly-retrain run completes, so the
+    server's proactive evaluation fires it. Applying the repository's file again restores it."""
+    document = yaml.safe_load(AUTOMATIONS_FILE.read_text())
+    (missing,) = [entry for entry in document["automations"] if entry["name"] == "visionflow-nightly-missing"]
+    short = tmp_path / "automations.yaml"
+    short.write_text(yaml.safe_dump({"automations": [{**missing, "trigger": {**missing["trigger"], "within": 10}}]}))
+    apply = [sys.executable, "-m", "flows.cli", "alerts", "apply", "--webhook-url", webhook.url]
+    assert "updated visionflow-nightly-missing" in run_cli([*apply, "--file", str(short)], server.env, REPO)
+    try:
+        alert = webhook.received("no completed nightly-retrain run", timeout=RECORD_SECONDS)
+    finally:
+        restored = run_cli(apply, server.env, REPO)
+    assert alert["subject"] == "visionflow: no completed nightly-retrain run for 26 hours"
+    assert "train-pipeline/nightly-retrain has had no Completed flow run" in alert["body"]
+    assert restored.count("updated visionflow-") == len(document["automations"]), restored
 
 
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
