@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from uuid import UUID
 
-import yaml
-
 from visionflow.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -33,6 +31,7 @@ NOTIFY_ACTION = "send-notification"
 def load_automations(path: Path | str, block_document_id: UUID) -> list[AutomationCore]:
     """The automations of a file like automations.yaml, validated by Prefect's own model, with
     every send-notification action sending through the block `block_document_id`."""
+    import yaml
     from prefect.events.schemas.automations import AutomationCore
     from pydantic import ValidationError
 

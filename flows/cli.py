@@ -393,11 +393,17 @@ def cmd_alerts_apply(args: argparse.Namespace) -> int:
             )
         os.environ["PREFECT_API_URL"] = server.api_url
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
 
     with get_client(sync_client=True) as client:
         block_id = save_webhook_block(url) if url else find_block(client, args.block)
         automations = load_automations(args.file, block_id)  # before anything is applied
-        applied = apply_automations(client, automations)
+        try:
+            applied = apply_automations(client, automations)
+        except PrefectHTTPStatusError as err:  # e.g. a subject or body that is not a valid Jinja template
+            raise ConfigError(
+                f"The Prefect server refused an automation of '{args.file}': {err.response.text}"
+            ) from err
     print(f"notifications through block {args.block or f'custom-webhook/{WEBHOOK_BLOCK}'} ({block_id})")
     for item in applied:
         print(f"  {item.action} {item.name} ({item.automation_id})")

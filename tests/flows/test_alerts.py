@@ -102,3 +102,20 @@ def test_alerts_apply_twice_leaves_one_of_each_updated_in_place(
 
         assert main(["alerts", "apply", "--block", "slack-webhook/nobody"]) == 2
         assert "No block 'slack-webhook/nobody' on the Prefect server" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_automation_the_server_refuses_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    broken = tmp_path / "automations.yaml"  # Prefect's client model takes it; the server compiles the template
+    broken.write_text(
+        "automations:\n  - name: visionflow-test-broken-template\n"
+        "    trigger: {type: event, expect: [prefect.flow-run.Failed]}\n"
+        "    actions: [{type: send-notification, body: '{{ flow_run.name '}]\n"
+    )
+    code = main(["alerts", "apply", "--file", str(broken), "--webhook-url", "http://127.0.0.1:9/hook"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: The Prefect server refused an automation of '{broken}': ")
+    assert err.count("\n") == 1 and "template" in err
