@@ -386,6 +386,49 @@ def cmd_server_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts_apply(args: argparse.Namespace) -> int:
+    from flows.alerts import (
+        WEBHOOK_BLOCK,
+        WEBHOOK_URL_ENV,
+        apply_automations,
+        find_block,
+        load_automations,
+        save_webhook_block,
+    )
+
+    if args.webhook_url and args.block:
+        raise ConfigError("give --webhook-url or --block TYPE/NAME, not both")
+    url = args.webhook_url or (None if args.block else os.environ.get(WEBHOOK_URL_ENV))
+    if not url and not args.block:
+        raise ConfigError(f"give --webhook-url URL (or set {WEBHOOK_URL_ENV}) or --block TYPE/NAME")
+    prefect_environment()
+    # Automations live on a lasting server: PREFECT_API_URL, else the running `visionflow server`.
+    if not os.environ.get("PREFECT_API_URL"):
+        server = running_server(prefect_home())
+        if server is None:
+            raise ConfigError(
+                "no Prefect server to apply alerts to: set PREFECT_API_URL or run `visionflow server start`"
+            )
+        os.environ["PREFECT_API_URL"] = server.api_url
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with get_client(sync_client=True) as client:
+        block_id = save_webhook_block(url) if url else find_block(client, args.block)
+        automations = load_automations(args.file, block_id)  # before anything is applied
+        try:
+            applied = apply_automations(client, automations)
+        except PrefectHTTPStatusError as err:  # e.g. a subject or body that is not a valid Jinja template
+            raise ConfigError(
+                f"The Prefect server refused an automation of '{args.file}': {err.response.text}"
+            ) from err
+    print(f"notifications through block {args.block or f'custom-webhook/{WEBHOOK_BLOCK}'} ({block_id})")
+    for item in applied:
+        print(f"  {item.action} {item.name} ({item.automation_id})")
+    print(f"on {os.environ['PREFECT_API_URL']}")
+    return 0
+
+
 def tcp_port(text: str) -> int:
     """argparse type: a TCP port number, 1-65535."""
     if not text.isdigit() or not 1 <= int(text) <= 65535:
@@ -545,6 +588,32 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help=f"say whether it runs and where; exit status 0 when it runs, {NOT_RUNNING_STATUS} when not"
     )
     action.set_defaults(handler=cmd_server_status)
+
+    from flows.alerts import AUTOMATIONS_FILE, WEBHOOK_BLOCK, WEBHOOK_URL_ENV
+
+    p = commands.add_parser(
+        "alerts",
+        help="Prefect automations that notify on failed runs, a missed nightly run and a new champion",
+        description="Apply the automations of automations.yaml to the Prefect server (PREFECT_API_URL, else the "
+        "running `visionflow server`). Applying again updates them in place.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    action = actions.add_parser("apply", help="create or update the automations and their notification block")
+    action.add_argument(
+        "--file", default=str(AUTOMATIONS_FILE), metavar="FILE.yaml", help="automations file (default: the repo's)"
+    )
+    action.add_argument(
+        "--webhook-url",
+        metavar="URL",
+        help=f"POST each alert as JSON {{subject, body}} to URL, through a Custom Webhook block saved as "
+        f"{WEBHOOK_BLOCK} (default: ${WEBHOOK_URL_ENV})",
+    )
+    action.add_argument(
+        "--block",
+        metavar="TYPE/NAME",
+        help="send through an existing notification block instead, e.g. slack-webhook/team-alerts",
+    )
+    action.set_defaults(handler=cmd_alerts_apply)
 
     return parser
 

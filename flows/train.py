@@ -6,7 +6,7 @@ heavy step is a cached task (tasks/caching.py)."""
 from __future__ import annotations
 
 from prefect import flow, tags
-from prefect.runtime import flow_run
+from prefect.context import FlowRunContext
 
 from tasks.caching import durable_results
 from tasks.champion import challenge_champion
@@ -21,9 +21,15 @@ from visionflow.runs import generate_run_name
 
 
 def run_name() -> str:
-    """The flow run's name: the run directory's, when it is given."""
-    config = PipelineConfig.model_validate(flow_run.get_parameters()["config"])
-    return config.output.run_name or generate_run_name(config.data.dataset, config.model.name)
+    """The flow run's name: output.run_name when given, else one made of the flow run's creation
+    time and id. The same flow run run again (a retry, a crashed run rescheduled) gets the same
+    name, so it reopens its run directory and resumes from its last.pt (visionflow.runs.open_run)."""
+    context = FlowRunContext.get()  # Prefect calls this inside the flow run's context
+    config, run = PipelineConfig.model_validate(context.parameters["config"]), context.flow_run
+    created = run.created.astimezone() if run.created else None  # local time, as generated names are
+    return config.output.run_name or generate_run_name(
+        config.data.dataset, config.model.name, now=created, suffix=run.id.hex[-4:]
+    )
 
 
 @flow(name="train-pipeline", flow_run_name=run_name, validate_parameters=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from tasks.artifacts import publish_markdown
 from tasks.data import DatasetRef, ValidatedData
@@ -21,6 +22,9 @@ from visionflow.manifest import Manifest
 
 DECISION_KEY = "champion-decision"
 EVALUATION_KEY = "champion-evaluation"
+# Emitted when a run becomes a slot's champion; automations.yaml notifies on it. The resource is
+# the slot (visionflow.champion.<slot>); the payload is the decision (ChampionDecision.to_dict).
+PROMOTED_EVENT = "visionflow.champion.promoted"
 
 
 @task(cache_policy=NO_CACHE, task_run_name="challenge champion")
@@ -46,6 +50,15 @@ def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedDa
         decision.reason,
         decision.data_changes or "no listing to compare",
     )
+    if decision.promoted:  # the flow run, its deployment and tags are attached as related resources
+        emit_event(
+            PROMOTED_EVENT,
+            resource={
+                "prefect.resource.id": f"visionflow.champion.{decision.slot}",
+                "prefect.resource.name": decision.slot,
+            },
+            payload=decision.to_dict(),
+        )
     return Manifest.load(run.run_dir)  # now with the decision
 
 

@@ -119,21 +119,28 @@ def _slug(text: str) -> str:
     return _UNSAFE.sub("-", name).strip("-._")[:40] or "data"
 
 
-def generate_run_name(dataset: str, model: str, now: datetime | None = None) -> str:
-    """`train-<dataset>-<model>-<YYYYmmdd-HHMMSS>-<4 hex>`: sortable by time, unique by the suffix."""
+def generate_run_name(dataset: str, model: str, now: datetime | None = None, suffix: str | None = None) -> str:
+    """`train-<dataset>-<model>-<YYYYmmdd-HHMMSS>-<suffix>`: sortable by time; the suffix (4 random
+    hex digits unless given, e.g. from a flow run's id) tells apart runs of the same second."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return f"train-{_slug(dataset)}-{_slug(model)}-{stamp}-{secrets.token_hex(2)}"
+    return f"train-{_slug(dataset)}-{_slug(model)}-{stamp}-{suffix or secrets.token_hex(2)}"
 
 
 def create_run_dir(
-    output_dir: Path | str, run_name: str | None, dataset: str, model: str, proposed: str | None = None
+    output_dir: Path | str,
+    run_name: str | None,
+    dataset: str,
+    model: str,
+    proposed: str | None = None,
+    owner: str | None = None,
 ) -> tuple[RunLayout, bool]:
     """Create the run directory; returns its layout and whether an interrupted run is resumed.
 
-    A given `run_name` that exists is resumed (see resumable_run). Without one, `proposed` (e.g.
-    the orchestrator's run name) is tried, then generated names, until mkdir wins: two runs
-    started in the same second still get different directories, and a generated name never
-    resumes another run."""
+    A given `run_name` that exists is resumed (see resumable_run). Without one, `proposed` (the
+    orchestrator's run name) is tried: when it exists and is an unfinished run of the same `owner`
+    (the Prefect flow run id in its manifest: a retried or rescheduled flow run), it is resumed.
+    Otherwise generated names are tried until mkdir wins: two runs started in the same second
+    still get different directories, and a generated name never resumes another run."""
     root = runs_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     if run_name is not None:
@@ -148,20 +155,36 @@ def create_run_dir(
         try:
             layout.root.mkdir()
         except FileExistsError:
+            if name == proposed and owner is not None and _unfinished_run_of(layout, owner):
+                return layout, True
             name = generate_run_name(dataset, model)
             continue
         return layout, False
 
 
+def _unfinished_run_of(layout: RunLayout, owner: str) -> bool:
+    try:
+        manifest = Manifest.load(layout.root)
+    except ConfigError:
+        return False
+    return manifest.prefect_flow_run_id == owner and manifest.status != "completed"
+
+
 def open_run(
     config: PipelineConfig, started_at: str, prefect_flow_run_id: str | None, proposed: str | None = None
 ) -> tuple[RunLayout, Path | None]:
-    """Create the run directory (or reopen the interrupted run named `config.output.run_name`) and
-    write its 'running' manifest; returns the layout and the last.pt to resume from (None: a
-    fresh start). `config` is resolved."""
+    """Create the run directory (or reopen the interrupted run named `config.output.run_name`, or
+    the unfinished run directory `proposed` of the same flow run) and write its 'running'
+    manifest; returns the layout and the last.pt to resume from (None: a fresh start). `config`
+    is resolved."""
     output = config.output
     layout, resumed = create_run_dir(
-        output.output_dir, output.run_name, config.data.dataset, config.model.name, proposed=proposed
+        output.output_dir,
+        output.run_name,
+        config.data.dataset,
+        config.model.name,
+        proposed=proposed,
+        owner=prefect_flow_run_id,
     )
     Manifest.start(layout.name, config, started_at, prefect_flow_run_id).save(layout.root)
     resume_from = layout.last_checkpoint.resolve() if resumed and layout.last_checkpoint.is_file() else None

@@ -10,6 +10,7 @@ teardown still runs, and each child is killed if pytest dies without any teardow
 from __future__ import annotations
 
 import ctypes
+import http.server
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -74,6 +76,20 @@ def _descendants(pid: int) -> list[int]:
         for child in children.get(queue.pop(), []):
             found.append(child)
             queue.append(child)
+    return found
+
+
+def processes_with_env(root: int, name: str, value: str) -> list[int]:
+    """The live descendants of process `root` whose environment has `name`=`value` (e.g. the
+    processes of one flow run, PREFECT__FLOW_RUN_ID, under a worker)."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for pid in _descendants(root):
+        try:
+            if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(pid)
+        except OSError:  # exited meanwhile
+            continue
     return found
 
 
@@ -386,3 +402,54 @@ def copy_tiny_dataset(source: Path, target: Path, classes: Sequence[str], train:
             for image in sorted((source / split / name).iterdir())[:count]:
                 shutil.copy(image, target / split / name / image.name)
     return target
+
+
+class WebhookReceiver:
+    """An HTTP server on 127.0.0.1:<free port>, in a thread of the test process, that records the
+    JSON body of every POST (a notification block's webhook calls)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        received = self.bodies
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                try:
+                    received.append(json.loads(self.rfile.read(length)))
+                except ValueError:
+                    received.append({"unparsed": True})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:  # no lines on stderr per request
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=STOP_SECONDS)
+
+    def received(self, *texts: str, timeout: float) -> dict:
+        """The first POST body whose subject and body together contain every one of `texts`;
+        fails the test with what was received when none has after `timeout` seconds."""
+        __tracebackhide__ = True
+
+        def matching() -> dict | None:
+            for body in list(self.bodies):
+                text = f"{body.get('subject', '')}\n{body.get('body', '')}"
+                if all(part in text for part in texts):
+                    return body
+            return None
+
+        return wait_for(
+            matching,
+            lambda found: found is not None,
+            timeout,
+            lambda _: f"no webhook POST at {self.url} contains {list(texts)}; received: {self.bodies}",
+        )

@@ -15,8 +15,11 @@ the test then asserts, never for something else or for a fixed time.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+import yaml
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -37,15 +41,18 @@ from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Cancelling
 
+from flows.alerts import AUTOMATIONS_FILE
 from tests.flows.conftest import task_name
 from tests.flows.server_fixtures import (
     CHROMIUM,
     PREFECT,
     PrefectServer,
+    WebhookReceiver,
     background,
     chromium_text,
     copy_tiny_dataset,
     prefect_server,
+    processes_with_env,
     run_cli,
     run_worker_once,
     tail,
@@ -82,6 +89,21 @@ def deployed(server: PrefectServer) -> str:
     """The work pool and every deployment of the repository's prefect.yaml; returns the deploy output."""
     run_cli([PREFECT, "work-pool", "create", POOL, "--type", "process"], server.env, REPO)
     return run_cli([PREFECT, "--no-prompt", "deploy", "--all"], server.env, REPO, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def webhook() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def alerts(deployed: str, server: PrefectServer, webhook: WebhookReceiver) -> str:
+    """automations.yaml applied with `visionflow alerts apply`, notifying `webhook`; returns its output."""
+    return run_cli(
+        [sys.executable, "-m", "flows.cli", "alerts", "apply", "--webhook-url", webhook.url], server.env, REPO
+    )
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +240,9 @@ def test_parameter_schema_rejects_a_bad_config_before_any_worker(deployed: str, 
 
 
 @pytest.fixture(scope="module")
-def first_run(deployed: str, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any]) -> FlowRun:
+def first_run(
+    deployed: str, alerts: str, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any]
+) -> FlowRun:
     flow_run_id = trigger(server, ON_DEMAND, run_config)
     return run_to_end(server, client, flow_run_id, server.home / "worker-1.log")
 
@@ -276,12 +300,22 @@ def test_evaluate_champion_scores_the_promoted_model(
     assert any(accuracy in message for message in logs_of(client, scored.id, accuracy))
 
 
-def test_failed_run_is_failed_with_the_reason(
-    deployed: str, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any], tmp_path: Path
-) -> None:
-    missing = tmp_path / "no-such-dataset"
+@pytest.fixture(scope="module")
+def failed_run(
+    alerts: str,
+    server: PrefectServer,
+    client: SyncPrefectClient,
+    run_config: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[FlowRun, Path]:
+    """An on-demand run of a dataset that does not exist, and that dataset's path."""
+    missing = tmp_path_factory.mktemp("failing") / "no-such-dataset"
     config = {**run_config, "data": {**run_config["data"], "dataset": str(missing)}}
-    failed = run_to_end(server, client, trigger(server, ON_DEMAND, config), server.home / "worker-3.log")
+    return run_to_end(server, client, trigger(server, ON_DEMAND, config), server.home / "worker-3.log"), missing
+
+
+def test_failed_run_is_failed_with_the_reason(failed_run: tuple[FlowRun, Path], client: SyncPrefectClient) -> None:
+    failed, missing = failed_run
     assert failed.state.is_failed()
     assert str(missing) in failed.state.message
     assert any(str(missing) in message for message in logs_of(client, failed.id, str(missing)))
@@ -290,6 +324,48 @@ def test_failed_run_is_failed_with_the_reason(
     assert [(run.state.name, run.run_count) for run in task_runs if task_name(run) == "download_dataset"] == [
         ("Failed", 3)
     ]
+
+
+def test_failed_run_alert_reaches_the_webhook(failed_run: tuple[FlowRun, Path], webhook: WebhookReceiver) -> None:
+    """automations.yaml's visionflow-run-failed, fired by the server's triggers service, POSTs
+    through the Custom Webhook block to the receiver in this process."""
+    failed, missing = failed_run
+    alert = webhook.received(failed.name, "Failed", timeout=RECORD_SECONDS)
+    assert alert["subject"] == f"visionflow: train-on-demand run {failed.name} Failed"
+    assert f"Deployment: train-pipeline/train-on-demand\nFlow run: {failed.name} ({failed.id})" in alert["body"]
+    assert f"Message: {failed.state.message}" in alert["body"] and str(missing) in alert["body"]
+
+
+def test_champion_promotion_alert_reaches_the_webhook(
+    first_run: FlowRun, webhook: WebhookReceiver, run_config: dict[str, Any]
+) -> None:
+    alert = webhook.received(f"new champion in '{SLOT}'", timeout=RECORD_SECONDS)
+    assert alert["subject"] == f"visionflow: new champion in '{SLOT}': {first_run.name}"
+    assert "Replaces: nobody (the slot was empty)" in alert["body"]
+    assert f"Flow run: {first_run.name} ({first_run.id}), deployment train-on-demand" in alert["body"]
+    # Only promotions notify: the cached rerun kept the champion (test above), so one alert.
+    assert sum("new champion" in body.get("subject", "") for body in webhook.bodies) == 1
+
+
+def test_missed_nightly_alert_fires_when_no_run_completes_in_the_window(
+    alerts: str, server: PrefectServer, webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    """visionflow-nightly-missing with its 26-hour window cut to 10 s (Prefect's minimum for a
+    proactive trigger), applied over the module's one: no nightly-retrain run completes, so the
+    server's proactive evaluation fires it. Applying the repository's file again restores it."""
+    document = yaml.safe_load(AUTOMATIONS_FILE.read_text())
+    (missing,) = [entry for entry in document["automations"] if entry["name"] == "visionflow-nightly-missing"]
+    short = tmp_path / "automations.yaml"
+    short.write_text(yaml.safe_dump({"automations": [{**missing, "trigger": {**missing["trigger"], "within": 10}}]}))
+    apply = [sys.executable, "-m", "flows.cli", "alerts", "apply", "--webhook-url", webhook.url]
+    assert "updated visionflow-nightly-missing" in run_cli([*apply, "--file", str(short)], server.env, REPO)
+    try:
+        alert = webhook.received("no completed nightly-retrain run", timeout=RECORD_SECONDS)
+    finally:
+        restored = run_cli(apply, server.env, REPO)
+    assert alert["subject"] == "visionflow: no completed nightly-retrain run for 26 hours"
+    assert "train-pipeline/nightly-retrain has had no Completed flow run" in alert["body"]
+    assert restored.count("updated visionflow-") == len(document["automations"]), restored
 
 
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
@@ -351,3 +427,63 @@ def test_cancelling_a_run_stops_it_cleanly_and_the_worker_takes_the_next(
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["resumed_from"] == str(last.resolve())
     assert manifest["prefect_flow_run_id"] == str(rerun)
+
+
+def test_crashed_run_retried_resumes_to_the_same_weights(
+    alerts: str,
+    server: PrefectServer,
+    client: SyncPrefectClient,
+    run_config: dict[str, Any],
+    webhook: WebhookReceiver,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of a flow-run process after its first checkpoint: the worker reports the run
+    Crashed and visionflow-run-failed alerts; `prefect flow-run retry` (what the alert says to
+    run) schedules the same flow run again, a worker runs it, and it resumes from last.pt in the
+    same run directory (keyed on the flow run) to the weights of an uninterrupted run."""
+    epochs = 10  # 9 epochs (>= 0.3 s each) left when it is killed, within ~0.1 s of the first checkpoint
+    config = {
+        **run_config,
+        "training": {**run_config["training"], "epochs": epochs},
+        "output": {"output_dir": str(tmp_path / "out")},
+    }
+    runs = tmp_path / "out" / "runs"
+    worker = [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1",
+              "--name", "test-crash-worker", "--install-policy", "never"]  # fmt: skip
+    log = server.home / "worker-crash.log"
+    with background(worker, server.env, REPO, log) as process:
+        flow_run_id = trigger(server, ON_DEMAND, config)
+        last = wait_for(
+            lambda: next(runs.glob("*/checkpoints/last.pt"), None),
+            lambda found: found is not None,
+            RUN_SECONDS,
+            lambda _: f"no checkpoint of {flow_run_id}:\n{tail(log)}",
+            interval=0.05,
+        )
+        pids = processes_with_env(process.pid, "PREFECT__FLOW_RUN_ID", str(flow_run_id))
+        assert pids, f"no process of flow run {flow_run_id} under the worker:\n{tail(log)}"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # no cleanup: the manifest still says running
+        reached = load_checkpoint(last)["epoch"]
+        assert 0 < reached < epochs
+        crashed = ended(client, flow_run_id, RECORD_SECONDS, log)
+        assert crashed.state.is_crashed(), f"{crashed.state}:\n{tail(log)}"
+    # The worker is stopped before the retry: a process worker reports a crash twice, as the
+    # process exits and again ~10-20 s later once it has released the run, and that second report
+    # would turn a run retried in between back to Crashed (a person retrying from the alert is
+    # minutes later). A fresh worker takes the retried run.
+    run_cli([PREFECT, "flow-run", "retry", str(flow_run_id)], server.env, REPO)
+    resumed = run_to_end(server, client, flow_run_id, server.home / "worker-retry.log")
+    assert resumed.state.is_completed(), f"{resumed.state}:\n{tail(server.home / 'worker-retry.log')}"
+    fresh = {**config, "output": {"output_dir": str(tmp_path / "fresh")}}
+    uninterrupted = run_to_end(server, client, trigger(server, ON_DEMAND, fresh), server.home / "worker-fresh.log")
+    assert uninterrupted.state.is_completed(), f"{uninterrupted.state}"
+
+    assert [run_dir.name for run_dir in runs.iterdir()] == [resumed.name]  # the same directory, reopened
+    manifest = manifest_of(config, resumed)
+    assert manifest["status"] == "completed" and manifest["prefect_flow_run_id"] == str(flow_run_id)
+    assert manifest["resumed_from"] == str(last.resolve())
+    assert manifest["weights_sha256"] == manifest_of(fresh, uninterrupted)["weights_sha256"]
+    alert = webhook.received(resumed.name, "Crashed", timeout=RECORD_SECONDS)
+    assert alert["subject"] == f"visionflow: train-on-demand run {resumed.name} Crashed"
+    assert f"prefect flow-run retry {flow_run_id}" in alert["body"]
