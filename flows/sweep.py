@@ -66,7 +66,6 @@ def by_trial(config: PipelineConfig) -> dict[str, Any]:
     return {"output_dir": output.output_dir, "run_name": output.run_name, "training": by_training_fields(config)}
 
 
-@cached_task(dataset=by_fingerprint, config=by_trial, task_run_name="trial {config.output.run_name}")
 def run_trial(dataset: DatasetRef, config: PipelineConfig, parallel: int) -> TrialOutput:
     """Train and evaluate one trial with the training flow (a child flow run) into run directory
     config.output.run_name, on this worker's share of its cores (`trial_threads`). `dataset`, the
@@ -81,6 +80,14 @@ def run_trial(dataset: DatasetRef, config: PipelineConfig, parallel: int) -> Tri
         EXPORT_WEIGHTS_PATH: FileRef.of(layout.export_dir / EXPORT_WEIGHTS),
     }
     return TrialOutput(manifest=manifest, files=files)
+
+
+# Decorated here rather than in place: the task's function stays importable by its own name, so
+# Dask ships it to workers by reference (cloudpickle would copy a function whose module name is
+# taken by its Task by value, without the source its cache key hashes or its module's names).
+trial_task = cached_task(dataset=by_fingerprint, config=by_trial, task_run_name="trial {config.output.run_name}")(
+    run_trial
+)
 
 
 def dask_runner(sweep: SweepConfig) -> DaskTaskRunner:
@@ -130,15 +137,16 @@ def sweep_pipeline(base: PipelineConfig, sweep: SweepConfig) -> SweepResult:
     rows: list[TrialRow] = []
     manifests: dict[str, Manifest] = {}
     with tags(f"sweep:{name}", f"dataset:{base.data.dataset}"), durable_results(base.output):
-        location = download_dataset(base.data)
-        dataset = fingerprint_data(base.data, location)
-        validated = validate_data(dataset, base.data, str(root))
-        compute_normalization(dataset, validated, base.data)  # and the decoded cache every trial reads
+        data = base.resolved().data  # as the trials' training flows see it: their data steps are cached
+        location = download_dataset(data)
+        dataset = fingerprint_data(data, location)
+        validated = validate_data(dataset, data, str(root))
+        compute_normalization(dataset, validated, data)  # and the decoded cache every trial reads
         with dask_runner(sweep) as runner:
             while batch := proposer.next_batch():
                 configs = [trial_config(base, params, name, len(rows) + i) for i, params in enumerate(batch)]
                 futures = {
-                    runner.submit(run_trial, {"dataset": dataset, "config": config, "parallel": sweep.parallel}): i
+                    runner.submit(trial_task, {"dataset": dataset, "config": config, "parallel": sweep.parallel}): i
                     for i, config in enumerate(configs)
                 }
                 finished: dict[int, TrialRow] = {}
