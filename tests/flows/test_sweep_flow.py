@@ -1,13 +1,17 @@
-"""The sweep flow on a real local Dask cluster (2 worker processes) and the session's Prefect API:
-a 4-trial grid ranked by the metric, each trial an ordinary run, a cached rerun, a failing trial."""
+"""The sweep flow on real Dask clusters and the session's Prefect API: a 4-trial grid on a local
+cluster of 2 worker processes (ranked by the metric, each trial an ordinary run whose weights equal
+a single train, a cached rerun); the CLI against a scheduler and workers started as processes, with
+a diverging trial."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +172,67 @@ def test_rerun_reports_every_trial_cached_and_trains_nothing(
     assert trial_task_states(flow_run_id) == ["Cached"] * 4
 
 
-def test_a_diverging_trial_is_a_failed_row_and_the_others_complete(tiny_data: Path, tmp_path: Path) -> None:
-    base = base_config(tiny_data, tmp_path)
-    result, _ = run_sweep(base, SweepConfig(space={"optim.lr": [0.01, 10.0]}, parallel=2, name="diverge"))
-    (good, bad) = result.rows
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path) -> Iterator[str]:
+    """A Dask scheduler and a worker (2 processes, 1 thread each) started as separate processes on
+    127.0.0.1; yields the scheduler's address once both workers joined; stops them after."""
+    from distributed import Client
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the workers import flows.sweep
+    common = {"cwd": tmp_path, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler_argv = ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]]
+    worker_argv = ["distributed.cli.dask_worker", address, "--nworkers", "2", "--nthreads", "1"]
+    processes = [
+        subprocess.Popen([sys.executable, "-m", *scheduler_argv, "--no-dashboard"], **common),
+        subprocess.Popen([sys.executable, "-m", *worker_argv, "--no-dashboard"], **common),
+    ]
+    try:
+        with Client(address, timeout=60) as client:  # waits for the scheduler
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in reversed(processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def test_cli_sweep_on_an_existing_dask_cluster_with_a_diverging_trial(
+    tiny_data: Path, tmp_path: Path, dask_cluster: str
+) -> None:
+    base = base_config(tiny_data, tmp_path / "out")
+    (config_file := tmp_path / "base.yaml").write_text(yaml.safe_dump(base.model_dump(mode="json")))
+    (space_file := tmp_path / "space.yaml").write_text("optim.lr: [0.01, 10.0]\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    argv = ["sweep", "--config", str(config_file), "--space", str(space_file), "--dask-address", dask_cluster]
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *argv, "--name", "remote", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = SweepResult.model_validate_json(done.stdout)
+    good, bad = result.rows
     assert good.state == "completed" and good.params == {"optim.lr": 0.01} and good.metric is not None
+    assert Manifest.load(good.run_dir).status == "completed"
+    # the diverging trial is a failed row with its reason, and a failed run
     assert bad.state == "failed" and bad.params == {"optim.lr": 10.0} and bad.metric is None
-    assert "Training diverged in epoch 1" in bad.error and "\n" not in bad.error
+    assert "Training diverged in epoch 1" in bad.error
     assert Manifest.load(bad.run_dir).status == "failed"
-    table = latest_table(leaderboard_key(result.name))
-    assert table[1]["rank"] == "-" and table[1]["state"].startswith("failed: Training diverged")
-    yaml.safe_load(best_config_yaml(Manifest.load(good.run_dir)))
+    table = latest_table(leaderboard_key("remote"))
+    assert [row["rank"] for row in table] == [1, "-"]
+    assert table[1]["state"].startswith("failed: Training diverged")
