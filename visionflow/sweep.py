@@ -61,7 +61,7 @@ class SweepConfig(BaseModel):
     """What a sweep tries and how: the Prefect UI renders it as the sweep's form."""
 
     model_config = ConfigDict(extra="forbid")
-    space: dict[str, list[Any] | SweepRange] = Field(
+    space: dict[str, SweepRange | list[Any]] = Field(
         description="Dotted config field -> values to try (a list) or a range {low, high, log} (random, optuna); "
         "e.g. optim.lr: [0.001, 0.003], model.name: [tudui, resnet18]."
     )
@@ -94,7 +94,8 @@ def build_sweep(values: Mapping[str, Any]) -> SweepConfig:
         return SweepConfig.model_validate(values)
     except ValidationError as err:
         first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "sweep"
+        # loc names the union member tried ("SweepRange", "list[any]"): not part of the field's name
+        field = ".".join(str(p) for p in first["loc"] if not ("SweepRange" in str(p) or p == "list[any]")) or "sweep"
         raise ConfigError(f"Invalid sweep field '{field}': {first['msg']} (got {first.get('input')!r})") from None
 
 
