@@ -36,6 +36,7 @@ from visionflow.sweep import SweepConfig, SweepResult, best_config_yaml, leaderb
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(600)]
 
 GRID = {"optim.lr": [0.001, 0.01], "training.seed": [0, 1]}
+SLOT = "sweep-best"
 
 
 def base_config(tiny_data: Path, output: Path) -> PipelineConfig:
@@ -93,7 +94,8 @@ def output(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def grid(tiny_data: Path, output: Path) -> tuple[SweepResult, str, PipelineConfig, SweepConfig]:
-    base = base_config(tiny_data, output)
+    base = base_config(tiny_data, output).model_copy(deep=True)
+    base.output.champion = SLOT  # the best trial challenges it
     sweep = SweepConfig(space=GRID, parallel=2, name="grid")
     result, flow_run_id = run_sweep(base, sweep)
     return result, flow_run_id, base, sweep
@@ -109,6 +111,9 @@ def test_grid_ranks_four_trials_by_the_metric(grid: tuple[SweepResult, str, Pipe
         (("optim.lr", lr), ("training.seed", seed)) for lr in GRID["optim.lr"] for seed in GRID["training.seed"]
     }
     assert result.best == result.rows[0].trial
+    # the best trial challenged the (empty) champion slot, through the champion logic
+    assert result.champion["outcome"] == "promoted" and result.champion["challenger_run"] == result.best
+    assert Manifest.load(result.rows[0].run_dir).champion["slot"] == SLOT
     # the table artifact: the same ranking, one column per varied field
     table = latest_table(leaderboard_key(result.name))
     assert [row["trial"] for row in table] == [row.trial for row in result.rows]
