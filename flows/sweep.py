@@ -106,18 +106,18 @@ def absolute_paths(config: PipelineConfig) -> PipelineConfig:
     return config.model_copy(update={"data": data, "output": output})
 
 
-def trial_row(
+def trial_outcome(
     future: PrefectFuture[TrialOutput], config: PipelineConfig, params: dict[str, Any], metric: str
-) -> TrialRow:
-    """The finished trial's leaderboard row: from its manifest, or failed with the error's first line."""
+) -> tuple[TrialRow, Manifest | None]:
+    """A finished trial's leaderboard row and manifest, or its failed row (the error in one line)."""
     run_dir = runs_root(config.output.output_dir) / str(config.output.run_name)
     try:
-        output = future.result()
+        manifest = future.result().manifest
     except Exception as err:
         error = " ".join(str(err).split()) or type(err).__name__
-        return TrialRow.of(run_dir.name, params, "failed", run_dir, metric, error=error)
+        return TrialRow.of(run_dir.name, params, "failed", run_dir, metric, error=error), None
     state = "cached" if future.state.name == "Cached" else "completed"
-    return TrialRow.of(run_dir.name, params, state, run_dir, metric, output.manifest)
+    return TrialRow.of(run_dir.name, params, state, run_dir, metric, manifest), manifest
 
 
 def sweep_run_name() -> str:
@@ -152,10 +152,11 @@ def sweep_pipeline(base: PipelineConfig, sweep: SweepConfig) -> SweepResult:
                 finished: dict[int, TrialRow] = {}
                 for future in as_completed(list(futures)):
                     i = futures[future]
-                    finished[i] = row = trial_row(future, configs[i], batch[i], metric)
+                    row, manifest = trial_outcome(future, configs[i], batch[i], metric)
+                    finished[i] = row
                     rows.append(row)
-                    if row.metric is not None:
-                        manifests[row.trial] = future.result().manifest
+                    if manifest is not None:
+                        manifests[row.trial] = manifest
                     record_trial(name, str(root), rows, row, metric)
                 proposer.report([finished[i].metric for i in range(len(batch))])
         leaderboard = ranked(rows, metric)

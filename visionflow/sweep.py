@@ -346,7 +346,8 @@ def leaderboard_records(rows: Sequence[TrialRow], metric: str) -> list[dict[str,
             {
                 "rank": rank if row.metric is not None else "-",
                 "trial": row.trial,
-                **row.params,
+                # 4 significant digits of a sampled float (leaderboard.json keeps every digit)
+                **{k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.params.items()},
                 metric: number(row.metric, 4),
                 "eval_loss": number(row.eval_loss, 4),
                 "eval_top5": number(row.eval_top5, 4),
