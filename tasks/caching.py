@@ -11,7 +11,9 @@
 - **Durable storage and crash-safe locks.** `durable_results(output)`, entered once by a flow,
   stores results under `<output_dir>/.prefect-results`, shared by every run there, with
   SERIALIZABLE isolation on flock locks: a concurrent run waits for a result instead of
-  computing it twice, and a lock dies with its process (kill -9 included).
+  computing it twice, and a lock dies with its process (kill -9 included). The store reaches
+  task runs in other processes (a Dask worker, flows/sweep.py) inside Prefect's serialized flow
+  run context, with the block's scope (refresh) on its lock manager.
 - **Outcomes from Prefect's own states.** A state hook records each task's outcome (completed
   or cached) for the manifest; `finish_run` hard-links a cached result's files into the run.
 """
