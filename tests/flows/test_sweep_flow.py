@@ -241,3 +241,37 @@ def test_cli_sweep_on_an_existing_dask_cluster_with_a_diverging_trial(
     table = latest_table(leaderboard_key("remote"))
     assert [row["rank"] for row in table] == [1, "-"]
     assert table[1]["state"].startswith("failed: Training diverged")
+
+
+def test_a_sweep_killed_midway_reruns_only_the_unfinished_trial(tiny_data: Path, tmp_path: Path) -> None:
+    # One worker, two trials one after the other: the second (30 epochs) is still training when the
+    # first one's leaderboard row appears, and the sweep is stopped there (SIGTERM, as a process
+    # manager or `timeout` would).
+    base = base_config(tiny_data, tmp_path / "out")
+    (config_file := tmp_path / "base.yaml").write_text(yaml.safe_dump(base.model_dump(mode="json")))
+    (space_file := tmp_path / "space.yaml").write_text("training.epochs: [1, 30]\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    argv = [sys.executable, "-m", "flows.cli", "sweep", "--config", str(config_file), "--space", str(space_file)]
+    argv += ["--parallel", "1", "--name", "killed", "--json"]
+    leaderboard = tmp_path / "out" / "sweeps" / "killed" / "leaderboard.json"
+    common = {"cwd": tmp_path, "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with subprocess.Popen(argv, **common) as first:
+        deadline = time.monotonic() + 240
+        while not (leaderboard.is_file() and json.loads(leaderboard.read_text())["rows"]):
+            assert first.poll() is None and time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.2)
+        first.terminate()
+        first.communicate(timeout=120)
+    assert first.returncode == 143
+    (done,) = json.loads(leaderboard.read_text())["rows"]
+    done_trial = done["trial"]
+    rerun = subprocess.run(argv, **common, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = SweepResult.model_validate_json(rerun.stdout)
+    assert {row.trial: row.state for row in result.rows} == {
+        done_trial: "cached",
+        next(row.trial for row in result.rows if row.trial != done_trial): "completed",
+    }
+    unfinished = next(row for row in result.rows if row.trial != done_trial)
+    manifest = Manifest.load(unfinished.run_dir)
+    assert manifest.status == "completed" and manifest.metrics.epochs_trained == unfinished.params["training.epochs"]
