@@ -277,6 +277,65 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+SWEEP_OPTIONS = {  # CLI flag (argparse dest) -> SweepConfig field
+    "method": "method",
+    "seed": "seed",
+    "max_trials": "max_trials",
+    "parallel": "parallel",
+    "metric": "metric",
+    "dask_address": "dask_address",
+    "name": "name",
+}
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from visionflow.config import load_config
+    from visionflow.sweep import build_sweep, check_space, load_space
+
+    overrides = {"output.output_dir": args.output} if args.output else {}
+    if args.champion:
+        overrides["output.champion"] = args.champion
+    base = load_config(args.config, overrides)
+    options = {field: getattr(args, dest) for dest, field in SWEEP_OPTIONS.items() if getattr(args, dest) is not None}
+    sweep = build_sweep({"space": load_space(args.space), **options})
+    check_space(base, sweep)  # a bad key or value: exit 2 before any server or trial starts
+    prefect_environment()
+    api = PrefectAPI()
+    try:
+        check_before_run(base)
+    except VisionflowError:
+        api.stop()
+        raise
+    from prefect import tags
+
+    from flows.sweep import sweep_pipeline
+    from visionflow.reports import tensorboard_command
+    from visionflow.sweep import format_leaderboard
+
+    api.wait()
+    try:
+        with tags("visionflow", f"model:{base.model.name}", f"recipe:{base.optim.recipe}"):
+            result = sweep_pipeline(base, sweep)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume; finished trials are cached", file=sys.stderr)
+        return 130
+    if args.json:
+        print_json(result.model_dump(mode="json"))
+        return 0
+    states = [row.state for row in result.rows]
+    print(
+        f"\nsweep {result.name}: {len(states)} trials ({states.count('completed')} trained, "
+        f"{states.count('cached')} cached, {states.count('failed')} failed), best {result.best} by {result.metric}"
+    )
+    print(format_leaderboard(result.rows, result.metric))
+    print(f"  sweep directory: {result.sweep_dir} (leaderboard.json)")
+    print(f"  TensorBoard:     {tensorboard_command(os.path.join(result.sweep_dir, 'tensorboard'))} (HParams tab)")
+    if result.champion is not None:
+        print(f"  champion:        {result.champion.get('outcome')} ({result.champion.get('reason')})")
+    print(f"  Prefect UI:      {prefect_ui_hint(api, None)}")
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from visionflow.runs import format_runs, list_runs
 
@@ -518,6 +577,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--refresh", action="store_true", help="ignore cached results and recompute every step")
     p.set_defaults(handler=cmd_train)
+
+    p = commands.add_parser(
+        "sweep", help="train many configs of a search space on a Dask cluster (cached trials, a leaderboard)"
+    )
+    p.add_argument("--config", metavar="FILE.yaml", help="base YAML config every trial starts from")
+    p.add_argument(
+        "--space",
+        required=True,
+        metavar="FILE.yaml",
+        help="dotted config fields -> values to try (optim.lr: [0.001, 0.003]) or ranges ({low, high, log: true})",
+    )
+    p.add_argument("--method", choices=("grid", "random", "optuna"), help="how trials are proposed (default: grid)")
+    p.add_argument("--seed", type=int, metavar="N", help="seed of the random and optuna proposals (default: 0)")
+    p.add_argument(
+        "--max-trials", type=positive_int, metavar="N", help="trials at most (default: the whole grid, else 10)"
+    )
+    p.add_argument("--parallel", type=positive_int, metavar="K", help="trials at once (default: 2)")
+    p.add_argument("--metric", choices=("eval_accuracy", "eval_loss"), help="ranks trials (default: training.monitor)")
+    p.add_argument(
+        "--dask-address", metavar="tcp://HOST:8786", help="an existing Dask scheduler (default: a local cluster)"
+    )
+    p.add_argument("--output", metavar="DIR", help="root of run outputs (default: artifacts)")
+    p.add_argument(
+        "--name", metavar="NAME", help="sweep name (default: from the space); trials are <name>-<nnn>-<hash>"
+    )
+    p.add_argument("--champion", metavar="SLOT", help="the best trial challenges this champion slot")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(handler=cmd_sweep)
 
     p = commands.add_parser("runs", help="list the runs under an output directory")
     p.add_argument("--output", default="artifacts", metavar="DIR", help="root of run outputs (default: artifacts)")

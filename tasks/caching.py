@@ -11,7 +11,9 @@
 - **Durable storage and crash-safe locks.** `durable_results(output)`, entered once by a flow,
   stores results under `<output_dir>/.prefect-results`, shared by every run there, with
   SERIALIZABLE isolation on flock locks: a concurrent run waits for a result instead of
-  computing it twice, and a lock dies with its process (kill -9 included).
+  computing it twice, and a lock dies with its process (kill -9 included). The store reaches
+  task runs in other processes (a Dask worker, flows/sweep.py) inside Prefect's serialized flow
+  run context, with the block's scope (refresh) on its lock manager.
 - **Outcomes from Prefect's own states.** A state hook records each task's outcome (completed
   or cached) for the manifest; `finish_run` hard-links a cached result's files into the run.
 """
@@ -134,10 +136,15 @@ class FlockLockManager(LockManager):
     so a crashed run can simply be rerun. flock conflicts between two open files even inside
     one process, so concurrent flows in threads are serialized too."""
 
-    def __init__(self, lock_files_directory: Path | str, poll_seconds: float = 0.1) -> None:
+    def __init__(
+        self, lock_files_directory: Path | str, poll_seconds: float = 0.1, scope: _Scope | None = None
+    ) -> None:
         self.directory = Path(lock_files_directory)
         self.poll_seconds = poll_seconds
         self._held: dict[str, tuple[str, int]] = {}  # key -> (holder, fd)
+        # The durable_results block that made this store: it travels with the flow run's result
+        # store to a task run in another process (a Dask worker), where that block's ContextVar is unset.
+        self.scope = scope
 
     def _wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -213,13 +220,13 @@ def durable_results(output: OutputConfig) -> Iterator[dict[str, str]]:
     if context is None:
         raise RuntimeError("durable_results() is for the body of a flow run")
     store_dir = results_dir(output.output_dir)
+    scope = _Scope(refresh=output.refresh)
     store = context.result_store.model_copy(
         update={
             "result_storage": LocalFileSystem(basepath=str(store_dir)),
-            "lock_manager": FlockLockManager(store_dir / LOCKS_SUBDIR),
+            "lock_manager": FlockLockManager(store_dir / LOCKS_SUBDIR, scope=scope),
         }
     )
-    scope = _Scope(refresh=output.refresh)
     token = _SCOPE.set(scope)
     try:
         # Tasks without result_storage of their own use the flow run's result store: this copy.
@@ -318,6 +325,8 @@ class VerifiedCache(CachePolicy):
     @staticmethod
     def _drop_if_stale(task_ctx: TaskRunContext, key: str) -> None:
         store, scope = task_ctx.result_store, _SCOPE.get()
+        if scope is None and isinstance(store.lock_manager, FlockLockManager):  # a task run in another process
+            scope = store.lock_manager.scope
         if scope is None or not isinstance(store.result_storage, LocalFileSystem):
             raise RuntimeError(f"Task {task_ctx.task.name} is cached: call it inside tasks.caching.durable_results()")
         holder = f"verify-{uuid4()}"

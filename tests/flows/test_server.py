@@ -231,6 +231,9 @@ def test_nightly_schedule_and_deployments_are_registered(deployed: str, client: 
     assert on_demand.schedules == [] and on_demand.concurrency_options.collision_strategy == "ENQUEUE"
     evaluate = client.read_deployment_by_name("evaluate-champion/evaluate-champion")
     assert evaluate.entrypoint == "flows/champion.py:champion_evaluation" and evaluate.enforce_parameter_schema
+    sweep = client.read_deployment_by_name("sweep-pipeline/sweep-on-demand")
+    assert sweep.entrypoint == "flows/sweep.py:sweep_pipeline" and sweep.enforce_parameter_schema
+    assert set(sweep.parameter_openapi_schema["properties"]) == {"base", "sweep"}
 
 
 def test_parameter_schema_rejects_a_bad_config_before_any_worker(deployed: str, client: SyncPrefectClient) -> None:
