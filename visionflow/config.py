@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visionflow.errors import ConfigError
 
@@ -116,6 +116,36 @@ class OptimConfig(_Section):
         return one_of("recipe", value, RECIPES)
 
 
+class DistributedConfig(_Section):
+    """Data-parallel training through torchrun (README "Scale out"); the defaults train in one process."""
+
+    nproc_per_node: Annotated[int, Field(ge=1)] | Literal["gpu"] = Field(
+        1,
+        description="Ranks (processes) per node: an integer, or 'gpu' = one per visible CUDA device; 1 with "
+        "nnodes 1 = a single process (no torchrun). data.batch_size is the global batch over all ranks.",
+    )
+    nnodes: int = Field(1, ge=1, description="Nodes taking part; more than 1 needs rdzv_endpoint.")
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d+$",
+        description="HOST:PORT of the c10d rendezvous (several nodes); None = torchrun --standalone on one node.",
+    )
+    rdzv_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,128}$",
+        description="Rendezvous id shared by the nodes of one run; None = the run directory's name.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self) -> "DistributedConfig":
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"nnodes {self.nnodes} needs rdzv_endpoint (HOST:PORT of the rendezvous)")
+        return self
+
+
 class TrainingConfig(_Section):
     epochs: int = Field(5, ge=1, le=10000, description="Passes over the training split.")
     device: str = Field(
@@ -134,6 +164,14 @@ class TrainingConfig(_Section):
         "measured once per machine), true or false.",
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Data-parallel ranks (torchrun); default one process."
+    )
+    sync_batchnorm: bool | None = Field(
+        None,
+        description="SyncBatchNorm across ranks (CUDA only: on CPU BN statistics are per rank); "
+        "None = on when the world size is > 1 on CUDA.",
+    )
     seed: int = Field(0, ge=0, description="One seed for Python, NumPy, torch, shuffling and augmentation.")
     monitor: Monitor = Field(
         "eval_accuracy", description="Metric that picks the best checkpoint and drives early stopping."

@@ -13,9 +13,11 @@ from visionflow.cache import decoded_cache_dir, load_decoded
 from visionflow.checkpoints import export_model, load_model
 from visionflow.config import DataConfig, PipelineConfig
 from visionflow.data import DatasetInfo, Split
+from visionflow.distributed import Ranks, world_size
 from visionflow.engine import Callback, FitResult, fit
 from visionflow.evaluation import EvalReport, evaluate_model
 from visionflow.fileio import atomic_write_json, atomic_write_text
+from visionflow.launch import launch_fit
 from visionflow.manifest import Manifest
 from visionflow.models import ModelSpec, ModelSummary, build_model, summarize
 from visionflow.preview import build_preview
@@ -104,7 +106,12 @@ def train_run(
     progress_stream: TextIO | None = None,
 ) -> FitResult:
     """Train on the dataset's decoded splits with checkpoints in run_dir/checkpoints and curves
-    in TensorBoard; `resume_from` continues an interrupted run (see `engine.fit`)."""
+    in TensorBoard; `resume_from` continues an interrupted run (see `engine.fit`). With a
+    training.distributed world size above 1 it starts the ranks (torchrun, `launch.launch_fit`),
+    each of which calls this again inside its process group; rank 0 writes TensorBoard."""
+    ranks = Ranks.current()
+    if not ranks.initialized and world_size(config.training.distributed) > 1:
+        return launch_fit(run_dir, dataset, config, resume_from, callbacks, progress_stream)
     layout = RunLayout(Path(run_dir))
     data = config.data
     train = load_decoded(dataset.train, data.image_size, decoded_cache_dir(data.data_dir))
@@ -119,7 +126,7 @@ def train_run(
         spec,
         checkpoint_dir=layout.checkpoints,
         resume_from=Path(resume_from) if resume_from else None,
-        callbacks=[TensorBoardCallback(layout.tensorboard), *callbacks],
+        callbacks=[TensorBoardCallback(layout.tensorboard), *callbacks] if ranks.is_main else callbacks,
         progress_stream=progress_stream,
     )
 
