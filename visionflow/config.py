@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -119,7 +119,7 @@ class OptimConfig(_Section):
 class DistributedConfig(_Section):
     """Data-parallel training through torchrun (README "Scale out"); the defaults train in one process."""
 
-    nproc_per_node: Annotated[int, Field(ge=1)] | Literal["gpu"] = Field(
+    nproc_per_node: int | Literal["gpu"] = Field(
         1,
         description="Ranks (processes) per node: an integer, or 'gpu' = one per visible CUDA device; 1 with "
         "nnodes 1 = a single process (no torchrun). data.batch_size is the global batch over all ranks.",
@@ -138,6 +138,13 @@ class DistributedConfig(_Section):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."
     )
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if value != "gpu" and value < 1:
+            raise ValueError("expected an integer >= 1 or 'gpu'")
+        return value
 
     @model_validator(mode="after")
     def _endpoint_for_nodes(self) -> "DistributedConfig":
@@ -282,7 +289,8 @@ def build_config(values: dict[str, Any] | None = None) -> PipelineConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a YAML config (optional) and apply dotted overrides like {'training.epochs': 3}."""
+    """Read a YAML config (optional) and apply dotted overrides like {'training.epochs': 3} (any depth:
+    'training.distributed.nproc_per_node')."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -305,9 +313,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(values, dict):
             raise ConfigError(f"Config file '{path}' must hold a mapping of sections, got {type(values).__name__}")
     for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        target = values.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"Invalid config field '{section}': expected a mapping")
+        *sections, key = dotted.split(".")
+        target = values
+        for depth, section in enumerate(sections, 1):
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"Invalid config field '{'.'.join(sections[:depth])}': expected a mapping")
         target[key] = value
     return build_config(values)

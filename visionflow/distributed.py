@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from visionflow.config import DistributedConfig
 from visionflow.errors import ConfigError
+from visionflow.manifest import DistributedRecord
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,6 @@ class Ranks:
             return cls()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
         return cls(dist.get_rank(), dist.get_world_size(), local, True)
-
-
-@dataclass
-class DistributedRun:
-    """What a data-parallel training ran on (the manifest's `distributed` section)."""
-
-    backend: str  # gloo or nccl
-    world_size: int
-    nnodes: int
-    devices: list[str]  # per rank, by rank: "cpu", "cuda:0", ...
 
 
 def world_size(config: DistributedConfig) -> int:
@@ -122,11 +113,13 @@ def data_parallel(model: nn.Module, device: torch.device, sync_batchnorm: bool) 
     return model, DistributedDataParallel(model, device_ids=device_ids)
 
 
-def describe(device: torch.device) -> DistributedRun | None:
+def describe(device: torch.device) -> DistributedRecord | None:
     """The run's ranks (gathered from every rank: call it on all of them); None in a single process."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
     devices: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(devices, str(device))
     nnodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))  # torchrun: the number of node agents
-    return DistributedRun(dist.get_backend(), dist.get_world_size(), nnodes, [str(d) for d in devices])
+    return DistributedRecord(
+        backend=dist.get_backend(), world_size=dist.get_world_size(), nnodes=nnodes, devices=[str(d) for d in devices]
+    )

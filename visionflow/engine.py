@@ -35,7 +35,6 @@ from visionflow.checkpoints import BEST_CHECKPOINT, LAST_CHECKPOINT
 from visionflow.config import DataConfig, PipelineConfig, flatten, is_improvement
 from visionflow.device import autocast, resolve_device
 from visionflow.distributed import (
-    DistributedRun,
     Ranks,
     check_global_batch,
     data_parallel,
@@ -46,6 +45,7 @@ from visionflow.distributed import (
 )
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.loaders import Batches, eval_batches, make_loader
+from visionflow.manifest import DistributedRecord
 from visionflow.models import ModelSpec
 from visionflow.optim import build_optimizer, build_scheduler
 from visionflow.rng import Generators, restore_rng_state, rng_state
@@ -132,7 +132,7 @@ class FitResult:
     spec: ModelSpec  # the input spec with the normalization the run used
     precision: str  # fp32 or bf16: what training.precision (auto) meant on this device
     channels_last: bool  # what training.channels_last (auto) meant
-    distributed: DistributedRun | None = None  # the ranks of a data-parallel run; None = one process
+    distributed: DistributedRecord | None = None  # the ranks of a data-parallel run; None = one process
 
 
 @dataclass
