@@ -14,6 +14,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,11 +38,18 @@ from visionflow.launch import (
 from visionflow.steps import train_run
 
 
-def record_error(work_dir: Path, rank: int, err: BaseException) -> None:
-    """errors/rank<N>.json: what this rank raised, for the caller's error message."""
-    message = " ".join(str(err).split()) or type(err).__name__
-    record = {"rank": rank, "type": type(err).__name__, "message": message, "time": time.time()}
-    atomic_write_text(work_dir / ERRORS_DIR / f"rank{rank}.json", json.dumps(record))
+@contextmanager
+def errors_recorded(work_dir: Path) -> Iterator[None]:
+    """An exception inside is recorded in work_dir/errors/rank<RANK>.json (rank, type, one-line
+    message, time), for the caller's error message, then raised on."""
+    try:
+        yield
+    except Exception as err:
+        rank = int(os.environ.get("RANK", 0))
+        message = " ".join(str(err).split()) or type(err).__name__
+        record = {"rank": rank, "type": type(err).__name__, "message": message, "time": time.time()}
+        atomic_write_text(work_dir / ERRORS_DIR / f"rank{rank}.json", json.dumps(record))
+        raise
 
 
 def run_rank(work_dir: Path) -> None:
@@ -73,11 +82,8 @@ def run_rank(work_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     die_with_parent()  # torchrun killed (kill -9): this rank goes too
     work_dir = Path((argv if argv is not None else sys.argv[1:])[0])
-    try:
+    with errors_recorded(work_dir):
         run_rank(work_dir)
-    except Exception as err:
-        record_error(work_dir, int(os.environ.get("RANK", 0)), err)
-        raise
 
 
 if __name__ == "__main__":
