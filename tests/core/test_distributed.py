@@ -25,7 +25,7 @@ from visionflow.data import resolve_dataset
 from visionflow.engine import Callback, EpochMetrics, FitResult, FitStart
 from visionflow.errors import ConfigError
 from visionflow.evaluation import evaluate_model
-from visionflow.launch import ERRORS_DIR, EVENTS_FILE, WORK_DIR, RankFailed, run_ranks
+from visionflow.launch import ERRORS_DIR, EVENTS_FILE, WORK_DIR, RankFailed, launch_fit, run_ranks
 from visionflow.steps import train_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -204,3 +204,41 @@ def test_runs_repeat_bit_for_bit_and_a_killed_launcher_resumes_to_the_same_weigh
         train_tiny(str(tiny_folder), str(tmp_path / "one"), nproc=1, resume_from=str(last))
     message = str(refused.value)
     assert "\n" not in message and "world size 1" in message and "world size 2" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+
+
+def gpu_run(tiny_folder: Path, run_dir: Path, nproc: int, model: str) -> FitResult:
+    """launch_fit directly (a world size of 1 would otherwise train in this process)."""
+    config = load_config(
+        None,
+        {
+            "data.dataset": str(tiny_folder),
+            "data.data_dir": str(tiny_folder.parent / "data"),
+            "data.batch_size": 16,
+            "model.name": model,
+            "training.epochs": 1,
+            "training.device": "cuda",
+            "training.distributed.nproc_per_node": nproc,
+        },
+    )
+    return launch_fit(run_dir, resolve_dataset(str(tiny_folder)), config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_rank_nccl_through_torchrun(tiny_folder: Path, tmp_path: Path) -> None:
+    result = gpu_run(tiny_folder, tmp_path, 1, "tudui")
+    assert result.distributed is not None and result.distributed.backend == "nccl"
+    assert result.distributed.devices == ["cuda:0"] and result.device == "cuda:0"
+    load_model(tmp_path / "checkpoints" / "best.pt")  # the unwrapped state dict loads into a plain model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_ranks_on_two_gpus_with_sync_batchnorm(tiny_folder: Path, tmp_path: Path) -> None:
+    result = gpu_run(tiny_folder, tmp_path, 2, "resnet18")  # sync_batchnorm: on by default here
+    assert result.distributed is not None and result.distributed.devices == ["cuda:0", "cuda:1"]
+    load_model(tmp_path / "checkpoints" / "best.pt")  # SyncBatchNorm's state dict is BatchNorm's
