@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/flow.py
 	$(BIN)/python bench/near_duplicates.py
+	$(BIN)/python bench/distributed.py
 
 clean:
 	rm -rf $(VENV) artifacts/runs data/cache
