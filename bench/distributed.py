@@ -1,19 +1,20 @@
 """Data-parallel training benchmark (not a test): 2 ranks against 1 process, on the CPU. Run from
 the repo root:
 
-    .venv/bin/python bench/distributed.py [--epochs 3] [--ranks 2]
+    .venv/bin/python bench/distributed.py [--epochs 3] [--ranks 2] [--repeats 2]
 
 On cifar10-mini/train (5,000 32x32 images), model tudui, with the product's defaults (global
 batch 64, the default recipe, training.precision / channels_last `auto`), it trains with
-`steps.train_run` twice in this one run:
+`steps.train_run` in this one run, alternating `--repeats` times:
 
   1 process  today's in-process path (all cores to one process)
   N ranks    training.distributed.nproc_per_node N: torchrun, gloo, each rank cores // N threads and
              64 / N images of every global batch, DDP all-reducing the gradients every step
 
-A figure is the training images/s of the best epoch after the first (`EpochMetrics.images_per_second`:
-the training loop only; process start, rendezvous and evaluation excluded; the first epoch pays
-one-time costs). The CPUs are shared with other work, so figures are noisy: rerun to compare.
+A figure is the training images/s of the best epoch after the first over the repeats
+(`EpochMetrics.images_per_second`: the training loop only; process start, rendezvous and
+evaluation excluded; the first epoch pays one-time costs): the speed each reaches when it has the
+cores. The CPUs are shared with other work, so figures are noisy: rerun to compare.
 
 step_overhead_ms = (global batch) x (1 / ips_N - 1 / (N x ips_1)): how much longer a step takes than
 a perfect N-fold split of the single-process step (gradient all-reduce, synchronization, each rank
@@ -59,23 +60,28 @@ def _train(run_dir: Path, epochs: int, ranks: int) -> FitResult:
     return train_run(run_dir, resolve_dataset(str(DATA), download=False), config, progress_stream=io.StringIO())
 
 
-def _best_ips(result: FitResult) -> float:
-    return max(m.images_per_second for m in result.history[1:])
+def _epoch_ips(result: FitResult) -> list[float]:
+    return [m.images_per_second for m in result.history[1:]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is not counted")
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the data-parallel run")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each")
     args = parser.parse_args()
+    ips: dict[int, list[float]] = {1: [], args.ranks: []}
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
-        one = _train(Path(tmp) / "one", args.epochs, 1)
-        many = _train(Path(tmp) / "many", args.epochs, args.ranks)
+        for repeat in range(args.repeats):
+            for ranks in ips:
+                result = _train(Path(tmp) / f"{ranks}-{repeat}", args.epochs, ranks)
+                ips[ranks] += _epoch_ips(result)
+                print(f"{ranks} rank(s), run {repeat + 1}: " + ", ".join(f"{x:,.0f}" for x in _epoch_ips(result)))
     batch = load_config().data.batch_size
-    ips_1, ips_n = _best_ips(one), _best_ips(many)
+    ips_1, ips_n = max(ips[1]), max(ips[args.ranks])
     overhead_ms = 1000 * batch * (1 / ips_n - 1 / (args.ranks * ips_1))
-    print(f"precision {one.precision}, channels_last {one.channels_last} (auto, resolved once for every rank)")
-    print(f"1 process: {ips_1:,.0f} images/s; {args.ranks} ranks ({many.distributed.backend}): {ips_n:,.0f} images/s")
+    print(f"precision {result.precision}, channels_last {result.channels_last} (auto, resolved once for all ranks)")
+    print(f"1 process: {ips_1:,.0f} images/s; {args.ranks} ranks ({result.distributed.backend}): {ips_n:,.0f} images/s")
     for name in MODEL_NAMES:
         params = sum(p.numel() for p in build_model(name, 10).parameters())
         volume = 4 * params  # fp32 gradients (bf16 autocast keeps fp32 parameters and gradients)
