@@ -33,7 +33,7 @@ from visionflow.launch import (
     RESULT_FILE,
     EventWriter,
     TrainRequest,
-    die_with_parent,
+    parent_death_signal,
 )
 from visionflow.steps import train_run
 
@@ -80,7 +80,7 @@ def run_rank(work_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    die_with_parent()  # torchrun killed (kill -9): this rank goes too
+    parent_death_signal()()  # torchrun killed (kill -9): this rank goes too
     work_dir = Path((argv if argv is not None else sys.argv[1:])[0])
     with errors_recorded(work_dir):
         run_rank(work_dir)

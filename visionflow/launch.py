@@ -17,6 +17,7 @@ then every rank get SIGKILL from the kernel (Linux's parent-death signal): no ra
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -74,10 +75,14 @@ class TrainRequest(BaseModel):
     resume_from: str | None
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send this process `sig` when its parent dies (Linux; elsewhere a no-op)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
+def parent_death_signal() -> Callable[[], None]:
+    """A function that asks the kernel to SIGKILL the calling process when its parent dies (Linux;
+    elsewhere it does nothing). Resolved here, so that calling it in a forked child before exec
+    (`preexec_fn`, with other threads in the parent) only makes the system call."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return functools.partial(prctl, _PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def torchrun_command(config: PipelineConfig, work_dir: Path, rdzv_id: str) -> list[str]:
@@ -183,7 +188,12 @@ def run_ranks(
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads_per_rank)}
     with open(work_dir / LOG_FILE, "wb") as log:
         proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=parent_death_signal(),
         )
         try:
             offset = 0
