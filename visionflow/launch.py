@@ -20,6 +20,7 @@ import ctypes
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -163,19 +164,34 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _root_cause(log: str) -> tuple[int, str] | None:
+    """(rank, traceback line) of torchrun's "Root Cause (first observed failure)" report, if any."""
+    _, found, report = log.partition("Root Cause (first observed failure):")
+    rank = re.search(r"rank\s*:\s*(\d+)", report)
+    if not found or rank is None:
+        return None
+    traceback = re.search(r"traceback\s*:\s*(.+)", report)
+    return int(rank.group(1)), traceback.group(1).strip() if traceback else "no traceback"
+
+
 def _rank_error(work_dir: Path, returncode: int) -> Exception:
-    """The first error a rank recorded, as an exception naming the rank; else torchrun's summary."""
-    recorded = [json.loads(p.read_text()) for p in sorted((work_dir / ERRORS_DIR).glob("rank*.json"))]
-    if recorded:
-        first = min(recorded, key=lambda e: e["time"])
-        kept = _KEPT_ERRORS.get(first["type"])
+    """The failed rank's error as an exception naming the rank: the rank torchrun reports as the
+    root cause (else the first to record an error), with the error it recorded, else how it ended
+    (a signal: kill -9, the OOM killer); without either, torchrun's last lines."""
+    recorded = {e["rank"]: e for e in map(json.loads, map(Path.read_text, (work_dir / ERRORS_DIR).glob("*.json")))}
+    log = (work_dir / LOG_FILE).read_text(errors="replace")
+    root = _root_cause(log)
+    rank = root[0] if root else min(recorded.values(), key=lambda e: e["time"])["rank"] if recorded else None
+    if rank in recorded:
+        error = recorded[rank]
+        kept = _KEPT_ERRORS.get(error["type"])
         if kept is not None:
-            return kept(f"rank {first['rank']}: {first['message']}")
-        return RankFailed(f"rank {first['rank']} failed: {first['type']}: {first['message']}")
-    log = (work_dir / LOG_FILE).read_text(errors="replace").splitlines()
-    causes = [" ".join(line.split()) for line in log if line.strip().startswith(("rank", "exitcode", "traceback"))]
-    summary = "; ".join(causes[-3:]) or (log[-1] if log else "no output")
-    return RankFailed(f"torchrun exited with code {returncode}: {summary} (see {work_dir / LOG_FILE})")
+            return kept(f"rank {rank}: {error['message']}")
+        return RankFailed(f"rank {rank} failed: {error['type']}: {error['message']}")
+    if root is not None:
+        return RankFailed(f"rank {rank} failed: {root[1]} (see {work_dir / LOG_FILE})")
+    last = " ".join(log.split()[-40:]) or "no output"  # its last 40 words
+    return RankFailed(f"torchrun exited with code {returncode}: ...{last} (see {work_dir / LOG_FILE})")
 
 
 def run_ranks(
