@@ -139,12 +139,14 @@ class DistributedConfig(_Section):
         "auto", description="torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."
     )
 
-    @field_validator("nproc_per_node")
+    @field_validator("nproc_per_node", mode="before")
     @classmethod
-    def _positive(cls, value: int | str) -> int | str:
-        if value != "gpu" and value < 1:
+    def _ranks_or_gpu(cls, value: Any) -> Any:
+        if value == "gpu":
+            return value
+        if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
             raise ValueError("expected an integer >= 1 or 'gpu'")
-        return value
+        return int(value)
 
     @model_validator(mode="after")
     def _endpoint_for_nodes(self) -> "DistributedConfig":
