@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tasks.artifacts import HISTORY_KEY, PROGRESS_KEY
 from tests.core.test_distributed import processes_mentioning, wait_until_gone
+from tests.flows.conftest import artifact_data, artifact_keys, log_messages
 from tests.flows.server_fixtures import copy_tiny_dataset
 from tests.flows.test_train_processes import cli_env
 from visionflow.checkpoints import load_checkpoint
@@ -70,6 +72,12 @@ def test_two_rank_flow_stops_with_its_ranks_resumes_and_evaluates_like_its_manif
     assert manifest["status"] == "completed" and manifest["resumed_from"].endswith("last.pt")
     assert manifest["distributed"] == {"backend": "gloo", "world_size": 2, "nnodes": 1, "devices": ["cpu", "cpu"]}
     assert manifest["metrics"]["epochs_trained"] == EPOCHS
+    # Rank 0's events became the task's artifacts and log lines, as in a single-process run.
+    flow_run = manifest["prefect_flow_run_id"]
+    history = artifact_data(flow_run, HISTORY_KEY)  # the epochs before the resume included
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
+    assert PROGRESS_KEY in artifact_keys(flow_run)
+    assert log_messages(flow_run, f"epoch {EPOCHS}/{EPOCHS} train_loss")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     curves = EventAccumulator(str(run_dir / "tensorboard"))
     curves.Reload()
