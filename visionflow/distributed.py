@@ -22,13 +22,16 @@ from visionflow.errors import ConfigError
 from visionflow.manifest import DistributedRecord
 
 
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place among the ranks (torchrun's RANK, WORLD_SIZE, LOCAL_WORLD_SIZE)."""
+    """This process's place among the ranks of its process group."""
 
     rank: int = 0
     world_size: int = 1
-    local_world_size: int = 1  # ranks on this node
     initialized: bool = False  # inside a torch.distributed process group
 
     @property
@@ -39,10 +42,9 @@ class Ranks:
     @classmethod
     def current(cls) -> "Ranks":
         """The process group's ranks, or a single process (rank 0 of 1) outside one."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not _in_group():
             return cls()
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-        return cls(dist.get_rank(), dist.get_world_size(), local, True)
+        return cls(dist.get_rank(), dist.get_world_size(), True)
 
 
 def world_size(config: DistributedConfig) -> int:
@@ -75,7 +77,7 @@ def intra_op_threads(local_world_size: int) -> int:
 def sum_over_ranks(values: Tensor) -> Tensor:
     """`values` summed over every rank, in place (no-op in a single process). A CPU-GPU sync point on
     the caller's next read."""
-    if dist.is_available() and dist.is_initialized():
+    if _in_group():
         dist.all_reduce(values)
     return values
 
@@ -83,7 +85,7 @@ def sum_over_ranks(values: Tensor) -> Tensor:
 def from_main(values: list[float], device: torch.device) -> list[float]:
     """Rank 0's `values` on every rank (no-op in a single process): decisions taken from them are the
     same everywhere, so no rank waits alone in a collective. A CPU-GPU sync point."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _in_group():
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.broadcast(tensor, src=0)
@@ -92,7 +94,7 @@ def from_main(values: list[float], device: torch.device) -> list[float]:
 
 def wait_for_main() -> None:
     """Every rank waits here until rank 0 arrives (after it wrote a checkpoint)."""
-    if dist.is_available() and dist.is_initialized():
+    if _in_group():
         dist.barrier()
 
 
@@ -100,7 +102,7 @@ def data_parallel(model: nn.Module, device: torch.device, sync_batchnorm: bool) 
     """(the module to save and evaluate, the module training batches run through): in a process group
     the second is DDP over the first, which averages gradients over the ranks in backward; else both are
     `model`. `sync_batchnorm` converts BatchNorm layers to SyncBatchNorm first (CUDA only)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _in_group():
         return model, model
     if sync_batchnorm:
         if device.type != "cuda":
@@ -115,7 +117,7 @@ def data_parallel(model: nn.Module, device: torch.device, sync_batchnorm: bool) 
 
 def describe(device: torch.device) -> DistributedRecord | None:
     """The run's ranks (gathered from every rank: call it on all of them); None in a single process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _in_group():
         return None
     devices: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(devices, str(device))

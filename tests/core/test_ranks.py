@@ -56,7 +56,7 @@ def test_gpu_ranks_without_a_gpu_is_a_one_line_error() -> None:
 
 
 def test_a_single_process_is_rank_0_of_1_and_collectives_are_no_ops() -> None:
-    assert Ranks.current() == Ranks(0, 1, 1, False) and Ranks.current().is_main
+    assert Ranks.current() == Ranks(0, 1, False) and Ranks.current().is_main
     values = torch.tensor([1.5, 2.0])
     assert sum_over_ranks(values) is values and values.tolist() == [1.5, 2.0]
     assert from_main([0.25, 3.0], CPU) == [0.25, 3.0]
