@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/flow.py
 	$(BIN)/python bench/near_duplicates.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/distributed.py
 
 clean:
 	rm -rf $(VENV) artifacts/runs data/cache

@@ -155,7 +155,15 @@ TRAIN_OVERRIDES = {  # CLI flag (argparse dest) -> dotted config field
     "seed": "training.seed",
     "output": "output.output_dir",
     "run_name": "output.run_name",
+    "nproc_per_node": "training.distributed.nproc_per_node",
+    "nnodes": "training.distributed.nnodes",
+    "rdzv_endpoint": "training.distributed.rdzv_endpoint",
 }
+
+
+def nproc_per_node(value: str) -> int | str:
+    """--nproc-per-node: a number of ranks, or 'gpu' (one per visible GPU); the config validates the range."""
+    return int(value) if value.isdigit() else value
 
 
 EXIT_TIMED_OUT = 124  # what GNU `timeout` returns
@@ -213,7 +221,9 @@ def resume_hint(output_dir: str) -> str:
 
 def check_before_run(config: Any) -> None:
     """Reject a missing dataset, an unavailable device or a completed run's name before the flow
-    creates anything. CIFAR-10 is exempt from the dataset check: the flow downloads it."""
+    creates anything. CIFAR-10 is exempt from the dataset check: the flow downloads it. A global
+    batch that does not divide by the world size too."""
+    from visionflow.config import check_global_batch, world_size
     from visionflow.data import resolve_dataset
     from visionflow.runs import resumable_run
 
@@ -227,6 +237,7 @@ def check_before_run(config: Any) -> None:
         from visionflow.device import resolve_device
 
         resolve_device(config.training.device)
+    check_global_batch(config.data.batch_size, world_size(config.training.distributed))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -576,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-name", metavar="NAME", help="run directory name; an interrupted run with this name is resumed"
     )
     p.add_argument("--refresh", action="store_true", help="ignore cached results and recompute every step")
+    p.add_argument(
+        "--nproc-per-node",
+        type=nproc_per_node,
+        metavar="N|gpu",
+        help="data-parallel ranks on this node through torchrun, 'gpu' = one per GPU (default: 1, one process)",
+    )
+    p.add_argument("--nnodes", type=int, metavar="N", help="nodes taking part (default: 1; more need --rdzv-endpoint)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous of several nodes (README: Scale out)")
     p.set_defaults(handler=cmd_train)
 
     p = commands.add_parser(

@@ -107,6 +107,7 @@ def finish_run(
         model=model.record,
         metrics=evaluation.metrics(training, with_leaked),
         device=training.fit.device,
+        distributed=training.fit.distributed,
         weights_sha256=export.weights_sha256,
         timing=TimingRecord(
             train_seconds=training.fit.train_seconds,

@@ -10,7 +10,7 @@ from tasks.artifacts import PrefectProgressCallback
 from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, Normalization, ValidatedData, by_exclusions, by_fingerprint
 from tasks.names import run_name
-from visionflow.config import PipelineConfig
+from visionflow.config import PipelineConfig, world_size
 from visionflow.records import FitResult
 from visionflow.runs import BEST_CHECKPOINT_PATH, LAST_CHECKPOINT_PATH
 from visionflow.steps import train_run
@@ -33,11 +33,20 @@ class TrainOutput(TaskOutput):
 
 
 def by_training_fields(config: PipelineConfig) -> dict[str, Any]:
-    """What training depends on: the whole config except where data and outputs live and the time
-    limit (a run that finishes within it trains the same weights)."""
-    return config.model_dump(
-        mode="json", exclude={"output": True, "data": {"dataset", "data_dir"}, "training": {"timeout_minutes"}}
+    """What training depends on: the whole config except where data and outputs live, the time
+    limit (a run that finishes within it trains the same weights) and where ranks meet; the world
+    size instead of how it is spelt (nproc_per_node 'gpu' counted on this machine)."""
+    meeting = {"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id"}
+    fields = config.model_dump(
+        mode="json",
+        exclude={
+            "output": True,
+            "data": {"dataset", "data_dir"},
+            "training": {"timeout_minutes": True, "distributed": meeting},
+        },
     )
+    fields["training"]["distributed"]["world_size"] = world_size(config.training.distributed)
+    return fields
 
 
 class _LogStream:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visionflow.errors import ConfigError
 
@@ -116,6 +116,69 @@ class OptimConfig(_Section):
         return one_of("recipe", value, RECIPES)
 
 
+class DistributedConfig(_Section):
+    """Data-parallel training through torchrun (README "Scale out"); the defaults train in one process."""
+
+    nproc_per_node: int | Literal["gpu"] = Field(
+        1,
+        description="Ranks (processes) per node: an integer, or 'gpu' = one per visible CUDA device; 1 with "
+        "nnodes 1 = a single process (no torchrun). data.batch_size is the global batch over all ranks.",
+    )
+    nnodes: int = Field(1, ge=1, description="Nodes taking part; more than 1 needs rdzv_endpoint.")
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d+$",
+        description="HOST:PORT of the c10d rendezvous (several nodes); None = torchrun --standalone on one node.",
+    )
+    rdzv_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,128}$",
+        description="Rendezvous id shared by the nodes of one run; None = the run directory's name.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."
+    )
+
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _ranks_or_gpu(cls, value: Any) -> Any:
+        if value == "gpu":
+            return value
+        if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
+            raise ValueError("expected an integer >= 1 or 'gpu'")
+        return int(value)
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self) -> "DistributedConfig":
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"nnodes {self.nnodes} needs rdzv_endpoint (HOST:PORT of the rendezvous)")
+        return self
+
+
+def world_size(config: DistributedConfig) -> int:
+    """nproc_per_node x nnodes, with nproc_per_node 'gpu' counted on this machine."""
+    per_node = config.nproc_per_node
+    if per_node == "gpu":
+        import torch  # only here: 'gpu' means a CUDA machine, which trains with torch anyway
+
+        per_node = torch.cuda.device_count()
+        if per_node == 0:
+            raise ConfigError(
+                "Invalid config field 'training.distributed.nproc_per_node': 'gpu' but this machine has no "
+                "CUDA device; use an integer (ranks on the CPU, gloo backend)"
+            )
+    return per_node * config.nnodes
+
+
+def check_global_batch(batch_size: int, ranks: int) -> None:
+    """data.batch_size is the global batch: each of `ranks` ranks takes an equal share."""
+    if batch_size % ranks:
+        raise ConfigError(
+            f"Invalid config field 'data.batch_size': {batch_size} does not divide by the world size {ranks} "
+            f"(the global batch is split equally over the ranks): use a multiple of {ranks}"
+        )
+
+
 class TrainingConfig(_Section):
     epochs: int = Field(5, ge=1, le=10000, description="Passes over the training split.")
     device: str = Field(
@@ -134,6 +197,14 @@ class TrainingConfig(_Section):
         "measured once per machine), true or false.",
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Data-parallel ranks (torchrun); default one process."
+    )
+    sync_batchnorm: bool | None = Field(
+        None,
+        description="SyncBatchNorm across ranks (CUDA only: on CPU BN statistics are per rank); "
+        "None = on when the world size is > 1 on CUDA.",
+    )
     seed: int = Field(0, ge=0, description="One seed for Python, NumPy, torch, shuffling and augmentation.")
     monitor: Monitor = Field(
         "eval_accuracy", description="Metric that picks the best checkpoint and drives early stopping."
@@ -250,7 +321,8 @@ def build_config(values: dict[str, Any] | None = None) -> PipelineConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a YAML config (optional) and apply dotted overrides like {'training.epochs': 3}."""
+    """Read a YAML config (optional) and apply dotted overrides like {'training.epochs': 3} (any depth:
+    'training.distributed.nproc_per_node')."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -273,9 +345,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(values, dict):
             raise ConfigError(f"Config file '{path}' must hold a mapping of sections, got {type(values).__name__}")
     for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        target = values.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"Invalid config field '{section}': expected a mapping")
+        *sections, key = dotted.split(".")
+        target = values
+        for depth, section in enumerate(sections, 1):
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"Invalid config field '{'.'.join(sections[:depth])}': expected a mapping")
         target[key] = value
     return build_config(values)

@@ -2,6 +2,11 @@
 (the torchvision references' layout), with callbacks, progress and resumable checkpoints. No
 Prefect here: flows observe training through `Callback`.
 
+Inside a torch.distributed process group (torchrun: `visionflow.ddp_worker`) the same `fit` trains
+data-parallel: data.batch_size is the global batch, every rank draws the same permutation and
+augmentation and trains on its slice, DDP averages the gradients, rank 0 evaluates and alone
+writes checkpoints and progress (`visionflow.distributed`).
+
 `fit` takes decoded splits (uint8 (N, 3, H, W) tensors) and builds the run from the core
 modules: the device and precision (`visionflow.device`), the seeded random streams
 (`visionflow.rng`), on-device batches (`visionflow.loaders`) and the optimizer and per-batch
@@ -26,8 +31,16 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from visionflow import checkpoints
 from visionflow.autotune import BF16_SLOWDOWN_WARNING, bf16_slowdown, cpu_name, fast_settings, native_bf16
-from visionflow.config import DataConfig, PipelineConfig, flatten, is_improvement
+from visionflow.config import DataConfig, PipelineConfig, check_global_batch, flatten, is_improvement
 from visionflow.device import autocast, resolve_device
+from visionflow.distributed import (
+    Ranks,
+    data_parallel,
+    describe,
+    from_main,
+    sum_over_ranks,
+    wait_for_main,
+)
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.loaders import Batches, eval_batches, make_loader
 from visionflow.optim import build_optimizer, build_scheduler
@@ -46,6 +59,7 @@ _RESUME_FREE_FIELDS = (
     "data.num_workers",
     "training.device",
     "training.compile",
+    "training.distributed.",  # where and how ranks meet; the world size itself is checked on its own
     "training.timeout_minutes",
 )
 log = logging.getLogger(__name__)
@@ -141,8 +155,11 @@ def train_one_epoch(
             progress.update(epoch, batch, len(batches), loss_sum, correct, images, time.perf_counter() - start)
         if stop is not None:
             stop.check()  # host-side only: no device sync
-    mean_loss, accuracy = loss_sum.item() / images, correct.item() / images  # the epoch's one sync
-    return TrainStats(mean_loss, accuracy, images, time.perf_counter() - start, step)
+    # Sums over every rank's slice in a distributed run; the epoch's one sync.
+    totals = sum_over_ranks(torch.stack([loss_sum, correct.float(), torch.tensor(float(images), device=device)]))
+    loss_total, correct_total, images = totals.tolist()
+    images = int(images)
+    return TrainStats(loss_total / images, correct_total / images, images, time.perf_counter() - start, step)
 
 
 @torch.no_grad()
@@ -237,6 +254,7 @@ def _checkpoint(
     generators: Generators,
     config: PipelineConfig,
     spec: ModelSpec,
+    world_size: int,
 ) -> dict[str, Any]:
     return {
         "format_version": checkpoints.FORMAT_VERSION,
@@ -253,11 +271,13 @@ def _checkpoint(
         "history": [asdict(m) for m in state.history],
         "best_metric": state.best_metric,
         "best_epoch": state.best_epoch,
+        "world_size": world_size,  # ranks that trained it; the random streams continue only at this size
     }
 
 
-def _check_resumable(stored: dict, config: PipelineConfig, path: Path, device: torch.device) -> None:
-    """Resuming must continue the same computation: same config (up to free fields), same device type."""
+def _check_resumable(stored: dict, config: PipelineConfig, path: Path, device: torch.device, world_size: int) -> None:
+    """Resuming must continue the same computation: same config (up to free fields), same device type,
+    same world size."""
     before, now = flatten(stored["config"]), flatten(config.model_dump(mode="json"))
     changed = [
         k
@@ -267,6 +287,12 @@ def _check_resumable(stored: dict, config: PipelineConfig, path: Path, device: t
     if changed:
         diffs = ", ".join(f"{k} (checkpoint {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:3])
         raise ConfigError(f"Cannot resume from '{path}': the config differs in {diffs}")
+    trained_with = stored.get("world_size", 1)  # checkpoints from before distributed training: one process
+    if trained_with != world_size:
+        raise ConfigError(
+            f"Cannot resume '{path}' with world size {world_size}: it was trained with world size {trained_with} "
+            "(training.distributed.nproc_per_node x nnodes must match)"
+        )
     if stored["rng"]["augment_device"] != device.type:
         raise DeviceError(
             f"Cannot resume '{path}' on {device.type}: it was trained on "
@@ -281,7 +307,7 @@ def _with_normalization(config: PipelineConfig, train_images: Tensor) -> Pipelin
     return config.model_copy(update={"data": data})
 
 
-def _with_fast_settings(config: PipelineConfig, spec: ModelSpec, device: torch.device) -> PipelineConfig:
+def with_fast_settings(config: PipelineConfig, spec: ModelSpec, device: torch.device) -> PipelineConfig:
     """Fill training.precision and training.channels_last left `auto` with what is fast on `device`
     (visionflow.autotune); warn when an explicit bf16 is emulated, and slow, on this CPU."""
     training = config.training
@@ -305,7 +331,7 @@ def _with_fast_settings(config: PipelineConfig, spec: ModelSpec, device: torch.d
     return config
 
 
-def _check_data(train: Any, eval_split: Any, spec: ModelSpec, config: PipelineConfig) -> None:
+def _check_data(train: Any, eval_split: Any, spec: ModelSpec, config: PipelineConfig, ranks: Ranks) -> None:
     for name, split in (("train", train), ("eval", eval_split)):
         if len(split.labels) == 0:
             raise DatasetError(f"The {name} split has no images: training needs at least one in each split")
@@ -314,6 +340,7 @@ def _check_data(train: Any, eval_split: Any, spec: ModelSpec, config: PipelineCo
                 f"The {name} split has label {int(split.labels.max())} but the model has "
                 f"{spec.num_classes} classes (labels 0..{spec.num_classes - 1})"
             )
+    check_global_batch(config.data.batch_size, ranks.world_size)
     if config.data.drop_last and len(train.labels) < config.data.batch_size:
         raise ConfigError(
             f"Invalid config field 'data.batch_size': {config.data.batch_size} with drop_last leaves "
@@ -344,6 +371,7 @@ def _result(
         spec=spec,
         precision=config.training.precision,
         channels_last=config.training.channels_last,
+        distributed=describe(device),
     )
 
 
@@ -352,7 +380,8 @@ class _Run:
     """Everything `fit` builds from the config before the first epoch."""
 
     model: nn.Module  # the module whose state_dict is saved
-    forward: nn.Module  # what batches run through: `model`, or torch.compile(model)
+    forward: nn.Module  # what eval batches run through: `model`, or torch.compile(model)
+    train_forward: nn.Module  # what training batches run through: `forward`, or DDP over it when distributed
     optimizer: Optimizer
     scheduler: LRScheduler
     criterion: nn.Module
@@ -361,11 +390,22 @@ class _Run:
     eval_batches: Batches
 
 
-def _build_run(model: nn.Module, train: Any, eval_split: Any, config: PipelineConfig, device: torch.device) -> _Run:
+def _build_run(
+    model: nn.Module, train: Any, eval_split: Any, config: PipelineConfig, device: torch.device, ranks: Ranks
+) -> _Run:
     data, training = config.data, config.training
     generators = Generators.seeded(training.seed, device)
     fmt = torch.channels_last if training.channels_last else torch.preserve_format
-    model = model.to(device, memory_format=fmt)
+    sync_batchnorm = training.sync_batchnorm
+    if sync_batchnorm is None:
+        sync_batchnorm = ranks.world_size > 1 and device.type == "cuda"
+    model, parallel = data_parallel(model.to(device, memory_format=fmt), device, sync_batchnorm)
+    forward = torch.compile(model) if training.compile else model
+    train_forward = forward
+    if parallel is not model:  # a distributed run: DDP averages the gradients over the ranks
+        train_forward = torch.compile(parallel) if training.compile else parallel
+    # Every rank draws the same permutation and augments the whole global batch (the same random
+    # streams everywhere, so rank 0's checkpoint resumes them all), then trains on its slice.
     train_loader = make_loader(
         train.images,
         train.labels,
@@ -374,15 +414,20 @@ def _build_run(model: nn.Module, train: Any, eval_split: Any, config: PipelineCo
         shuffle=data.shuffle,
         drop_last=data.drop_last,
         generators=generators,
+        multiple_of=ranks.world_size,
     )
     augment = generators.augment if data.augment else None
     train_batches = Batches(
-        train_loader, device, BatchTransform(data.mean, data.std, device, augment, training.channels_last)
+        train_loader,
+        device,
+        BatchTransform(data.mean, data.std, device, augment, training.channels_last),
+        shard=(ranks.rank, ranks.world_size),
     )
     optimizer = build_optimizer(model, config.optim)
     return _Run(
         model=model,
-        forward=torch.compile(model) if training.compile else model,
+        forward=forward,
+        train_forward=train_forward,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, config.optim, training.epochs, len(train_batches)),
         criterion=nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
@@ -394,10 +439,12 @@ def _build_run(model: nn.Module, train: Any, eval_split: Any, config: PipelineCo
     )
 
 
-def _resume(run: _Run, path: Path, config: PipelineConfig, device: torch.device) -> tuple[_FitState, bool]:
+def _resume(
+    run: _Run, path: Path, config: PipelineConfig, device: torch.device, ranks: Ranks
+) -> tuple[_FitState, bool]:
     """Restore `run` from a training checkpoint; returns its state and whether that run had finished."""
     stored = checkpoints.load_checkpoint(path)
-    _check_resumable(stored, config, path, device)
+    _check_resumable(stored, config, path, device, ranks.world_size)
     checkpoints.apply_state_dict(run.model, stored["model"], path)
     if _is_finished(stored, config.training.epochs):
         return _FitState.from_checkpoint(stored), True
@@ -419,14 +466,15 @@ def _run_epoch(
     config: PipelineConfig,
     device: torch.device,
     callbacks: Sequence[Callback],
-    progress: Progress,
+    progress: Progress | None,
     stop: StopGuard,
+    ranks: Ranks,
 ) -> EpochMetrics:
     """Train and evaluate one epoch, and fold its figures into `state`."""
     precision = config.training.precision
     start = time.perf_counter()
     stats = train_one_epoch(
-        run.forward,
+        run.train_forward,
         run.criterion,
         run.optimizer,
         run.scheduler,
@@ -440,7 +488,13 @@ def _run_epoch(
         progress=progress,
         stop=stop,
     )
-    eval_loss, eval_accuracy = evaluate(run.forward, run.eval_batches, device, precision, stop)
+    # Rank 0 evaluates (its weights and BN statistics are what the checkpoint holds, so the figures
+    # are a single-process evaluation's) and every rank takes its figures: the decisions below
+    # (divergence, best, early stop) come out the same on every rank. The others wait meanwhile.
+    eval_loss, eval_accuracy = math.nan, math.nan
+    if ranks.is_main:
+        eval_loss, eval_accuracy = evaluate(run.forward, run.eval_batches, device, precision, stop)
+    eval_loss, eval_accuracy = from_main([eval_loss, eval_accuracy], device)
     if not (math.isfinite(stats.loss) and math.isfinite(eval_loss)):
         raise ConfigError(
             f"Training diverged in epoch {epoch} (train loss {stats.loss:.4g}, eval loss {eval_loss:.4g}) "
@@ -470,17 +524,20 @@ def _run_epoch(
 
 
 def _save_checkpoints(
-    checkpoint_dir: Path | None, state: _FitState, run: _Run, config: PipelineConfig, spec: ModelSpec
+    checkpoint_dir: Path | None, state: _FitState, run: _Run, config: PipelineConfig, spec: ModelSpec, ranks: Ranks
 ) -> None:
-    """last.pt every epoch; best.pt too when this epoch improved the monitored metric."""
-    if checkpoint_dir is None:
+    """last.pt every epoch; best.pt too when this epoch improved the monitored metric. Rank 0 writes
+    them (the unwrapped module's state dict); the other ranks wait for it."""
+    if checkpoint_dir is None or not ranks.is_main:
+        wait_for_main()
         return
-    saved = _checkpoint(state, run.model, run.optimizer, run.scheduler, run.generators, config, spec)
+    saved = _checkpoint(state, run.model, run.optimizer, run.scheduler, run.generators, config, spec, ranks.world_size)
     # best.pt first: a crash between the two writes leaves last.pt one epoch behind, and resuming
     # retrains that epoch (bit-identical on CPU) instead of leaving an epoch's best unsaved.
     if state.improved:
         checkpoints.save_checkpoint(checkpoint_dir / BEST_CHECKPOINT, saved)
     checkpoints.save_checkpoint(checkpoint_dir / LAST_CHECKPOINT, saved)
+    wait_for_main()
 
 
 def _start_info(
@@ -526,32 +583,36 @@ def fit(
     `resume_from` continues a run at its next epoch (checkpoints go beside it unless
     `checkpoint_dir` says otherwise); a finished run returns its stored result at once.
     `progress_stream` receives the progress bar / epoch lines (default stderr).
+    In a torch.distributed process group every rank calls `fit` alike; rank 0 alone writes
+    checkpoints and progress, callbacks run where they are given.
     """
+    ranks = Ranks.current()
     config = _with_normalization(config.resolved(), train.images)
     spec = replace(spec, mean=config.data.mean, std=config.data.std)
-    _check_data(train, eval_split, spec, config)
+    _check_data(train, eval_split, spec, config, ranks)
     device = resolve_device(config.training.device)
-    config = _with_fast_settings(config, spec, device)
-    run = _build_run(model, train, eval_split, config, device)
+    config = with_fast_settings(config, spec, device)
+    run = _build_run(model, train, eval_split, config, device, ranks)
     state, finished = _FitState(), False
     if resume_from is not None:
         resume_from = Path(resume_from)
         checkpoint_dir = checkpoint_dir or resume_from.parent
-        state, finished = _resume(run, resume_from, config, device)
+        state, finished = _resume(run, resume_from, config, device, ranks)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if finished:
         return _result(state, run.model, checkpoint_dir, device, spec, config)
     for cb in callbacks:
         cb.on_fit_start(_start_info(run, state, config, spec, device, train, eval_split))
-    progress = Progress(config.training.epochs, progress_stream)
+    progress = Progress(config.training.epochs, progress_stream) if ranks.is_main else None
     timeout = config.training.timeout_minutes
     # Ctrl-C and the timeout stop training at a batch boundary: last.pt stays the last finished
     # epoch's, and rerunning resumes from it.
     with StopGuard(timeout * 60 if timeout is not None else None) as stop:
         for epoch in range(state.epoch + 1, config.training.epochs + 1):
-            metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress, stop)
-            progress.epoch_end(metrics)
-            _save_checkpoints(checkpoint_dir, state, run, config, spec)
+            metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress, stop, ranks)
+            if progress is not None:
+                progress.epoch_end(metrics)
+            _save_checkpoints(checkpoint_dir, state, run, config, spec, ranks)
             for cb in callbacks:
                 cb.on_epoch_end(metrics)
             if state.stopped_early:

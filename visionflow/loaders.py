@@ -23,7 +23,9 @@ def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
 class DeviceLoader:
     """A whole split resident on one device, sliced into (uint8 images, labels) batches.
 
-    Each pass draws one fresh permutation from `generator` (when shuffling).
+    Each pass draws one fresh permutation from `generator` (when shuffling). Batch sizes are
+    multiples of `multiple_of` (the world size of a distributed run, so that every rank gets an
+    equal slice): a last batch that is not loses its remainder, one smaller than it is dropped.
     """
 
     def __init__(
@@ -34,22 +36,27 @@ class DeviceLoader:
         shuffle: bool = False,
         drop_last: bool = False,
         generator: torch.Generator | None = None,
+        multiple_of: int = 1,
     ):
         self.images, self.labels = images, labels  # (N, 3, H, W) uint8, (N,) int64, same device
         self.batch_size, self.shuffle, self.drop_last, self.generator = batch_size, shuffle, drop_last, generator
+        self.multiple_of = multiple_of
 
     def __len__(self) -> int:
         n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        last = n % self.batch_size  # images of the last, incomplete batch
+        return n // self.batch_size + (0 if self.drop_last or last < self.multiple_of else 1)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator).to(self.labels.device) if self.shuffle else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
+            size = min(self.batch_size, n - start)
+            end = start + size - size % self.multiple_of
             if order is None:
-                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+                yield self.images[start:end], self.labels[start:end]
             else:
-                index = order[start : start + self.batch_size]  # (B,)
+                index = order[start:end]  # (B,)
                 yield self.images[index], self.labels[index]
 
 
@@ -57,9 +64,16 @@ class Batches:
     """Model-ready batches: (uint8 images, labels) from `source`, moved to `device`, then `transform`ed."""
 
     def __init__(
-        self, source: Iterable[tuple[Tensor, Tensor]], device: torch.device, transform: Callable[[Tensor], Tensor]
+        self,
+        source: Iterable[tuple[Tensor, Tensor]],
+        device: torch.device,
+        transform: Callable[[Tensor], Tensor],
+        shard: tuple[int, int] = (0, 1),
     ):
         self.source, self.device, self.transform = source, device, transform
+        # (rank, world size): each batch is transformed whole (the same random draws on every
+        # rank), then rank r keeps the r-th of world-size equal slices.
+        self.rank, self.world_size = shard
 
     def __len__(self) -> int:
         return len(self.source)
@@ -67,7 +81,12 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in self.source:
             images = images.to(self.device, non_blocking=True)  # no-op for a DeviceLoader on `device`
-            yield self.transform(images), labels.to(self.device, non_blocking=True)
+            inputs, labels = self.transform(images), labels.to(self.device, non_blocking=True)
+            if self.world_size > 1:
+                size = len(labels) // self.world_size
+                part = slice(self.rank * size, (self.rank + 1) * size)
+                inputs, labels = inputs[part], labels[part]
+            yield inputs, labels
 
 
 def make_loader(
@@ -79,14 +98,15 @@ def make_loader(
     shuffle: bool = False,
     drop_last: bool = False,
     generators: Generators | None = None,
+    multiple_of: int = 1,
 ) -> DeviceLoader:
     """(uint8 images, labels) batches of a decoded split, resident on `device`; shuffled with
-    `generators.shuffle` (required when `shuffle`)."""
+    `generators.shuffle` (required when `shuffle`); batch sizes multiples of `multiple_of`."""
     if shuffle and generators is None:
         raise ValueError("make_loader(shuffle=True) needs the run's generators for a reproducible order")
     shuffle_gen = generators.shuffle if generators is not None else None
     return DeviceLoader(
-        _to_device(images, device), _to_device(labels, device), batch_size, shuffle, drop_last, shuffle_gen
+        _to_device(images, device), _to_device(labels, device), batch_size, shuffle, drop_last, shuffle_gen, multiple_of
     )
 
 

@@ -120,6 +120,15 @@ class CheckpointRecord(_Record):
     sha256: str
 
 
+class DistributedRecord(_Record):
+    """The ranks of a data-parallel training (training.distributed)."""
+
+    backend: str = Field(description="torch.distributed backend: gloo or nccl.")
+    world_size: int = Field(description="Ranks in all: nproc_per_node x nnodes.")
+    nnodes: int
+    devices: list[str] = Field(description="Device of each rank, by rank: cpu, cuda:0, ...")
+
+
 class Manifest(_Record):
     """Everything recorded about one run (`<output>/runs/<run-name>/manifest.json`)."""
 
@@ -138,6 +147,9 @@ class Manifest(_Record):
     weights_sha256: str | None = Field(None, description="sha256 of the final weights, independent of file format.")
     tasks: dict[str, TaskStatus] = Field(default_factory=dict, description="Pipeline task -> completed or cached.")
     device: str | None = None
+    distributed: DistributedRecord | None = Field(
+        None, description="The ranks of a data-parallel training; None: one process."
+    )
     versions: dict[str, str] = Field(default_factory=dict, description="Python, torch, torchvision and prefect.")
     packages: dict[str, str] = Field(
         default_factory=dict,

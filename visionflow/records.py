@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from visionflow.errors import ConfigError
+from visionflow.manifest import DistributedRecord
 
 if TYPE_CHECKING:
     from torch import nn
@@ -103,6 +104,7 @@ class FitResult:
     spec: ModelSpec  # the input spec with the normalization the run used
     precision: str  # fp32 or bf16: what training.precision (auto) meant on this device
     channels_last: bool  # what training.channels_last (auto) meant
+    distributed: DistributedRecord | None = None  # the ranks of a data-parallel run; None = one process
 
 
 @dataclass

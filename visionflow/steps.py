@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from visionflow.config import DataConfig, PipelineConfig
+from visionflow.config import DataConfig, PipelineConfig, world_size
 from visionflow.data import DatasetInfo, Split, decoded_cache_dir
 from visionflow.datachanges import write_listing
 from visionflow.fileio import atomic_write_json, atomic_write_text
@@ -107,12 +107,19 @@ def train_run(
     progress_stream: TextIO | None = None,
 ) -> FitResult:
     """Train on the dataset's decoded splits with checkpoints in run_dir/checkpoints and curves
-    in TensorBoard; `resume_from` continues an interrupted run (see `engine.fit`)."""
+    in TensorBoard; `resume_from` continues an interrupted run (see `engine.fit`). With a
+    training.distributed world size above 1 it starts the ranks (torchrun, `launch.launch_fit`),
+    each of which calls this again inside its process group; rank 0 writes TensorBoard."""
     from visionflow.cache import load_decoded
+    from visionflow.distributed import Ranks
     from visionflow.engine import fit
+    from visionflow.launch import launch_fit
     from visionflow.rng import seed_everything
     from visionflow.tensorboard import TensorBoardCallback
 
+    ranks = Ranks.current()
+    if not ranks.initialized and world_size(config.training.distributed) > 1:
+        return launch_fit(run_dir, dataset, config, resume_from, callbacks, progress_stream)
     layout = RunLayout(Path(run_dir))
     data = config.data
     train = load_decoded(dataset.train, data.image_size, decoded_cache_dir(data.data_dir))
@@ -127,7 +134,7 @@ def train_run(
         spec,
         checkpoint_dir=layout.checkpoints,
         resume_from=Path(resume_from) if resume_from else None,
-        callbacks=[TensorBoardCallback(layout.tensorboard), *callbacks],
+        callbacks=[TensorBoardCallback(layout.tensorboard), *callbacks] if ranks.is_main else callbacks,
         progress_stream=progress_stream,
     )
 

@@ -1,0 +1,105 @@
+"""The training flow with two data-parallel ranks, through the CLI (`visionflow train
+--nproc-per-node 2 --device cpu`, torchrun with gloo on 127.0.0.1) against the session's Prefect
+API: SIGTERM stops every rank with it, the rerun resumes and completes one run (one manifest, one
+last.pt/best.pt, one TensorBoard curve), and `visionflow evaluate` on its checkpoint reproduces
+the manifest's metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tasks.artifacts import HISTORY_KEY, PROGRESS_KEY
+from tests.core.test_distributed import processes_mentioning, wait_until_gone
+from tests.flows.conftest import artifact_data, artifact_keys, log_messages
+from tests.flows.server_fixtures import copy_tiny_dataset
+from tests.flows.test_train_processes import cli_env
+from visionflow.checkpoints import load_checkpoint
+from visionflow.launch import WORK_DIR
+from visionflow.runs import list_runs
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(400)]
+CLASSES = ("airplane", "automobile", "bird", "cat")
+EPOCHS, BATCH = 2, 16
+STEPS_PER_EPOCH = 4 * 40 // BATCH
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, sample_dataset: Path) -> Path:
+    """4 classes x (40 train + 4 val) images: epochs long enough to stop one midway."""
+    return copy_tiny_dataset(sample_dataset, tmp_path_factory.mktemp("ddp-flow") / "data", CLASSES, 40, 4)
+
+
+def test_two_rank_flow_stops_with_its_ranks_resumes_and_evaluates_like_its_manifest(data: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    command = [
+        *(sys.executable, "-m", "flows.cli", "train", "--nproc-per-node", "2", "--device", "cpu"),
+        *("--dataset", str(data), "--epochs", str(EPOCHS), "--batch-size", str(BATCH)),
+        *("--output", str(output), "--run-name", "ddp"),
+    ]
+    run_dir = output / "runs" / "ddp"
+    proc = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint written in time"
+            time.sleep(0.02)
+        ranks = processes_mentioning(str(run_dir / WORK_DIR))  # torchrun and its 2 ranks
+        assert len(ranks) == 3, ranks
+        proc.send_signal(signal.SIGTERM)  # what a worker sends when the flow run is cancelled
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert wait_until_gone(str(run_dir / WORK_DIR)) == []  # no rank outlives the flow run
+    stopped = json.loads((run_dir / "manifest.json").read_text())
+    assert stopped["status"] == "interrupted" and "SIGTERM" in stopped["error"]
+    stopped_after = load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"]
+    assert stopped_after < EPOCHS
+
+    done = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [row["name"] for row in list_runs(output)] == ["ddp"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["resumed_from"].endswith("last.pt")
+    assert manifest["distributed"] == {"backend": "gloo", "world_size": 2, "nnodes": 1, "devices": ["cpu", "cpu"]}
+    assert manifest["metrics"]["epochs_trained"] == EPOCHS
+    # Rank 0's events became the task's artifacts and log lines, as in a single-process run.
+    flow_run = manifest["prefect_flow_run_id"]
+    history = artifact_data(flow_run, HISTORY_KEY)  # the epochs before the resume included
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))
+    assert PROGRESS_KEY in artifact_keys(flow_run)
+    assert log_messages(flow_run, f"epoch {EPOCHS}/{EPOCHS} train_loss")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    curves = EventAccumulator(str(run_dir / "tensorboard"))
+    curves.Reload()
+    # One curve: the resumed rank 0 hid what the stopped one logged after last.pt. (The stopped one
+    # may not have logged epoch `stopped_after` itself: SIGTERM can land between last.pt and the log.)
+    steps = [e.step for e in curves.Scalars("loss/train")]
+    resumed = [STEPS_PER_EPOCH * n for n in range(stopped_after + 1, EPOCHS + 1)]
+    assert steps[-len(resumed) :] == resumed and steps == sorted(set(steps))
+    assert set(steps) <= {STEPS_PER_EPOCH * n for n in range(1, EPOCHS + 1)}
+
+    evaluated = subprocess.run(
+        [
+            *(sys.executable, "-m", "flows.cli", "evaluate", "--checkpoint", manifest["checkpoint"]["path"]),
+            *("--dataset", str(data), "--data-dir", str(tmp_path), "--device", "cpu", "--json"),
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["accuracy"] == pytest.approx(manifest["metrics"]["eval_accuracy"])
+    assert report["loss"] == pytest.approx(manifest["metrics"]["eval_loss"], rel=1e-4)
