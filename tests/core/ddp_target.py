@@ -22,7 +22,7 @@ from torch import nn
 
 from visionflow.checkpoints import weights_sha256
 from visionflow.config import build_config
-from visionflow.ddp_worker import errors_recorded
+from visionflow.ddp_worker import errors_recorded, leave_group
 from visionflow.engine import fit
 from visionflow.launch import EVENTS_FILE
 from visionflow.records import Callback, EpochMetrics, FitResult, ModelSpec
@@ -86,7 +86,7 @@ def main() -> None:
             raise ValueError("bad label 7 in batch 3")
         else:
             dist.barrier()  # waits for rank 1, which never comes: torchrun has to stop this rank
-        dist.destroy_process_group()
+        leave_group()
 
 
 if __name__ == "__main__":
