@@ -41,7 +41,7 @@ from tasks.caching import TaskOutput, record_outcome, task_outcomes
 from tasks.data import DatasetRef, ValidatedData
 from tasks.evaluation import EvalOutput, ExportOutput, LeakedEvalOutput
 from tasks.model import ModelInfo
-from tasks.training import TrainOutput
+from tasks.training import TrainOutput, train_model
 from visionflow import retention
 from visionflow.champion import data_changes_report
 from visionflow.config import PipelineConfig
@@ -99,6 +99,7 @@ def finish_run(
     for output in (validated, preview, model, training, evaluation, export):
         output.adopted_into(run.run_dir)
     best = RunLayout(Path(run.run_dir)).best_checkpoint
+    outcomes = task_outcomes()
     manifest = Manifest.load(run.run_dir)
     manifest = manifest.finish(
         "completed",
@@ -109,13 +110,11 @@ def finish_run(
         device=training.fit.device,
         distributed=training.fit.distributed,
         weights_sha256=export.weights_sha256,
-        timing=TimingRecord(
-            train_seconds=training.fit.train_seconds,
-            train_images_per_second=training.fit.train_images_per_second,
-            total_seconds=time.time() - run.started_time,
+        timing=training.timing(
+            time.time() - run.started_time, trained_here=outcomes.get(train_model.name) == "completed"
         ),
         checkpoint=CheckpointRecord(path=str(best), sha256=training.best_checkpoint.sha256),
-        tasks=task_outcomes(),
+        tasks=outcomes,
         resumed_from=run.resume_from,
     )
     return finish_into(run.run_dir, manifest)

@@ -11,6 +11,7 @@ from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, Normalization, ValidatedData, by_exclusions, by_fingerprint
 from tasks.names import run_name
 from visionflow.config import PipelineConfig, world_size
+from visionflow.manifest import TimingRecord
 from visionflow.records import FitResult
 from visionflow.runs import BEST_CHECKPOINT_PATH, LAST_CHECKPOINT_PATH
 from visionflow.steps import train_run
@@ -30,6 +31,19 @@ class TrainOutput(TaskOutput):
             update={"precision": self.fit.precision, "channels_last": self.fit.channels_last}
         )
         return config.model_copy(update={"data": data, "training": training})
+
+    def timing(self, total_seconds: float, trained_here: bool) -> TimingRecord:
+        """The manifest's timing of a flow run that took `total_seconds`; `trained_here`: this training
+        ran in that flow run (not cached), so its epochs' phases belong to it."""
+        fit = self.fit
+        trained = fit.phase_seconds if trained_here and fit.timed_epochs else {}
+        return TimingRecord(
+            train_seconds=fit.train_seconds,
+            train_images_per_second=fit.train_images_per_second,
+            total_seconds=total_seconds,
+            seconds_per_epoch={phase: seconds / fit.timed_epochs for phase, seconds in trained.items()},
+            other_seconds=total_seconds - sum(trained.values()),
+        )
 
 
 def by_training_fields(config: PipelineConfig) -> dict[str, Any]:

@@ -109,6 +109,47 @@ class Progress:
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 
+# Where an epoch's time goes, in order (FitResult.phase_seconds): "callbacks" is step listeners, the
+# progress bar and the epoch-end callbacks (TensorBoard, a flow's artifacts and log lines).
+EPOCH_PHASES = ("data", "forward", "backward", "optimizer", "evaluation", "checkpoint", "callbacks")
+
+
+class PhaseTimer:
+    """Seconds per phase of the training loop, with no host sync of its own: on CUDA each boundary
+    records an event on the stream (GPU time; read by `totals`, after the epoch's sync), elsewhere the
+    host clock (CPU kernels run synchronously; on MPS host time)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = dict.fromkeys(EPOCH_PHASES, 0.0)
+        self._pending: list[tuple[str, Any, Any]] = []  # (phase, start event, end event), CUDA
+        self._last = self._now()
+
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self, phase: str) -> None:
+        """The time since the previous lap (or since the timer started) was spent in `phase`."""
+        now = self._now()
+        if self.cuda:
+            self._pending.append((phase, self._last, now))
+        else:
+            self.seconds[phase] += now - self._last
+        self._last = now
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase so far (EPOCH_PHASES order). CUDA: waits for the last event (a CPU-GPU sync point)."""
+        if self._pending:
+            self._pending[-1][2].synchronize()
+        for phase, start, end in self._pending:
+            self.seconds[phase] += start.elapsed_time(end) / 1000  # elapsed_time: milliseconds
+        self._pending.clear()
+        return dict(self.seconds)
+
 
 def train_one_epoch(
     model: nn.Module,
@@ -125,9 +166,12 @@ def train_one_epoch(
     callbacks: Sequence[Callback] = (),
     progress: Progress | None = None,
     stop: StopGuard | None = None,
+    timer: PhaseTimer | None = None,
 ) -> TrainStats:
     """One pass over model-ready `batches`; the scheduler steps per batch; `grad_clip` 0 = off;
-    `stop` is checked after every batch (a held Ctrl-C or a deadline ends the epoch there)."""
+    `stop` is checked after every batch (a held Ctrl-C or a deadline ends the epoch there);
+    `timer` (optional) gets the data, forward, backward, optimizer and callbacks time of each step."""
+    timer = timer or PhaseTimer(device)
     model.train()
     # Running sums stay on the device: reading them (.item()) would sync every step.
     loss_sum = torch.zeros((), device=device)  # sum of per-image losses
@@ -135,15 +179,19 @@ def train_one_epoch(
     images, listeners, start = 0, _step_listeners(callbacks), time.perf_counter()
     for batch, (inputs, labels) in enumerate(batches, 1):
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        timer.lap("data")
         with autocast(device, precision):
             logits = model(inputs)  # (B, num_classes)
             loss = criterion(logits, labels)
+        timer.lap("forward")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        timer.lap("backward")
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         scheduler.step()
+        timer.lap("optimizer")
         step += 1
         loss_sum += loss.detach().float() * labels.shape[0]
         correct += (logits.argmax(1) == labels).sum()
@@ -155,6 +203,7 @@ def train_one_epoch(
             progress.update(epoch, batch, len(batches), loss_sum, correct, images, time.perf_counter() - start)
         if stop is not None:
             stop.check()  # host-side only: no device sync
+        timer.lap("callbacks")
     # Sums over every rank's slice in a distributed run; the epoch's one sync.
     totals = sum_over_ranks(torch.stack([loss_sum, correct.float(), torch.tensor(float(images), device=device)]))
     loss_total, correct_total, images = totals.tolist()
@@ -355,6 +404,8 @@ def _result(
     device: torch.device,
     spec: ModelSpec,
     config: PipelineConfig,
+    phase_seconds: dict[str, float] | None = None,
+    timed_epochs: int = 0,
 ) -> FitResult:
     best = checkpoint_dir / BEST_CHECKPOINT if checkpoint_dir is not None and state.best_epoch is not None else None
     return FitResult(
@@ -372,6 +423,8 @@ def _result(
         precision=config.training.precision,
         channels_last=config.training.channels_last,
         distributed=describe(device),
+        phase_seconds=phase_seconds or {},
+        timed_epochs=timed_epochs,
     )
 
 
@@ -469,6 +522,7 @@ def _run_epoch(
     progress: Progress | None,
     stop: StopGuard,
     ranks: Ranks,
+    timer: PhaseTimer,
 ) -> EpochMetrics:
     """Train and evaluate one epoch, and fold its figures into `state`."""
     precision = config.training.precision
@@ -487,6 +541,7 @@ def _run_epoch(
         callbacks=callbacks,
         progress=progress,
         stop=stop,
+        timer=timer,
     )
     # Rank 0 evaluates (its weights and BN statistics are what the checkpoint holds, so the figures
     # are a single-process evaluation's) and every rank takes its figures: the decisions below
@@ -495,6 +550,7 @@ def _run_epoch(
     if ranks.is_main:
         eval_loss, eval_accuracy = evaluate(run.forward, run.eval_batches, device, precision, stop)
     eval_loss, eval_accuracy = from_main([eval_loss, eval_accuracy], device)
+    timer.lap("evaluation")  # the other ranks: waiting for rank 0's
     if not (math.isfinite(stats.loss) and math.isfinite(eval_loss)):
         raise ConfigError(
             f"Training diverged in epoch {epoch} (train loss {stats.loss:.4g}, eval loss {eval_loss:.4g}) "
@@ -607,17 +663,21 @@ def fit(
     timeout = config.training.timeout_minutes
     # Ctrl-C and the timeout stop training at a batch boundary: last.pt stays the last finished
     # epoch's, and rerunning resumes from it.
+    timer, epochs_run = PhaseTimer(device), 0
     with StopGuard(timeout * 60 if timeout is not None else None) as stop:
         for epoch in range(state.epoch + 1, config.training.epochs + 1):
-            metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress, stop, ranks)
+            metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress, stop, ranks, timer)
+            _save_checkpoints(checkpoint_dir, state, run, config, spec, ranks)
+            timer.lap("checkpoint")
             if progress is not None:
                 progress.epoch_end(metrics)
-            _save_checkpoints(checkpoint_dir, state, run, config, spec, ranks)
             for cb in callbacks:
                 cb.on_epoch_end(metrics)
+            timer.lap("callbacks")
+            epochs_run += 1
             if state.stopped_early:
                 break
-    result = _result(state, run.model, checkpoint_dir, device, spec, config)
+    result = _result(state, run.model, checkpoint_dir, device, spec, config, timer.totals(), epochs_run)
     for cb in callbacks:
         cb.on_fit_end(result)
     return result

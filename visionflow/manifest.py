@@ -111,6 +111,17 @@ class TimingRecord(_Record):
     train_seconds: float | None = Field(None, description="Training loops only, every session of a resumed run.")
     train_images_per_second: float | None = None
     total_seconds: float = Field(description="From the flow run's start (data preparation included) to the end.")
+    seconds_per_epoch: dict[str, float] = Field(
+        default_factory=dict,
+        description="Where an epoch's time went: mean seconds per epoch by phase (data, forward, backward, "
+        "optimizer, evaluation, checkpoint, callbacks: TensorBoard, artifacts, log lines) over the epochs this "
+        "flow run trained (GPU time on CUDA); empty when it trained none (training cached).",
+    )
+    other_seconds: float | None = Field(
+        None,
+        description="total_seconds minus the epochs this flow run trained: data preparation, model build, "
+        "evaluation and export, Prefect's task runs and API calls, a temporary server's start.",
+    )
 
 
 class CheckpointRecord(_Record):

@@ -105,6 +105,10 @@ class FitResult:
     precision: str  # fp32 or bf16: what training.precision (auto) meant on this device
     channels_last: bool  # what training.channels_last (auto) meant
     distributed: DistributedRecord | None = None  # the ranks of a data-parallel run; None = one process
+    # Seconds by phase (engine.EPOCH_PHASES: data, forward, backward, optimizer, evaluation,
+    # checkpoint, callbacks) over the `timed_epochs` epochs the last training session ran.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    timed_epochs: int = 0
 
 
 @dataclass

@@ -262,7 +262,17 @@ def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
     sections = {"Metrics": manifest.metrics, "Data": manifest.data, "Model": manifest.model, "Timing": manifest.timing}
     for title, section in sections.items():
         if section is not None:
-            parts += ["", f"## {title}", "", _key_value_table(section.model_dump(mode="json"))]
+            parts += [
+                "",
+                f"## {title}",
+                "",
+                _key_value_table(section.model_dump(mode="json", exclude={"seconds_per_epoch"})),
+            ]
+    if manifest.timing is not None and manifest.timing.seconds_per_epoch:
+        phases = manifest.timing.seconds_per_epoch
+        epoch = sum(phases.values())
+        rows = [f"| {phase} | {seconds:.3f} s | {seconds / epoch:.0%} |" for phase, seconds in phases.items()]
+        parts += ["", "## Where an epoch's time goes", "", "| phase | per epoch | share |", "|---|---|---|", *rows]
 
     outputs = {
         "run directory": layout.root,

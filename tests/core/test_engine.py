@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -316,6 +317,25 @@ def test_fit_result_figures():
     assert m.step == 6 and 0 <= m.train_accuracy <= 1 and 0 <= m.eval_accuracy <= 1 and m.images_per_second > 0
 
 
+def test_where_the_epochs_time_goes(tmp_path):
+    class Slow(records.Callback):
+        def on_epoch_end(self, metrics):
+            time.sleep(0.3)  # an epoch-end callback's cost, as TensorBoard or a flow's artifacts
+
+    start = time.perf_counter()
+    result = _fit(_config(epochs=2), checkpoint_dir=tmp_path, callbacks=[Slow()])
+    wall = time.perf_counter() - start
+    phases = result.phase_seconds
+    assert tuple(phases) == engine.EPOCH_PHASES and result.timed_epochs == 2
+    assert all(phases[p] > 0 for p in ("data", "forward", "backward", "optimizer", "evaluation", "checkpoint"))
+    assert 0.6 <= phases["callbacks"] < 0.6 + 0.5 * wall
+    loop = sum(phases[p] for p in ("data", "forward", "backward", "optimizer"))
+    assert loop <= result.train_seconds  # the loops, less their bookkeeping and the epoch's sync
+    assert sum(phases.values()) <= wall
+    resumed = _fit(_config(epochs=2), resume_from=tmp_path / "last.pt")  # finished: no epoch trained
+    assert resumed.timed_epochs == 0 and resumed.phase_seconds == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # fit: training decisions
 
@@ -481,6 +501,14 @@ def test_cuda_resume_is_bit_identical(tmp_path, monkeypatch):
         _fit(config, tmp_path / "b", callbacks=[KillAfter(2)])
     resumed = _fit(config, resume_from=tmp_path / "b" / "last.pt")
     assert resumed.weights_sha256 == straight.weights_sha256
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_phases_are_gpu_time():
+    result = _fit(_config(epochs=2, training={"device": "cuda"}))
+    assert result.timed_epochs == 2 and all(result.phase_seconds[p] > 0 for p in ("forward", "backward", "optimizer"))
+    assert sum(result.phase_seconds[p] for p in ("data", "forward", "backward", "optimizer")) <= result.train_seconds
 
 
 @pytest.mark.gpu

@@ -111,7 +111,12 @@ def test_run_summary(tmp_path: Path) -> None:
         metrics=MetricsRecord(
             eval_accuracy=0.6123, eval_loss=1.02, eval_top5=None, best_epoch=3, epochs_trained=3, per_class=[]
         ),
-        timing=TimingRecord(train_seconds=12.25, total_seconds=20.0),
+        timing=TimingRecord(
+            train_seconds=12.25,
+            total_seconds=20.0,
+            seconds_per_epoch={"data": 0.5, "forward": 1.5, "backward": 2.0, "callbacks": 0.0},
+            other_seconds=8.0,
+        ),
     )
 
     markdown = run_summary_markdown(manifest, layout.root)
@@ -119,6 +124,12 @@ def test_run_summary(tmp_path: Path) -> None:
     assert "Model **tudui** on **sample**, 3 epochs, seed 7, device cpu: eval accuracy **61.23%**." in markdown
     assert "## Model\n\n| | |\n|---|---|\n| name | tudui |\n| num_parameters | 56,714 |" in markdown
     assert "| train_seconds | 12.2 s |" in markdown
+    assert "| other_seconds | 8.0 s |" in markdown and "seconds_per_epoch" not in markdown
+    assert (
+        "## Where an epoch's time goes\n\n| phase | per epoch | share |\n|---|---|---|\n| data | 0.500 s | 12% |"
+        in markdown
+    )
+    assert "| backward | 2.000 s | 50% |\n| callbacks | 0.000 s | 0% |" in markdown
     assert "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ... (12 in all)" in markdown
     assert f"tensorboard --logdir {layout.tensorboard}\n" in markdown
     assert f"tensorboard --logdir {tmp_path / 'artifacts' / 'runs'}\n" in markdown

@@ -106,6 +106,11 @@ def test_manifest_records_the_run(first: dict[str, Any], tiny_data: Path) -> Non
     timing = on_disk["timing"]
     assert timing["train_seconds"] > 0 and timing["train_images_per_second"] > 0
     assert timing["total_seconds"] >= timing["train_seconds"]
+    phases = timing["seconds_per_epoch"]  # 1 epoch trained by this flow run
+    assert set(phases) == {"data", "forward", "backward", "optimizer", "evaluation", "checkpoint", "callbacks"}
+    assert phases["forward"] > 0 and phases["callbacks"] > 0  # the flow's epoch-end artifacts and log line
+    assert timing["other_seconds"] == pytest.approx(timing["total_seconds"] - sum(phases.values()))
+    assert 0 < timing["other_seconds"] < timing["total_seconds"]
     checkpoint = on_disk["checkpoint"]
     assert Path(checkpoint["path"]) == run_dir / "checkpoints" / "best.pt"
     assert file_sha256(checkpoint["path"]) == checkpoint["sha256"]
@@ -192,6 +197,8 @@ def test_identical_rerun_is_cached_and_complete(first: dict[str, Any], tiny_data
     assert again["run_name"] != first["run_name"]
     assert again["weights_sha256"] == first["weights_sha256"]
     assert again["metrics"] == first["metrics"]
+    timing = again["timing"]  # no epoch trained here: all of the run's time is outside training
+    assert timing["seconds_per_epoch"] == {} and timing["other_seconds"] == timing["total_seconds"]
     run_dir = run_dir_of(again)
     for relpath in ("checkpoints/last.pt", "checkpoints/best.pt", "export/model.safetensors", "preview.png"):
         assert file_sha256(run_dir / relpath) == file_sha256(run_dir_of(first) / relpath), relpath
