@@ -523,11 +523,11 @@ def test_a_retry_that_crashes_before_its_flow_starts_is_failed_not_retried_again
     concurrency limit; no worker takes them): `looping` crashed on attempt 1, was scheduled again
     and crashed again before its flow started (the run count still 1); `control` crashed once,
     after that. visionflow-crash-loop marks `looping` Failed at its second crash, so
-    visionflow-crash-retry (its window cut to 10 s) schedules `control` again but not `looping`."""
+    visionflow-crash-retry (its window cut to 20 s) schedules `control` again but not `looping`."""
     deployment = client.read_deployment_by_name("evaluate-champion/evaluate-champion")
     looping, control = (client.create_flow_run_from_deployment(deployment.id, state=Pending()).id for _ in "ab")
     try:
-        with window_cut(server, webhook, tmp_path, "visionflow-crash-retry", seconds=10):
+        with window_cut(server, webhook, tmp_path, "visionflow-crash-retry", seconds=20):  # crash-loop acts well within
             for run_id in (looping, control):
                 client.set_flow_run_state(run_id, Running(), force=True)  # attempt 1 starts its flow
             client.set_flow_run_state(looping, Crashed(message="killed by the test"), force=True)
@@ -537,7 +537,7 @@ def test_a_retry_that_crashes_before_its_flow_starts_is_failed_not_retried_again
             retried = wait_for(
                 lambda: client.read_flow_run(control),
                 lambda run: run.state is not None and run.state.name == "AwaitingRetry",
-                RECORD_SECONDS,
+                RETRY_SECONDS,
                 lambda run: f"control run {control} still {run.state}, not retried by visionflow-crash-retry",
             )
         assert retried.state.message == RETRIED_BY
