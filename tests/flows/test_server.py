@@ -518,21 +518,26 @@ def test_crashed_run_is_retried_automatically_and_resumes_to_the_same_weights(
 def test_a_retry_that_crashes_before_its_flow_starts_is_failed_not_retried_again(
     alerts: str, server: PrefectServer, client: SyncPrefectClient, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
-    """The bound of the automatic retry for a crash that does not count as an attempt. Through the
-    API, the states a worker reports for two evaluate-champion runs (a deployment without a
-    concurrency limit; no worker takes them): `looping` crashed on attempt 1, was scheduled again
-    and crashed again before its flow started (the run count still 1); `control` crashed once,
-    after that. visionflow-crash-loop marks `looping` Failed at its second crash, so
-    visionflow-crash-retry (its window cut to 20 s) schedules `control` again but not `looping`."""
+    """The bounds of the automatic retry. Through the API, the states a worker reports for three
+    evaluate-champion runs (a deployment without a concurrency limit; no worker takes them):
+    `looping` crashed on attempt 1, was scheduled again and crashed again before its flow started
+    (the run count still 1); `exhausted` crashed on attempt 3; `control` crashed on attempt 1,
+    last. visionflow-crash-loop marks `looping` Failed at its second crash, and
+    visionflow-crash-retry (its window cut to 20 s) schedules `control` again, but neither
+    `looping` nor `exhausted`."""
     deployment = client.read_deployment_by_name("evaluate-champion/evaluate-champion")
-    looping, control = (client.create_flow_run_from_deployment(deployment.id, state=Pending()).id for _ in "ab")
+    looping, exhausted, control = (
+        client.create_flow_run_from_deployment(deployment.id, state=Pending()).id for _ in "abc"
+    )
     try:
         with window_cut(server, webhook, tmp_path, "visionflow-crash-retry", seconds=20):  # crash-loop acts well within
-            for run_id in (looping, control):
+            for run_id in (looping, exhausted, control):
                 client.set_flow_run_state(run_id, Running(), force=True)  # attempt 1 starts its flow
             client.set_flow_run_state(looping, Crashed(message="killed by the test"), force=True)
             for state in (Scheduled(name="AwaitingRetry"), Pending(), Crashed(message="did not start")):
                 client.set_flow_run_state(looping, state, force=True)
+            for state in (Pending(), Running(), Pending(), Running(), Crashed(message="killed by the test")):
+                client.set_flow_run_state(exhausted, state, force=True)  # attempts 2 and 3, then a crash
             client.set_flow_run_state(control, Crashed(message="killed by the test"), force=True)
             retried = wait_for(
                 lambda: client.read_flow_run(control),
@@ -546,8 +551,11 @@ def test_a_retry_that_crashes_before_its_flow_starts_is_failed_not_retried_again
         assert failed.state.message.startswith("Crashed again before its flow started"), failed.state.message
         names = [state.name for state in client.read_flow_run_states(looping)]
         assert names[-6:] == ["Running", "Crashed", "AwaitingRetry", "Pending", "Crashed", "Failed"], names
+        left = client.read_flow_run(exhausted)
+        assert left.state.is_crashed() and left.run_count == 3, left.state
         alert = webhook.received(failed.name, "Failed", timeout=RECORD_SECONDS)
         assert "Crashed again before its flow started" in alert["body"]
+        assert "Attempt 3. " in webhook.received(left.name, "Crashed", timeout=RECORD_SECONDS)["body"]
     finally:
-        for run_id in (looping, control):  # no later worker of this module takes them
+        for run_id in (looping, exhausted, control):  # no later worker of this module takes them
             client.delete_flow_run(run_id)
