@@ -1,5 +1,6 @@
-"""`visionflow alerts apply`: the automations of automations.yaml on a Prefect server, each
-sending its notifications through one Prefect notification block.
+"""`visionflow alerts apply`: the automations of automations.yaml on a Prefect server: the alerts,
+each sending its notifications through one Prefect notification block, and the automatic retry
+of crashed runs.
 
 Through Prefect's public client API, not `prefect automation create --from-file`: that command
 needs the block's id written in the file and creates a second copy of every automation when it

@@ -10,7 +10,8 @@ from uuid import uuid4
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.events.actions import SendNotification
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState, SendNotification
 from prefect.server.events.schemas.automations import AutomationCore as ServerAutomation
 from prefect.settings import PREFECT_API_URL
 
@@ -21,6 +22,8 @@ from visionflow.errors import ConfigError
 
 NAMES = [
     "visionflow-run-failed",
+    "visionflow-crash-retry",
+    "visionflow-crash-loop",
     "visionflow-nightly-missing",
     "visionflow-champion-promoted",
 ]
@@ -34,9 +37,22 @@ def test_automations_file_is_valid_for_prefects_client_and_server_models() -> No
     for automation in automations:
         # The server's model also compiles the Jinja subjects and bodies.
         ServerAutomation.model_validate(automation.model_dump(mode="json"))
-    failed, missing, promoted = automations
-    for alert in automations:
+    failed, retry, loop, missing, promoted = automations
+    for alert in (failed, missing, promoted):
         assert [(type(action), action.block_document_id) for action in alert.actions] == [(SendNotification, block)]
+    # A crash is retried once the worker's second crash report is past, on attempts 1 and 2 only.
+    assert retry.trigger.posture == "Proactive" and retry.trigger.within == timedelta(seconds=60)
+    assert retry.trigger.after == {"prefect.flow-run.Crashed"} and retry.trigger.for_each == {"prefect.resource.id"}
+    assert retry.trigger.match.root["prefect.run-count"] == ["1", "2"]
+    assert [(type(action), action.state, action.name) for action in retry.actions] == [
+        (ChangeFlowRunState, StateType.SCHEDULED, "AwaitingRetry")
+    ]
+    # A second crash at the same attempt count (a retry that never started its flow) ends the run.
+    assert loop.trigger.posture == "Reactive" and loop.trigger.threshold == 2
+    assert loop.trigger.for_each == {"prefect.resource.id", "prefect.run-count"}
+    assert [(type(action), action.state) for action in loop.actions] == [(ChangeFlowRunState, StateType.FAILED)]
+    for automation in (failed, retry, loop):  # runs of visionflow deployments only
+        assert automation.trigger.match_related == failed.trigger.match_related
     assert failed.trigger.posture == "Reactive"
     assert failed.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"}
     missing, promoted = missing.trigger, promoted.trigger
@@ -98,7 +114,8 @@ def test_alerts_apply_twice_leaves_one_of_each_updated_in_place(
         for name in NAMES:
             (automation,) = client.read_automations_by_name(name)
             assert automation.id == ids[name]
-            assert [action.block_document_id for action in automation.actions] == [block.id]
+            notifying = [action for action in automation.actions if isinstance(action, SendNotification)]
+            assert [action.block_document_id for action in notifying] == ([block.id] if notifying else [])
 
         assert main(["alerts", "apply", "--block", "slack-webhook/nobody"]) == 2
         assert "No block 'slack-webhook/nobody' on the Prefect server" in capsys.readouterr().err

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -39,7 +40,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.exceptions import PrefectHTTPStatusError
-from prefect.states import Cancelling
+from prefect.states import Cancelling, Crashed, Pending, Running, Scheduled
 
 from flows.alerts import AUTOMATIONS_FILE
 from tests.flows.conftest import task_name
@@ -70,6 +71,10 @@ SLOT = "ondemand-test"
 RUN_KEYS = ("run-summary", "champion-decision")
 RUN_SECONDS = 420  # worker(s) taking a run to its end on a busy 2-core machine
 RECORD_SECONDS = 60  # logs, task-run states and artifacts of an ended run reaching the API
+# visionflow-crash-retry reschedules a run that stayed Crashed for its 60 s window, and the server
+# checks proactive triggers once per window: 120 s at most, plus slack on a busy machine.
+RETRY_SECONDS = 180
+RETRIED_BY = "Crashed; retried automatically by the automation visionflow-crash-retry"
 
 
 @pytest.fixture(scope="module")
@@ -350,25 +355,35 @@ def test_champion_promotion_alert_reaches_the_webhook(
     assert sum("new champion" in body.get("subject", "") for body in webhook.bodies) == 1
 
 
+@contextmanager
+def window_cut(
+    server: PrefectServer, webhook: WebhookReceiver, tmp_path: Path, name: str, seconds: int
+) -> Iterator[None]:
+    """The automation `name` of automations.yaml applied over the module's one with its trigger's
+    window cut to `seconds`; on exit the repository's file is applied again, which restores it."""
+    document = yaml.safe_load(AUTOMATIONS_FILE.read_text())
+    (entry,) = [entry for entry in document["automations"] if entry["name"] == name]
+    short = tmp_path / "automations.yaml"
+    short.write_text(yaml.safe_dump({"automations": [{**entry, "trigger": {**entry["trigger"], "within": seconds}}]}))
+    apply = [sys.executable, "-m", "flows.cli", "alerts", "apply", "--webhook-url", webhook.url]
+    assert f"updated {name}" in run_cli([*apply, "--file", str(short)], server.env, REPO)
+    try:
+        yield
+    finally:
+        restored = run_cli(apply, server.env, REPO)
+        assert restored.count("updated visionflow-") == len(document["automations"]), restored
+
+
 def test_missed_nightly_alert_fires_when_no_run_completes_in_the_window(
     alerts: str, server: PrefectServer, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
     """visionflow-nightly-missing with its 26-hour window cut to 10 s (Prefect's minimum for a
     proactive trigger), applied over the module's one: no nightly-retrain run completes, so the
     server's proactive evaluation fires it. Applying the repository's file again restores it."""
-    document = yaml.safe_load(AUTOMATIONS_FILE.read_text())
-    (missing,) = [entry for entry in document["automations"] if entry["name"] == "visionflow-nightly-missing"]
-    short = tmp_path / "automations.yaml"
-    short.write_text(yaml.safe_dump({"automations": [{**missing, "trigger": {**missing["trigger"], "within": 10}}]}))
-    apply = [sys.executable, "-m", "flows.cli", "alerts", "apply", "--webhook-url", webhook.url]
-    assert "updated visionflow-nightly-missing" in run_cli([*apply, "--file", str(short)], server.env, REPO)
-    try:
+    with window_cut(server, webhook, tmp_path, "visionflow-nightly-missing", seconds=10):
         alert = webhook.received("no completed nightly-retrain run", timeout=RECORD_SECONDS)
-    finally:
-        restored = run_cli(apply, server.env, REPO)
     assert alert["subject"] == "visionflow: no completed nightly-retrain run for 26 hours"
     assert "train-pipeline/nightly-retrain has had no Completed flow run" in alert["body"]
-    assert restored.count("updated visionflow-") == len(document["automations"]), restored
 
 
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
@@ -432,7 +447,7 @@ def test_cancelling_a_run_stops_it_cleanly_and_the_worker_takes_the_next(
     assert manifest["prefect_flow_run_id"] == str(rerun)
 
 
-def test_crashed_run_retried_resumes_to_the_same_weights(
+def test_crashed_run_is_retried_automatically_and_resumes_to_the_same_weights(
     alerts: str,
     server: PrefectServer,
     client: SyncPrefectClient,
@@ -441,9 +456,10 @@ def test_crashed_run_retried_resumes_to_the_same_weights(
     tmp_path: Path,
 ) -> None:
     """kill -9 of a flow-run process after its first checkpoint: the worker reports the run
-    Crashed and visionflow-run-failed alerts; `prefect flow-run retry` (what the alert says to
-    run) schedules the same flow run again, a worker runs it, and it resumes from last.pt in the
-    same run directory (keyed on the flow run) to the weights of an uninterrupted run."""
+    Crashed and visionflow-run-failed alerts. Nobody retries it: automations.yaml's
+    visionflow-crash-retry schedules the same flow run again once it has stayed Crashed a minute,
+    the same worker takes it, and it resumes from last.pt in the same run directory (keyed on the
+    flow run) to the weights of an uninterrupted run."""
     epochs = 10  # 9 epochs (>= 0.3 s each) left when it is killed, within ~0.1 s of the first checkpoint
     config = {
         **run_config,
@@ -471,17 +487,23 @@ def test_crashed_run_retried_resumes_to_the_same_weights(
         assert 0 < reached < epochs
         crashed = ended(client, flow_run_id, RECORD_SECONDS, log)
         assert crashed.state.is_crashed(), f"{crashed.state}:\n{tail(log)}"
-    # The worker is stopped before the retry: a process worker reports a crash twice, as the
-    # process exits and again ~10-20 s later once it has released the run, and that second report
-    # would turn a run retried in between back to Crashed (a person retrying from the alert is
-    # minutes later). A fresh worker takes the retried run.
-    run_cli([PREFECT, "flow-run", "retry", str(flow_run_id)], server.env, REPO)
-    resumed = run_to_end(server, client, flow_run_id, server.home / "worker-retry.log")
-    assert resumed.state.is_completed(), f"{resumed.state}:\n{tail(server.home / 'worker-retry.log')}"
-    fresh = {**config, "output": {"output_dir": str(tmp_path / "fresh")}}
-    uninterrupted = run_to_end(server, client, trigger(server, ON_DEMAND, fresh), server.home / "worker-fresh.log")
+        resumed = wait_for(
+            lambda: client.read_flow_run(flow_run_id),
+            lambda run: run.state is not None and run.state.is_final() and not run.state.is_crashed(),
+            RETRY_SECONDS + RUN_SECONDS,
+            lambda run: f"flow run {flow_run_id} still {run.state} (not retried?):\n{tail(log)}",
+        )
+        assert resumed.state.is_completed(), f"{resumed.state}:\n{tail(log)}"
+        fresh = {**config, "output": {"output_dir": str(tmp_path / "fresh")}}
+        uninterrupted = ended(client, trigger(server, ON_DEMAND, fresh), RUN_SECONDS, log)
     assert uninterrupted.state.is_completed(), f"{uninterrupted.state}"
 
+    history = client.read_flow_run_states(flow_run_id)
+    names = [state.name for state in history]
+    after_crash = names[names.index("Crashed") :]  # crashed once, rescheduled by the automation, then ran to the end
+    assert after_crash[:2] == ["Crashed", "AwaitingRetry"] and after_crash[-1] == "Completed", names
+    assert after_crash.count("Crashed") == 1 and resumed.run_count == 2, names
+    assert [state.message for state in history if state.name == "AwaitingRetry"] == [RETRIED_BY]
     assert [run_dir.name for run_dir in runs.iterdir()] == [resumed.name]  # the same directory, reopened
     manifest = manifest_of(config, resumed)
     assert manifest["status"] == "completed" and manifest["prefect_flow_run_id"] == str(flow_run_id)
@@ -489,4 +511,51 @@ def test_crashed_run_retried_resumes_to_the_same_weights(
     assert manifest["weights_sha256"] == manifest_of(fresh, uninterrupted)["weights_sha256"]
     alert = webhook.received(resumed.name, "Crashed", timeout=RECORD_SECONDS)
     assert alert["subject"] == f"visionflow: train-on-demand run {resumed.name} Crashed"
+    assert "Attempt 1. A Crashed run is scheduled again automatically" in alert["body"]
     assert f"prefect flow-run retry {flow_run_id}" in alert["body"]
+
+
+def test_a_retry_that_crashes_before_its_flow_starts_is_failed_not_retried_again(
+    alerts: str, server: PrefectServer, client: SyncPrefectClient, webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    """The bounds of the automatic retry. Through the API, the states a worker reports for three
+    evaluate-champion runs (a deployment without a concurrency limit; no worker takes them):
+    `looping` crashed on attempt 1, was scheduled again and crashed again before its flow started
+    (the run count still 1); `exhausted` crashed on attempt 3; `control` crashed on attempt 1,
+    last. visionflow-crash-loop marks `looping` Failed at its second crash, and
+    visionflow-crash-retry (its window cut to 20 s) schedules `control` again, but neither
+    `looping` nor `exhausted`."""
+    deployment = client.read_deployment_by_name("evaluate-champion/evaluate-champion")
+    looping, exhausted, control = (
+        client.create_flow_run_from_deployment(deployment.id, state=Pending()).id for _ in "abc"
+    )
+    try:
+        with window_cut(server, webhook, tmp_path, "visionflow-crash-retry", seconds=20):  # crash-loop acts well within
+            for run_id in (looping, exhausted, control):
+                client.set_flow_run_state(run_id, Running(), force=True)  # attempt 1 starts its flow
+            client.set_flow_run_state(looping, Crashed(message="killed by the test"), force=True)
+            for state in (Scheduled(name="AwaitingRetry"), Pending(), Crashed(message="did not start")):
+                client.set_flow_run_state(looping, state, force=True)
+            for state in (Pending(), Running(), Pending(), Running(), Crashed(message="killed by the test")):
+                client.set_flow_run_state(exhausted, state, force=True)  # attempts 2 and 3, then a crash
+            client.set_flow_run_state(control, Crashed(message="killed by the test"), force=True)
+            retried = wait_for(
+                lambda: client.read_flow_run(control),
+                lambda run: run.state is not None and run.state.name == "AwaitingRetry",
+                RETRY_SECONDS,
+                lambda run: f"control run {control} still {run.state}, not retried by visionflow-crash-retry",
+            )
+        assert retried.state.message == RETRIED_BY
+        failed = client.read_flow_run(looping)
+        assert failed.state.is_failed() and failed.run_count == 1, failed.state
+        assert failed.state.message.startswith("Crashed again before its flow started"), failed.state.message
+        names = [state.name for state in client.read_flow_run_states(looping)]
+        assert names[-6:] == ["Running", "Crashed", "AwaitingRetry", "Pending", "Crashed", "Failed"], names
+        left = client.read_flow_run(exhausted)
+        assert left.state.is_crashed() and left.run_count == 3, left.state
+        alert = webhook.received(failed.name, "Failed", timeout=RECORD_SECONDS)
+        assert "Crashed again before its flow started" in alert["body"]
+        assert "Attempt 3. " in webhook.received(left.name, "Crashed", timeout=RECORD_SECONDS)["body"]
+    finally:
+        for run_id in (looping, exhausted, control):  # no later worker of this module takes them
+            client.delete_flow_run(run_id)
