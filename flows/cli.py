@@ -699,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "alerts",
-        help="Prefect automations that notify on failed runs, a missed nightly run and a new champion",
+        help="Prefect automations: notify on failed runs, a missed nightly run and a new champion; retry crashed runs",
         description="Apply the automations of automations.yaml to the Prefect server (PREFECT_API_URL, else the "
         "running `visionflow server`). Applying again updates them in place.",
     )
