@@ -62,6 +62,7 @@ lock:
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/recipe.py
 	$(BIN)/python bench/flow.py
 	$(BIN)/python bench/near_duplicates.py
 	$(BIN)/python bench/sweep.py
