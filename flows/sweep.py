@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
 from flows.train import train_pipeline
-from tasks.caching import FileRef, TaskOutput, cached_task, durable_results
+from tasks.caching import FileRef, TaskOutput, cached_task, durable_results, own_transactions
 from tasks.champion import challenge_champion
 from tasks.data import (
     DatasetRef,
@@ -68,11 +68,13 @@ def by_trial(config: PipelineConfig) -> dict[str, Any]:
 def run_trial(dataset: DatasetRef, config: PipelineConfig, parallel: int) -> TrialOutput:
     """Train and evaluate one trial with the training flow (a child flow run) into run directory
     config.output.run_name, on this worker's share of its cores (`trial_threads`). `dataset`, the
-    sweep's data fingerprinted once, keys the cache on the data's content."""
+    sweep's data fingerprinted once, keys the cache on the data's content. The training flow's
+    cached steps commit as in a `visionflow train` (`own_transactions`), not with the trial."""
     import torch
 
     torch.set_num_threads(trial_threads(parallel))
-    manifest = train_pipeline(config)
+    with own_transactions():
+        manifest = train_pipeline(config)
     layout = RunLayout(runs_root(config.output.output_dir) / manifest.run_name)
     files = {
         BEST_CHECKPOINT_PATH: FileRef.of(layout.best_checkpoint),

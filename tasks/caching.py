@@ -42,6 +42,7 @@ from prefect.filesystems import LocalFileSystem
 from prefect.locking.protocol import LockManager
 from prefect.results import ResultStore
 from prefect.states import State
+from prefect.transactions import BaseTransaction
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel, ConfigDict
 
@@ -234,6 +235,22 @@ def durable_results(output: OutputConfig) -> Iterator[dict[str, str]]:
             yield scope.outcomes
     finally:
         _SCOPE.reset(token)
+
+
+@contextmanager
+def own_transactions() -> Iterator[None]:
+    """Inside a cached task's run, for a flow run it starts (a sweep's trial running the training
+    flow): the cached tasks of that flow run commit their results and release their locks as each
+    ends, as in a flow run of its own. Otherwise Prefect makes their transactions children of the
+    enclosing task's: a child commits, and releases its lock, only with its parent, so concurrent
+    trials wait for each other's data steps; and when the parent fails, its rollback skips the
+    children that were cache hits (already committed), whose locks then stay held as long as their
+    process lives (a Dask worker's): the next run needing those results waits forever."""
+    token = BaseTransaction.__var__.set(None)  # no enclosing transaction (get_transaction() is None)
+    try:
+        yield
+    finally:
+        BaseTransaction.__var__.reset(token)
 
 
 def task_outcomes() -> dict[str, str]:

@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pyte
 
 GRID = {"optim.lr": [0.001, 0.01], "training.seed": [0, 1]}
 SLOT = "sweep-best"
+DASK_LOG = "dask.log"
 
 
 def base_config(tiny_data: Path, output: Path) -> PipelineConfig:
@@ -197,12 +198,14 @@ def free_port() -> int:
 @pytest.fixture
 def dask_cluster(tmp_path: Path) -> Iterator[str]:
     """A Dask scheduler and a worker (2 processes, 1 thread each) started as separate processes on
-    127.0.0.1; yields the scheduler's address once both workers joined; stops them after."""
+    127.0.0.1, logging to DASK_LOG in tmp_path; yields the scheduler's address once both workers
+    joined; stops them after."""
     from distributed import Client
 
     address = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # the workers import flows.sweep
-    common = {"cwd": tmp_path, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    log = (tmp_path / DASK_LOG).open("w")  # the scheduler's and workers' (trials' logs included)
+    common = {"cwd": tmp_path, "env": env, "stdout": log, "stderr": subprocess.STDOUT}
     scheduler_argv = ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]]
     worker_argv = ["distributed.cli.dask_worker", address, "--nworkers", "2", "--nthreads", "1"]
     processes = [
@@ -222,12 +225,9 @@ def dask_cluster(tmp_path: Path) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+        log.close()
 
 
-@pytest.mark.skip(
-    reason="hangs intermittently (2 runs of 5 on the 2-core machine): the CLI sweep against the external "
-    "scheduler and workers never returns; issue #12 stays open until the cause is found"
-)
 def test_cli_sweep_on_an_existing_dask_cluster_with_a_diverging_trial(
     tiny_data: Path, tmp_path: Path, dask_cluster: str
 ) -> None:
@@ -244,7 +244,7 @@ def test_cli_sweep_on_an_existing_dask_cluster_with_a_diverging_trial(
         text=True,
         timeout=400,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:] + (tmp_path / DASK_LOG).read_text()[-3000:]
     result = SweepResult.model_validate_json(done.stdout)
     good, bad = result.rows
     assert good.state == "completed" and good.params == {"optim.lr": 0.01} and good.metric is not None

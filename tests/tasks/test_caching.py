@@ -1,5 +1,6 @@
 """tasks/caching.py on a toy task: keys from the named inputs only, stale records become misses,
-refresh, adoption of cached files into a new run directory, and the flock lock manager."""
+refresh, adoption of cached files into a new run directory, the flock lock manager, and the locks
+of a flow run inside a cached task (as a sweep's trial runs the training flow)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,17 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from tasks.caching import FlockLockManager, TaskOutput, cached_task, durable_results, written_files
+from tasks.caching import (
+    FlockLockManager,
+    TaskOutput,
+    cached_task,
+    durable_results,
+    own_transactions,
+    results_dir,
+    written_files,
+)
 from visionflow.config import OutputConfig
+from visionflow.retention import LOCKS_SUBDIR
 
 CALLS: list[str] = []
 
@@ -107,6 +117,48 @@ def test_flock_locks_exclude_other_holders_and_die_with_their_process(tmp_path: 
         holder.wait()
     start = time.monotonic()
     assert locks.acquire_lock("k", "one", acquire_timeout=5) and time.monotonic() - start < 5
+
+
+def held_locks(output: str) -> list[str]:
+    """The result keys whose lock an open file holds (this process's included)."""
+    locks = FlockLockManager(results_dir(output) / LOCKS_SUBDIR)  # a fresh manager: holds nothing itself
+    return [path.stem for path in sorted(locks.directory.glob("*.lock")) if locks.is_locked(path.stem)]
+
+
+HELD_AFTER_INNER_FLOW: list[list[str]] = []
+
+
+@cached_task("text", "fail")
+def flow_in_a_task(text: str, output: str, run_dir: str, fail: bool) -> Written:
+    """A cached task running a flow of cached tasks, then failing if asked (a diverging trial)."""
+    with own_transactions():
+        written, _ = write_flow(text, output, run_dir)
+    HELD_AFTER_INNER_FLOW.append(held_locks(output))
+    if fail:
+        raise ValueError("failed after its flow")
+    return written
+
+
+@flow
+def outer_flow(text: str, output: str, run_dir: str, fail: bool) -> bool:
+    """Whether the task failed."""
+    with durable_results(OutputConfig(output_dir=output)):
+        return flow_in_a_task(text, output, run_dir, fail, return_state=True).is_failed()
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["completed", "failed"])
+def test_a_flow_in_a_cached_task_releases_each_lock_when_its_task_ends(tmp_path: Path, fail: bool) -> None:
+    # Without own_transactions the inner tasks' transactions are children of the outer task's: a
+    # child's lock is held until the outer task ends, and when it fails, the lock of a child that
+    # was a cache hit is never released (Prefect's rollback skips committed children): the next
+    # run needing that result waits for it forever.
+    output = str(tmp_path / "out")
+    run(tmp_path, "first")  # write_text's result is stored: a cache hit inside the task below
+    HELD_AFTER_INNER_FLOW.clear()
+    assert outer_flow("hello", output, str(tmp_path / "runs" / "inner"), fail) is fail
+    assert held_locks(output) == []
+    (held_inside,) = HELD_AFTER_INNER_FLOW
+    assert len(held_inside) == 1  # the outer task's own lock only
 
 
 KEY_SCRIPT = """
