@@ -276,7 +276,7 @@ def postgres_database(log: Path, timeout: float = 60, attempts: int = 3) -> Iter
     user = POSTGRES_USER if os.geteuid() == 0 else None
     # Not under pytest's temporary folder: that is private to our user, and postgres may be another.
     root = Path(tempfile.mkdtemp(prefix="visionflow-postgres-"))
-    superuser_password, prefect_password = secrets.token_hex(16), secrets.token_hex(16)
+    superuser, superuser_password, prefect_password = "postgres", secrets.token_hex(16), secrets.token_hex(16)
     try:
         password_file = root / "superuser-password"
         password_file.write_text(superuser_password)
@@ -284,7 +284,7 @@ def postgres_database(log: Path, timeout: float = 60, attempts: int = 3) -> Iter
             shutil.chown(root, user, user)
             shutil.chown(password_file, user, user)
         data = root / "data"
-        initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={password_file}"]
+        initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", superuser, f"--pwfile={password_file}"]
         initdb += ["--auth=scram-sha-256", "--encoding=UTF8", "--no-locale", "--no-sync"]
         with background(initdb, os.environ, root, log, user=user) as process:
             try:
@@ -324,7 +324,7 @@ def postgres_database(log: Path, timeout: float = 60, attempts: int = 3) -> Iter
                     \\connect prefect
                     CREATE EXTENSION pg_trgm;
                 """
-                psql = [str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+                psql = [str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", superuser]
                 done = subprocess.run(
                     [*psql, "-d", "postgres", "-q", "-v", "ON_ERROR_STOP=1"],
                     input=setup,
