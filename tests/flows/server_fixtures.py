@@ -1,4 +1,5 @@
-"""A real Prefect server, CLI and process worker for tests, and headless Chromium on its UI.
+"""A real Prefect server (on SQLite, or on a PostgreSQL cluster of its own), CLI and process
+worker for tests, and headless Chromium on its UI.
 
 Every process is started in its own session (process group). Teardown signals the group and
 every descendant found in /proc (the process worker starts each flow run in a group of its
@@ -15,16 +16,18 @@ import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -128,8 +131,11 @@ def _die_with_parent() -> None:
 
 
 @contextmanager
-def background(args: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path) -> Iterator[subprocess.Popen]:
-    """Run `args` in its own session with output to `log`; stopped (with its descendants) on exit."""
+def background(
+    args: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path, user: str | None = None
+) -> Iterator[subprocess.Popen]:
+    """Run `args` in its own session with output to `log`, as `user` (its group, no other groups)
+    when given; stopped (with its descendants) on exit."""
     with open(log, "ab") as out:
         process = subprocess.Popen(
             list(args),
@@ -138,7 +144,10 @@ def background(args: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            user=user,
+            group=user,
+            extra_groups=None if user is None else [],
+            preexec_fn=_die_with_parent,  # after the change of user, which clears the death signal
         )
     try:
         yield process
@@ -228,19 +237,136 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+SQLITE, POSTGRESQL = "sqlite", "postgresql"
+DATABASES = (SQLITE, POSTGRESQL)
+# Debian's `postgresql` package (.ci/run installs it) keeps initdb and postgres off PATH, in one
+# folder per major version; the account it creates runs them when we are root (they refuse root).
+POSTGRES_BIN_DIRS = Path("/usr/lib/postgresql")
+POSTGRES_USER = "postgres"
+
+
+def postgres_bin_dir() -> Path:
+    """The bin folder of the newest PostgreSQL server installed, or else of the `initdb` on PATH;
+    fails the test when there is none."""
+    __tracebackhide__ = True
+    installed = sorted(
+        (initdb.parent for initdb in POSTGRES_BIN_DIRS.glob("*/bin/initdb")),
+        key=lambda bin_dir: float(bin_dir.parent.name),
+    )
+    if installed:
+        return installed[-1]
+    if on_path := shutil.which("initdb"):
+        return Path(on_path).parent
+    pytest.fail(
+        f"no PostgreSQL server: no initdb in {POSTGRES_BIN_DIRS}/*/bin or on PATH "
+        "(.ci/run installs Debian's postgresql package: apt-get install postgresql)"
+    )
+
+
 @contextmanager
-def prefect_server(root: Path, timeout: float = 120) -> Iterator[PrefectServer]:
-    """`prefect server start` on 127.0.0.1:<free port> with SQLite under `root`; stopped on exit."""
+def postgres_database(log: Path, timeout: float = 60, attempts: int = 3) -> Iterator[str]:
+    """A PostgreSQL cluster of its own, set up as README's "Move to PostgreSQL" says: `initdb` in a
+    temporary folder, `postgres` on 127.0.0.1:<free port>, a role and a database `prefect` that it
+    owns, with the extension pg_trgm. Yields Prefect's connection URL for that database.
+
+    The server runs as our child (killed if pytest dies, like every process of `background`), as
+    the `postgres` user when we are root. On exit: a fast shutdown, then the folder is removed.
+    Its output, initdb's before it, goes to `log`."""
+    bin_dir = postgres_bin_dir()
+    user = POSTGRES_USER if os.geteuid() == 0 else None
+    # Not under pytest's temporary folder: that is private to our user, and postgres may be another.
+    root = Path(tempfile.mkdtemp(prefix="visionflow-postgres-"))
+    superuser, superuser_password, prefect_password = "postgres", secrets.token_hex(16), secrets.token_hex(16)
+    try:
+        password_file = root / "superuser-password"
+        password_file.write_text(superuser_password)
+        if user:
+            shutil.chown(root, user, user)
+            shutil.chown(password_file, user, user)
+        data = root / "data"
+        initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", superuser, f"--pwfile={password_file}"]
+        initdb += ["--auth=scram-sha-256", "--encoding=UTF8", "--no-locale", "--no-sync"]
+        with background(initdb, os.environ, root, log, user=user) as process:
+            try:
+                code = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"initdb did not finish within {timeout}s:\n{tail(log)}")
+        if code != 0:
+            pytest.fail(f"initdb exited with {code}:\n{tail(log)}")
+        client_env = {**os.environ, "PGPASSWORD": superuser_password}
+        for attempt in range(1, attempts + 1):
+            port = free_port()
+            # A throwaway cluster: nothing to keep after a crash, so no waiting for the disk.
+            server = [str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(root)]
+            server += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+            start = log.stat().st_size
+            with background(server, os.environ, root, log, user=user) as process:
+                ready = [str(bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-t", "2"]
+
+                def readiness() -> int | None:
+                    """pg_isready's exit status (0: accepting connections), None once postgres exited."""
+                    return None if process.poll() is not None else subprocess.run(ready, timeout=10).returncode
+
+                state = wait_for(
+                    readiness,
+                    lambda state: state in (None, 0),
+                    timeout,
+                    lambda state: f"postgres on port {port} not ready (pg_isready: {state}):\n{tail(log)}",
+                )
+                if state is None:
+                    output = log.read_bytes()[start:].decode(errors="replace")
+                    if "Address already in use" in output and attempt < attempts:
+                        continue
+                    pytest.fail(f"postgres exited with {process.returncode}:\n{tail(log)}")
+                setup = f"""
+                    CREATE ROLE prefect LOGIN PASSWORD '{prefect_password}';
+                    CREATE DATABASE prefect OWNER prefect;
+                    \\connect prefect
+                    CREATE EXTENSION pg_trgm;
+                """
+                psql = [str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", superuser]
+                done = subprocess.run(
+                    [*psql, "-d", "postgres", "-q", "-v", "ON_ERROR_STOP=1"],
+                    input=setup,
+                    env=client_env,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                )
+                if done.returncode != 0:
+                    pytest.fail(f"psql setting up the database exited with {done.returncode}:\n{done.stderr}")
+                try:
+                    yield f"postgresql+asyncpg://prefect:{prefect_password}@127.0.0.1:{port}/prefect"
+                finally:
+                    process.send_signal(signal.SIGINT)  # fast shutdown: ends the sessions, then stops
+                    try:
+                        process.wait(timeout=STOP_SECONDS)
+                    except subprocess.TimeoutExpired:
+                        pass  # background() kills it
+            return
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def prefect_server(root: Path, database: str = SQLITE, timeout: float = 120) -> Iterator[PrefectServer]:
+    """`prefect server start` on 127.0.0.1:<free port> with its database under `root`: SQLite, or
+    PostgreSQL (a cluster of its own, `postgres_database`); stopped on exit."""
+    if database not in DATABASES:
+        raise ValueError(f"database {database!r}: expected one of {', '.join(DATABASES)}")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with _started_server(root, timeout) as server:
+        with (
+            postgres_database(root / "postgres.log") if database == POSTGRESQL else nullcontext() as database_url,
+            _started_server(root, timeout, database_url) as server,
+        ):
             yield server
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
-def _started_server(root: Path, timeout: float, attempts: int = 3) -> Iterator[PrefectServer]:
+def _started_server(root: Path, timeout: float, database_url: str | None, attempts: int = 3) -> Iterator[PrefectServer]:
     home = root / "prefect-home"
     home.mkdir(parents=True)
     log = root / "server.log"
@@ -248,9 +374,11 @@ def _started_server(root: Path, timeout: float, attempts: int = 3) -> Iterator[P
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = isolated_env(home, f"{url}/api")
+        # The server's database; its clients do not need it (SQLite: PREFECT_HOME/prefect.db).
+        database = {} if database_url is None else {"PREFECT_API_DATABASE_CONNECTION_URL": database_url}
         log.write_bytes(b"")
         with background(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root, log
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], {**env, **database}, root, log
         ) as process:
             try:
                 wait_healthy(f"{url}/api", process, log, timeout, home)

@@ -1,7 +1,8 @@
 """The deployments of prefect.yaml on a real Prefect server, run by a real process worker.
 
-One server for the module (SQLite in a temporary PREFECT_HOME, on 127.0.0.1:<free port>); the
-repository's own prefect.yaml is deployed with `prefect deploy --all`, and runs are triggered with
+One server for the module per database (on 127.0.0.1:<free port>, with a temporary PREFECT_HOME):
+SQLite for every test, and PostgreSQL (a cluster of its own) for those marked `on_postgresql_too`.
+The repository's own prefect.yaml is deployed with `prefect deploy --all`, and runs are triggered with
 test parameters (tiny data, one epoch, outputs in a temporary folder) through
 `prefect deployment run --params`: a run's `config` replaces the deployment's. Then the UI
 (headless Chromium) must show the run's artifacts.
@@ -46,7 +47,9 @@ from flows.alerts import AUTOMATIONS_FILE
 from tests.flows.conftest import task_name
 from tests.flows.server_fixtures import (
     CHROMIUM,
+    DATABASES,
     PREFECT,
+    SQLITE,
     PrefectServer,
     WebhookReceiver,
     background,
@@ -77,9 +80,19 @@ RETRY_SECONDS = 180
 RETRIED_BY = "Crashed; retried automatically by the automation visionflow-crash-retry"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as running:
+# The tests that run on a server on PostgreSQL as well: deploying, a worker's run with its
+# artifacts, logs and cached task runs, the champion, every alert. Not on PostgreSQL (SQLite only),
+# to keep the suite short: a second run of another deployment (evaluate-champion), the UI,
+# cancellation, and the crash retries (the worker, the automations and the orchestration rules,
+# on the same API calls as the tests here; the crash test alone takes 2.5 to 5 minutes);
+# decorating one more test adds it.
+on_postgresql_too = pytest.mark.parametrize("server", DATABASES, indirect=True)
+
+
+@pytest.fixture(scope="module", params=[SQLITE])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One server per database for the module's tests (pytest runs those of one database together)."""
+    with prefect_server(tmp_path_factory.mktemp(f"prefect-server-{request.param}"), request.param) as running:
         yield running
 
 
@@ -97,7 +110,8 @@ def deployed(server: PrefectServer) -> str:
 
 
 @pytest.fixture(scope="module")
-def webhook() -> Iterator[WebhookReceiver]:
+def webhook(server: PrefectServer) -> Iterator[WebhookReceiver]:
+    """One receiver per server (per database): it holds the alerts of that server only."""
     receiver = WebhookReceiver()
     yield receiver
     receiver.close()
@@ -112,8 +126,9 @@ def alerts(deployed: str, server: PrefectServer, webhook: WebhookReceiver) -> st
 
 
 @pytest.fixture(scope="module")
-def run_config(tmp_path_factory: pytest.TempPathFactory, sample_dataset: Path) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("server-run")
+def run_config(server: PrefectServer, sample_dataset: Path) -> dict[str, Any]:
+    """Data and outputs beside the server's home: each server (database) starts with no champion."""
+    root = server.home.parent / "run"
     tiny = copy_tiny_dataset(sample_dataset, root / "tiny", CLASSES, train=10, val=5)
     return {
         "data": {"dataset": str(tiny), "data_dir": str(root / "data"), "batch_size": 16},
@@ -221,6 +236,7 @@ def manifest_of(config: dict[str, Any], flow_run: FlowRun) -> dict[str, Any]:
     return json.loads((runs / flow_run.name / "manifest.json").read_text())
 
 
+@on_postgresql_too
 def test_nightly_schedule_and_deployments_are_registered(deployed: str, client: SyncPrefectClient) -> None:
     nightly = client.read_deployment_by_name("train-pipeline/nightly-retrain")
     assert [(s.active, s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [
@@ -241,6 +257,7 @@ def test_nightly_schedule_and_deployments_are_registered(deployed: str, client: 
     assert set(sweep.parameter_openapi_schema["properties"]) == {"base", "sweep"}
 
 
+@on_postgresql_too
 def test_parameter_schema_rejects_a_bad_config_before_any_worker(deployed: str, client: SyncPrefectClient) -> None:
     deployment = client.read_deployment_by_name(ON_DEMAND)
     with pytest.raises(PrefectHTTPStatusError, match="epochs"):
@@ -255,6 +272,7 @@ def first_run(
     return run_to_end(server, client, flow_run_id, server.home / "worker-1.log")
 
 
+@on_postgresql_too
 def test_on_demand_run_completes_with_artifacts_and_logs(
     first_run: FlowRun, client: SyncPrefectClient, server: PrefectServer, run_config: dict[str, Any]
 ) -> None:
@@ -275,6 +293,7 @@ def test_on_demand_run_completes_with_artifacts_and_logs(
     assert json.loads((slot / "manifest.json").read_text())["run_name"] == first_run.name
 
 
+@on_postgresql_too
 def test_rerun_on_unchanged_data_is_cached_and_keeps_the_champion(
     first_run: FlowRun, server: PrefectServer, client: SyncPrefectClient, run_config: dict[str, Any]
 ) -> None:
@@ -322,6 +341,7 @@ def failed_run(
     return run_to_end(server, client, trigger(server, ON_DEMAND, config), server.home / "worker-3.log"), missing
 
 
+@on_postgresql_too
 def test_failed_run_is_failed_with_the_reason(failed_run: tuple[FlowRun, Path], client: SyncPrefectClient) -> None:
     failed, missing = failed_run
     assert failed.state.is_failed()
@@ -334,6 +354,7 @@ def test_failed_run_is_failed_with_the_reason(failed_run: tuple[FlowRun, Path], 
     ]
 
 
+@on_postgresql_too
 def test_failed_run_alert_reaches_the_webhook(failed_run: tuple[FlowRun, Path], webhook: WebhookReceiver) -> None:
     """automations.yaml's visionflow-run-failed, fired by the server's triggers service, POSTs
     through the Custom Webhook block to the receiver in this process."""
@@ -344,6 +365,7 @@ def test_failed_run_alert_reaches_the_webhook(failed_run: tuple[FlowRun, Path], 
     assert f"Message: {failed.state.message}" in alert["body"] and str(missing) in alert["body"]
 
 
+@on_postgresql_too
 def test_champion_promotion_alert_reaches_the_webhook(
     first_run: FlowRun, webhook: WebhookReceiver, run_config: dict[str, Any]
 ) -> None:
@@ -374,6 +396,7 @@ def window_cut(
         assert restored.count("updated visionflow-") == len(document["automations"]), restored
 
 
+@on_postgresql_too
 def test_missed_nightly_alert_fires_when_no_run_completes_in_the_window(
     alerts: str, server: PrefectServer, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
