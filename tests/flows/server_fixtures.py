@@ -229,25 +229,30 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def prefect_server(root: Path, timeout: float = 120) -> Iterator[PrefectServer]:
-    """`prefect server start` on 127.0.0.1:<free port> with SQLite under `root`; stopped on exit."""
+def prefect_server(
+    root: Path, timeout: float = 120, settings: Mapping[str, str] | None = None
+) -> Iterator[PrefectServer]:
+    """`prefect server start` on 127.0.0.1:<free port> with SQLite under `root`, with `settings`
+    (PREFECT_* variables) in its environment and its clients'; stopped on exit."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with _started_server(root, timeout) as server:
+        with _started_server(root, timeout, settings or {}) as server:
             yield server
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
-def _started_server(root: Path, timeout: float, attempts: int = 3) -> Iterator[PrefectServer]:
+def _started_server(
+    root: Path, timeout: float, settings: Mapping[str, str], attempts: int = 3
+) -> Iterator[PrefectServer]:
     home = root / "prefect-home"
     home.mkdir(parents=True)
     log = root / "server.log"
     for attempt in range(1, attempts + 1):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = isolated_env(home, f"{url}/api")
+        env = {**isolated_env(home, f"{url}/api"), **settings}
         log.write_bytes(b"")
         with background(
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root, log
