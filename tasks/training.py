@@ -4,7 +4,7 @@ holding the device's slots (Prefect global concurrency limits `device:cpu`, `dev
 
 from __future__ import annotations
 
-import functools
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -29,6 +29,8 @@ from visionflow.device_limits import LEASE_SECONDS, DeviceClaim, device_claim
 from visionflow.records import FitResult
 from visionflow.runs import BEST_CHECKPOINT_PATH, LAST_CHECKPOINT_PATH
 from visionflow.steps import train_run
+
+POLL_SECONDS = 1.0  # how often a training waiting for its device checks whether the slots came free
 
 
 class TrainOutput(TaskOutput):
@@ -107,27 +109,39 @@ def _locked(error: ConcurrencySlotAcquisitionError) -> bool:
 @contextmanager
 def device_slots(claim: DeviceClaim, logger: Any) -> Iterator[None]:
     """Hold `claim.occupy` slots of each of the claim's device limits (created on first use) while
-    the block runs. Waiting is one log line, "waiting for device:cpu (2 of 2 slots busy)"; the
-    slots are leased (LEASE_SECONDS, renewed in the background), so a holder killed with kill -9
-    frees them when its lease runs out, and released on exit, an exception's included. A disabled
-    limit (`prefect gcl disable`) is not waited for (Prefect logs that it skips it)."""
-    with get_client(sync_client=True) as client:
-        limits = [device_limit(client, name, claim.slots, logger) for name in claim.names]
-    occupy = max(1, min(claim.occupy, *(limit.limit for limit in limits)))  # more than a limit's size is refused
+    the block runs, released on exit (an exception's included). The slots are leased
+    (LEASE_SECONDS, renewed in the background): a holder killed with kill -9 frees them when its
+    lease runs out. A busy device is one log line per busy limit, "waiting for device:cpu (2 of 2
+    slots busy)", then a check every POLL_SECONDS; slots are requested once they are free, never
+    queued inside Prefect: its acquisition service retries a refused request until it succeeds and
+    the process waits for it at exit, so Ctrl-C or SIGTERM of a waiting run would hang until the
+    device came free. A disabled limit (`prefect gcl disable`) is not waited for."""
     context = TaskRunContext.get()
     holder = ConcurrencyLeaseHolder(type="task_run", id=context.task_run.id) if context else None
-    take = functools.partial(concurrency, list(claim.names), occupy=occupy, lease_duration=LEASE_SECONDS, holder=holder)
     names = ", ".join(claim.names)
     with ExitStack() as held:
-        try:
-            held.enter_context(take(max_retries=0))
-        except ConcurrencySlotAcquisitionError as error:
-            if not _locked(error):
-                raise
-            with get_client(sync_client=True) as client:
-                for limit in map(client.read_global_concurrency_limit_by_name, claim.names):
-                    logger.info("waiting for %s (%d of %d slots busy)", limit.name, limit.active_slots, limit.limit)
-            held.enter_context(take())  # retried as the server says (at most every 30 s by default)
+        with get_client(sync_client=True) as client:
+            limits = [device_limit(client, name, claim.slots, logger) for name in claim.names]
+            occupy = max(1, min(claim.occupy, *(limit.limit for limit in limits)))  # more than a limit is refused
+            waited = False
+            while True:
+                busy = [limit for limit in limits if limit.active and limit.active_slots + occupy > limit.limit]
+                if busy and not waited:
+                    for limit in busy:
+                        logger.info("waiting for %s (%d of %d slots busy)", limit.name, limit.active_slots, limit.limit)
+                    waited = True
+                if not busy:
+                    take = concurrency(
+                        list(claim.names), occupy, max_retries=0, lease_duration=LEASE_SECONDS, holder=holder
+                    )
+                    try:
+                        held.enter_context(take)
+                        break
+                    except ConcurrencySlotAcquisitionError as error:
+                        if not _locked(error):  # taken by another training since the check: wait again
+                            raise
+                time.sleep(POLL_SECONDS)
+                limits = [client.read_global_concurrency_limit_by_name(name) for name in claim.names]
         logger.info("took %d slot(s) of %s (lease %.0f s, renewed while training)", occupy, names, LEASE_SECONDS)
         yield
     logger.info("released %d slot(s) of %s", occupy, names)

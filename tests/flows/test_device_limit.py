@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.exceptions import ObjectNotFound
 
@@ -32,12 +33,8 @@ from visionflow.runs import list_runs
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(600)]
 
 LIMIT = "device:cpu"
-# The server looks for expired leases every second (default 15 s) and tells a waiting run to retry
-# within a second (default: the limit's mean occupancy, at most 30 s): the test waits less.
-SERVER_SETTINGS = {
-    "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
-    "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
-}
+# The server looks for expired leases every second (default 15 s): the test waits less.
+SERVER_SETTINGS = {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1"}
 RUN_SECONDS = 300  # one CLI run to its end on a busy 2-core machine
 LRS = (0.003, 0.002)  # the two runs started at once differ only in their learning rate
 
@@ -72,27 +69,32 @@ def write_config(path: Path, dataset: Path, output: Path, **overrides: object) -
 
 
 def start_train(server: PrefectServer, config_file: Path, cwd: Path) -> subprocess.Popen:
-    """`visionflow train --config FILE` against the server, in its own session (to kill it whole)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "train", "--config", str(config_file)],
-        cwd=cwd,
-        env={**server.env, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    """`visionflow train --config FILE` against the server, in its own session (to kill it whole),
+    its output in FILE with the suffix .log."""
+    with open(config_file.with_suffix(".log"), "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "train", "--config", str(config_file)],
+            cwd=cwd,
+            env={**server.env, "PYTHONPATH": str(REPO)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
-def finish(proc: subprocess.Popen, timeout: float = RUN_SECONDS) -> str:
-    """The process's output once it exited 0 (killed and failing the test on a timeout)."""
+def output_of(proc: subprocess.Popen) -> str:
+    return Path(proc.args[-1]).with_suffix(".log").read_text()
+
+
+def finish(proc: subprocess.Popen, timeout: float = RUN_SECONDS, code: int = 0) -> None:
+    """Wait for the process to exit with `code` (killed and failing the test on a timeout)."""
     try:
-        output = proc.communicate(timeout=timeout)[0]
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"visionflow train still running after {timeout}s:\n{proc.communicate()[0][-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
-    return output
+        proc.wait()
+        pytest.fail(f"visionflow train still running after {timeout}s:\n{output_of(proc)[-3000:]}")
+    assert proc.returncode == code, output_of(proc)[-3000:]
 
 
 def logs(client: SyncPrefectClient, flow_run_id: str, until: str) -> list[tuple[datetime, str]]:
@@ -172,7 +174,7 @@ def test_a_killed_holders_slot_comes_free_when_its_lease_expires(
             interval=0.1,
         )
         taken = time.time()
-        assert holder.poll() is None, holder.communicate()[0][-3000:]
+        assert holder.poll() is None, output_of(holder)[-3000:]
     finally:
         os.killpg(holder.pid, signal.SIGKILL)  # no cleanup: nothing releases the slot
         holder.wait()
@@ -199,6 +201,44 @@ def test_a_killed_holders_slot_comes_free_when_its_lease_expires(
     took = held(lines).took.timestamp()
     assert cached_done < took, "the cached run finished only after the dead holder's slot came free"
     # Not before the lease ran out (renewed as the holder took the slot), soon after it (the
-    # repossessor's 1 s loop, a retry within 1 s, a loaded machine).
+    # repossessor's 1 s loop, the waiting run's check every second, a loaded machine).
     assert LEASE_SECONDS - 5 <= took - taken <= LEASE_SECONDS + 30, took - taken
     assert client.read_global_concurrency_limit_by_name(LIMIT).active_slots == 0
+
+
+def test_a_waiting_run_stops_at_once_on_ctrl_c(
+    two_at_once: tuple[Path, list[Manifest]],
+    server: PrefectServer,
+    client: SyncPrefectClient,
+    tmp_path: Path,
+    tiny_data: Path,
+) -> None:
+    """Ctrl-C (SIGINT to the process group) of a run waiting for its device: it exits 130 within
+    seconds, its run `interrupted`, having taken nothing (a request queued inside Prefect would
+    have kept the process alive until the device came free)."""
+    output, _ = two_at_once
+    client.update_global_concurrency_limit(LIMIT, GlobalConcurrencyLimitUpdate(active_slots=1))  # a busy device
+    try:
+        config = write_config(
+            tmp_path / "stopped.yaml", tiny_data, output, **{"optim.lr": 0.005, "output.run_name": "stopped"}
+        )
+        proc = start_train(server, config, tmp_path)
+        try:
+            wait_for(
+                lambda: output_of(proc),
+                lambda text: f"waiting for {LIMIT} (1 of 1 slots busy)" in text or proc.poll() is not None,
+                RUN_SECONDS,
+                lambda text: f"no waiting line:\n{text[-3000:]}",
+            )
+            sent = time.monotonic()
+            os.killpg(proc.pid, signal.SIGINT)
+            finish(proc, timeout=30, code=130)
+            assert time.monotonic() - sent < 10
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert Manifest.load(output / "runs" / "stopped").status == "interrupted"
+        assert client.read_global_concurrency_limit_by_name(LIMIT).active_slots == 1  # it took none
+    finally:
+        client.update_global_concurrency_limit(LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0))
