@@ -28,7 +28,7 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL
 
 from tests.conftest import REPO
-from tests.flows.conftest import FINAL_STATES, log_messages, task_name, tiny_config
+from tests.flows.conftest import FINAL_STATES, free_killed_holders_slots, log_messages, task_name, tiny_config
 from visionflow.config import PipelineConfig
 from visionflow.device_limits import DEVICE_LIMIT_PREFIX
 from visionflow.manifest import Manifest
@@ -301,6 +301,7 @@ def test_a_sweep_killed_midway_reruns_only_the_unfinished_trial(tiny_data: Path,
         first.terminate()
         first.communicate(timeout=120)
     assert first.returncode == 143
+    free_killed_holders_slots()  # the stopped trial's worker process ended without releasing its device slot
     (done,) = json.loads(leaderboard.read_text())["rows"]
     done_trial = done["trial"]
     rerun = subprocess.run(argv, **common, timeout=400)
