@@ -79,7 +79,14 @@ def start_train(server: PrefectServer, config_file: Path, cwd: Path) -> subproce
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_sigint_default,
         )
+
+
+def _sigint_default() -> None:
+    """In the child, before exec: Ctrl-C raises KeyboardInterrupt, as in a terminal, even when
+    pytest itself runs in the background of a shell (which ignores SIGINT, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def output_of(proc: subprocess.Popen) -> str:
