@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
@@ -28,7 +27,6 @@ from prefect.client.schemas.objects import TaskRun
 
 from tests.flows.server_fixtures import copy_tiny_dataset
 from visionflow.config import PipelineConfig, load_config
-from visionflow.device_limits import DEVICE_LIMIT_PREFIX
 
 TINY_CLASSES = ("airplane", "automobile", "cat", "ship")
 HEAVY_TASKS = (
@@ -132,14 +130,3 @@ def log_messages(flow_run_id: str, containing: str, timeout: float = 30.0) -> li
             if found or time.monotonic() > deadline:
                 return found
             time.sleep(0.5)
-
-
-def free_killed_holders_slots() -> None:
-    """What a Prefect server's repossessor does once a killed holder's leases expire: every
-    device limit's slots free again. The session's test API (prefect_test_harness) runs no
-    services, so a run killed (kill -9) while it trained would hold its slots for the rest of the
-    session; a test that kills one calls this after the kill, while nothing else trains."""
-    with get_client(sync_client=True) as client:
-        for limit in client.read_global_concurrency_limits(limit=100):
-            if limit.name.startswith(DEVICE_LIMIT_PREFIX) and limit.active_slots:
-                client.update_global_concurrency_limit(limit.name, GlobalConcurrencyLimitUpdate(active_slots=0))

@@ -27,8 +27,8 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_API_URL
 
-from tests.conftest import REPO
-from tests.flows.conftest import FINAL_STATES, free_killed_holders_slots, log_messages, task_name, tiny_config
+from tests.conftest import REPO, free_killed_holders_slots
+from tests.flows.conftest import FINAL_STATES, log_messages, task_name, tiny_config
 from visionflow.config import PipelineConfig
 from visionflow.device_limits import DEVICE_LIMIT_PREFIX
 from visionflow.manifest import Manifest

@@ -16,8 +16,8 @@ import yaml
 from prefect.settings import PREFECT_API_URL
 
 from tasks.caching import FlockLockManager
-from tests.conftest import REPO
-from tests.flows.conftest import HEAVY_TASKS, free_killed_holders_slots, tiny_config, train
+from tests.conftest import REPO, free_killed_holders_slots
+from tests.flows.conftest import HEAVY_TASKS, tiny_config, train
 from visionflow.fileio import file_sha256
 from visionflow.manifest import Manifest
 from visionflow.runs import list_runs
