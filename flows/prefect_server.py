@@ -41,6 +41,11 @@ STOP_TIMEOUT_S = 30.0  # after SIGTERM; then SIGKILL
 ANSWER_TIMEOUT_S = 2.0  # one request to a server that should be up
 POLL_S = 0.1
 NOT_RUNNING_STATUS = 3  # exit status of `visionflow server status` when no server answers
+# Every server visionflow starts keeps the leases of concurrency slots (the device limits a training
+# holds, tasks/training.py) in the Prefect home, not in its memory: a server restarted while a
+# training held a slot, or another temporary server of the same home, still finds that lease and
+# frees the slot when it expires, instead of leaving it taken forever. A setting of your own wins.
+LEASE_STORAGE = {"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
 TEMPORARY_SERVER_HINT = (
     "hint: this command starts a temporary Prefect server and stops it at exit; "
     "`visionflow server start` keeps one running, so later runs start faster and the Prefect UI stays up"
@@ -160,7 +165,8 @@ def start_server(port: int) -> tuple[BackgroundServer, bool]:
             )
         api_url = f"{server_url(port)}/api"
         # Its own URL for its clients and for the UI in a browser, whatever a Prefect profile says.
-        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url}
+        env = {**LEASE_STORAGE, **os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url}
+        env["PREFECT_UI_API_URL"] = api_url
         with open(home / LOG_FILE, "wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port), "--ui"],
@@ -258,7 +264,7 @@ class PrefectAPI:
         # Starts while the flow modules import; wait() blocks until it answers.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)],
-            env={**os.environ, "PREFECT_UI_ENABLED": "false"},
+            env={**LEASE_STORAGE, **os.environ, "PREFECT_UI_ENABLED": "false"},
             stdout=subprocess.DEVNULL,
             stderr=self.errors,
             start_new_session=True,

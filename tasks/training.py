@@ -1,20 +1,37 @@
-"""Training task: fit the model on the validated data, checkpointing into the run directory."""
+"""Training task: fit the model on the validated data, checkpointing into the run directory,
+holding the device's slots (Prefect global concurrency limits `device:cpu`, `device:cuda:N`,
+`device:mps`: visionflow.device_limits) while it trains."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import httpx
 from prefect import get_run_logger
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from tasks.artifacts import PrefectProgressCallback
 from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, Normalization, ValidatedData, by_exclusions, by_fingerprint
 from tasks.names import run_name
 from visionflow.config import PipelineConfig, world_size
+from visionflow.device_limits import LEASE_SECONDS, DeviceClaim, device_claim
 from visionflow.manifest import TimingRecord
 from visionflow.records import FitResult
 from visionflow.runs import BEST_CHECKPOINT_PATH, LAST_CHECKPOINT_PATH
 from visionflow.steps import train_run
+
+POLL_SECONDS = 1.0  # how often a training waiting for its device checks whether the slots came free
 
 
 class TrainOutput(TaskOutput):
@@ -48,7 +65,8 @@ class TrainOutput(TaskOutput):
 
 def by_training_fields(config: PipelineConfig) -> dict[str, Any]:
     """What training depends on: the whole config except where data and outputs live, the time
-    limit (a run that finishes within it trains the same weights) and where ranks meet; the world
+    limit (a run that finishes within it trains the same weights), the device limit's size and
+    where ranks meet; the world
     size instead of how it is spelt (nproc_per_node 'gpu' counted on this machine)."""
     meeting = {"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id"}
     fields = config.model_dump(
@@ -56,7 +74,7 @@ def by_training_fields(config: PipelineConfig) -> dict[str, Any]:
         exclude={
             "output": True,
             "data": {"dataset", "data_dir"},
-            "training": {"timeout_minutes": True, "distributed": meeting},
+            "training": {"timeout_minutes": True, "device_slots": True, "distributed": meeting},
         },
     )
     fields["training"]["distributed"]["world_size"] = world_size(config.training.distributed)
@@ -81,6 +99,68 @@ class _LogStream:
         return False
 
 
+def device_limit(client: SyncPrefectClient, name: str, slots: int, logger: Any) -> GlobalConcurrencyLimitResponse:
+    """The global concurrency limit `name`, created with `slots` when it does not exist yet. Two
+    runs may create it at the same moment: the server keeps one (unique name), the other reads it."""
+    try:
+        return client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        pass
+    try:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+        logger.info("created concurrency limit %s with %d slots", name, slots)
+    except ObjectAlreadyExists:
+        pass
+    return client.read_global_concurrency_limit_by_name(name)
+
+
+def _locked(error: ConcurrencySlotAcquisitionError) -> bool:
+    """Whether the server refused the slots because they are taken (HTTP 423), not for another reason."""
+    cause = error.__cause__
+    return isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == httpx.codes.LOCKED
+
+
+@contextmanager
+def device_slots(claim: DeviceClaim, logger: Any) -> Iterator[None]:
+    """Hold `claim.occupy` slots of each of the claim's device limits (created on first use) while
+    the block runs, released on exit (an exception's included). The slots are leased
+    (LEASE_SECONDS, renewed in the background): a holder killed with kill -9 frees them when its
+    lease runs out. A busy device is one log line per busy limit, "waiting for device:cpu (2 of 2
+    slots busy)", then a check every POLL_SECONDS; slots are requested once they are free, never
+    queued inside Prefect: its acquisition service retries a refused request until it succeeds and
+    the process waits for it at exit, so Ctrl-C or SIGTERM of a waiting run would hang until the
+    device came free. A disabled limit (`prefect gcl disable`) is not waited for."""
+    context = TaskRunContext.get()
+    holder = ConcurrencyLeaseHolder(type="task_run", id=context.task_run.id) if context else None
+    names = ", ".join(claim.names)
+    with ExitStack() as held:
+        with get_client(sync_client=True) as client:
+            limits = [device_limit(client, name, claim.slots, logger) for name in claim.names]
+            occupy = max(1, min(claim.occupy, *(limit.limit for limit in limits)))  # more than a limit is refused
+            waited = False
+            while True:
+                busy = [limit for limit in limits if limit.active and limit.active_slots + occupy > limit.limit]
+                if busy and not waited:
+                    for limit in busy:
+                        logger.info("waiting for %s (%d of %d slots busy)", limit.name, limit.active_slots, limit.limit)
+                    waited = True
+                if not busy:
+                    take = concurrency(
+                        list(claim.names), occupy, max_retries=0, lease_duration=LEASE_SECONDS, holder=holder
+                    )
+                    try:
+                        held.enter_context(take)
+                        break
+                    except ConcurrencySlotAcquisitionError as error:
+                        if not _locked(error):  # taken by another training since the check: wait again
+                            raise
+                time.sleep(POLL_SECONDS)
+                limits = [client.read_global_concurrency_limit_by_name(name) for name in claim.names]
+        logger.info("took %d slot(s) of %s (lease %.0f s, renewed while training)", occupy, names, LEASE_SECONDS)
+        yield
+    logger.info("released %d slot(s) of %s", occupy, names)
+
+
 @cached_task(
     "normalization",
     dataset=by_fingerprint,
@@ -96,12 +176,14 @@ def train_model(
     run_dir: str,
     resume_from: str | None = None,
 ) -> TrainOutput:
-    """Train with checkpoints (last.pt every epoch, best.pt), TensorBoard curves and a progress artifact."""
+    """Train with checkpoints (last.pt every epoch, best.pt), TensorBoard curves and a progress
+    artifact, holding the device's slots (a cached training never gets here: it takes none)."""
     logger = get_run_logger()
     if resume_from:
         logger.info("resuming from %s", resume_from)
     config = config.model_copy(update={"data": normalization.apply(config.data)})
-    with written_files(run_dir, LAST_CHECKPOINT_PATH, BEST_CHECKPOINT_PATH) as files:
+    claim = device_claim(config.training)
+    with device_slots(claim, logger), written_files(run_dir, LAST_CHECKPOINT_PATH, BEST_CHECKPOINT_PATH) as files:
         result = train_run(
             run_dir,
             validated.apply(dataset),

@@ -48,3 +48,29 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def free_killed_holders_slots() -> None:
+    """What a Prefect server's repossessor does once a killed holder's leases expire: every
+    device limit's slots free again. The session's test API (prefect_test_harness) runs no
+    services, so a run killed (kill -9, a test's timeout) while it trained would hold its slots for
+    the rest of the session; a test that kills one calls this after the kill, while nothing else trains."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from visionflow.device_limits import DEVICE_LIMIT_PREFIX
+
+    with get_client(sync_client=True) as client:
+        for limit in client.read_global_concurrency_limits(limit=100):
+            if limit.name.startswith(DEVICE_LIMIT_PREFIX) and limit.active_slots:
+                client.update_global_concurrency_limit(limit.name, GlobalConcurrencyLimitUpdate(active_slots=0))
+
+
+@pytest.fixture(autouse=True)
+def device_slots_freed_after_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test on the session's API, nothing trains any more: a device slot still taken was
+    left by a run that was killed or timed out. Freed, so that one failure does not make every later
+    training wait for ever (a real server frees it when the lease expires)."""
+    yield
+    if "prefect_harness" in request.fixturenames:
+        free_killed_holders_slots()

@@ -186,6 +186,19 @@ class TrainingConfig(_Section):
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
         description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.",
     )
+    # Trainings share a device through the Prefect global concurrency limit `device:<device>`
+    # (visionflow.device_limits): a training waits for its slots, whatever started it (CLI,
+    # deployment, sweep trial). This field only sizes a limit visionflow creates on first use;
+    # an existing one keeps its size (`prefect gcl update device:cpu --limit N`). Not part of the
+    # training cache key: it changes when a training runs, not what it computes.
+    device_slots: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Slots of the device's concurrency limit when visionflow creates it: on a GPU or MPS "
+        "trainings at once (None = 1), on the CPU cores, a training taking as many as its torch threads "
+        "(None = the machine's cores: one plain run at a time, a sweep's parallel trials side by side).",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="auto (bf16 where the device computes it natively and it is faster, else fp32; "

@@ -349,16 +349,19 @@ def postgres_database(log: Path, timeout: float = 60, attempts: int = 3) -> Iter
 
 
 @contextmanager
-def prefect_server(root: Path, database: str = SQLITE, timeout: float = 120) -> Iterator[PrefectServer]:
+def prefect_server(
+    root: Path, database: str = SQLITE, timeout: float = 120, settings: Mapping[str, str] | None = None
+) -> Iterator[PrefectServer]:
     """`prefect server start` on 127.0.0.1:<free port> with its database under `root`: SQLite, or
-    PostgreSQL (a cluster of its own, `postgres_database`); stopped on exit."""
+    PostgreSQL (a cluster of its own, `postgres_database`), with `settings` (PREFECT_* variables) in
+    its environment and its clients'; stopped on exit."""
     if database not in DATABASES:
         raise ValueError(f"database {database!r}: expected one of {', '.join(DATABASES)}")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with (
             postgres_database(root / "postgres.log") if database == POSTGRESQL else nullcontext() as database_url,
-            _started_server(root, timeout, database_url) as server,
+            _started_server(root, timeout, database_url, settings or {}) as server,
         ):
             yield server
     finally:
@@ -366,14 +369,16 @@ def prefect_server(root: Path, database: str = SQLITE, timeout: float = 120) -> 
 
 
 @contextmanager
-def _started_server(root: Path, timeout: float, database_url: str | None, attempts: int = 3) -> Iterator[PrefectServer]:
+def _started_server(
+    root: Path, timeout: float, database_url: str | None, settings: Mapping[str, str], attempts: int = 3
+) -> Iterator[PrefectServer]:
     home = root / "prefect-home"
     home.mkdir(parents=True)
     log = root / "server.log"
     for attempt in range(1, attempts + 1):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = isolated_env(home, f"{url}/api")
+        env = {**isolated_env(home, f"{url}/api"), **settings}
         # The server's database; its clients do not need it (SQLite: PREFECT_HOME/prefect.db).
         database = {} if database_url is None else {"PREFECT_API_DATABASE_CONNECTION_URL": database_url}
         log.write_bytes(b"")

@@ -27,9 +27,10 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_API_URL
 
-from tests.conftest import REPO
-from tests.flows.conftest import FINAL_STATES, task_name, tiny_config
+from tests.conftest import REPO, free_killed_holders_slots
+from tests.flows.conftest import FINAL_STATES, log_messages, task_name, tiny_config
 from visionflow.config import PipelineConfig
+from visionflow.device_limits import DEVICE_LIMIT_PREFIX
 from visionflow.manifest import Manifest
 from visionflow.sweep import SweepConfig, SweepResult, best_config_yaml, leaderboard_key, trial_threads
 
@@ -152,6 +153,27 @@ def test_each_trial_is_an_ordinary_run(grid: tuple[SweepResult, str, PipelineCon
     assert sorted(p.name for p in (sweep_dir / "tensorboard").iterdir()) == sorted(r.trial for r in result.rows)
     saved = json.loads((sweep_dir / "leaderboard.json").read_text())
     assert [row["trial"] for row in saved["rows"]] == [row.trial for row in result.rows]
+
+
+def test_parallel_trials_fit_side_by_side_in_the_cpu_limit(
+    grid: tuple[SweepResult, str, PipelineConfig, SweepConfig],
+) -> None:
+    """Each trial's training takes the cores it trains on (`trial_threads(parallel)`) of
+    device:cpu, whose default size is the machine's cores: the `parallel` trials fit side by side,
+    none waits for another."""
+    result, _, _, sweep = grid
+    cpu = f"{DEVICE_LIMIT_PREFIX}cpu"
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(cpu)
+    assert limit.limit == os.cpu_count() and limit.active_slots == 0
+    share = trial_threads(sweep.parallel)
+    assert sweep.parallel * share <= limit.limit
+    for run in training_flow_runs([row.trial for row in result.rows]):
+        lines = log_messages(str(run.id), cpu)
+        assert [line for line in lines if line.startswith("took")] == [
+            f"took {share} slot(s) of {cpu} (lease 60 s, renewed while training)"
+        ]
+        assert not [line for line in lines if line.startswith("waiting")], lines
 
 
 def test_trial_weights_equal_a_single_train_on_one_thread(
@@ -279,6 +301,7 @@ def test_a_sweep_killed_midway_reruns_only_the_unfinished_trial(tiny_data: Path,
         first.terminate()
         first.communicate(timeout=120)
     assert first.returncode == 143
+    free_killed_holders_slots()  # the stopped trial's worker process ended without releasing its device slot
     (done,) = json.loads(leaderboard.read_text())["rows"]
     done_trial = done["trial"]
     rerun = subprocess.run(argv, **common, timeout=400)

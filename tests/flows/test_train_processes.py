@@ -16,7 +16,7 @@ import yaml
 from prefect.settings import PREFECT_API_URL
 
 from tasks.caching import FlockLockManager
-from tests.conftest import REPO
+from tests.conftest import REPO, free_killed_holders_slots
 from tests.flows.conftest import HEAVY_TASKS, tiny_config, train
 from visionflow.fileio import file_sha256
 from visionflow.manifest import Manifest
@@ -97,6 +97,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_data: Path, tmp_path: 
     proc = start_until_first_checkpoint(config_file, tmp_path, run_dir)
     os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, the training lock dies with it
     proc.wait()
+    free_killed_holders_slots()  # its device slot: on a real server, its lease would expire
     interrupted = json.loads((run_dir / "manifest.json").read_text())
     assert interrupted["status"] == "running"
     # Its process is gone: the run history does not list a dead run as running.
