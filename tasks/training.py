@@ -66,8 +66,8 @@ class TrainOutput(TaskOutput):
 def by_training_fields(config: PipelineConfig) -> dict[str, Any]:
     """What training depends on: the whole config except where data and outputs live, the time
     limit (a run that finishes within it trains the same weights), the device limit's size and
-    where ranks meet; the world
-    size instead of how it is spelt (nproc_per_node 'gpu' counted on this machine)."""
+    where ranks meet; the world size instead of how it is spelt (nproc_per_node 'gpu' counted on
+    this machine)."""
     meeting = {"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id"}
     fields = config.model_dump(
         mode="json",
