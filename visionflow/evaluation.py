@@ -191,7 +191,7 @@ def evaluate_model(
     """Evaluate ``model`` (moved to ``device``) on a decoded split, normalized with the spec's mean/std."""
     _check_split_fits(spec, decoded)
     target = resolve_device(device)
-    batches = eval_batches(decoded.images, decoded.labels, spec.mean, spec.std, target, batch_size)
+    batches = eval_batches(decoded, spec.mean, spec.std, target, batch_size)
     logits, labels = collect_logits(model.to(target), batches, target)  # (N, C), (N,)
     return report_from_logits(logits, labels, decoded.classes, decoded.files)
 

@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, TypeAdapter
 
-from visionflow.cache import load_decoded
+from visionflow.cache import choose_loader, load_decoded
 from visionflow.config import PipelineConfig, check_global_batch, world_size
 from visionflow.data import DatasetInfo, decoded_cache_dir
 from visionflow.device import resolve_device
@@ -241,8 +241,9 @@ def launch_fit(
     spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
     # Resolved once here, so that every rank trains with the same precision and memory format.
     config = with_fast_settings(config, spec, resolve_device(config.training.device))
-    for split in (dataset.train, dataset.eval_split):  # decoded once here, not by every rank at once
-        load_decoded(split, data.image_size, decoded_cache_dir(data.data_dir))
+    if choose_loader(data, dataset) == "memory":  # decoded once here, not by every rank at once
+        for split in (dataset.train, dataset.eval_split):
+            load_decoded(split, data.image_size, decoded_cache_dir(data.data_dir))
     work_dir = Path(run_dir) / WORK_DIR
     shutil.rmtree(work_dir, ignore_errors=True)
     (work_dir / ERRORS_DIR).mkdir(parents=True)

@@ -60,16 +60,18 @@ def accuracy_on(checkpoint: Path | str, split: Split, device: str, data_dir: Pat
     return evaluate_model(model, spec, decoded, device=device).accuracy
 
 
-def fill_normalization(train: Split, data: DataConfig) -> DataConfig:
+def fill_normalization(dataset: DatasetInfo, data: DataConfig) -> DataConfig:
     """`data` with mean/std filled from the train split's pixels where empty (computed once per
-    run: preview and training both take the result)."""
-    from visionflow.cache import load_decoded
+    run: preview and training both take the result), read by the loader training will use
+    (`cache.choose_loader`)."""
+    from visionflow.cache import choose_loader, open_split
+    from visionflow.loaders import uint8_batches
     from visionflow.transforms import fill_mean_std
 
     if data.mean is not None and data.std is not None:
         return data
-    decoded = load_decoded(train, data.image_size, decoded_cache_dir(data.data_dir))
-    mean, std = fill_mean_std(data.mean, data.std, decoded.images)
+    split = open_split(dataset.train, data, choose_loader(data, dataset))
+    mean, std = fill_mean_std(data.mean, data.std, uint8_batches(split))
     return data.model_copy(update={"mean": mean, "std": std})
 
 
@@ -109,8 +111,9 @@ def train_run(
     """Train on the dataset's decoded splits with checkpoints in run_dir/checkpoints and curves
     in TensorBoard; `resume_from` continues an interrupted run (see `engine.fit`). With a
     training.distributed world size above 1 it starts the ranks (torchrun, `launch.launch_fit`),
-    each of which calls this again inside its process group; rank 0 writes TensorBoard."""
-    from visionflow.cache import load_decoded
+    each of which calls this again inside its process group; rank 0 writes TensorBoard.
+    data.loader picks how the splits are read (`cache.choose_loader`: memory or stream)."""
+    from visionflow.cache import choose_loader, open_split
     from visionflow.distributed import Ranks
     from visionflow.engine import fit
     from visionflow.launch import launch_fit
@@ -122,8 +125,8 @@ def train_run(
         return launch_fit(run_dir, dataset, config, resume_from, callbacks, progress_stream)
     layout = RunLayout(Path(run_dir))
     data = config.data
-    train = load_decoded(dataset.train, data.image_size, decoded_cache_dir(data.data_dir))
-    evaluation = load_decoded(dataset.eval_split, data.image_size, decoded_cache_dir(data.data_dir))
+    loader = choose_loader(data, dataset)
+    train, evaluation = (open_split(split, data, loader) for split in (dataset.train, dataset.eval_split))
     spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
     seed_everything(config.training.seed)  # before building: the initial weights are part of the result
     return fit(
