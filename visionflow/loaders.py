@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -81,7 +82,8 @@ class _DecodedFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return torch.from_numpy(decode_file(self.paths[index], self.image_size)), self.labels[index]
+        image = np.ascontiguousarray(decode_file(self.paths[index], self.image_size))  # a writable copy
+        return torch.from_numpy(image), self.labels[index]
 
 
 class StreamLoader:
