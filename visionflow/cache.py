@@ -44,6 +44,10 @@ class DecodedSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
 
 @dataclass
 class FileSplit:
@@ -60,7 +64,7 @@ class FileSplit:
         return len(self.labels)
 
 
-def memory_budget_mb(data: DataConfig) -> int:
+def memory_budget_mb(data: DataConfig) -> float:
     """data.memory_budget_mb, or a quarter of this machine's physical RAM when it is None."""
     if data.memory_budget_mb is not None:
         return data.memory_budget_mb

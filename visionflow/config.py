@@ -75,8 +75,8 @@ class DataConfig(_Section):
         "auto (memory while the decoded train and eval splits fit data.memory_budget_mb, else stream). "
         "Both give the same batches.",
     )
-    memory_budget_mb: int | None = Field(
-        None, ge=1, description="RAM (MiB) the memory loader may fill under auto; None = a quarter of this machine's."
+    memory_budget_mb: float | None = Field(
+        None, gt=0, description="RAM (MiB) the memory loader may fill under auto; None = a quarter of this machine's."
     )
     num_workers: int | None = Field(
         None,

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from visionflow.config import DataConfig, PipelineConfig, world_size
-from visionflow.data import DatasetInfo, Split, decoded_cache_dir
+from visionflow.data import DatasetInfo, Split
 from visionflow.datachanges import write_listing
 from visionflow.fileio import atomic_write_json, atomic_write_text
 from visionflow.hparams import log_hparams
@@ -49,15 +49,22 @@ def validate_into(run_dir: Path | str, dataset: DatasetInfo, data: DataConfig) -
     return report, clean
 
 
-def accuracy_on(checkpoint: Path | str, split: Split, device: str, data_dir: Path | str) -> float:
-    """Top-1 accuracy of a checkpoint on a split (no files written)."""
-    from visionflow.cache import load_decoded
+def accuracy_on(checkpoint: Path | str, split: Split, device: str, data: DataConfig) -> float:
+    """Top-1 accuracy of a checkpoint on a split (no files written), read by `data.loader`
+    (resolved: memory or stream, as `eval_split_of` says)."""
     from visionflow.checkpoints import load_model
     from visionflow.evaluation import evaluate_model
 
     model, spec = load_model(checkpoint)
-    decoded = load_decoded(split, spec.input_size, decoded_cache_dir(data_dir))
-    return evaluate_model(model, spec, decoded, device=device).accuracy
+    return evaluate_model(model, spec, eval_split_of(split, data, spec.input_size), device=device).accuracy
+
+
+def eval_split_of(split: Split, data: DataConfig, image_size: int) -> Any:
+    """`split` at image_size as the loader training used reads it (`data.loader`, resolved:
+    memory or stream; see `cache.open_split`)."""
+    from visionflow.cache import open_split
+
+    return open_split(split, data.model_copy(update={"image_size": image_size}), data.loader)
 
 
 def fill_normalization(dataset: DatasetInfo, data: DataConfig) -> DataConfig:
@@ -143,12 +150,11 @@ def train_run(
 
 
 def write_evaluation(
-    run_dir: Path | str, checkpoint: Path | str, eval_split: Split, device: str, data_dir: Path | str
+    run_dir: Path | str, checkpoint: Path | str, eval_split: Split, device: str, data: DataConfig
 ) -> EvalReport:
     """Evaluate a checkpoint on the eval split: evaluation.json, per-class and confusion CSVs,
     the confusion matrix (PNG and TensorBoard), per-class PR curves (TensorBoard) and the most
-    confidently wrong images."""
-    from visionflow.cache import load_decoded
+    confidently wrong images. `data`: the data config training used (its loader resolved)."""
     from visionflow.checkpoints import load_model
     from visionflow.evaluation import evaluate_model
     from visionflow.reports import render_misclassified, write_evaluation_csvs
@@ -156,9 +162,7 @@ def write_evaluation(
 
     layout = RunLayout(Path(run_dir))
     model, spec = load_model(checkpoint)
-    report = evaluate_model(
-        model, spec, load_decoded(eval_split, spec.input_size, decoded_cache_dir(data_dir)), device=device
-    )
+    report = evaluate_model(model, spec, eval_split_of(eval_split, data, spec.input_size), device=device)
     values = report.to_dict()
     atomic_write_json(layout.evaluation, values)
     write_evaluation_csvs(values, layout.root)

@@ -9,7 +9,7 @@ import torch
 from visionflow.config import DistributedConfig, build_config, check_global_batch, world_size
 from visionflow.distributed import Ranks, from_main, sum_over_ranks
 from visionflow.errors import ConfigError
-from visionflow.loaders import BatchOrder, Batches, DeviceLoader
+from visionflow.loaders import Batches, BatchOrder, DeviceLoader
 from visionflow.rng import Generators
 
 CPU = torch.device("cpu")
