@@ -67,6 +67,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/near_duplicates.py
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/distributed.py
+	$(BIN)/python bench/stream.py
 
 clean:
 	rm -rf $(VENV) artifacts/runs data/cache
