@@ -163,3 +163,18 @@ def test_bad_loader_settings_are_one_line_errors(field: str, value: object, expe
 def test_stream_workers_default_to_the_usable_cores(mixed_dataset: DatasetInfo, tmp_path: Path):
     split = open_split(mixed_dataset.train, _data(tmp_path), "stream")
     assert split.num_workers == min(8, len(os.sched_getaffinity(0)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stream_on_cuda_pins_its_batches_and_matches_memory(mixed_dataset: DatasetInfo, tmp_path: Path):
+    cuda = torch.device("cuda")
+    data = _data(tmp_path, num_workers=1)
+    memory, stream = (open_split(mixed_dataset.train, data, loader) for loader in ("memory", "stream"))
+    loaders = [
+        make_loader(split, 8, cuda, shuffle=True, generators=Generators.seeded(3, cuda)) for split in (memory, stream)
+    ]
+    images, _ = next(iter(loaders[1]))
+    assert images.device.type == "cpu" and images.is_pinned()  # Batches copies it asynchronously
+    for (a, y), (b, z) in zip(_all_batches(loaders[0]), _all_batches(loaders[1]), strict=True):
+        assert a.device.type == "cuda" and torch.equal(a.cpu(), b) and torch.equal(y.cpu(), z)
