@@ -174,7 +174,7 @@ def test_stream_on_cuda_pins_its_batches_and_matches_memory(mixed_dataset: Datas
     loaders = [
         make_loader(split, 8, cuda, shuffle=True, generators=Generators.seeded(3, cuda)) for split in (memory, stream)
     ]
-    images, _ = next(iter(loaders[1]))
+    images, _ = next(iter(make_loader(stream, 8, cuda)))
     assert images.device.type == "cpu" and images.is_pinned()  # Batches copies it asynchronously
     for (a, y), (b, z) in zip(_all_batches(loaders[0]), _all_batches(loaders[1]), strict=True):
         assert a.device.type == "cuda" and torch.equal(a.cpu(), b) and torch.equal(y.cpu(), z)
