@@ -160,7 +160,7 @@ def main() -> None:
             result = measure(images, loader, args.batch, args.steps, args.warmup, Path(tmp))
             runs[images, loader] = result
             print(
-                f"{loader:6s} {images:>6,} images: {result['images_per_second']:.1f} img/s "
+                f"{loader:6s} {images:>6,} images: {result['images_per_second']:.2f} img/s "
                 f"over {args.steps} steps of {args.batch}, "
                 f"peak RSS {result['peak_rss_mb']:,.0f} MB, split opened in {result['open_seconds']:.1f} s "
                 f"(precision {result['precision']}, channels_last {result['channels_last']}, "
