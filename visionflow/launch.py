@@ -42,7 +42,7 @@ from visionflow.engine import Progress, with_fast_settings
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.fileio import atomic_write_text
 from visionflow.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec
-from visionflow.stopping import TrainingTimedOut
+from visionflow.stopping import StopGuard, TrainingTimedOut
 
 WORKER_MODULE = "visionflow.ddp_worker"
 WORK_DIR = "distributed"  # under the run directory
@@ -212,11 +212,13 @@ def run_ranks(
             preexec_fn=parent_death_signal(),
         )
         try:
-            offset = 0
-            while (code := proc.poll()) is None:
-                offset = _read_events(events, offset, on_event)
-                time.sleep(_POLL_SECONDS)
-            _read_events(events, offset, on_event)
+            with StopGuard() as stop:  # a Ctrl-C or SIGTERM acts within one poll
+                offset = 0
+                while (code := proc.poll()) is None:
+                    offset = _read_events(events, offset, on_event)
+                    stop.check()
+                    time.sleep(_POLL_SECONDS)
+                _read_events(events, offset, on_event)
         except BaseException:  # Ctrl-C, a cancellation's SIGTERM, a failing callback: no rank outlives us
             _stop(proc)
             raise
