@@ -70,6 +70,11 @@ class DataConfig(_Section):
     augment: bool | None = Field(
         None, description="Random crop (padding 4) + horizontal flip on training batches; None = from the recipe."
     )
+    test_flip: bool | None = Field(
+        None,
+        description="Evaluate and predict on each image and its mirror image, averaging the two logits "
+        "(twice the evaluation forward passes, recorded in the model spec); None = from the recipe.",
+    )
     mean: list[float] | None = Field(
         None,
         min_length=3,
@@ -274,8 +279,9 @@ class PipelineConfig(_Section):
         recipe = RECIPES[self.optim.recipe]
         optim = {k: (v if v is not None else recipe.get(k)) for k, v in self.optim.model_dump().items()}
         data = self.data.model_dump()
-        if data["augment"] is None:
-            data["augment"] = recipe["augment"]
+        for key in ("augment", "test_flip"):
+            if data[key] is None:
+                data[key] = recipe[key]
         return self.model_copy(update={"optim": OptimConfig(**optim), "data": DataConfig(**data)})
 
 
@@ -290,9 +296,11 @@ class PipelineConfig(_Section):
 # fmt: off
 RECIPES: dict[str, dict[str, Any]] = {
     "default": dict(optimizer="adamw", lr=3e-3, momentum=0.9, nesterov=True, weight_decay=0.05,
-                    scheduler="onecycle", step_size=30, gamma=0.1, label_smoothing=0.1, grad_clip=0.0, augment=True),
+                    scheduler="onecycle", step_size=30, gamma=0.1, label_smoothing=0.1, grad_clip=0.0, augment=True,
+                    test_flip=True),
     "tutorial": dict(optimizer="sgd", lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
-                     scheduler="none", step_size=30, gamma=0.1, label_smoothing=0.0, grad_clip=0.0, augment=False),
+                     scheduler="none", step_size=30, gamma=0.1, label_smoothing=0.0, grad_clip=0.0, augment=False,
+                     test_flip=False),
 }
 # fmt: on
 
