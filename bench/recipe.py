@@ -19,7 +19,7 @@ the accuracy the default recipe reached before it was tuned for time (10 epochs:
 seed 0), so the ratio answers "how long does today's default run take to do what yesterday's
 10-epoch run did", against the tutorial's 10 epochs. The default run is the product's default
 length, not 10 epochs: the recipe is tuned so that the run a user gets without flags is the fast
-one (a longer schedule reaches the target later, its warm-up and annealing being stretched).
+one.
 
 The two runs go one after the other; on a shared machine both are slowed alike only if the load
 is steady, so rerun when the figures look off. The last line is
