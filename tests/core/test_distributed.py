@@ -139,13 +139,14 @@ class Record(Callback):
 def train_tiny(
     dataset_dir: str, run_dir: str, nproc: int = 2, resume_from: str | None = None, callbacks: Sequence[Callback] = ()
 ) -> FitResult:
-    """The default recipe (augmentation, AdamW, one-cycle) on `nproc` CPU ranks, fp32."""
+    """The default recipe (AdamW, one-cycle, test-time flip) with augmentation on `nproc` CPU ranks, fp32."""
     config = load_config(
         None,
         {
             "data.dataset": dataset_dir,
             "data.data_dir": str(Path(dataset_dir).parent / "data"),
             "data.batch_size": 16,
+            "data.augment": True,  # every rank augments the whole global batch: resumed exactly
             "training.epochs": RUN_EPOCHS,
             "training.device": "cpu",
             "training.precision": "fp32",

@@ -42,7 +42,8 @@ SPEC = ModelSpec("tudui", NUM_CLASSES, 32, list("abcd"))
 
 
 def _config(epochs: int = 2, **sections):
-    values = {"data": {"batch_size": 32}, "training": {"epochs": epochs, "device": "cpu"}}
+    # Augmented (the default recipe leaves it off): resume and reproducibility cover its random streams.
+    values = {"data": {"batch_size": 32, "augment": True}, "training": {"epochs": epochs, "device": "cpu"}}
     for section, fields in sections.items():
         values.setdefault(section, {}).update(fields)
     return build_config(values)
