@@ -150,6 +150,7 @@ TRAIN_OVERRIDES = {  # CLI flag (argparse dest) -> dotted config field
     "recipe": "optim.recipe",
     "epochs": "training.epochs",
     "batch_size": "data.batch_size",
+    "loader": "data.loader",
     "lr": "optim.lr",
     "device": "training.device",
     "seed": "training.seed",
@@ -579,6 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", metavar="NAME", help="default or tutorial (default: default)")
     p.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
     p.add_argument("--batch-size", type=int, metavar="N", help="images per optimizer step")
+    p.add_argument(
+        "--loader",
+        metavar="auto|memory|stream",
+        help="decoded splits in RAM (memory) or decoded batch by batch from the files (stream); "
+        "default auto: memory while they fit data.memory_budget_mb",
+    )
     p.add_argument("--lr", type=float, metavar="F", help="peak learning rate (default: from the recipe)")
     p.add_argument("--device", metavar="auto|cpu|cuda|mps", help="training device (default: auto)")
     p.add_argument("--seed", type=int, metavar="N", help="seed for everything random (default: 0)")

@@ -49,11 +49,12 @@ def train_pipeline(config: PipelineConfig) -> Manifest:
             )
             model = describe_model(config.model.name, len(dataset.classes), config.data.image_size, run.run_dir)
             training = train_model(dataset, validated, config, normalization, run.run_dir, run.resume_from)
+            used = training.used_config(config).data  # its loader resolved: evaluation reads the same way
             evaluation = evaluate_checkpoint(
-                dataset, validated, training.best_checkpoint, config.training.device, config.data.data_dir, run.run_dir
+                dataset, validated, training.best_checkpoint, config.training.device, used, run.run_dir
             )
             with_leaked = evaluate_with_leaked(
-                dataset, validated, training.best_checkpoint, config.training.device, config.data.data_dir
+                dataset, validated, training.best_checkpoint, config.training.device, used
             )
             export = export_checkpoint(training.best_checkpoint, run.run_dir)
             manifest = finish_run(run, dataset, validated, preview, model, training, evaluation, with_leaked, export)

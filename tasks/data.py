@@ -177,7 +177,7 @@ def validate_data(dataset: DatasetRef, data: DataConfig, run_dir: str) -> Valida
 )
 def compute_normalization(dataset: DatasetRef, validated: ValidatedData, data: DataConfig) -> Normalization:
     """The train split's per-channel mean and std where the config leaves them empty (computed once per run)."""
-    filled = fill_normalization(validated.apply(dataset).train, data)
+    filled = fill_normalization(validated.apply(dataset), data)
     return Normalization(mean=filled.mean, std=filled.std)
 
 

@@ -10,6 +10,7 @@ from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, ValidatedData, by_exclusions, by_fingerprint
 from tasks.names import run_name
 from tasks.training import TrainOutput
+from visionflow.config import DataConfig
 from visionflow.manifest import MetricsRecord
 from visionflow.records import time_to_accuracy
 from visionflow.steps import accuracy_on, export_into, write_evaluation
@@ -58,11 +59,12 @@ def by_sha256(ref: FileRef) -> str:
     task_run_name=run_name("evaluate {checkpoint_name}"),
 )
 def evaluate_checkpoint(
-    dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str, data_dir: str, run_dir: str
+    dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str, data: DataConfig, run_dir: str
 ) -> EvalOutput:
-    """Evaluate the checkpoint on the eval split: evaluation.json, CSVs, confusion and misclassified images."""
+    """Evaluate the checkpoint on the eval split: evaluation.json, CSVs, confusion and misclassified
+    images; read as training read it (`data`: its data config, the loader resolved)."""
     with written_files(run_dir) as files:
-        report = write_evaluation(run_dir, checkpoint.path, validated.apply(dataset).eval_split, device, data_dir)
+        report = write_evaluation(run_dir, checkpoint.path, validated.apply(dataset).eval_split, device, data)
     get_run_logger().info("eval accuracy %.4f, loss %.4f on %d images", report.accuracy, report.loss, report.num_images)
     return EvalOutput(
         accuracy=report.accuracy,
@@ -82,13 +84,13 @@ def evaluate_checkpoint(
     task_run_name=run_name("evaluate {checkpoint_name} with leaked"),
 )
 def evaluate_with_leaked(
-    dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str, data_dir: str
+    dataset: DatasetRef, validated: ValidatedData, checkpoint: FileRef, device: str, data: DataConfig
 ) -> LeakedEvalOutput:
     """Accuracy on the eval split with the leaked images that on_leak="drop-eval" left out (None when none were)."""
     if not validated.dropped_leaked:
         return LeakedEvalOutput(accuracy=None)
     full = validated.apply(dataset, keep_leaked=True).eval_split
-    accuracy = accuracy_on(checkpoint.path, full, device, data_dir)
+    accuracy = accuracy_on(checkpoint.path, full, device, data)
     get_run_logger().info("eval accuracy %.4f with the %d leaked images", accuracy, len(validated.dropped_leaked))
     return LeakedEvalOutput(accuracy=accuracy)
 

@@ -42,8 +42,10 @@ class TrainOutput(TaskOutput):
         return self.files[BEST_CHECKPOINT_PATH]
 
     def used_config(self, config: PipelineConfig) -> PipelineConfig:
-        """`config` (resolved) with the normalization, precision and memory format this training used."""
-        data = config.data.model_copy(update={"mean": self.fit.spec.mean, "std": self.fit.spec.std})
+        """`config` (resolved) with the normalization, loader, precision and memory format this training used."""
+        data = config.data.model_copy(
+            update={"mean": self.fit.spec.mean, "std": self.fit.spec.std, "loader": self.fit.loader}
+        )
         training = config.training.model_copy(
             update={"precision": self.fit.precision, "channels_last": self.fit.channels_last}
         )
@@ -64,16 +66,16 @@ class TrainOutput(TaskOutput):
 
 
 def by_training_fields(config: PipelineConfig) -> dict[str, Any]:
-    """What training depends on: the whole config except where data and outputs live, the time
-    limit (a run that finishes within it trains the same weights), the device limit's size and
-    where ranks meet; the world size instead of how it is spelt (nproc_per_node 'gpu' counted on
-    this machine)."""
+    """What training depends on: the whole config except where data and outputs live, how batches
+    are read (the memory and stream loaders yield the same ones), the time limit (a run that
+    finishes within it trains the same weights), the device limit's size and where ranks meet; the
+    world size instead of how it is spelt (nproc_per_node 'gpu' counted on this machine)."""
     meeting = {"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id"}
     fields = config.model_dump(
         mode="json",
         exclude={
             "output": True,
-            "data": {"dataset", "data_dir"},
+            "data": {"dataset", "data_dir", "loader", "memory_budget_mb", "num_workers"},
             "training": {"timeout_minutes": True, "device_slots": True, "distributed": meeting},
         },
     )

@@ -31,6 +31,7 @@ def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
         (["--model", "vgg"], "Invalid model 'vgg'. Choose from: resnet18, tudui"),
         (["--lr", "-1"], "Invalid config field 'optim.lr'"),
         (["--device", "tpu"], "Invalid config field 'training.device'"),
+        (["--loader", "fast"], "Invalid config field 'data.loader': Input should be 'auto', 'memory' or 'stream'"),
     ],
 )
 def test_bad_value_is_one_line_and_writes_nothing(
@@ -136,6 +137,24 @@ def test_first_run_on_a_new_prefect_home(
         capsys, "train", "--dataset", str(data), "--output", str(tmp_path / "out"), "--run-name", "first"
     )
     assert code == 2 and "already completed" in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_auto_streams_over_a_tiny_memory_budget_and_records_it(tmp_path: Path, sample_dataset: Path) -> None:
+    data = copy_tiny_dataset(sample_dataset, tmp_path / "mini", ("bird", "frog"), 6, 3)
+    config = tmp_path / "config.yaml"
+    config.write_text("data:\n  memory_budget_mb: 0.01\n  num_workers: 1\n")  # 18 images at 32 px: 0.05 MiB
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m", "flows.cli", "train", "--config", str(config), "--dataset", str(data)]
+    argv += ["--epochs", "2", "--batch-size", "4", "--device", "cpu", "--run-name", "streamed"]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr
+    manifest = json.loads((tmp_path / "artifacts" / "runs" / "streamed" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["config"]["data"]["loader"] == "stream"
+    assert 0.0 <= manifest["metrics"]["eval_accuracy"] <= 1.0
+    assert not (tmp_path / "data").exists()  # no decoded cache (data.data_dir) was written
 
 
 def processes_with(marker: str) -> list[int]:

@@ -1,12 +1,15 @@
 """Decoded-tensor cache: a split decoded once into a uint8 (N, 3, S, S) tensor, stored under
 `cache_dir` keyed by the split fingerprint and the size, so epochs and later runs skip JPEG/PNG
-decoding entirely. 50,000 32x32 images take 150 MB (one byte per channel value).
+decoding entirely. 50,000 32x32 images take 150 MB (one byte per channel value), 100,000 photos at
+224 px 15 GB: such a split is streamed instead (`FileSplit`, data.loader), decoded batch by batch by
+the same `decode_file`, so both loaders see the same pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionflow.data import Split
+from visionflow.config import DataConfig
+from visionflow.data import DatasetInfo, Split, decoded_cache_dir
 from visionflow.fileio import atomic_write
 from visionflow.fingerprint import fingerprint_split
 from visionflow.images import load_rgb, thread_map
@@ -40,6 +44,60 @@ class DecodedSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+
+@dataclass
+class FileSplit:
+    """A split read from its files batch by batch (the stream loader): nothing decoded is kept."""
+
+    paths: tuple[Path, ...]  # absolute, in split order
+    labels: torch.Tensor  # (N,) int64
+    classes: tuple[str, ...]
+    files: tuple[str, ...]  # relative paths, same order (for reports)
+    image_size: int
+    num_workers: int  # DataLoader worker processes decoding it; 0 = in the reading process
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def memory_budget_mb(data: DataConfig) -> float:
+    """data.memory_budget_mb, or a quarter of this machine's physical RAM when it is None."""
+    if data.memory_budget_mb is not None:
+        return data.memory_budget_mb
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (4 * 2**20)
+
+
+def choose_loader(data: DataConfig, dataset: DatasetInfo) -> str:
+    """'memory' or 'stream': data.loader, with 'auto' meaning memory while the dataset's train and
+    eval splits decoded at data.image_size (3 bytes per pixel) fit `memory_budget_mb`."""
+    if data.loader != "auto":
+        return data.loader
+    decoded_mb = (len(dataset.train) + len(dataset.eval_split)) * 3 * data.image_size**2 / 2**20
+    return "memory" if decoded_mb <= memory_budget_mb(data) else "stream"
+
+
+def default_num_workers() -> int:
+    """Stream loader workers when data.num_workers is None: the usable cores, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores)
+
+
+def open_split(split: Split, data: DataConfig, loader: str) -> DecodedSplit | FileSplit:
+    """The split as `loader` ('memory' or 'stream', see `choose_loader`) reads it: decoded into RAM
+    through the cache, or its files, decoded batch by batch by data.num_workers processes."""
+    if loader == "memory":
+        return load_decoded(split, data.image_size, decoded_cache_dir(data.data_dir))
+    if loader != "stream":
+        raise ValueError(f"Invalid loader '{loader}'. Choose from: memory, stream")
+    workers = data.num_workers if data.num_workers is not None else default_num_workers()
+    files = tuple(split.relpath(i) for i in range(len(split)))
+    labels = torch.tensor(split.labels, dtype=torch.int64)
+    return FileSplit(tuple(split.files), labels, split.classes, files, data.image_size, workers)
+
 
 def cache_path(fingerprint: str, image_size: int, cache_dir: Path | str) -> Path:
     """Where the decoded tensors of a split fingerprint at image_size live."""
@@ -54,18 +112,29 @@ def _checksum(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def decode_file(path: Path | str, image_size: int) -> np.ndarray:
+    """One image file as uint8 (3, S, S): decoded to RGB (`images.load_rgb`), resized to
+    image_size x image_size (bilinear with antialiasing, like torchvision's Resize on PIL images).
+
+    Pillow for both loaders, measured against torchvision.io on hymenoptera JPEGs (~500x375 to
+    224 px, one core): decode_image decodes the same pixels ~1.3 ms faster (of ~4.5 ms), but its
+    antialiased resize differs from Pillow's by up to 1 level and it has no load_rgb rules
+    (alpha on white, 16-bit scaling); memory and stream loaders must see identical pixels.
+    """
+    image = load_rgb(path)
+    if image.size != (image_size, image_size):
+        # Pillow's resize widens the filter support when shrinking, i.e. it antialiases.
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(image).transpose(2, 0, 1)
+
+
 def decode_split(split: Split, image_size: int, fingerprint: str) -> DecodedSplit:
-    """Decode every file of split to RGB, resize to image_size x image_size (bilinear with
-    antialiasing, like torchvision's Resize on PIL images) into one preallocated uint8 tensor."""
+    """Decode every file of split (`decode_file`) into one preallocated uint8 tensor."""
     images = torch.empty((len(split), 3, image_size, image_size), dtype=torch.uint8)
     target = images.numpy()  # shares memory; rows are written in place by the worker threads
 
     def decode(index: int) -> None:
-        image = load_rgb(split.files[index])
-        if image.size != (image_size, image_size):
-            # Pillow's resize widens the filter support when shrinking, i.e. it antialiases.
-            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        target[index] = np.asarray(image).transpose(2, 0, 1)
+        target[index] = decode_file(split.files[index], image_size)
 
     thread_map(decode, range(len(split)))
     labels = torch.tensor(split.labels, dtype=torch.int64)

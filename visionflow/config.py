@@ -17,6 +17,7 @@ from visionflow.errors import ConfigError
 Optimizer = Literal["sgd", "adam", "adamw"]
 Scheduler = Literal["none", "step", "cosine", "onecycle"]
 Monitor = Literal["eval_accuracy", "eval_loss"]
+Loader = Literal["auto", "memory", "stream"]  # data.loader
 # training.monitor -> whether a higher ("max") or a lower ("min") value is better: the one table.
 MONITOR_MODES: dict[str, Literal["max", "min"]] = {"eval_accuracy": "max", "eval_loss": "min"}
 MODEL_NAMES = ("tudui", "resnet18")  # the keys of visionflow.models.MODELS (checked by a test), torch-free
@@ -67,6 +68,23 @@ class DataConfig(_Section):
     batch_size: int = Field(64, ge=1, le=65536, description="Images per optimizer step.")
     shuffle: bool = Field(True, description="Reshuffle the training set every epoch.")
     drop_last: bool = Field(False, description="Drop the last incomplete training batch.")
+    loader: Loader = Field(
+        "auto",
+        description="memory (each split decoded once into a uint8 tensor in RAM, cached on disk), stream "
+        "(DataLoader workers decode and resize each batch from the files: RAM flat in the dataset's size) or "
+        "auto (memory while the decoded train and eval splits fit data.memory_budget_mb, else stream). "
+        "Both give the same batches.",
+    )
+    memory_budget_mb: float | None = Field(
+        None, gt=0, description="RAM (MiB) the memory loader may fill under auto; None = a quarter of this machine's."
+    )
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Stream loader's decoding processes (per loader: train and eval each have theirs); "
+        "None = the usable cores, at most 8; 0 = decode in the training process.",
+    )
     augment: bool | None = Field(
         None, description="Random crop (padding 4) + horizontal flip on training batches; None = from the recipe."
     )

@@ -31,6 +31,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from visionflow import checkpoints
 from visionflow.autotune import BF16_SLOWDOWN_WARNING, bf16_slowdown, cpu_name, fast_settings, native_bf16
+from visionflow.cache import FileSplit
 from visionflow.config import DataConfig, PipelineConfig, check_global_batch, flatten, is_improvement
 from visionflow.device import autocast, resolve_device
 from visionflow.distributed import (
@@ -42,7 +43,7 @@ from visionflow.distributed import (
     wait_for_main,
 )
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
-from visionflow.loaders import Batches, eval_batches, make_loader
+from visionflow.loaders import Batches, eval_batches, make_loader, uint8_batches
 from visionflow.optim import build_optimizer, build_scheduler
 from visionflow.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec, TrainStats
 from visionflow.rng import Generators, restore_rng_state, rng_state
@@ -51,11 +52,13 @@ from visionflow.stopping import StopGuard
 from visionflow.transforms import BatchTransform, fill_mean_std
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change where
-# things are written or how fast it runs, not the numbers (data.num_workers: a removed loader
-# setting that checkpoints written before its removal still carry).
+# things are written or how fast it runs, not the numbers (the memory and stream loaders yield the
+# same batches).
 _RESUME_FREE_FIELDS = (
     "output.",
     "data.data_dir",
+    "data.loader",
+    "data.memory_budget_mb",
     "data.num_workers",
     "training.device",
     "training.compile",
@@ -356,9 +359,9 @@ def _check_resumable(stored: dict, config: PipelineConfig, path: Path, device: t
         )
 
 
-def _with_normalization(config: PipelineConfig, train_images: Tensor) -> PipelineConfig:
+def _with_normalization(config: PipelineConfig, train: Any) -> PipelineConfig:
     """Fill data.mean/std left empty with the train split's statistics (recorded in the resolved config)."""
-    mean, std = fill_mean_std(config.data.mean, config.data.std, train_images)
+    mean, std = fill_mean_std(config.data.mean, config.data.std, uint8_batches(train))  # lazy: only when empty
     data = DataConfig(**{**config.data.model_dump(), "mean": mean, "std": std})
     return config.model_copy(update={"data": data})
 
@@ -411,6 +414,7 @@ def _result(
     device: torch.device,
     spec: ModelSpec,
     config: PipelineConfig,
+    loader: str,
     phase_seconds: dict[str, float] | None = None,
     timed_epochs: int = 0,
 ) -> FitResult:
@@ -429,6 +433,7 @@ def _result(
         spec=spec,
         precision=config.training.precision,
         channels_last=config.training.channels_last,
+        loader=loader,
         distributed=describe(device),
         phase_seconds=phase_seconds or {},
         timed_epochs=timed_epochs,
@@ -467,8 +472,7 @@ def _build_run(
     # Every rank draws the same permutation and augments the whole global batch (the same random
     # streams everywhere, so rank 0's checkpoint resumes them all), then trains on its slice.
     train_loader = make_loader(
-        train.images,
-        train.labels,
+        train,
         data.batch_size,
         device,
         shuffle=data.shuffle,
@@ -493,9 +497,7 @@ def _build_run(
         criterion=nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
         generators=generators,
         train_batches=train_batches,
-        eval_batches=eval_batches(
-            eval_split.images, eval_split.labels, data.mean, data.std, device, data.batch_size, training.channels_last
-        ),
+        eval_batches=eval_batches(eval_split, data.mean, data.std, device, data.batch_size, training.channels_last),
     )
 
 
@@ -640,7 +642,8 @@ def fit(
     *,
     progress_stream: TextIO | None = None,
 ) -> FitResult:
-    """Train `model` in place on decoded splits (`.images` uint8 (N, 3, H, W), `.labels` (N,)).
+    """Train `model` in place on decoded splits (`.images` uint8 (N, 3, H, W), `.labels` (N,)) or
+    on `cache.FileSplit`s, streamed from their files (the same batches; FitResult.loader says which).
 
     Writes checkpoint_dir/last.pt every epoch and best.pt when config.training.monitor improves.
     Ctrl-C stops it at the next batch boundary (see StopGuard), and so does
@@ -652,7 +655,8 @@ def fit(
     checkpoints and progress, callbacks run where they are given.
     """
     ranks = Ranks.current()
-    config = _with_normalization(config.resolved(), train.images)
+    loader = "stream" if isinstance(train, FileSplit) else "memory"
+    config = _with_normalization(config.resolved(), train)
     spec = replace(spec, mean=config.data.mean, std=config.data.std, test_flip=config.data.test_flip)
     _check_data(train, eval_split, spec, config, ranks)
     device = resolve_device(config.training.device)
@@ -665,7 +669,7 @@ def fit(
         state, finished = _resume(run, resume_from, config, device, ranks)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if finished:
-        return _result(state, run.model, checkpoint_dir, device, spec, config)
+        return _result(state, run.model, checkpoint_dir, device, spec, config, loader)
     for cb in callbacks:
         cb.on_fit_start(_start_info(run, state, config, spec, device, train, eval_split))
     progress = Progress(config.training.epochs, progress_stream) if ranks.is_main else None
@@ -686,7 +690,7 @@ def fit(
             epochs_run += 1
             if state.stopped_early:
                 break
-    result = _result(state, run.model, checkpoint_dir, device, spec, config, timer.totals(), epochs_run)
+    result = _result(state, run.model, checkpoint_dir, device, spec, config, loader, timer.totals(), epochs_run)
     for cb in callbacks:
         cb.on_fit_end(result)
     return result

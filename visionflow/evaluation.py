@@ -14,7 +14,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from visionflow import transforms
-from visionflow.cache import DecodedSplit
+from visionflow.cache import DecodedSplit, FileSplit
 from visionflow.device import resolve_device
 from visionflow.engine import collect_logits
 from visionflow.errors import DatasetError
@@ -172,26 +172,27 @@ def check_classes_match(spec: ModelSpec, classes: Sequence[str]) -> None:
         )
 
 
-def _check_split_fits(spec: ModelSpec, decoded: DecodedSplit) -> None:
+def _check_split_fits(spec: ModelSpec, decoded: DecodedSplit | FileSplit) -> None:
     """The split must be non-empty, decoded at the model's input size, with the model's classes."""
     if len(decoded.labels) == 0:
         raise DatasetError("The split to evaluate has no images: expected at least one")
     check_classes_match(spec, decoded.classes)
-    size = tuple(decoded.images.shape[-2:])
-    if size != (spec.input_size, spec.input_size):
+    size = decoded.image_size
+    if size != spec.input_size:
         raise DatasetError(
-            f"Images are decoded at {size[0]}x{size[1]} but the model expects "
+            f"Images are decoded at {size}x{size} but the model expects "
             f"{spec.input_size}x{spec.input_size}: decode the split at the spec's input_size"
         )
 
 
 def evaluate_model(
-    model: nn.Module, spec: ModelSpec, decoded: DecodedSplit, device: str = "auto", batch_size: int = 256
+    model: nn.Module, spec: ModelSpec, decoded: DecodedSplit | FileSplit, device: str = "auto", batch_size: int = 256
 ) -> EvalReport:
-    """Evaluate ``model`` (moved to ``device``) on a decoded split, normalized with the spec's mean/std."""
+    """Evaluate ``model`` (moved to ``device``) on a decoded split or a streamed one (`cache.FileSplit`),
+    normalized with the spec's mean/std."""
     _check_split_fits(spec, decoded)
     target = resolve_device(device)
-    batches = eval_batches(decoded.images, decoded.labels, spec.mean, spec.std, target, batch_size)
+    batches = eval_batches(decoded, spec.mean, spec.std, target, batch_size)
     logits, labels = collect_logits(model.to(target), batches, target, flip=spec.test_flip)  # (N, C), (N,)
     return report_from_logits(logits, labels, decoded.classes, decoded.files)
 

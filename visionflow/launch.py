@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, TypeAdapter
 
-from visionflow.cache import load_decoded
+from visionflow.cache import choose_loader, load_decoded
 from visionflow.config import PipelineConfig, check_global_batch, world_size
 from visionflow.data import DatasetInfo, decoded_cache_dir
 from visionflow.device import resolve_device
@@ -42,7 +42,7 @@ from visionflow.engine import Progress, with_fast_settings
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.fileio import atomic_write_text
 from visionflow.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec
-from visionflow.stopping import TrainingTimedOut
+from visionflow.stopping import StopGuard, TrainingTimedOut
 
 WORKER_MODULE = "visionflow.ddp_worker"
 WORK_DIR = "distributed"  # under the run directory
@@ -212,11 +212,13 @@ def run_ranks(
             preexec_fn=parent_death_signal(),
         )
         try:
-            offset = 0
-            while (code := proc.poll()) is None:
-                offset = _read_events(events, offset, on_event)
-                time.sleep(_POLL_SECONDS)
-            _read_events(events, offset, on_event)
+            with StopGuard() as stop:  # a Ctrl-C or SIGTERM acts within one poll
+                offset = 0
+                while (code := proc.poll()) is None:
+                    offset = _read_events(events, offset, on_event)
+                    stop.check()
+                    time.sleep(_POLL_SECONDS)
+                _read_events(events, offset, on_event)
         except BaseException:  # Ctrl-C, a cancellation's SIGTERM, a failing callback: no rank outlives us
             _stop(proc)
             raise
@@ -241,8 +243,9 @@ def launch_fit(
     spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
     # Resolved once here, so that every rank trains with the same precision and memory format.
     config = with_fast_settings(config, spec, resolve_device(config.training.device))
-    for split in (dataset.train, dataset.eval_split):  # decoded once here, not by every rank at once
-        load_decoded(split, data.image_size, decoded_cache_dir(data.data_dir))
+    if choose_loader(data, dataset) == "memory":  # decoded once here, not by every rank at once
+        for split in (dataset.train, dataset.eval_split):
+            load_decoded(split, data.image_size, decoded_cache_dir(data.data_dir))
     work_dir = Path(run_dir) / WORK_DIR
     shutil.rmtree(work_dir, ignore_errors=True)
     (work_dir / ERRORS_DIR).mkdir(parents=True)

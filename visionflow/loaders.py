@@ -1,14 +1,20 @@
-"""Batches of a decoded split: the whole split moved to the training device once, each epoch
-sliced into (uint8 images, labels) batches in a fresh seeded order, then augmented and
-normalized batch-wise on the device."""
+"""Batches of a split, from one of two sources: the whole decoded split moved to the training
+device once (`DeviceLoader`, data.loader memory), or its files decoded and resized batch by batch
+by DataLoader worker processes (`StreamLoader`, data.loader stream). Both take each epoch's
+order from the same `BatchOrder` (one fresh seeded permutation), so they yield the same uint8
+batches; `Batches` then augments and normalizes them batch-wise on the device.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
+from visionflow.cache import FileSplit, decode_file
 from visionflow.rng import Generators
 from visionflow.transforms import BatchTransform
 
@@ -20,8 +26,8 @@ def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
     return tensor.to(device)
 
 
-class DeviceLoader:
-    """A whole split resident on one device, sliced into (uint8 images, labels) batches.
+class BatchOrder:
+    """The indices of each batch of a pass over `n` images (a DataLoader `batch_sampler`).
 
     Each pass draws one fresh permutation from `generator` (when shuffling). Batch sizes are
     multiples of `multiple_of` (the world size of a distributed run, so that every rank gets an
@@ -30,34 +36,76 @@ class DeviceLoader:
 
     def __init__(
         self,
-        images: Tensor,
-        labels: Tensor,
+        n: int,
         batch_size: int,
         shuffle: bool = False,
         drop_last: bool = False,
         generator: torch.Generator | None = None,
         multiple_of: int = 1,
     ):
-        self.images, self.labels = images, labels  # (N, 3, H, W) uint8, (N,) int64, same device
-        self.batch_size, self.shuffle, self.drop_last, self.generator = batch_size, shuffle, drop_last, generator
-        self.multiple_of = multiple_of
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.generator, self.multiple_of = generator, multiple_of
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        last = n % self.batch_size  # images of the last, incomplete batch
-        return n // self.batch_size + (0 if self.drop_last or last < self.multiple_of else 1)
+        last = self.n % self.batch_size  # images of the last, incomplete batch
+        return self.n // self.batch_size + (0 if self.drop_last or last < self.multiple_of else 1)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            size = min(self.batch_size, self.n - start)
+            yield order[start : start + size - size % self.multiple_of].tolist()
+
+
+class DeviceLoader:
+    """A whole split resident on one device, sliced into (uint8 images, labels) batches in `order`."""
+
+    def __init__(self, images: Tensor, labels: Tensor, order: BatchOrder):
+        self.images, self.labels, self.order = images, labels, order  # (N, 3, H, W) uint8, (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.order)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator).to(self.labels.device) if self.shuffle else None
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            size = min(self.batch_size, n - start)
-            end = start + size - size % self.multiple_of
-            if order is None:
-                yield self.images[start:end], self.labels[start:end]
-            else:
-                index = order[start:end]  # (B,)
-                yield self.images[index], self.labels[index]
+        for batch in self.order:
+            index = torch.tensor(batch, device=self.labels.device)  # (B,)
+            yield self.images[index], self.labels[index]
+
+
+class _DecodedFiles(Dataset):
+    """(uint8 (3, S, S) image, label) of file i, decoded by `cache.decode_file` (in a worker)."""
+
+    def __init__(self, split: FileSplit):
+        self.paths, self.labels, self.image_size = split.paths, split.labels.tolist(), split.image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = np.ascontiguousarray(decode_file(self.paths[index], self.image_size))  # a writable copy
+        return torch.from_numpy(image), self.labels[index]
+
+
+class StreamLoader:
+    """A split decoded batch by batch from its files by `split.num_workers` DataLoader processes
+    (persistent across epochs; 0 = in this process), (uint8 images, labels) batches in `order`;
+    pinned for an async copy when training on CUDA. Nothing decoded outlives its batch."""
+
+    def __init__(self, split: FileSplit, order: BatchOrder, device: torch.device):
+        self.order = order
+        self.loader: DataLoader[Any] = DataLoader(
+            _DecodedFiles(split),
+            batch_sampler=order,  # iterated here, in the training process: the run's generator
+            num_workers=split.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=split.num_workers > 0,
+        )
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return iter(self.loader)
 
 
 class Batches:
@@ -90,8 +138,7 @@ class Batches:
 
 
 def make_loader(
-    images: Tensor,
-    labels: Tensor,
+    split: Any,
     batch_size: int,
     device: torch.device,
     *,
@@ -99,26 +146,34 @@ def make_loader(
     drop_last: bool = False,
     generators: Generators | None = None,
     multiple_of: int = 1,
-) -> DeviceLoader:
-    """(uint8 images, labels) batches of a decoded split, resident on `device`; shuffled with
+) -> DeviceLoader | StreamLoader:
+    """(uint8 images, labels) batches of a split: a `cache.FileSplit` streamed from its files, or a
+    decoded split (`.images` uint8 (N, 3, H, W), `.labels` (N,)) resident on `device`; shuffled with
     `generators.shuffle` (required when `shuffle`); batch sizes multiples of `multiple_of`."""
     if shuffle and generators is None:
         raise ValueError("make_loader(shuffle=True) needs the run's generators for a reproducible order")
     shuffle_gen = generators.shuffle if generators is not None else None
-    return DeviceLoader(
-        _to_device(images, device), _to_device(labels, device), batch_size, shuffle, drop_last, shuffle_gen, multiple_of
-    )
+    order = BatchOrder(len(split.labels), batch_size, shuffle, drop_last, shuffle_gen, multiple_of)
+    if isinstance(split, FileSplit):
+        return StreamLoader(split, order, device)
+    return DeviceLoader(_to_device(split.images, device), _to_device(split.labels, device), order)
+
+
+def uint8_batches(split: Any, batch_size: int = 256) -> Iterator[Tensor]:
+    """The split's uint8 (B, 3, H, W) images in order, on the CPU (for statistics such as `mean_std`)."""
+    for images, _ in make_loader(split, batch_size, torch.device("cpu")):
+        yield images
 
 
 def eval_batches(
-    images: Tensor,
-    labels: Tensor,
+    split: Any,
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
     batch_size: int = 256,
     channels_last: bool = False,
 ) -> Batches:
-    """Normalized float batches of a decoded split in order, for `evaluate` and `collect_logits`."""
-    loader = make_loader(images, labels, batch_size, device)
-    return Batches(loader, device, BatchTransform(mean, std, device, channels_last=channels_last))
+    """Normalized float batches of a split (see `make_loader`) in order, for `evaluate` and `collect_logits`."""
+    return Batches(
+        make_loader(split, batch_size, device), device, BatchTransform(mean, std, device, channels_last=channels_last)
+    )

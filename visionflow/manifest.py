@@ -180,8 +180,8 @@ class Manifest(_Record):
     @model_validator(mode="before")
     @classmethod
     def _upgrade(cls, values: Any) -> Any:
-        """Schema 1 (untyped) manifests: `manifest_version` is the schema version; a data loader
-        setting that no longer exists is dropped."""
+        """Schema 1 (untyped) manifests: `manifest_version` is the schema version; their
+        data.num_workers (a loader setting of that time, whose value meant something else) is dropped."""
         if isinstance(values, dict) and "manifest_version" in values:
             values = {k: v for k, v in values.items() if k != "manifest_version"}
             values["schema_version"] = 1

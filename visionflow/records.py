@@ -106,6 +106,8 @@ class FitResult:
     spec: ModelSpec  # the input spec with the normalization the run used
     precision: str  # fp32 or bf16: what training.precision (auto) meant on this device
     channels_last: bool  # what training.channels_last (auto) meant
+    # memory or stream: what data.loader (auto) meant; results cached before the stream loader existed: memory
+    loader: str = "memory"
     distributed: DistributedRecord | None = None  # the ranks of a data-parallel run; None = one process
     # Seconds by phase (engine.EPOCH_PHASES: data, forward, backward, optimizer, evaluation,
     # checkpoint, callbacks) over the `timed_epochs` epochs the last training session ran.

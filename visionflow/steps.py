@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from visionflow.config import DataConfig, PipelineConfig, world_size
-from visionflow.data import DatasetInfo, Split, decoded_cache_dir
+from visionflow.data import DatasetInfo, Split
 from visionflow.datachanges import write_listing
 from visionflow.fileio import atomic_write_json, atomic_write_text
 from visionflow.hparams import log_hparams
@@ -49,27 +49,36 @@ def validate_into(run_dir: Path | str, dataset: DatasetInfo, data: DataConfig) -
     return report, clean
 
 
-def accuracy_on(checkpoint: Path | str, split: Split, device: str, data_dir: Path | str) -> float:
-    """Top-1 accuracy of a checkpoint on a split (no files written)."""
-    from visionflow.cache import load_decoded
+def accuracy_on(checkpoint: Path | str, split: Split, device: str, data: DataConfig) -> float:
+    """Top-1 accuracy of a checkpoint on a split (no files written), read by `data.loader`
+    (resolved: memory or stream, as `eval_split_of` says)."""
     from visionflow.checkpoints import load_model
     from visionflow.evaluation import evaluate_model
 
     model, spec = load_model(checkpoint)
-    decoded = load_decoded(split, spec.input_size, decoded_cache_dir(data_dir))
-    return evaluate_model(model, spec, decoded, device=device).accuracy
+    return evaluate_model(model, spec, eval_split_of(split, data, spec.input_size), device=device).accuracy
 
 
-def fill_normalization(train: Split, data: DataConfig) -> DataConfig:
+def eval_split_of(split: Split, data: DataConfig, image_size: int) -> Any:
+    """`split` at image_size as the loader training used reads it (`data.loader`, resolved:
+    memory or stream; see `cache.open_split`)."""
+    from visionflow.cache import open_split
+
+    return open_split(split, data.model_copy(update={"image_size": image_size}), data.loader)
+
+
+def fill_normalization(dataset: DatasetInfo, data: DataConfig) -> DataConfig:
     """`data` with mean/std filled from the train split's pixels where empty (computed once per
-    run: preview and training both take the result)."""
-    from visionflow.cache import load_decoded
+    run: preview and training both take the result), read by the loader training will use
+    (`cache.choose_loader`)."""
+    from visionflow.cache import choose_loader, open_split
+    from visionflow.loaders import uint8_batches
     from visionflow.transforms import fill_mean_std
 
     if data.mean is not None and data.std is not None:
         return data
-    decoded = load_decoded(train, data.image_size, decoded_cache_dir(data.data_dir))
-    mean, std = fill_mean_std(data.mean, data.std, decoded.images)
+    split = open_split(dataset.train, data, choose_loader(data, dataset))
+    mean, std = fill_mean_std(data.mean, data.std, uint8_batches(split))
     return data.model_copy(update={"mean": mean, "std": std})
 
 
@@ -109,8 +118,9 @@ def train_run(
     """Train on the dataset's decoded splits with checkpoints in run_dir/checkpoints and curves
     in TensorBoard; `resume_from` continues an interrupted run (see `engine.fit`). With a
     training.distributed world size above 1 it starts the ranks (torchrun, `launch.launch_fit`),
-    each of which calls this again inside its process group; rank 0 writes TensorBoard."""
-    from visionflow.cache import load_decoded
+    each of which calls this again inside its process group; rank 0 writes TensorBoard.
+    data.loader picks how the splits are read (`cache.choose_loader`: memory or stream)."""
+    from visionflow.cache import choose_loader, open_split
     from visionflow.distributed import Ranks
     from visionflow.engine import fit
     from visionflow.launch import launch_fit
@@ -122,8 +132,8 @@ def train_run(
         return launch_fit(run_dir, dataset, config, resume_from, callbacks, progress_stream)
     layout = RunLayout(Path(run_dir))
     data = config.data
-    train = load_decoded(dataset.train, data.image_size, decoded_cache_dir(data.data_dir))
-    evaluation = load_decoded(dataset.eval_split, data.image_size, decoded_cache_dir(data.data_dir))
+    loader = choose_loader(data, dataset)
+    train, evaluation = (open_split(split, data, loader) for split in (dataset.train, dataset.eval_split))
     spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
     seed_everything(config.training.seed)  # before building: the initial weights are part of the result
     return fit(
@@ -140,12 +150,11 @@ def train_run(
 
 
 def write_evaluation(
-    run_dir: Path | str, checkpoint: Path | str, eval_split: Split, device: str, data_dir: Path | str
+    run_dir: Path | str, checkpoint: Path | str, eval_split: Split, device: str, data: DataConfig
 ) -> EvalReport:
     """Evaluate a checkpoint on the eval split: evaluation.json, per-class and confusion CSVs,
     the confusion matrix (PNG and TensorBoard), per-class PR curves (TensorBoard) and the most
-    confidently wrong images."""
-    from visionflow.cache import load_decoded
+    confidently wrong images. `data`: the data config training used (its loader resolved)."""
     from visionflow.checkpoints import load_model
     from visionflow.evaluation import evaluate_model
     from visionflow.reports import render_misclassified, write_evaluation_csvs
@@ -153,9 +162,7 @@ def write_evaluation(
 
     layout = RunLayout(Path(run_dir))
     model, spec = load_model(checkpoint)
-    report = evaluate_model(
-        model, spec, load_decoded(eval_split, spec.input_size, decoded_cache_dir(data_dir)), device=device
-    )
+    report = evaluate_model(model, spec, eval_split_of(eval_split, data, spec.input_size), device=device)
     values = report.to_dict()
     atomic_write_json(layout.evaluation, values)
     write_evaluation_csvs(values, layout.root)

@@ -10,7 +10,7 @@ mean and std per channel on [0, 1] pixels.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,22 +43,23 @@ def eval_pipeline(image_size: int, mean: Sequence[float], std: Sequence[float]) 
 # Statistics
 
 
-def mean_std(images: Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and (population) std on [0, 1] pixels of a uint8 (N, 3, H, W) tensor.
+def mean_std(images: Tensor | Iterable[Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std on [0, 1] pixels of a uint8 (N, 3, H, W) tensor, or
+    of a split given as uint8 (B, 3, H, W) batches (`loaders.uint8_batches`: the same figures).
 
     Exact and memory-light: a 256-bin histogram per channel instead of a float copy of the split.
     """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(
-            f"mean_std expects a non-empty uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
-        )
-    channels = images.shape[1]
-    counts = torch.zeros(channels, 256, dtype=torch.float64)  # pixels per grey level, per channel
-    for chunk in images.split(_STATS_CHUNK):
-        for c in range(channels):
+    chunks = images.split(_STATS_CHUNK) if isinstance(images, Tensor) else images
+    counts = torch.zeros(3, 256, dtype=torch.float64)  # pixels per grey level, per channel
+    for chunk in chunks:
+        if chunk.dtype != torch.uint8 or chunk.dim() != 4 or chunk.shape[1] != 3:
+            raise ValueError(f"mean_std expects uint8 (N, 3, H, W) images, got {chunk.dtype} {tuple(chunk.shape)}")
+        for c in range(3):
             counts[c] += torch.bincount(chunk[:, c].reshape(-1).cpu(), minlength=256).double()
-    levels = torch.arange(256, dtype=torch.float64) / 255  # (256,) pixel values on [0, 1]
     total = counts.sum(1)  # (C,)
+    if not total.all():
+        raise ValueError("mean_std expects at least one image, got none")
+    levels = torch.arange(256, dtype=torch.float64) / 255  # (256,) pixel values on [0, 1]
     mean = (counts * levels).sum(1) / total
     var = (counts * levels**2).sum(1) / total - mean**2
     std = var.clamp_min(0).sqrt().clamp_min(_MIN_STD)
@@ -66,7 +67,7 @@ def mean_std(images: Tensor) -> tuple[list[float], list[float]]:
 
 
 def fill_mean_std(
-    mean: list[float] | None, std: list[float] | None, train_images: Tensor
+    mean: list[float] | None, std: list[float] | None, train_images: Tensor | Iterable[Tensor]
 ) -> tuple[list[float], list[float]]:
     """The configured mean/std, each one left empty filled from the train split's statistics."""
     if mean is not None and std is not None:

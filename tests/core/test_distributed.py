@@ -137,9 +137,15 @@ class Record(Callback):
 
 
 def train_tiny(
-    dataset_dir: str, run_dir: str, nproc: int = 2, resume_from: str | None = None, callbacks: Sequence[Callback] = ()
+    dataset_dir: str,
+    run_dir: str,
+    nproc: int = 2,
+    resume_from: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    loader: str = "auto",
 ) -> FitResult:
-    """The default recipe (AdamW, one-cycle, test-time flip) with augmentation on `nproc` CPU ranks, fp32."""
+    """The default recipe (AdamW, one-cycle, test-time flip) with augmentation on `nproc` CPU ranks,
+    fp32, data.loader `loader`."""
     config = load_config(
         None,
         {
@@ -147,6 +153,8 @@ def train_tiny(
             "data.data_dir": str(Path(dataset_dir).parent / "data"),
             "data.batch_size": 16,
             "data.augment": True,  # every rank augments the whole global batch: resumed exactly
+            "data.loader": loader,
+            "data.num_workers": 1,
             "training.epochs": RUN_EPOCHS,
             "training.device": "cpu",
             "training.precision": "fp32",
@@ -205,6 +213,14 @@ def test_runs_repeat_bit_for_bit_and_a_killed_launcher_resumes_to_the_same_weigh
         train_tiny(str(tiny_folder), str(tmp_path / "one"), nproc=1, resume_from=str(last))
     message = str(refused.value)
     assert "\n" not in message and "world size 1" in message and "world size 2" in message
+
+
+def test_two_ranks_streaming_train_the_memory_runs_weights(tiny_folder: Path, tmp_path: Path) -> None:
+    memory = train_tiny(str(tiny_folder), str(tmp_path / "memory"), loader="memory")
+    stream = train_tiny(str(tiny_folder), str(tmp_path / "stream"), loader="stream")
+    assert (memory.loader, stream.loader) == ("memory", "stream") and stream.distributed.world_size == 2
+    assert stream.weights_sha256 == memory.weights_sha256
+    assert [m.eval_loss for m in stream.history] == [m.eval_loss for m in memory.history]
 
 
 # ---------------------------------------------------------------------------------------------

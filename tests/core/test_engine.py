@@ -191,27 +191,27 @@ def _epoch_batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_device_loader_covers_the_split_once_per_epoch():
     gens = Generators.seeded(0, torch.device("cpu"))
-    loader = make_loader(TRAIN.images, TRAIN.labels, 40, torch.device("cpu"), shuffle=True, generators=gens)
+    loader = make_loader(TRAIN, 40, torch.device("cpu"), shuffle=True, generators=gens)
     assert isinstance(loader, DeviceLoader) and len(loader) == 3
     first, second = _epoch_batches(loader), _epoch_batches(loader)
     assert [len(y) for _, y in first] == [40, 40, 16]
     for epoch in (first, second):
         assert sorted(torch.cat([y for _, y in epoch]).tolist()) == sorted(TRAIN.labels.tolist())
     assert not torch.equal(first[0][0], second[0][0])  # reshuffled every epoch
-    dropped = make_loader(TRAIN.images, TRAIN.labels, 40, torch.device("cpu"), drop_last=True)
+    dropped = make_loader(TRAIN, 40, torch.device("cpu"), drop_last=True)
     assert len(dropped) == 2 and [len(y) for _, y in dropped] == [40, 40]
     assert torch.equal(next(iter(dropped))[0], TRAIN.images[:40])  # no shuffle: in order
 
 
 def test_make_loader_refuses_an_unseeded_shuffle():
     with pytest.raises(ValueError, match="generators"):
-        make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cpu"), shuffle=True)
+        make_loader(TRAIN, 32, torch.device("cpu"), shuffle=True)
 
 
 def test_collect_logits_and_evaluate():
     model = build_model("tudui", NUM_CLASSES)
     mean, std = mean_std(EVAL.images)
-    batches = eval_batches(EVAL.images, EVAL.labels, mean, std, torch.device("cpu"), batch_size=10)
+    batches = eval_batches(EVAL, mean, std, torch.device("cpu"), batch_size=10)
     logits, labels = engine.collect_logits(model, batches, torch.device("cpu"), "fp32")
     assert logits.shape == (32, NUM_CLASSES) and logits.dtype == torch.float32 and torch.equal(labels, EVAL.labels)
     with torch.no_grad():
@@ -507,7 +507,7 @@ def test_cuda_bf16_channels_last_fast_path():
     config = _config(epochs=2, training={"device": "cuda", "precision": "bf16", "channels_last": True})
     result = _fit(config)
     assert result.device.startswith("cuda") and np.isfinite(result.history[-1].train_loss)
-    loader = make_loader(TRAIN.images, TRAIN.labels, 32, torch.device("cuda"))
+    loader = make_loader(TRAIN, 32, torch.device("cuda"))
     images, labels = next(iter(loader))
     assert images.device.type == "cuda" and images.dtype == torch.uint8 and labels.device.type == "cuda"
 

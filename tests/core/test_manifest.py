@@ -102,7 +102,7 @@ def test_schema_1_manifest_still_loads(tmp_path: Path) -> None:
     values = started(tmp_path).model_dump(mode="json")
     del values["schema_version"], values["packages"]
     values["manifest_version"] = 1
-    values["config"]["data"]["num_workers"] = 0  # a loader setting that no longer exists
+    values["config"]["data"]["num_workers"] = -1  # that time's loader setting (invalid today): dropped
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(values))
     loaded = Manifest.load(tmp_path)
     assert loaded.schema_version == 1 and loaded.packages == {} and loaded.run_name == "demo"

@@ -9,7 +9,7 @@ import torch
 from visionflow.config import DistributedConfig, build_config, check_global_batch, world_size
 from visionflow.distributed import Ranks, from_main, sum_over_ranks
 from visionflow.errors import ConfigError
-from visionflow.loaders import Batches, DeviceLoader
+from visionflow.loaders import Batches, BatchOrder, DeviceLoader
 from visionflow.rng import Generators
 
 CPU = torch.device("cpu")
@@ -19,9 +19,8 @@ def shard_batches(n: int, batch: int, rank: int, ranks: int) -> list[list[int]]:
     """The image indices rank `rank` of `ranks` trains on, batch by batch (images hold their index)."""
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 1, 1).contiguous()
     labels = torch.arange(n)
-    loader = DeviceLoader(
-        images, labels, batch, shuffle=True, generator=Generators.seeded(0, CPU).shuffle, multiple_of=ranks
-    )
+    order = BatchOrder(n, batch, shuffle=True, generator=Generators.seeded(0, CPU).shuffle, multiple_of=ranks)
+    loader = DeviceLoader(images, labels, order)
     return [labels.tolist() for _, labels in Batches(loader, CPU, lambda x: x, shard=(rank, ranks))]
 
 
@@ -34,7 +33,7 @@ def test_ranks_split_every_global_batch_into_equal_disjoint_slices() -> None:
     assert [len(b) for b in halves[0]] == [4, 4, 4, 4, 2] == [len(b) for b in halves[1]]
     for batch, (first, second) in enumerate(zip(*halves)):
         assert first + second == whole[batch][: len(first) + len(second)]
-    assert len(DeviceLoader(torch.zeros(37, 3, 1, 1), torch.zeros(37), 36, multiple_of=2)) == 1  # 1 left: dropped
+    assert len(BatchOrder(37, 36, multiple_of=2)) == 1  # 1 left: dropped
 
 
 def test_world_size_and_the_global_batch_rule() -> None:

@@ -1,6 +1,7 @@
 """StopGuard with real signals sent to this process: Ctrl-C waits for the next batch boundary, a
-second one acts at once, SIGTERM is left to its handler, and a deadline stops training the same
-way; then `fit` stopped by a real SIGINT at a known step, and resumed to the same weights as an
+second one acts at once, SIGTERM goes to its handler at once (and again at the next check when a
+finalizer dropped the handler's exception), and a deadline stops training the same way; then
+`fit` stopped by a real SIGINT at a known step, and resumed to the same weights as an
 uninterrupted run."""
 
 from __future__ import annotations
@@ -37,9 +38,8 @@ def test_a_second_signal_acts_at_once() -> None:
         pytest.fail("the second SIGINT did not stop at once")
 
 
-def test_sigterm_is_left_to_its_handler() -> None:
-    """Prefect's flow engine handles SIGTERM (a worker cancelling the run) and accepts a cancellation
-    only while its own handler is installed: the guard leaves SIGTERM alone."""
+def test_sigterm_goes_to_its_handler_at_once() -> None:
+    """Prefect's flow engine handles SIGTERM (a worker cancelling the run): it must see it at once."""
     received: list[int] = []
 
     def handler(signum: int, frame: object) -> None:
@@ -47,11 +47,45 @@ def test_sigterm_is_left_to_its_handler() -> None:
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        with StopGuard():
-            assert signal.getsignal(signal.SIGTERM) is handler
+        with StopGuard() as stop:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.01)
             assert received == [signal.SIGTERM]  # at once
+            stop.check()  # the handler returned (it let the run go on): not called again
+        assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(Exception):
+    """What Prefect's SIGTERM handler raises (TerminationSignal), without Prefect."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+class SignalledWhileCollected:
+    """An object whose finalizer is running when SIGTERM's handler runs, as when the signal lands
+    while the garbage collector finalizes an unclosed asyncio transport."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside __del__
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exceptions
+def test_a_sigterm_whose_exception_a_finalizer_dropped_is_raised_at_the_next_check() -> None:
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        SignalledWhileCollected()  # without the guard: Python prints "Exception ignored" and goes on
+        with StopGuard() as stop:
+            SignalledWhileCollected()  # dropped again, but the guard noted the signal
+            with pytest.raises(Terminated):
+                stop.check()
+        assert signal.getsignal(signal.SIGTERM) is raise_terminated
+        with pytest.raises(Terminated), StopGuard():
+            SignalledWhileCollected()  # after the last check: raised as the block ends
     finally:
         signal.signal(signal.SIGTERM, previous)
 

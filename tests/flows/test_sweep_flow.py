@@ -281,13 +281,13 @@ def test_cli_sweep_on_an_existing_dask_cluster_with_a_diverging_trial(
 
 
 def test_a_sweep_killed_midway_reruns_only_the_unfinished_trial(tiny_data: Path, tmp_path: Path) -> None:
-    # One worker, two trials one after the other: the second (200 epochs, ~10 s on this data: a wide
-    # margin over the time from the first row to the stop) is still training when the first one's
-    # leaderboard row appears, and the sweep is stopped there (SIGTERM, as a process manager or
-    # `timeout` would).
+    # One worker, two trials one after the other: the second (60 epochs, ~3 s on this data on an
+    # idle machine, longer on a busy one: a wide margin over the 0.2 s from the first row to the
+    # stop) is still training when the first one's leaderboard row appears, and the sweep is
+    # stopped there (SIGTERM, as a process manager or `timeout` would).
     base = base_config(tiny_data, tmp_path / "out")
     (config_file := tmp_path / "base.yaml").write_text(yaml.safe_dump(base.model_dump(mode="json")))
-    (space_file := tmp_path / "space.yaml").write_text("training.epochs: [1, 200]\n")
+    (space_file := tmp_path / "space.yaml").write_text("training.epochs: [1, 60]\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value()}
     argv = [sys.executable, "-m", "flows.cli", "sweep", "--config", str(config_file), "--space", str(space_file)]
     argv += ["--parallel", "1", "--name", "killed", "--json"]

@@ -317,10 +317,10 @@ def test_parameter_schema_is_the_config_and_bad_values_fail_before_any_work(tmp_
 
 
 def test_timeout_ends_the_run_timed_out_and_a_rerun_resumes(tiny_data: Path, tmp_path: Path) -> None:
-    output, epochs = tmp_path / "out", 100
+    output, epochs = tmp_path / "out", 30
     limited = tiny_config(
         tiny_data, output, **{"training.epochs": epochs, "training.timeout_minutes": 0.005, "output.run_name": "slow"}
-    )  # 0.3 s of training: a few epochs on an idle 2-core machine, 100 take several seconds
+    )  # 0.3 s of training: a few epochs on an idle 2-core machine, 30 take seconds (and longer when it is busy)
     with pytest.raises(TrainingTimedOut):
         train(limited)
     run_dir = output / "runs" / "slow"

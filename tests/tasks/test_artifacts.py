@@ -86,6 +86,7 @@ def train_with_progress(epochs: int, stop_after: int, resumed_after: int = 0) ->
             spec=ModelSpec("tudui", 2, 32, ["cat", "dog"]),
             precision="fp32",
             channels_last=False,
+            loader="memory",
         )
     )
 
