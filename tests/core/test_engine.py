@@ -225,7 +225,7 @@ def test_collect_logits_and_evaluate():
 def test_test_flip_averages_each_images_logits_with_its_mirror_images():
     model = build_model("tudui", NUM_CLASSES)
     mean, std = mean_std(EVAL.images)
-    batches = eval_batches(EVAL.images, EVAL.labels, mean, std, torch.device("cpu"), batch_size=10)
+    batches = eval_batches(EVAL, mean, std, torch.device("cpu"), batch_size=10)
     logits, _ = engine.collect_logits(model, batches, torch.device("cpu"), "fp32", flip=True)
     inputs = BatchTransform(mean, std, "cpu")(EVAL.images)  # (N, C, H, W)
     with torch.no_grad():
