@@ -221,15 +221,20 @@ def collect_logits(
     device: torch.device,
     precision: str = "fp32",
     stop: StopGuard | None = None,
+    flip: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Run `model` (eval mode) over model-ready `batches`: (N, C) float32 logits and (N,) labels, on CPU;
+    `flip` averages each image's logits with its mirror image's (test-time flip, two forward passes);
     `stop` is checked after every batch."""
     model.eval()
     all_logits, all_labels = [], []
     for inputs, labels in batches:
+        inputs = inputs.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = model(inputs.to(device, non_blocking=True))  # (B, C)
-        all_logits.append(logits.float().cpu())
+            logits = model(inputs).float()  # (B, C)
+            if flip:
+                logits = (logits + model(inputs.flip(-1)).float()) / 2  # flip(-1): mirror the width
+        all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
         if stop is not None:
             stop.check()
@@ -242,9 +247,11 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     stop: StopGuard | None = None,
+    flip: bool = False,
 ) -> tuple[float, float]:
-    """(mean cross-entropy per image, accuracy in [0, 1]) of `model` on model-ready `batches`."""
-    logits, labels = collect_logits(model, batches, device, precision, stop)  # (N, C), (N,)
+    """(mean cross-entropy per image, accuracy in [0, 1]) of `model` on model-ready `batches`;
+    `flip` as in `collect_logits`."""
+    logits, labels = collect_logits(model, batches, device, precision, stop, flip)  # (N, C), (N,)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
@@ -550,7 +557,9 @@ def _run_epoch(
     # (divergence, best, early stop) come out the same on every rank. The others wait meanwhile.
     eval_loss, eval_accuracy = math.nan, math.nan
     if ranks.is_main:
-        eval_loss, eval_accuracy = evaluate(run.forward, run.eval_batches, device, precision, stop)
+        eval_loss, eval_accuracy = evaluate(
+            run.forward, run.eval_batches, device, precision, stop, flip=config.data.test_flip
+        )
     eval_loss, eval_accuracy = from_main([eval_loss, eval_accuracy], device)
     timer.lap("evaluation")  # the other ranks: waiting for rank 0's
     if not (math.isfinite(stats.loss) and math.isfinite(eval_loss)):
@@ -648,7 +657,7 @@ def fit(
     ranks = Ranks.current()
     loader = "stream" if isinstance(train, FileSplit) else "memory"
     config = _with_normalization(config.resolved(), train)
-    spec = replace(spec, mean=config.data.mean, std=config.data.std)
+    spec = replace(spec, mean=config.data.mean, std=config.data.std, test_flip=config.data.test_flip)
     _check_data(train, eval_split, spec, config, ranks)
     device = resolve_device(config.training.device)
     config = with_fast_settings(config, spec, device)

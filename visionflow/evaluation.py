@@ -193,7 +193,7 @@ def evaluate_model(
     _check_split_fits(spec, decoded)
     target = resolve_device(device)
     batches = eval_batches(decoded, spec.mean, spec.std, target, batch_size)
-    logits, labels = collect_logits(model.to(target), batches, target)  # (N, C), (N,)
+    logits, labels = collect_logits(model.to(target), batches, target, flip=spec.test_flip)  # (N, C), (N,)
     return report_from_logits(logits, labels, decoded.classes, decoded.files)
 
 
@@ -209,7 +209,8 @@ def predict_images(
         return []
     target = resolve_device(device)
     pipeline = transforms.eval_pipeline(spec.input_size, spec.mean, spec.std)
-    logits, _ = collect_logits(model.to(target), _image_batches(paths, pipeline, batch_size), target)  # (N, C)
+    batches = _image_batches(paths, pipeline, batch_size)
+    logits, _ = collect_logits(model.to(target), batches, target, flip=spec.test_flip)  # (N, C)
     probabilities = logits.softmax(dim=1)  # (N, C)
     return [_prediction(path, row, spec.class_names) for path, row in zip(paths, probabilities)]
 

@@ -25,12 +25,14 @@ class ModelSpec:
     class_names: list[str]
     mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # per channel, on [0, 1] pixels
     std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    test_flip: bool = False  # logits averaged with the mirror image's at evaluation and prediction
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelSpec":
+        values = {"test_flip": False, **values}  # specs saved before test_flip existed
         known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
         missing = sorted(set(cls.__dataclass_fields__) - set(known))
         if missing:

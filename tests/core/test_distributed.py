@@ -144,13 +144,15 @@ def train_tiny(
     callbacks: Sequence[Callback] = (),
     loader: str = "auto",
 ) -> FitResult:
-    """The default recipe (augmentation, AdamW, one-cycle) on `nproc` CPU ranks, fp32, data.loader `loader`."""
+    """The default recipe (AdamW, one-cycle, test-time flip) with augmentation on `nproc` CPU ranks,
+    fp32, data.loader `loader`."""
     config = load_config(
         None,
         {
             "data.dataset": dataset_dir,
             "data.data_dir": str(Path(dataset_dir).parent / "data"),
             "data.batch_size": 16,
+            "data.augment": True,  # every rank augments the whole global batch: resumed exactly
             "data.loader": loader,
             "data.num_workers": 1,
             "training.epochs": RUN_EPOCHS,

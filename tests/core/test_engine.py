@@ -42,7 +42,8 @@ SPEC = ModelSpec("tudui", NUM_CLASSES, 32, list("abcd"))
 
 
 def _config(epochs: int = 2, **sections):
-    values = {"data": {"batch_size": 32}, "training": {"epochs": epochs, "device": "cpu"}}
+    # Augmented (the default recipe leaves it off): resume and reproducibility cover its random streams.
+    values = {"data": {"batch_size": 32, "augment": True}, "training": {"epochs": epochs, "device": "cpu"}}
     for section, fields in sections.items():
         values.setdefault(section, {}).update(fields)
     return build_config(values)
@@ -219,6 +220,27 @@ def test_collect_logits_and_evaluate():
     loss, accuracy = engine.evaluate(model, batches, torch.device("cpu"), "fp32")
     assert loss == pytest.approx(nn.functional.cross_entropy(expected, EVAL.labels).item(), rel=1e-5)
     assert accuracy == pytest.approx((expected.argmax(1) == EVAL.labels).float().mean().item())
+
+
+def test_test_flip_averages_each_images_logits_with_its_mirror_images():
+    model = build_model("tudui", NUM_CLASSES)
+    mean, std = mean_std(EVAL.images)
+    batches = eval_batches(EVAL, mean, std, torch.device("cpu"), batch_size=10)
+    logits, _ = engine.collect_logits(model, batches, torch.device("cpu"), "fp32", flip=True)
+    inputs = BatchTransform(mean, std, "cpu")(EVAL.images)  # (N, C, H, W)
+    with torch.no_grad():
+        plain, mirrored = model(inputs), model(inputs.flip(-1))
+    torch.testing.assert_close(logits, (plain + mirrored) / 2)
+    assert not torch.allclose(plain, mirrored)  # the mirror image really is another input
+
+
+def test_fit_evaluates_with_the_recipes_test_flip_and_records_it_in_the_spec():
+    config = _config(epochs=1)
+    flipped = _fit(config)
+    plain = _fit(_config(epochs=1, data={"test_flip": False}))
+    assert flipped.spec.test_flip and not plain.spec.test_flip
+    assert flipped.weights_sha256 == plain.weights_sha256  # the same training: only evaluation differs
+    assert flipped.history[0].eval_loss != plain.history[0].eval_loss
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,6 +109,12 @@ def test_model_spec_round_trip_and_build():
     assert again.build()(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
 
 
+def test_model_spec_saved_before_test_flip_loads_without_it():
+    values = ModelSpec("tudui", 2, 32, ["ants", "bees"], test_flip=True).to_dict()
+    del values["test_flip"]
+    assert ModelSpec.from_dict(values).test_flip is False
+
+
 def test_model_spec_missing_fields():
     with pytest.raises(ConfigError, match="missing class_names, input_size"):
         ModelSpec.from_dict({"name": "tudui", "num_classes": 2})

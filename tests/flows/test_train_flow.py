@@ -89,6 +89,7 @@ def test_manifest_records_the_run(first: dict[str, Any], tiny_data: Path) -> Non
     assert on_disk["status"] == "completed" and on_disk["run_name"] == run_dir.name
     assert on_disk["run_name"].startswith("train-data-tudui-")
     assert on_disk["config"]["optim"]["optimizer"] == RECIPES["default"]["optimizer"]  # recipe fields resolved
+    assert on_disk["config"]["data"]["test_flip"] == RECIPES["default"]["test_flip"]
     assert len(on_disk["config"]["data"]["mean"]) == 3  # normalization as computed
     assert on_disk["seed"] == 0
     data = on_disk["data"]
