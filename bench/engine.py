@@ -20,6 +20,9 @@ The CPUs are shared with other work, so a long measurement mostly measures the n
 Each round therefore times one short slice of each method (SLICE_BATCHES batches, interleaved),
 and a method's figure is its best slice over the rounds: the speed it reaches when it has the
 cores, measured the same way for all three.
+Before the last line it prints the arithmetic limit: FLOPs of one training image (forward +
+backward, counted by torch.utils.flop_counter), the best of a few 2048x2048 matrix products in
+the same precision on this machine, and the images/s that would allow.
 The last line is `R1=<engine/tutorial> R2=<engine/ceiling> peak_rss_mb=<MB>`.
 """
 
@@ -180,6 +183,23 @@ def peak_rss_mb() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def arithmetic_limit(num_classes: int) -> tuple[float, float]:
+    """(FLOPs of one training image of MODEL, matmul FLOP/s at PRECISION on this machine's threads)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(MODEL, num_classes)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(BATCH, 3, 32, 32)).sum().backward()
+    dtype = torch.bfloat16 if PRECISION == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    best = 0.0
+    for _ in range(10):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - start))
+    return counter.get_total_flops() / BATCH, best
+
+
 def main() -> None:
     global PRECISION, CHANNELS_LAST  # one setting for every method and the RSS subprocess
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -218,6 +238,12 @@ def main() -> None:
         best = {name: max(best[name], figures[name]) for name in methods}
         print(f"round {round_:2d}: " + "  ".join(f"{k} {v:6,.0f}" for k, v in figures.items()) + " img/s", flush=True)
     rss = peak_rss_mb()
+    flops, peak = arithmetic_limit(len(train.classes))
+    limit = peak / flops  # images/s if every FLOP ran at matmul speed
+    print(
+        f"arithmetic limit: {flops / 1e6:.1f} MFLOP per training image, {PRECISION} matmul {peak / 1e9:,.0f} GFLOP/s "
+        f"-> {limit:,.0f} img/s; ceiling at {best['ceiling'] / limit:.0%}, engine at {best['engine'] / limit:.0%}"
+    )
     print(
         f"best: tutorial {best['tutorial']:,.0f}  engine {best['engine']:,.0f}  ceiling {best['ceiling']:,.0f} img/s; "
         f"fit on {rss['images']:,} images: peak RSS {rss['peak_rss_mb']:.0f} MB, {rss['images_per_second']:,.0f} img/s"
