@@ -90,7 +90,7 @@ def variant(dataset: Path, data_dir: Path, loader: str, batch: int, steps: int, 
     ).resolved()
     info = resolve_folder(dataset)
     start = time.perf_counter()
-    chosen = choose_loader(config.data, info)
+    chosen = choose_loader(config.data, info.train, info.eval_split)
     train, evaluation = (open_split(split, config.data, chosen) for split in (info.train, info.eval_split))
     open_seconds = time.perf_counter() - start
     device = resolve_device("cpu")

@@ -105,9 +105,10 @@ def select_split(info: Any, name: str | None) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from visionflow.cache import load_decoded
+    from visionflow.cache import open_eval_split
     from visionflow.checkpoints import load_model
-    from visionflow.data import decoded_cache_dir, resolve_dataset
+    from visionflow.config import DataConfig
+    from visionflow.data import resolve_dataset
     from visionflow.evaluation import check_classes_match, evaluate_model
 
     model, spec = load_model(args.checkpoint)
@@ -116,8 +117,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     check_classes_match(spec, info.classes)  # before decoding anything
     split = select_split(info, args.split)
-    decoded = load_decoded(split, spec.input_size, decoded_cache_dir(args.data_dir))
-    report = evaluate_model(model, spec, decoded, device=args.device, batch_size=args.batch_size)
+    images = open_eval_split(split, DataConfig(data_dir=args.data_dir, loader=args.loader), spec.input_size)
+    report = evaluate_model(model, spec, images, device=args.device, batch_size=args.batch_size)
     if args.json:
         print_json(report.to_dict())
     else:
@@ -556,6 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N")
     p.add_argument(
         "--batch-size", type=positive_int, default=256, metavar="N", help="images per forward pass (default: 256)"
+    )
+    p.add_argument(
+        "--loader",
+        choices=("auto", "memory", "stream"),
+        default="auto",
+        help="decode the split into RAM (memory, cached on disk) or batch by batch from the files (stream); "
+        "default auto: memory while it fits a quarter of RAM",
     )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=cmd_evaluate)

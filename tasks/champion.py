@@ -17,7 +17,6 @@ from tasks.names import run_name
 from tasks.run import RunInfo
 from visionflow.champion import challenge, champion_report_markdown, evaluate_champion
 from visionflow.config import PipelineConfig
-from visionflow.data import decoded_cache_dir
 from visionflow.manifest import Manifest
 
 DECISION_KEY = "champion-decision"
@@ -39,7 +38,7 @@ def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedDa
         config.training.monitor,
         validated.apply(dataset).eval_split,
         config.output.output_dir,
-        decoded_cache_dir(config.data.data_dir),
+        config.data,
         config.training.device,
     )
     publish_markdown(DECISION_KEY, decision.to_markdown(), f"Champion '{decision.slot}': challenger {decision.outcome}")
@@ -70,7 +69,7 @@ def score_champion(dataset: DatasetRef, config: PipelineConfig) -> dict[str, Any
         config.output.output_dir,
         config.output.champion,
         eval_split,
-        decoded_cache_dir(config.data.data_dir),
+        config.data,
         config.training.device,
     )
     publish_markdown(

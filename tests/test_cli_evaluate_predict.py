@@ -96,6 +96,21 @@ def test_evaluate_json_matches_the_training_run(trained):
     assert (work / "cache").is_dir()  # the decoded split is cached under --data-dir
 
 
+def test_evaluate_streams_with_loader_stream_and_reports_the_same(trained, capsys):
+    work, dataset, best, _ = trained
+    reports = {}
+    for loader in ("memory", "stream"):
+        data_dir = work / f"data-{loader}"
+        args = ("--dataset", dataset, "--data-dir", data_dir, "--loader", loader, "--json")
+        proc = in_process(capsys, "evaluate", "--checkpoint", best, *args)
+        assert proc.returncode == 0, proc.stderr
+        reports[loader] = json.loads(proc.stdout)
+    assert reports["stream"] == reports["memory"]
+    assert (work / "data-memory" / "cache").is_dir() and not (
+        work / "data-stream"
+    ).exists()  # stream decodes nothing to disk
+
+
 def test_evaluate_text_on_an_export_and_the_train_split(trained, capsys):
     work, dataset, best, _ = trained
     model, spec = load_model(best)

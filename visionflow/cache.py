@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from visionflow.config import DataConfig
-from visionflow.data import DatasetInfo, Split, decoded_cache_dir
+from visionflow.data import Split, decoded_cache_dir
 from visionflow.fileio import atomic_write
 from visionflow.fingerprint import fingerprint_split
 from visionflow.images import load_rgb, thread_map
@@ -71,12 +71,13 @@ def memory_budget_mb(data: DataConfig) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (4 * 2**20)
 
 
-def choose_loader(data: DataConfig, dataset: DatasetInfo) -> str:
-    """'memory' or 'stream': data.loader, with 'auto' meaning memory while the dataset's train and
-    eval splits decoded at data.image_size (3 bytes per pixel) fit `memory_budget_mb`."""
+def choose_loader(data: DataConfig, *splits: Split) -> str:
+    """'memory' or 'stream': data.loader, with 'auto' meaning memory while `splits` (a run's train
+    and eval splits, or the one split an evaluation reads) decoded at data.image_size (3 bytes per
+    pixel) fit `memory_budget_mb`."""
     if data.loader != "auto":
         return data.loader
-    decoded_mb = (len(dataset.train) + len(dataset.eval_split)) * 3 * data.image_size**2 / 2**20
+    decoded_mb = sum(len(split) for split in splits) * 3 * data.image_size**2 / 2**20
     return "memory" if decoded_mb <= memory_budget_mb(data) else "stream"
 
 
@@ -97,6 +98,13 @@ def open_split(split: Split, data: DataConfig, loader: str) -> DecodedSplit | Fi
     files = tuple(split.relpath(i) for i in range(len(split)))
     labels = torch.tensor(split.labels, dtype=torch.int64)
     return FileSplit(tuple(split.files), labels, split.classes, files, data.image_size, workers)
+
+
+def open_eval_split(split: Split, data: DataConfig, image_size: int) -> DecodedSplit | FileSplit:
+    """`split` at a model's `image_size`, read by data.loader (auto: memory while this one split,
+    decoded, fits the budget; a champion or a CLI evaluation streams what would not fit)."""
+    data = data.model_copy(update={"image_size": image_size})
+    return open_split(split, data, choose_loader(data, split))
 
 
 def cache_path(fingerprint: str, image_size: int, cache_dir: Path | str) -> Path:

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from visionflow.config import MONITOR_MODES, is_improvement
+from visionflow.config import MONITOR_MODES, DataConfig, is_improvement
 from visionflow.data import Split
 from visionflow.datachanges import LISTING_NAME, changes_markdown, diff_listings, read_listing, summary_line
 from visionflow.errors import CheckpointError, ConfigError
@@ -169,19 +169,20 @@ def read_champion(output_dir: Path | str, slot: str) -> Champion | None:
     )
 
 
-def evaluate_export(path: Path, eval_split: Split, cache_dir: Path | str, device: str = "auto") -> EvalReport:
-    """Evaluate an exported model on ``eval_split``, decoded at the model's own input size."""
-    from visionflow.cache import load_decoded  # torch: only when a champion is evaluated
+def evaluate_export(path: Path, eval_split: Split, data: DataConfig, device: str = "auto") -> EvalReport:
+    """Evaluate an exported model on ``eval_split`` at the model's own input size, read by
+    data.loader (`cache.open_eval_split`: streamed when it would not fit the memory budget)."""
+    from visionflow.cache import open_eval_split  # torch: only when a champion is evaluated
     from visionflow.checkpoints import load_model
     from visionflow.evaluation import check_classes_match, evaluate_model
 
     model, spec = load_model(path)
     check_classes_match(spec, eval_split.classes)
-    return evaluate_model(model, spec, load_decoded(eval_split, spec.input_size, cache_dir), device=device)
+    return evaluate_model(model, spec, open_eval_split(eval_split, data, spec.input_size), device=device)
 
 
 def evaluate_champion(
-    output_dir: Path | str, slot: str | None, eval_split: Split, cache_dir: Path | str, device: str = "auto"
+    output_dir: Path | str, slot: str | None, eval_split: Split, data: DataConfig, device: str = "auto"
 ) -> tuple[Champion, EvalReport]:
     """The champion in ``slot`` and its report on ``eval_split``; no slot or an empty one is an error."""
     if slot is None:
@@ -194,7 +195,7 @@ def evaluate_champion(
             f"Champion slot '{slot_path(output_dir, slot)}' is empty: "
             f"train with output.champion={slot} to promote a model into it"
         )
-    return champion, evaluate_export(champion.path, eval_split, cache_dir, device)
+    return champion, evaluate_export(champion.path, eval_split, data, device)
 
 
 def champion_report_markdown(champion: Champion, report: EvalReport, split_name: str) -> str:
@@ -341,7 +342,7 @@ def challenge(
     metric: str,
     eval_split: Split,
     output_dir: Path | str,
-    cache_dir: Path | str,
+    data: DataConfig,
     device: str = "auto",
 ) -> ChampionDecision:
     """Compare the run in ``run_dir`` with the champion in ``slot``, promote it when it is at least
@@ -358,7 +359,7 @@ def challenge(
     with locked(Path(output_dir) / MODELS_SUBDIR / f".{slot}.lock"):
         champion = read_champion(output_dir, slot)
         champion_score = (
-            float(getattr(evaluate_export(champion.path, eval_split, cache_dir, device), field))
+            float(getattr(evaluate_export(champion.path, eval_split, data, device), field))
             if champion is not None and champion.weights_sha256 != challenger_sha
             else None
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from visionflow.config import DataConfig, PipelineConfig, world_size
 from visionflow.data import DatasetInfo, Split
@@ -51,20 +51,13 @@ def validate_into(run_dir: Path | str, dataset: DatasetInfo, data: DataConfig) -
 
 def accuracy_on(checkpoint: Path | str, split: Split, device: str, data: DataConfig) -> float:
     """Top-1 accuracy of a checkpoint on a split (no files written), read by `data.loader`
-    (resolved: memory or stream, as `eval_split_of` says)."""
+    (`cache.open_eval_split`)."""
+    from visionflow.cache import open_eval_split
     from visionflow.checkpoints import load_model
     from visionflow.evaluation import evaluate_model
 
     model, spec = load_model(checkpoint)
-    return evaluate_model(model, spec, eval_split_of(split, data, spec.input_size), device=device).accuracy
-
-
-def eval_split_of(split: Split, data: DataConfig, image_size: int) -> Any:
-    """`split` at image_size as the loader training used reads it (`data.loader`, resolved:
-    memory or stream; see `cache.open_split`)."""
-    from visionflow.cache import open_split
-
-    return open_split(split, data.model_copy(update={"image_size": image_size}), data.loader)
+    return evaluate_model(model, spec, open_eval_split(split, data, spec.input_size), device=device).accuracy
 
 
 def fill_normalization(dataset: DatasetInfo, data: DataConfig) -> DataConfig:
@@ -77,7 +70,7 @@ def fill_normalization(dataset: DatasetInfo, data: DataConfig) -> DataConfig:
 
     if data.mean is not None and data.std is not None:
         return data
-    split = open_split(dataset.train, data, choose_loader(data, dataset))
+    split = open_split(dataset.train, data, choose_loader(data, dataset.train, dataset.eval_split))
     mean, std = fill_mean_std(data.mean, data.std, uint8_batches(split))
     return data.model_copy(update={"mean": mean, "std": std})
 
@@ -132,7 +125,7 @@ def train_run(
         return launch_fit(run_dir, dataset, config, resume_from, callbacks, progress_stream)
     layout = RunLayout(Path(run_dir))
     data = config.data
-    loader = choose_loader(data, dataset)
+    loader = choose_loader(data, dataset.train, dataset.eval_split)
     train, evaluation = (open_split(split, data, loader) for split in (dataset.train, dataset.eval_split))
     spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
     seed_everything(config.training.seed)  # before building: the initial weights are part of the result
@@ -154,7 +147,8 @@ def write_evaluation(
 ) -> EvalReport:
     """Evaluate a checkpoint on the eval split: evaluation.json, per-class and confusion CSVs,
     the confusion matrix (PNG and TensorBoard), per-class PR curves (TensorBoard) and the most
-    confidently wrong images. `data`: the data config training used (its loader resolved)."""
+    confidently wrong images. `data`: the data config training used (`cache.open_eval_split`)."""
+    from visionflow.cache import open_eval_split
     from visionflow.checkpoints import load_model
     from visionflow.evaluation import evaluate_model
     from visionflow.reports import render_misclassified, write_evaluation_csvs
@@ -162,7 +156,7 @@ def write_evaluation(
 
     layout = RunLayout(Path(run_dir))
     model, spec = load_model(checkpoint)
-    report = evaluate_model(model, spec, eval_split_of(eval_split, data, spec.input_size), device=device)
+    report = evaluate_model(model, spec, open_eval_split(eval_split, data, spec.input_size), device=device)
     values = report.to_dict()
     atomic_write_json(layout.evaluation, values)
     write_evaluation_csvs(values, layout.root)

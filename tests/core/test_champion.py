@@ -14,7 +14,7 @@ import torch
 
 from visionflow import champion as ch
 from visionflow.checkpoints import export_model, load_model
-from visionflow.config import PipelineConfig
+from visionflow.config import DataConfig, PipelineConfig
 from visionflow.data import DatasetInfo, resolve_dataset
 from visionflow.datachanges import LISTING_NAME, ListedFile, write_listing
 from visionflow.errors import CheckpointError, ConfigError, DatasetError
@@ -52,7 +52,9 @@ def make_run(out: Path, name: str, seed: int, metrics: dict[str, float]) -> Path
 
 
 def challenge(run_dir: Path, out: Path, dataset: DatasetInfo, metric: str = "eval_accuracy") -> ch.ChampionDecision:
-    return ch.challenge(run_dir, "nightly", metric, dataset.eval_split, out, out / "cache", device="cpu")
+    return ch.challenge(
+        run_dir, "nightly", metric, dataset.eval_split, out, DataConfig(data_dir=str(out)), device="cpu"
+    )
 
 
 def versions(out: Path) -> list[str]:
@@ -181,7 +183,7 @@ def test_champion_with_other_classes_cannot_be_compared(tmp_path: Path, dataset:
             "eval_accuracy",
             split,
             tmp_path,
-            tmp_path / "cache",
+            DataConfig(data_dir=str(tmp_path)),
             device="cpu",
         )
 
@@ -197,11 +199,25 @@ def test_a_run_without_metrics_cannot_challenge(tmp_path: Path, dataset: Dataset
 
 def test_evaluate_champion(tmp_path: Path, dataset: DatasetInfo) -> None:
     with pytest.raises(CheckpointError, match="is empty: train with output.champion=nightly"):
-        ch.evaluate_champion(tmp_path, "nightly", dataset.eval_split, tmp_path / "cache", device="cpu")
+        ch.evaluate_champion(tmp_path, "nightly", dataset.eval_split, DataConfig(data_dir=str(tmp_path)), device="cpu")
     challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
-    current, report = ch.evaluate_champion(tmp_path, "nightly", dataset.eval_split, tmp_path / "cache", device="cpu")
+    current, report = ch.evaluate_champion(
+        tmp_path, "nightly", dataset.eval_split, DataConfig(data_dir=str(tmp_path)), device="cpu"
+    )
     assert current.run_name == "run-a" and report.num_images == 4 * len(CLASSES)
     assert 0.0 <= report.accuracy <= 1.0
+
+
+def test_a_champion_is_streamed_when_its_split_does_not_fit_the_memory_budget(
+    tmp_path: Path, dataset: DatasetInfo
+) -> None:
+    challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
+    in_memory = DataConfig(data_dir=str(tmp_path / "memory"))
+    streamed = DataConfig(data_dir=str(tmp_path / "stream"), memory_budget_mb=0.001, num_workers=0)
+    _, memory_report = ch.evaluate_champion(tmp_path, "nightly", dataset.eval_split, in_memory, device="cpu")
+    _, stream_report = ch.evaluate_champion(tmp_path, "nightly", dataset.eval_split, streamed, device="cpu")
+    assert stream_report.to_dict() == memory_report.to_dict()
+    assert any((tmp_path / "memory").rglob("*.pt")) and not (tmp_path / "stream").exists()  # nothing decoded to disk
 
 
 def test_decision_markdown_has_both_scores_and_the_reason(dataset: DatasetInfo) -> None:
@@ -213,7 +229,9 @@ def test_decision_markdown_has_both_scores_and_the_reason(dataset: DatasetInfo) 
 
 def test_champion_report_markdown(tmp_path: Path, dataset: DatasetInfo) -> None:
     challenge(make_run(tmp_path, "run-a", seed=0, metrics={"eval_accuracy": 0.3}), tmp_path, dataset)
-    current, report = ch.evaluate_champion(tmp_path, "nightly", dataset.eval_split, tmp_path / "cache", device="cpu")
+    current, report = ch.evaluate_champion(
+        tmp_path, "nightly", dataset.eval_split, DataConfig(data_dir=str(tmp_path)), device="cpu"
+    )
     text = ch.champion_report_markdown(current, report, "val")
     assert "## Champion `nightly`: run run-a" in text and f"({report.num_images} images)" in text
     assert f"| {report.accuracy:.4f} | {report.loss:.4f} | n/a |" in text
@@ -222,7 +240,7 @@ def test_champion_report_markdown(tmp_path: Path, dataset: DatasetInfo) -> None:
 
 def test_evaluate_champion_needs_a_slot(tmp_path: Path, dataset: DatasetInfo) -> None:
     with pytest.raises(ConfigError, match="'output.champion': None; expected the champion slot"):
-        ch.evaluate_champion(tmp_path, None, dataset.eval_split, tmp_path / "cache", device="cpu")
+        ch.evaluate_champion(tmp_path, None, dataset.eval_split, DataConfig(data_dir=str(tmp_path)), device="cpu")
 
 
 def test_concurrent_challengers_are_judged_one_after_the_other(tmp_path: Path, dataset: DatasetInfo) -> None:

@@ -134,14 +134,16 @@ def test_fit_streams_the_memory_run_and_resumes_it_bit_for_bit(mixed_dataset: Da
 
 def test_auto_streams_what_does_not_fit_the_budget(mixed_dataset: DatasetInfo, tmp_path: Path):
     # 56 train and eval images at 224 px decode to 8.04 MiB (3 bytes per pixel), at 32 px to 0.16 MiB.
-    assert len(mixed_dataset.train) + len(mixed_dataset.eval_split) == 56
-    assert choose_loader(_data(tmp_path, image_size=224, memory_budget_mb=8), mixed_dataset) == "stream"
-    assert choose_loader(_data(tmp_path, image_size=224, memory_budget_mb=9), mixed_dataset) == "memory"
-    assert choose_loader(_data(tmp_path, memory_budget_mb=1), mixed_dataset) == "memory"
-    assert choose_loader(_data(tmp_path, loader="stream", memory_budget_mb=10**6), mixed_dataset) == "stream"
-    assert (
-        choose_loader(_data(tmp_path, loader="memory", memory_budget_mb=1, image_size=224), mixed_dataset) == "memory"
-    )
+    splits = (mixed_dataset.train, mixed_dataset.eval_split)
+    assert sum(len(split) for split in splits) == 56
+    assert choose_loader(_data(tmp_path, image_size=224, memory_budget_mb=8), *splits) == "stream"
+    assert choose_loader(_data(tmp_path, image_size=224, memory_budget_mb=9), *splits) == "memory"
+    assert choose_loader(_data(tmp_path, memory_budget_mb=1), *splits) == "memory"
+    assert choose_loader(_data(tmp_path, loader="stream", memory_budget_mb=10**6), *splits) == "stream"
+    assert choose_loader(_data(tmp_path, loader="memory", memory_budget_mb=1, image_size=224), *splits) == "memory"
+    # An evaluation weighs the one split it reads: the eval split alone fits where both did not.
+    eval_mb = len(mixed_dataset.eval_split) * 3 * 224**2 / 2**20
+    assert eval_mb < 8 and choose_loader(_data(tmp_path, image_size=224, memory_budget_mb=8), splits[1]) == "memory"
     ram_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
     assert memory_budget_mb(_data(tmp_path)) == pytest.approx(ram_kib / 1024 / 4, rel=0.01)
 
