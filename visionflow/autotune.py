@@ -2,17 +2,20 @@
 that trains, decided from what the hardware does, once per machine.
 
 CUDA: bf16 where `torch.cuda.is_bf16_supported()`, channels_last on (tensor cores prefer NHWC).
-MPS: fp32, NCHW. CPU: bf16 where the CPU flags say it is native (AVX512-BF16, AMX-BF16: 2-3x
-fp32 for tudui on such a Xeon), else fp32 (emulated bf16 is ~10x slower than fp32 on AMD Zen 3);
-PyTorch exposes no such flag. Whether oneDNN's convolutions are faster in NHWC depends on the
-model and the CPU, so a few training steps of the model are timed in both layouts, at that
-precision, and the faster wins. A rule for the precision, not a race: a race run while other
-work shares the cores can pick a setting that is slower on the idle machine, and stays picked.
+MPS: fp32, NCHW. CPU: bf16 where it is native (AVX512-BF16 or AMX-BF16 in the CPU flags, and
+PyTorch's AVX512 kernels in use: 2-3x fp32 for tudui on such a Xeon), else fp32 (emulated bf16 is
+~10x slower than fp32 on AMD Zen 3, and on that Xeon capped with `ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`). PyTorch exposes no bf16 flag, only its kernel level
+(`torch.backends.cpu.get_cpu_capability()`). Whether oneDNN's convolutions are faster in NHWC
+depends on the model and the CPU, so a few training steps of the model are timed in both
+layouts, at that precision, and the faster wins. A rule for the precision, not a race: a race run
+while other work shares the cores can pick a setting that is slower on the idle machine, and
+stays picked.
 
 Each choice is stored in `<cache>/visionflow/fast-settings.json` (`$XDG_CACHE_HOME` or
-~/.cache), keyed by CPU, torch version, threads, model and image size, so a
-machine decides once and every later run (a resume, a rerun, a reproduction) gets the same
-settings, which also keeps its weights bit-identical. The measurement draws its random numbers
+~/.cache), keyed by CPU, PyTorch's kernel level on it, torch version, threads, model and image
+size, so a machine decides once and every later run (a resume, a rerun, a reproduction) gets the
+same settings, which also keeps its weights bit-identical. The measurement draws its random numbers
 from its own generator: the training's random streams are untouched.
 """
 
@@ -101,8 +104,11 @@ def _fastest_steps(probes: dict[tuple[str, bool], _Probe]) -> dict[tuple[str, bo
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (x86 AVX512-BF16 or AMX-BF16, from the kernel's
-    CPU flags); elsewhere bf16 autocast is emulated, ~10x slower than fp32."""
+    """Whether this CPU computes bf16 natively: x86 AVX512-BF16 or AMX-BF16 in the kernel's CPU
+    flags, and PyTorch's AVX512 kernels in use (`ATEN_CPU_CAPABILITY=avx2` caps them, as on a CPU
+    without AVX512). Elsewhere bf16 autocast is emulated, ~10x slower than fp32."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
@@ -141,7 +147,10 @@ def fast_settings(device: torch.device, model_name: str, image_size: int) -> Fas
         return FastSettings("bf16" if bf16 else "fp32", True, f"{name}: bf16 {'supported' if bf16 else 'unsupported'}")
     if device.type != "cpu":
         return FastSettings("fp32", False, f"{device.type}: fp32, NCHW")
-    key = f"v2|{cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{model_name}|{image_size}px"
+    key = (
+        f"v3|{cpu_name()}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}"
+        f"|threads {torch.get_num_threads()}|{model_name}|{image_size}px"
+    )
     path = cache_file()
     with locked(path.with_suffix(".lock")):  # two runs starting at once measure once and agree
         stored = json.loads(path.read_text()) if path.is_file() else {}

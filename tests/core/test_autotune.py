@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.core.test_engine import _config, _fit
 from visionflow import autotune, checkpoints
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -55,3 +61,27 @@ def test_explicit_bf16_on_a_cpu_without_native_bf16_is_warned_about(settings_fil
         assert warnings == []
     else:
         assert len(warnings) == 1 and "slower than fp32 on this CPU" in warnings[0]
+
+
+CAPPED_CPU_SCRIPT = """
+import torch
+from visionflow import autotune, engine
+from visionflow.config import build_config
+from visionflow.records import ModelSpec
+spec = ModelSpec("tudui", 10, 32, [str(label) for label in range(10)])
+chosen = engine.with_fast_settings(build_config({}), spec, torch.device("cpu")).training
+print(torch.backends.cpu.get_cpu_capability(), autotune.native_bf16(), chosen.precision)
+"""
+
+
+def test_a_cpu_without_avx512_kernels_gets_fp32(tmp_path) -> None:
+    # PyTorch's and oneDNN's kernels capped at AVX2, as on a CPU without AVX512 (AMD Zen 3): bf16
+    # is emulated there whatever the CPU flags say (~10x slower than fp32), so auto picks fp32.
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "XDG_CACHE_HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CAPPED_CPU_SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["AVX2 False fp32"]
+    [key] = json.loads((tmp_path / "visionflow" / autotune.SETTINGS_FILE).read_text())
+    assert "|AVX2|" in key  # a capped run does not reuse the uncapped decision, nor the reverse
