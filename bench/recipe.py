@@ -9,9 +9,10 @@ On cifar10-mini (5,000 train / 1,000 val images, 32x32), model tudui, it times
             split after every epoch, as the tutorial does
   default   engine.fit with every product default, the number of epochs included
             (training.epochs, the run a plain `visionflow train` makes; --epochs overrides it): the
-            `default` recipe (its one-cycle schedule over those epochs, test-time flip at every
-            evaluation), data.batch_size, training.precision and channels_last `auto` (resolved for
-            this CPU as training resolves them, and printed), on the decoded-image cache
+            `default` recipe (its one-cycle schedule over those epochs, shifts of up to 2 px and
+            flips on the device, test-time flip at every evaluation), data.batch_size,
+            training.precision and channels_last `auto` (resolved for this CPU as training
+            resolves them, and printed), on the decoded-image cache
 
 and reports when the default run first reached TARGET on the val split, counted as
 metrics.time_to_accuracy counts it: training loops plus per-epoch evaluation. TARGET defaults to

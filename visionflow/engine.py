@@ -484,7 +484,7 @@ def _build_run(
     train_batches = Batches(
         train_loader,
         device,
-        BatchTransform(data.mean, data.std, device, augment, training.channels_last),
+        BatchTransform(data.mean, data.std, device, augment, training.channels_last, data.crop_padding),
         shard=(ranks.rank, ranks.world_size),
     )
     optimizer = build_optimizer(model, config.optim)

@@ -19,7 +19,7 @@ from visionflow.data import Split
 from visionflow.errors import DatasetError
 from visionflow.images import load_rgb
 from visionflow.reports import BLACK, WHITE, default_font, fit_to_tile
-from visionflow.transforms import BatchTransform, eval_pipeline, resize
+from visionflow.transforms import CROP_PADDING, BatchTransform, eval_pipeline, resize
 
 PREVIEW_COUNT = 8
 TRAIN_DRAWS = 2  # two augmented draws per image show that the augmentation is random
@@ -58,11 +58,12 @@ def build_preview(
     augment: bool,
     seed: int = 0,
     count: int = PREVIEW_COUNT,
+    crop_padding: int = CROP_PADDING,
 ) -> Image.Image:
     """The preview grid for ``count`` seeded training images: one row per image with columns
     original | eval input | train input x2. ``mean``/``std`` are the normalization the run uses
     (``FitStart.spec`` / ``transforms.mean_std`` of the train split), ``augment`` the resolved
-    ``config.data.augment``."""
+    ``config.data.augment`` (with ``config.data.crop_padding``)."""
     indices = preview_indices(split, count, seed)
     originals = [load_rgb(split.files[i]) for i in indices]
     evaluated = torch.stack([eval_pipeline(image_size, mean, std)(image) for image in originals])  # (K, 3, S, S)
@@ -71,7 +72,9 @@ def build_preview(
         [torch.from_numpy(np.array(resize(image_size)(image))).permute(2, 0, 1) for image in originals]
     )
     generator = torch.Generator().manual_seed(seed)
-    train_transform = BatchTransform(mean, std, "cpu", augment=generator if augment else None)
+    train_transform = BatchTransform(
+        mean, std, "cpu", augment=generator if augment else None, crop_padding=crop_padding
+    )
     columns = [evaluated] + [train_transform(decoded) for _ in range(TRAIN_DRAWS)]  # each (K, 3, S, S)
     pixels = [_to_pixels(column, mean, std) for column in columns]
 

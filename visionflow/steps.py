@@ -82,7 +82,9 @@ def preview_into(run_dir: Path | str, train: Split, data: DataConfig, seed: int)
     from visionflow.tensorboard import log_image
 
     layout = RunLayout(Path(run_dir))
-    image = build_preview(train, data.image_size, data.mean, data.std, bool(data.augment), seed)
+    image = build_preview(
+        train, data.image_size, data.mean, data.std, bool(data.augment), seed, crop_padding=data.crop_padding
+    )
     log_image(layout.tensorboard, "data/transform_preview", image)
     return write_png(image, layout.preview)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CROP_PADDING = 4  # pixels of zero padding around each image before the random crop (CIFAR standard)
+CROP_PADDING = 4  # pixels of zero padding before the random crop: the CIFAR standard (recipes set data.crop_padding)
 _STATS_CHUNK = 4096  # images per bincount pass: bounds the temporary copy to ~12 MB at 32x32
 _MIN_STD = 1 / 255  # one grey level: a constant channel would otherwise divide by zero
 
@@ -106,7 +106,8 @@ class BatchTransform:
 
     Normalization is folded into one multiply-add, x * (1 / (255 std)) - mean / std, which equals
     ToTensor + Normalize's (x / 255 - mean) / std up to float rounding.
-    `augment`: a seeded generator on the images' device to apply `augment_batch`, None for none.
+    `augment`: a seeded generator on the images' device to apply `augment_batch` (with
+    `crop_padding` pixels of padding), None for none.
     """
 
     def __init__(
@@ -116,19 +117,21 @@ class BatchTransform:
         device: torch.device | str,
         augment: torch.Generator | None = None,
         channels_last: bool = False,
+        crop_padding: int = CROP_PADDING,
     ):
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)  # (1, C, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.scale = (1 / (255 * std_t)).to(device)
         self.shift = (-mean_t / std_t).to(device)
         self.augment = augment
+        self.crop_padding = crop_padding
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images: Tensor) -> Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"BatchTransform expects uint8 image batches, got {images.dtype}")
         if self.augment is not None:
-            images = augment_batch(images, self.augment)
+            images = augment_batch(images, self.augment, self.crop_padding)
         x = images.float().mul_(self.scale).add_(self.shift)  # (B, C, H, W) float32, in place after the cast
         # Layout change last, on the float result: permuting uint8 is slower than permuting float32.
         return x.contiguous(memory_format=self.memory_format)

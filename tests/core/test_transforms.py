@@ -70,37 +70,41 @@ def test_pil_pipelines_output():
     assert eval_pipeline(32, MEAN, STD)(photo).shape == (3, 32, 32)
 
 
-def _crop_offset(out: torch.Tensor, image: torch.Tensor) -> tuple[int, int] | None:
-    """The (dy, dx) of the window of `image` zero-padded by CROP_PADDING that equals `out`, if any."""
+def _crop_offset(out: torch.Tensor, image: torch.Tensor, padding: int) -> tuple[int, int] | None:
+    """The (dy, dx) of the window of `image` zero-padded by `padding` that equals `out`, if any."""
     h, w = image.shape[-2:]
-    padded = F.pad(image, (CROP_PADDING,) * 4)
+    padded = F.pad(image, (padding,) * 4)
     return next(
         (
             (dy, dx)
-            for dy in range(2 * CROP_PADDING + 1)
-            for dx in range(2 * CROP_PADDING + 1)
+            for dy in range(2 * padding + 1)
+            for dx in range(2 * padding + 1)
             if torch.equal(out, padded[:, dy : dy + h, dx : dx + w])
         ),
         None,
     )
 
 
-def _crop_and_flip(outs: torch.Tensor, images: torch.Tensor) -> list[tuple[tuple[int, int] | None, bool]]:
+def _crop_and_flip(
+    outs: torch.Tensor, images: torch.Tensor, padding: int = CROP_PADDING
+) -> list[tuple[tuple[int, int] | None, bool]]:
     """Per image: (crop offset, flipped?) explaining out = [flip](crop(image)); offset None if none does."""
     found = []
     for out, image in zip(outs, images):
-        plain = _crop_offset(out, image)
-        found.append((plain, False) if plain is not None else (_crop_offset(out.flip(2), image), True))
+        plain = _crop_offset(out, image, padding)
+        found.append((plain, False) if plain is not None else (_crop_offset(out.flip(2), image, padding), True))
     return found
 
 
-def test_augment_batch_is_a_padded_crop_then_maybe_a_flip():
+@pytest.mark.parametrize("padding, offsets", [(CROP_PADDING, 20), (2, 15), (0, 1)])
+def test_augment_batch_is_a_padded_crop_then_maybe_a_flip(padding: int, offsets: int):
     images = _images(120, 6)
-    out = augment_batch(images, torch.Generator().manual_seed(0))
+    out = augment_batch(images, torch.Generator().manual_seed(0), padding)
     assert out.shape == images.shape and out.dtype == torch.uint8
-    found = _crop_and_flip(out, images)
+    found = _crop_and_flip(out, images, padding)
     assert all(offset is not None for offset, _ in found)
-    assert len({offset for offset, _ in found}) > 20  # offsets vary per image (81 possible)
+    # offsets vary per image: (2 * padding + 1)^2 possible, 81 at 4 px, 25 at 2 px; 0 px only flips
+    assert len({offset for offset, _ in found}) >= offsets
     assert 40 < sum(flipped for _, flipped in found) < 80  # about half mirrored
 
 
@@ -134,3 +138,12 @@ def test_augmentation_on_cuda_matches_shapes_and_seed():
     assert torch.equal(out, again(images))
     crops = augment_batch(images, torch.Generator("cuda").manual_seed(1)).cpu()
     assert all(offset is not None for offset, _ in _crop_and_flip(crops, images.cpu()))
+
+
+def test_batch_transform_crops_with_its_padding():
+    images = _images(64, 8)
+    flips_only = BatchTransform(MEAN, STD, "cpu", augment=torch.Generator().manual_seed(0), crop_padding=0)
+    plain = BatchTransform(MEAN, STD, "cpu")(images)
+    out = flips_only(images)
+    mirrored = [torch.equal(o, p.flip(2)) for o, p in zip(out, plain)]
+    assert all(m or torch.equal(o, p) for m, o, p in zip(mirrored, out, plain)) and 16 < sum(mirrored) < 48
