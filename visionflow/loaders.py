@@ -50,11 +50,15 @@ class BatchOrder:
         last = self.n % self.batch_size  # images of the last, incomplete batch
         return self.n // self.batch_size + (0 if self.drop_last or last < self.multiple_of else 1)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def batches(self) -> Iterator[Tensor]:
+        """One pass: each batch's indices, (B,) int64 slices of the pass's permutation (on the CPU)."""
         order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             size = min(self.batch_size, self.n - start)
-            yield order[start : start + size - size % self.multiple_of].tolist()
+            yield order[start : start + size - size % self.multiple_of]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (batch.tolist() for batch in self.batches())
 
 
 class DeviceLoader:
@@ -67,8 +71,10 @@ class DeviceLoader:
         return len(self.order)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for batch in self.order:
-            index = torch.tensor(batch, device=self.labels.device)  # (B,)
+        for batch in self.order.batches():
+            # (B,): on CUDA a pinned async copy; torch.tensor(list, device=cuda) would be a
+            # pageable copy, which waits for the GPU to finish the queued steps (a sync point per batch).
+            index = _to_device(batch, self.labels.device)
             yield self.images[index], self.labels[index]
 
 
