@@ -1,11 +1,14 @@
 """Training-engine throughput and memory benchmark (not a test). Run from the repo root:
 
-    .venv/bin/python bench/engine.py [--rounds 15] [--precision auto|fp32|bf16] [--channels-last auto|true|false]
+    .venv/bin/python bench/engine.py [--device auto|cpu|cuda|cuda:N] [--rounds 15] [--precision auto|fp32|bf16]
+                                     [--channels-last auto|true|false]
 
-On cifar10-mini/train (5,000 32x32 images), model tudui, batch 64, it measures images/s of
+On cifar10-mini/train (5,000 32x32 images), model tudui, batch 64, on --device (default auto,
+as training.device: cuda, then mps, then cpu), it measures images/s of
 
   tutorial  the seed tutorial's loop: ImageFolder + ToTensor + DataLoader(shuffle=True, batch 64)
-            + SGD(lr 0.01), decoding every JPEG as it goes
+            + SGD(lr 0.01), decoding every JPEG as it goes (on a GPU as the tutorial's GPU
+            section does it: model and each batch moved with .to(device))
   engine    engine.fit with the product's defaults: the default recipe (augmentation on the
             device, folded normalization) and training.precision / channels_last `auto`, which
             this run resolves for this CPU as training does (visionflow.autotune: bf16 only where
@@ -15,6 +18,7 @@ On cifar10-mini/train (5,000 32x32 images), model tudui, batch 64, it measures i
             float batches in a tight loop (same precision and memory format)
 
 and, in a subprocess, the peak RSS of fit() on 50,000 32x32 images (the 5,000 tiled 10x).
+On a GPU each timed slice ends with a device synchronize, so it counts the work it queued.
 
 The CPUs are shared with other work, so a long measurement mostly measures the neighbours.
 Each round therefore times one short slice of each method (SLICE_BATCHES batches, interleaved),
@@ -51,7 +55,8 @@ from visionflow.autotune import fast_settings  # noqa: E402
 from visionflow.cache import DecodedSplit, load_decoded  # noqa: E402
 from visionflow.config import DataConfig, PipelineConfig, build_config  # noqa: E402
 from visionflow.data import decoded_cache_dir, resolve_dataset  # noqa: E402
-from visionflow.device import autocast  # noqa: E402
+from visionflow.device import DEVICE_NAMES, autocast, resolve_device  # noqa: E402
+from visionflow.errors import DeviceError  # noqa: E402
 from visionflow.models import build_model  # noqa: E402
 from visionflow.optim import build_optimizer  # noqa: E402
 from visionflow.records import ModelSpec  # noqa: E402
@@ -61,6 +66,7 @@ from visionflow.transforms import BatchTransform, mean_std  # noqa: E402
 DATA = REPO.parent / "shared" / "data" / "cifar10-mini"
 BATCH = DataConfig().batch_size  # the product default (64)
 MODEL = "tudui"
+DEVICE = torch.device("cpu")  # resolved in main() from --device, as training.device is
 PRECISION = "auto"  # the product's default: resolved in main() as training resolves it
 CHANNELS_LAST: bool | str = "auto"
 SLICE_BATCHES = 20  # batches per timed slice: 1,280 images, about half a second per method
@@ -72,7 +78,12 @@ def _config(epochs: int) -> PipelineConfig:
         {
             "model": {"name": MODEL},
             "data": {"batch_size": BATCH},
-            "training": {"epochs": epochs, "device": "cpu", "precision": PRECISION, "channels_last": CHANNELS_LAST},
+            "training": {
+                "epochs": epochs,
+                "device": str(DEVICE),
+                "precision": PRECISION,
+                "channels_last": CHANNELS_LAST,
+            },
         }
     )
 
@@ -87,6 +98,14 @@ def _spec(train: DecodedSplit) -> ModelSpec:
     return ModelSpec(MODEL, len(train.classes), 32, list(train.classes))
 
 
+def _sync() -> None:
+    """Wait for the work queued on DEVICE (a timed slice must include it); a CPU has none queued."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    elif DEVICE.type == "mps":
+        torch.mps.synchronize()
+
+
 def _subset(split: DecodedSplit | SimpleNamespace, n: int) -> SimpleNamespace:
     """n images drawn across all classes (the decoded split is sorted by class)."""
     index = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(0))[:n]
@@ -99,13 +118,14 @@ class Tutorial:
     def __init__(self) -> None:
         dataset = torchvision.datasets.ImageFolder(str(DATA / "train"), transform=T.ToTensor())
         self.loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
-        self.model = build_model(MODEL, len(dataset.classes))
+        self.model = build_model(MODEL, len(dataset.classes)).to(DEVICE)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.loss_fn = nn.CrossEntropyLoss()
 
     def images_per_second(self) -> float:
         start, images = time.perf_counter(), 0
         for batch, (inputs, labels) in enumerate(self.loader, 1):
+            inputs, labels = inputs.to(DEVICE), labels.to(DEVICE)
             loss = self.loss_fn(self.model(inputs), labels)
             self.optimizer.zero_grad()
             loss.backward()
@@ -113,6 +133,7 @@ class Tutorial:
             images += len(labels)
             if batch == SLICE_BATCHES:
                 break
+        _sync()
         return images / (time.perf_counter() - start)
 
 
@@ -137,21 +158,25 @@ class Ceiling:
         config = _config(1).resolved()
         subset = _subset(train, SLICE_BATCHES * BATCH)
         mean, std = mean_std(train.images)
-        prepare = BatchTransform(mean, std, "cpu", channels_last=CHANNELS_LAST)
-        self.batches = [(prepare(x), y) for x, y in zip(subset.images.split(BATCH), subset.labels.split(BATCH))]
+        prepare = BatchTransform(mean, std, DEVICE, channels_last=CHANNELS_LAST)
+        self.batches = [
+            (prepare(x.to(DEVICE)), y.to(DEVICE))
+            for x, y in zip(subset.images.split(BATCH), subset.labels.split(BATCH))
+        ]
         layout = torch.channels_last if CHANNELS_LAST else torch.contiguous_format
-        self.model = build_model(MODEL, len(train.classes)).to(memory_format=layout)
+        self.model = build_model(MODEL, len(train.classes)).to(DEVICE, memory_format=layout)
         self.optimizer = build_optimizer(self.model, config.optim)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
 
     def images_per_second(self) -> float:
         start = time.perf_counter()
         for inputs, labels in self.batches:
-            with autocast(torch.device("cpu"), PRECISION):
+            with autocast(DEVICE, PRECISION):
                 loss = self.loss_fn(self.model(inputs), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+        _sync()
         return SLICE_BATCHES * BATCH / (time.perf_counter() - start)
 
 
@@ -176,7 +201,7 @@ def peak_rss_child() -> None:
 
 
 def peak_rss_mb() -> dict:
-    settings = ["--precision", PRECISION, "--channels-last", str(CHANNELS_LAST).lower()]
+    settings = ["--device", str(DEVICE), "--precision", PRECISION, "--channels-last", str(CHANNELS_LAST).lower()]
     out = subprocess.run(
         [sys.executable, __file__, "--rss-child", *settings], capture_output=True, text=True, check=True
     )
@@ -184,25 +209,28 @@ def peak_rss_mb() -> dict:
 
 
 def arithmetic_limit(num_classes: int) -> tuple[float, float]:
-    """(FLOPs of one training image of MODEL, matmul FLOP/s at PRECISION on this machine's threads)."""
+    """(FLOPs of one training image of MODEL, matmul FLOP/s at PRECISION on DEVICE)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(MODEL, num_classes)
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(BATCH, 3, 32, 32)).sum().backward()
     dtype = torch.bfloat16 if PRECISION == "bf16" else torch.float32
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a, b = (torch.randn(2048, 2048, dtype=dtype, device=DEVICE) for _ in range(2))
     best = 0.0
     for _ in range(10):
+        _sync()
         start = time.perf_counter()
         a @ b
+        _sync()
         best = max(best, 2 * 2048**3 / (time.perf_counter() - start))
     return counter.get_total_flops() / BATCH, best
 
 
 def main() -> None:
-    global PRECISION, CHANNELS_LAST  # one setting for every method and the RSS subprocess
+    global DEVICE, PRECISION, CHANNELS_LAST  # one setting for every method and the RSS subprocess
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (default: auto, as training.device)")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved slices per method (best is kept)")
     parser.add_argument(
         "--precision",
@@ -218,12 +246,16 @@ def main() -> None:
     )
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    chosen = fast_settings(torch.device("cpu"), MODEL, 32)
+    try:
+        DEVICE = resolve_device(args.device)
+    except DeviceError as err:
+        sys.exit(f"error: {err}")  # one line on stderr, exit 1
+    chosen = fast_settings(DEVICE, MODEL, 32)
     PRECISION = chosen.precision if args.precision == "auto" else args.precision
     CHANNELS_LAST = chosen.channels_last if args.channels_last == "auto" else args.channels_last == "true"
     print(
         f"engine and ceiling: precision {PRECISION} ({args.precision}), channels_last {CHANNELS_LAST} "
-        f"({args.channels_last}); auto on this CPU: {chosen.reason}",
+        f"({args.channels_last}) on {DEVICE}; auto there: {chosen.reason}",
         flush=True,
     )
     if args.rss_child:
