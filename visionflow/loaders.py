@@ -165,6 +165,15 @@ def make_loader(
     return DeviceLoader(_to_device(split.images, device), _to_device(split.labels, device), order)
 
 
+def sample_images(split: Any, count: int) -> Tensor:
+    """Up to `count` uint8 (3, H, W) images spread evenly over the split (which is sorted by
+    class), stacked on the CPU; a streamed split decodes only those files."""
+    index = torch.linspace(0, len(split.labels) - 1, min(count, len(split.labels))).long().tolist()
+    if isinstance(split, FileSplit):
+        return torch.from_numpy(np.stack([decode_file(split.paths[i], split.image_size) for i in index]))
+    return split.images[index]
+
+
 def uint8_batches(split: Any, batch_size: int = 256) -> Iterator[Tensor]:
     """The split's uint8 (B, 3, H, W) images in order, on the CPU (for statistics such as `mean_std`)."""
     for images, _ in make_loader(split, batch_size, torch.device("cpu")):

@@ -243,6 +243,14 @@ def test_fit_evaluates_with_the_recipes_test_flip_and_records_it_in_the_spec():
     assert flipped.history[0].eval_loss != plain.history[0].eval_loss
 
 
+def test_the_default_recipe_whitens_the_first_layer_and_the_tutorial_recipe_does_not(tmp_path):
+    assert _config().resolved().model.whiten and not _config(optim={"recipe": "tutorial"}).resolved().model.whiten
+    whitened = _fit(_config(epochs=1), checkpoint_dir=tmp_path)
+    plain = _fit(_config(epochs=1, model={"whiten": False}))
+    assert whitened.weights_sha256 != plain.weights_sha256
+    assert checkpoints.load_checkpoint(tmp_path / "last.pt")["config"]["model"]["whiten"] is True  # recorded
+
+
 # ---------------------------------------------------------------------------------------------
 # fit: reproducibility, resume, checkpoints
 

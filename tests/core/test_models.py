@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,3 +119,31 @@ def test_model_spec_saved_before_test_flip_loads_without_it():
 def test_model_spec_missing_fields():
     with pytest.raises(ConfigError, match="missing class_names, input_size"):
         ModelSpec.from_dict({"name": "tudui", "num_classes": 2})
+
+
+def test_whitened_first_layer_decorrelates_the_patches_it_sees(cifar_mini) -> None:
+    from visionflow.cache import decode_file
+    from visionflow.models import WHITEN_SCALE, whiten_first_conv
+
+    files = sorted((cifar_mini / "train").rglob("*.jpg"))[::25]  # 200 photos, every class
+    images = torch.from_numpy(np.stack([decode_file(path, 32) for path in files]))  # (200, 3, 32, 32) uint8
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    model = build_model("tudui", 10)
+    untouched = [p.detach().clone() for p in model.parameters()][2:]
+    rng = torch.random.get_rng_state()
+    whiten_first_conv(model, images, mean, std)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # deterministic: the training's random streams stay put
+    assert all(torch.equal(a, b) for a, b in zip(untouched, list(model.parameters())[2:]))  # only the first layer
+    conv = model[0]
+    assert torch.equal(conv.bias, torch.zeros(32))
+    x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = F.conv2d(x, conv.weight)  # (N, 32, 28, 28): the valid patches the covariance came from
+    responses = out.transpose(0, 1).reshape(32, -1)
+    covariance = torch.cov(responses.double()) / WHITEN_SCALE**2  # (32, 32): ~identity where whitened
+    off_diagonal = covariance - torch.diag(torch.diagonal(covariance))
+    assert off_diagonal.abs().max() < 1e-3  # decorrelated
+    assert ((0.5 < torch.diagonal(covariance)) & (torch.diagonal(covariance) < 1.0 + 1e-6)).all()  # ~unit variance
+    again = build_model("tudui", 10)
+    whiten_first_conv(again, images, mean, std)
+    assert torch.equal(again[0].weight, conv.weight)  # the same images give the same filters

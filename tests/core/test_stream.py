@@ -17,7 +17,7 @@ from visionflow.cache import FileSplit, choose_loader, memory_budget_mb, open_sp
 from visionflow.config import build_config
 from visionflow.data import DatasetInfo, resolve_folder
 from visionflow.errors import ConfigError
-from visionflow.loaders import StreamLoader, eval_batches, make_loader
+from visionflow.loaders import StreamLoader, eval_batches, make_loader, sample_images
 from visionflow.models import build_model
 from visionflow.records import Callback, ModelSpec
 from visionflow.rng import Generators, seed_everything
@@ -180,3 +180,11 @@ def test_stream_on_cuda_pins_its_batches_and_matches_memory(mixed_dataset: Datas
     assert images.device.type == "cpu" and images.is_pinned()  # Batches copies it asynchronously
     for (a, y), (b, z) in zip(_all_batches(loaders[0]), _all_batches(loaders[1]), strict=True):
         assert a.device.type == "cuda" and torch.equal(a.cpu(), b) and torch.equal(y.cpu(), z)
+
+
+def test_a_sample_of_a_streamed_split_is_the_memory_sample(mixed_dataset: DatasetInfo, tmp_path: Path):
+    # What the whitened first layer is computed from (model.whiten): the same pixels either way.
+    data = _data(tmp_path, num_workers=0)
+    memory, stream = (open_split(mixed_dataset.train, data, loader) for loader in ("memory", "stream"))
+    assert torch.equal(sample_images(stream, 5), sample_images(memory, 5))
+    assert len(sample_images(memory, 10**6)) == len(memory.labels)  # at most the whole split
