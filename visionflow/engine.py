@@ -44,7 +44,7 @@ from visionflow.distributed import (
 )
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.loaders import Batches, eval_batches, make_loader, sample_images, uint8_batches
-from visionflow.models import WHITEN_IMAGES, whiten_first_conv
+from visionflow.models import whiten_first_conv, whiten_images
 from visionflow.optim import build_optimizer, build_scheduler
 from visionflow.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec, TrainStats
 from visionflow.rng import Generators, restore_rng_state, rng_state
@@ -663,7 +663,8 @@ def fit(
     device = resolve_device(config.training.device)
     config = with_fast_settings(config, spec, device)
     if config.model.whiten and resume_from is None:  # a resumed run's weights come from its checkpoint
-        whiten_first_conv(model, sample_images(train, WHITEN_IMAGES), config.data.mean, config.data.std)
+        images = sample_images(train, whiten_images(spec.input_size))  # 512 at 32 px, 16 at 224 px
+        whiten_first_conv(model, images, config.data.mean, config.data.std)
     run = _build_run(model, train, eval_split, config, device, ranks)
     state, finished = _FitState(), False
     if resume_from is not None:

@@ -54,10 +54,15 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     return MODELS[name](num_classes)
 
 
-WHITEN_IMAGES = 512  # images whose patches estimate the covariance (401,408 patches for tudui at 32 px)
+WHITEN_PIXELS = 512 * 32 * 32  # pixels of the images whose patches estimate the covariance: 512 at 32 px
 WHITEN_EPS = 1e-2  # added to each eigenvalue: bounds the gain of the near-empty patch directions
 WHITEN_SCALE = 0.3  # filter scale (1 = unit-variance outputs); 0.3 trained best at 4-5 epochs (config.RECIPES)
-_WHITEN_CHUNK = 64  # images unfolded at a time: 64 x 784 x 75 float32 patches = 15 MB for tudui
+_WHITEN_CHUNK_PIXELS = 64 * 32 * 32  # pixels unfolded at a time: 64 x 784 x 75 float32 patches = 15 MB for tudui
+
+
+def whiten_images(image_size: int) -> int:
+    """How many images `whiten_first_conv` needs at `image_size`: WHITEN_PIXELS' worth, at least 16."""
+    return max(16, WHITEN_PIXELS // image_size**2)
 
 
 def whiten_first_conv(model: nn.Module, images: Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -70,7 +75,7 @@ def whiten_first_conv(model: nn.Module, images: Tensor, mean: Sequence[float], s
     mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
     dim = conv.weight[0].numel()  # in_channels x kh x kw
     moment, total, count = torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0
-    for chunk in images.split(_WHITEN_CHUNK):
+    for chunk in images.split(max(1, _WHITEN_CHUNK_PIXELS // (images.shape[-2] * images.shape[-1]))):
         x = (chunk.float() / 255 - mean_t) / std_t
         patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (B, dim, L)
         patches = patches.transpose(1, 2).reshape(-1, dim).double()  # (B * L, dim)
