@@ -342,7 +342,10 @@ class PipelineConfig(_Section):
 #   + whitened first layer (model.whiten):      5 epochs crop 2: 61.5 % (scale 0.3), 60.1 % (scale 1);
 #                                               no augmentation: 4 epochs 62.4 % (seeds 1, 2: 60.6,
 #                                               61.0 %), 5 epochs 63.1 % (seeds 1, 2: 61.6, 61.9 %;
-#                                               all three past 60.6 % at epoch 4); resnet18, 3 epochs:
+#                                               all three past 60.6 % at epoch 4); with the patches
+#                                               normalized as training does (BatchTransform, float
+#                                               rounding apart the same): 63.0 % (seeds 1, 2: 61.5,
+#                                               61.7 %, past 60.6 % at epochs 5, 4); resnet18, 3 epochs:
 #                                               56.7 % whitened, 55.2 % without (its first 27 filters)
 #   batch 128 / 256 (crop 4 + flip, 5 epochs):  52.0 % / 49.4 % (lr 6e-3 51.1 %, 1e-2 34.7 %): fewer steps
 # so: 5 epochs, the first layer initialized as a whitening of the image patches (airbench's trick:

@@ -243,10 +243,9 @@ def launch_fit(
     spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
     # Resolved once here, so that every rank trains with the same precision and memory format.
     config = with_fast_settings(config, spec, resolve_device(config.training.device))
-    if (
-        choose_loader(data, dataset.train, dataset.eval_split) == "memory"
-    ):  # decoded once here, not by every rank at once
-        for split in (dataset.train, dataset.eval_split):
+    splits = (dataset.train, dataset.eval_split)
+    if choose_loader(data, *splits) == "memory":  # decoded once here, not by every rank at once
+        for split in splits:
             load_decoded(split, data.image_size, decoded_cache_dir(data.data_dir))
     work_dir = Path(run_dir) / WORK_DIR
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visionflow.errors import ConfigError
+from visionflow.transforms import BatchTransform
 
 
 def build_tudui(num_classes: int) -> nn.Module:
@@ -72,12 +73,13 @@ def whiten_first_conv(model: nn.Module, images: Tensor, mean: Sequence[float], s
     and its bias 0. Filters beyond the patch dimension keep their initialization. Deterministic:
     no random numbers are drawn."""
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+    normalize = BatchTransform(mean, std, "cpu")  # what training feeds the model
     dim = conv.weight[0].numel()  # in_channels x kh x kw
     moment, total, count = torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0
     for chunk in images.split(max(1, _WHITEN_CHUNK_PIXELS // (images.shape[-2] * images.shape[-1]))):
-        x = (chunk.float() / 255 - mean_t) / std_t
-        patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (B, dim, L)
+        patches = F.unfold(
+            normalize(chunk), conv.kernel_size, dilation=conv.dilation, stride=conv.stride
+        )  # (B, dim, L)
         patches = patches.transpose(1, 2).reshape(-1, dim).double()  # (B * L, dim)
         moment += patches.T @ patches
         total += patches.sum(0)
