@@ -145,6 +145,10 @@ class PhaseTimer:
             self.seconds[phase] += now - self._last
         self._last = now
 
+    def restart(self) -> None:
+        """Start the next lap now: what ran since the previous lap (an epoch's set-up) is in no phase."""
+        self._last = self._now()
+
     def totals(self) -> dict[str, float]:
         """Seconds per phase so far (EPOCH_PHASES order). CUDA: waits for the last event (a CPU-GPU sync point)."""
         if self._pending:
@@ -181,6 +185,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)  # sum of per-image losses
     correct = torch.zeros((), dtype=torch.int64, device=device)
     images, listeners, start = 0, _step_listeners(callbacks), time.perf_counter()
+    timer.restart()  # the phases are parts of this loop, as train_seconds times it
     for batch, (inputs, labels) in enumerate(batches, 1):
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         timer.lap("data")
