@@ -3,7 +3,7 @@ parser block in build_parser(). Handlers import what they need inside the functi
 imported only by the subcommands that run flows, so `validate` starts fast and works without it.
 
 Errors caused by user input (VisionflowError) print `error: <message>` on one line to stderr
-and exit 2, like argparse usage errors; Ctrl-C exits 130, SIGTERM 143, a training timeout 124.
+and exit 2, like argparse usage errors; Ctrl-C exits 130, SIGTERM 143, SIGHUP 129, a training timeout 124.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from typing import Any, Sequence
 
@@ -29,6 +28,7 @@ from flows.prefect_server import (
     stop_server,
 )
 from visionflow.errors import ConfigError, DatasetError, VisionflowError
+from visionflow.stopping import handle_stop_signals
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -171,10 +171,6 @@ def nproc_per_node(value: str) -> int | str:
 EXIT_TIMED_OUT = 124  # what GNU `timeout` returns
 
 
-def exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def prefect_environment() -> None:
     """Call before importing prefect."""
     # PREFECT_API_URL set but empty (a common way to "unset" it) is a URL to Prefect, which then
@@ -183,10 +179,6 @@ def prefect_environment() -> None:
         del os.environ["PREFECT_API_URL"]
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    # SIGTERM (a process manager, `timeout`, a worker) ends the command as Ctrl-C does: the stack
-    # unwinds (a run records its interruption), exit handlers run (the temporary server stops),
-    # exit status 143. During a flow run Prefect handles SIGTERM first, then calls this handler.
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
     # Prefect installs its console handler (timestamps, flow and task run names) only when the
     # root logger has no handler of its own; main()'s basicConfig one would swallow that format.
     # (Exact type: subclasses belong to someone else, e.g. a test runner's log capture.)
@@ -271,7 +263,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(resume_hint(config.output.output_dir), file=sys.stderr)
         return 130
-    except SystemExit:  # SIGTERM (exit_on_sigterm): exit 143
+    except SystemExit:  # SIGTERM, SIGHUP (StopRequested): exit 143, 129
         print(resume_hint(config.output.output_dir), file=sys.stderr)
         raise
     except TimeoutError as err:  # training.timeout_minutes
@@ -742,6 +734,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `visionflow` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    # Ctrl-C, SIGTERM (a process manager, `timeout`, a worker) and SIGHUP (the terminal closed) end
+    # the command by unwinding the stack: a run records its interruption, exit handlers run (the
+    # temporary server stops), exit status 130, 143, 129. During a flow run Prefect handles SIGTERM
+    # first, then calls this handler.
+    handle_stop_signals()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from visionflow.errors import ConfigError
 from visionflow.fileio import atomic_write_json, locked
+from visionflow.stopping import parent_death_signal
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
@@ -241,9 +242,11 @@ class PrefectAPI:
     """The Prefect API a command's flows talk to, chosen before Prefect is imported, in this order:
     PREFECT_API_URL when it is set; the running `visionflow server` of this Prefect home; otherwise
     a server of its own, started with Prefect's public CLI (`prefect server start`) on a free port
-    of 127.0.0.1, in its own session so that a terminal's Ctrl-C reaches only this process, and
-    stopped when this process exits, last: after Prefect has sent its final logs and events. That
-    costs the seconds the server takes to start, so it says once how to avoid it."""
+    of 127.0.0.1, in its own session so that a terminal's Ctrl-C or hangup reaches only this
+    process, and stopped when this process exits, last: after Prefect has sent its final logs and
+    events. If this process dies without exit handlers (kill -9, the OOM killer), the kernel kills
+    the server too (`parent_death_signal`; it starts no processes of its own). Create it in the
+    main thread. That costs the seconds the server takes to start, so it says once how to avoid it."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
@@ -268,6 +271,7 @@ class PrefectAPI:
             stdout=subprocess.DEVNULL,
             stderr=self.errors,
             start_new_session=True,
+            preexec_fn=parent_death_signal(),
         )
         os.environ["PREFECT_API_URL"] = f"{server_url(port)}/api"
 

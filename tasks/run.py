@@ -56,6 +56,7 @@ from visionflow.reports import (
 )
 from visionflow.runs import RunLayout, check_same_data, compare_runs, open_run, reproduction_config
 from visionflow.steps import finish_into
+from visionflow.stopping import StopRequested
 
 
 class RunInfo(BaseModel):
@@ -183,6 +184,8 @@ def record_interruption(run: RunInfo, reason: BaseException) -> None:
     SIGTERM) and no task can start now."""
     status: RunStatus = "interrupted"
     cause = type(reason).__name__
+    if isinstance(reason, StopRequested):  # SIGHUP, or SIGTERM outside Prefect's handler
+        cause = signal.Signals(reason.signal).name
     if isinstance(reason, TerminationSignal):  # SIGTERM: a process manager, `timeout`, or a worker cancelling
         cause = signal.Signals(reason.signal).name
         status = "cancelled" if cancelled_through_prefect() else "interrupted"

@@ -16,8 +16,6 @@ then every rank get SIGKILL from the kernel (Linux's parent-death signal): no ra
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import os
 import re
@@ -42,7 +40,7 @@ from visionflow.engine import Progress, with_fast_settings
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.fileio import atomic_write_text
 from visionflow.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec
-from visionflow.stopping import StopGuard, TrainingTimedOut
+from visionflow.stopping import StopGuard, TrainingTimedOut, parent_death_signal
 
 WORKER_MODULE = "visionflow.ddp_worker"
 WORK_DIR = "distributed"  # under the run directory
@@ -55,7 +53,6 @@ FIT_START, EPOCH_END = "fit_start", "epoch_end"
 _POLL_SECONDS = 0.2  # how often the caller reads new events and checks torchrun
 _MONITOR_SECONDS = 0.2  # how often torchrun checks its ranks (a failed rank stops the others then)
 _STOP_GRACE_SECONDS = 15  # after SIGTERM, before SIGKILL
-_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 # Exceptions a rank raises that keep their type in the caller: user errors stay one-line errors,
 # a timeout still ends the run timed_out.
 _KEPT_ERRORS = {
@@ -74,16 +71,6 @@ class TrainRequest(BaseModel):
     dataset: DatasetInfo
     config: PipelineConfig  # precision and channels_last resolved: every rank uses the same
     resume_from: str | None
-
-
-def parent_death_signal() -> Callable[[], None]:
-    """A function that asks the kernel to SIGKILL the calling process when its parent dies (Linux;
-    elsewhere it does nothing). Resolved here, so that calling it in a forked child before exec
-    (`preexec_fn`, with other threads in the parent) only makes the system call."""
-    if not sys.platform.startswith("linux"):
-        return lambda: None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return functools.partial(prctl, _PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def torchrun_command(config: PipelineConfig, work_dir: Path, rdzv_id: str) -> list[str]:
