@@ -50,13 +50,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), one test file per worker at a time
-# (--dist loadfile: a module's fixtures, such as its Prefect server, are built once). Much of the
+# (--dist loadscope: a module's fixtures, such as its Prefect server, are built once). Much of the
 # suite waits on servers, subprocesses and leases rather than computing. Measured on 2 idle cores
 # (Intel Xeon, AVX512-BF16/AMX), 441 tests: 1 worker about 22 min, 2 workers 13:27, 3 workers 9:52-11:42
 # (1,090-1,290 s of CPU time per run, so 2 cores cannot go much below 9-11 min).
 TEST_WORKERS ?= 3
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -10,6 +10,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def live_processes_with(marker: str) -> list[int]:
+    """Pids of the live processes (not zombies: a dead child its new parent has not reaped yet)
+    whose environment contains `marker`, as NAME=VALUE (Linux /proc)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes().split(b"\0"):
+                state = (environ.parent / "stat").read_text().rpartition(")")[2].split()[0]
+                if state != "Z":
+                    found.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

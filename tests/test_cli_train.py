@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, live_processes_with
 from tests.flows.server_fixtures import copy_tiny_dataset
 
 
@@ -157,18 +157,6 @@ def test_auto_streams_over_a_tiny_memory_budget_and_records_it(tmp_path: Path, s
     assert not (tmp_path / "data").exists()  # no decoded cache (data.data_dir) was written
 
 
-def processes_with(marker: str) -> list[int]:
-    """Pids of the processes whose environment contains `marker` (Linux /proc)."""
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker.encode() in environ.read_bytes():
-                found.append(int(environ.parent.name))
-        except OSError:  # gone meanwhile, or another user's
-            continue
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
@@ -225,4 +213,4 @@ def test_a_run_stopped_from_outside_ends_cleanly(
     assert manifest["status"] == status and "after epoch" in manifest["error"]
     assert err.strip().splitlines()[-1].startswith(f"{status}: rerun the same command with --run-name stopped")
     assert "Traceback" not in err
-    assert processes_with(f"PREFECT_HOME={home}") == []  # the temporary server stopped with it
+    assert live_processes_with(f"PREFECT_HOME={home}") == []  # the temporary server stopped with it

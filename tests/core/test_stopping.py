@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
 import pytest
 
+from tests.conftest import REPO, live_processes_with
 from tests.core.test_engine import _config, _fit
 from visionflow import checkpoints, records
-from visionflow.stopping import StopGuard, TrainingTimedOut
+from visionflow.stopping import StopGuard, StopRequested, TrainingTimedOut, stop_on_signal
 
 
 def test_a_signal_waits_for_the_next_check() -> None:
@@ -57,6 +59,85 @@ def test_sigterm_is_left_to_its_handler() -> None:
             stop.check()  # the handler returned (it let the run go on): nothing to raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_hangup_waits_for_the_next_check_like_ctrl_c() -> None:
+    previous = signal.signal(signal.SIGHUP, stop_on_signal)  # what the CLI installs
+    try:
+        with StopGuard() as stop:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.01)
+            assert stop.pending == signal.SIGHUP
+            with pytest.raises(StopRequested) as stopped:
+                stop.check()
+        assert stopped.value.code == 129 and stopped.value.signal == signal.SIGHUP
+        assert signal.getsignal(signal.SIGHUP) is stop_on_signal
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_an_ignored_signal_stays_ignored() -> None:
+    """The guard takes no signal the process ignores: it never says "stopping" and goes on (#25)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopGuard() as stop:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            stop.check()
+            assert stop.pending is None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+HANDLED = """
+import os, signal, sys, time
+from visionflow.stopping import handle_stop_signals
+handle_stop_signals()
+assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # nohup: still ignored
+os.kill(os.getpid(), signal.SIGHUP)
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+except KeyboardInterrupt:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+"""
+
+
+def test_a_command_handles_its_stop_signals_whatever_it_inherited() -> None:
+    """Started as a script's background job under nohup (SIGINT and SIGHUP ignored): SIGINT raises
+    KeyboardInterrupt, SIGTERM exits 143, SIGHUP stays ignored."""
+
+    def ignore() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    done = subprocess.run([sys.executable, "-c", HANDLED], cwd=REPO, preexec_fn=ignore, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM
+
+
+ORPHANED = """
+import subprocess, sys
+from visionflow.stopping import parent_death_signal
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], preexec_fn=parent_death_signal())
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_a_child_dies_with_its_parent_killed() -> None:
+    marker = f"VISIONFLOW_TEST_ORPHAN={os.getpid()}"
+    env = {**os.environ, "VISIONFLOW_TEST_ORPHAN": str(os.getpid())}
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANED], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert sorted(live_processes_with(marker)) == sorted([parent.pid, child])
+    parent.kill()  # SIGKILL: no exit handler runs
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while live_processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_processes_with(marker) == []
 
 
 class Terminated(Exception):
