@@ -36,7 +36,7 @@ from visionflow.launch import (
 )
 from visionflow.records import FitResult
 from visionflow.steps import train_run
-from visionflow.stopping import parent_death_signal
+from visionflow.stopping import LAUNCHER_ENV, parent_death_signal
 
 
 @contextmanager
@@ -93,7 +93,7 @@ def leave_group() -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parent_death_signal(os.getppid())()  # torchrun killed (kill -9): this rank goes too
+    parent_death_signal(int(os.environ[LAUNCHER_ENV]))()  # torchrun killed (kill -9): this rank goes too
     work_dir = Path((argv if argv is not None else sys.argv[1:])[0])
     with errors_recorded(work_dir):
         run_rank(work_dir)

@@ -40,7 +40,7 @@ from visionflow.engine import Progress, with_fast_settings
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.fileio import atomic_write_text
 from visionflow.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec
-from visionflow.stopping import StopGuard, TrainingTimedOut, parent_death_signal
+from visionflow.stopping import LAUNCHER_ENV, StopGuard, TrainingTimedOut, parent_death_signal
 
 WORKER_MODULE = "visionflow.ddp_worker"
 WORK_DIR = "distributed"  # under the run directory
@@ -189,6 +189,7 @@ def run_ranks(
     events = work_dir / EVENTS_FILE
     # OMP_NUM_THREADS: torchrun would otherwise set 1 (and warn); the ranks set torch's threads too.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads_per_rank)}
+    env[LAUNCHER_ENV] = str(os.getpid())  # each rank dies with torchrun, torchrun with this process
     with open(work_dir / LOG_FILE, "wb") as log:
         proc = subprocess.Popen(
             command,

@@ -31,10 +31,12 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, NoReturn
 
 HELD_SIGNALS = (signal.SIGINT, signal.SIGHUP)  # StopGuard holds these until the batch in flight ends
+LAUNCHER_ENV = "VISIONFLOW_LAUNCHER_PID"  # the process that started torchrun, for its ranks
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
@@ -65,24 +67,34 @@ def handle_stop_signals() -> None:
         signal.signal(signal.SIGHUP, stop_on_signal)
 
 
-def parent_death_signal(parent: int | None = None) -> Callable[[], None]:
-    """A function that asks the kernel to SIGKILL the calling process when `parent` dies (Linux;
-    elsewhere it does nothing): a child's `preexec_fn` (`parent` None: the process starting it), or
-    its first line (`parent_death_signal(os.getppid())()`). Resolved here, so that the call in a
-    forked child before exec only makes system calls. A child whose parent died before the request
-    (already an orphan) is killed at once. The kernel watches the thread that started the child:
-    start children from the main thread."""
+def parent_death_signal(launcher: int | None = None) -> Callable[[], None]:
+    """A function that asks the kernel to SIGKILL the calling process when its parent dies (Linux;
+    elsewhere it does nothing), and kills it at once if the parent died before the request:
+    - `launcher` None: a child's `preexec_fn`; its parent is the process calling this.
+    - `launcher` a pid: the first call of a process started by a child of `launcher` (a rank that
+      torchrun started); its parent must still be that child, a child of `launcher`.
+    Resolved here, so that the call in a forked child before exec only makes system calls. The
+    kernel watches the thread that started the child: start children from the main thread."""
     if not sys.platform.startswith("linux"):
         return lambda: None
     prctl = functools.partial(ctypes.CDLL(None, use_errno=True).prctl, _PR_SET_PDEATHSIG, int(signal.SIGKILL))
-    expected = os.getpid() if parent is None else parent
+    parent = os.getpid()
 
     def request() -> None:
         prctl()
-        if os.getppid() != expected:
+        orphan = os.getppid() != parent if launcher is None else parent_of(os.getppid()) != launcher
+        if orphan:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return request
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent of process `pid` (Linux /proc), None when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class StopGuard:
