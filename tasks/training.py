@@ -127,8 +127,11 @@ def device_slots(claim: DeviceClaim, logger: Any) -> Iterator[None]:
     """Hold `claim.occupy` slots of each of the claim's device limits (created on first use) while
     the block runs, released on exit (an exception's included). The slots are leased
     (LEASE_SECONDS, renewed in the background): a holder killed with kill -9 frees them when its
-    lease runs out. A busy device is one log line per busy limit, "waiting for device:cpu (2 of 2
-    slots busy)", then a check every POLL_SECONDS; slots are requested once they are free, never
+    lease runs out. The log records each side as it happens: a device found busy is one line per
+    busy limit, "waiting for device:cpu (2 of 2 slots busy)", then a check every POLL_SECONDS; the
+    slots taken, "took 1 slot(s) of device:cpu at once" or "... after waiting 3.2 s"; and
+    "releasing 1 slot(s) of device:cpu" before they are released (so no other run's "took" line
+    can come before it); slots are requested once they are free, never
     queued inside Prefect: its acquisition service retries a refused request until it succeeds and
     the process waits for it at exit, so Ctrl-C or SIGTERM of a waiting run would hang until the
     device came free. A disabled limit (`prefect gcl disable`) is not waited for."""
@@ -139,13 +142,13 @@ def device_slots(claim: DeviceClaim, logger: Any) -> Iterator[None]:
         with get_client(sync_client=True) as client:
             limits = [device_limit(client, name, claim.slots, logger) for name in claim.names]
             occupy = max(1, min(claim.occupy, *(limit.limit for limit in limits)))  # more than a limit is refused
-            waited = False
+            waited_since = None  # time.monotonic() when the device was first found busy
             while True:
                 busy = [limit for limit in limits if limit.active and limit.active_slots + occupy > limit.limit]
-                if busy and not waited:
+                if busy and waited_since is None:
                     for limit in busy:
                         logger.info("waiting for %s (%d of %d slots busy)", limit.name, limit.active_slots, limit.limit)
-                    waited = True
+                    waited_since = time.monotonic()
                 if not busy:
                     take = concurrency(
                         list(claim.names), occupy, max_retries=0, lease_duration=LEASE_SECONDS, holder=holder
@@ -158,9 +161,12 @@ def device_slots(claim: DeviceClaim, logger: Any) -> Iterator[None]:
                             raise
                 time.sleep(POLL_SECONDS)
                 limits = [client.read_global_concurrency_limit_by_name(name) for name in claim.names]
-        logger.info("took %d slot(s) of %s (lease %.0f s, renewed while training)", occupy, names, LEASE_SECONDS)
+        how = "at once" if waited_since is None else f"after waiting {time.monotonic() - waited_since:.1f} s"
+        logger.info(
+            "took %d slot(s) of %s %s (lease %.0f s, renewed while training)", occupy, names, how, LEASE_SECONDS
+        )
         yield
-    logger.info("released %d slot(s) of %s", occupy, names)
+        logger.info("releasing %d slot(s) of %s", occupy, names)
 
 
 @cached_task(

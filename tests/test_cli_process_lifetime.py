@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,13 +53,14 @@ def processes_until(proc: subprocess.Popen, marker: str, ready: Callable[[dict[i
     once `ready` says enough."""
     seen: dict[int, str] = {}
     deadline = time.monotonic() + 240
-    while not ready(seen):
-        assert proc.poll() is None, f"ended ({proc.returncode}) before it was ready: {list(seen.values())}"
-        assert time.monotonic() < deadline, f"not ready in time: {list(seen.values())}"
+    while True:
         for pid in live_processes_with(marker):
             seen.setdefault(pid, command_line(pid))
+        if ready(seen):
+            return seen
+        assert proc.poll() is None, f"ended ({proc.returncode}) before it was ready: {list(seen.values())}"
+        assert time.monotonic() < deadline, f"not ready in time: {list(seen.values())}"
         time.sleep(0.05)
-    return seen
 
 
 def killed_leaves_nothing(proc: subprocess.Popen, marker: str, seen: dict[int, str], whole_group: bool) -> None:
@@ -79,6 +80,15 @@ def count(seen: dict[int, str], what: str) -> int:
 
 
 @pytest.fixture
+def marker(tmp_path: Path) -> Iterator[str]:
+    """NAME=VALUE in the environment of every process of the test's commands; what a failing test
+    left running is killed after it."""
+    yield marker
+    for pid in live_processes_with(marker):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
 def dataset(tmp_path: Path, sample_dataset: Path) -> Path:
     return copy_tiny_dataset(sample_dataset, tmp_path / "data", CLASSES, 8, 4)
 
@@ -88,65 +98,52 @@ def train_args(dataset: Path, output: Path, *flags: str) -> list[str]:
 
 
 @pytest.mark.parametrize("whole_group", [False, True], ids=["leader", "group"])
-def test_a_killed_train_leaves_nothing_running(tmp_path: Path, dataset: Path, whole_group: bool) -> None:
-    marker = f"VISIONFLOW_TEST_RUN={tmp_path}"
+def test_a_killed_train_leaves_nothing_running(tmp_path: Path, dataset: Path, marker: str, whole_group: bool) -> None:
     (tmp_path / "stream.yaml").write_text("data:\n  loader: stream\n  num_workers: 1\n")
-    args = train_args(dataset, tmp_path / "out", "--epochs", "1000", "--batch-size", "8", "--config", "stream.yaml")
-    proc = start(tmp_path, args, marker)
-    try:
-        # The CLI, its server and a DataLoader worker (a fork of the CLI: the same command line).
-        ready = lambda seen: count(seen, "prefect server start") and count(seen, "-m flows.cli train") == 2  # noqa: E731
-        seen = processes_until(proc, marker, ready)
-        killed_leaves_nothing(proc, marker, seen, whole_group)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    flags = ["--epochs", "1000", "--batch-size", "8", "--config", "stream.yaml", "--run-name", "stream"]
+    proc = start(tmp_path, train_args(dataset, tmp_path / "out", *flags), marker)
+    # Epoch 1 is over: the CLI, its server and the DataLoader worker (persistent) are running.
+    last = tmp_path / "out" / "runs" / "stream" / "checkpoints" / "last.pt"
+    seen = processes_until(proc, marker, lambda seen: count(seen, "prefect server start") and last.exists())
+    assert count(seen, "-m flows.cli train") >= 2  # the worker: a fork of the CLI
+    killed_leaves_nothing(proc, marker, seen, whole_group)
 
 
 @pytest.mark.parametrize("whole_group", [False, True], ids=["leader", "group"])
-def test_a_killed_torchrun_train_leaves_nothing_running(tmp_path: Path, dataset: Path, whole_group: bool) -> None:
-    marker = f"VISIONFLOW_TEST_RUN={tmp_path}"
+def test_a_killed_torchrun_train_leaves_nothing_running(
+    tmp_path: Path, dataset: Path, marker: str, whole_group: bool
+) -> None:
     args = train_args(dataset, tmp_path / "out", "--epochs", "1000", "--batch-size", "8", "--nproc-per-node", "2")
     proc = start(tmp_path, args, marker)
-    try:
-        ready = lambda seen: count(seen, "prefect server start") and count(seen, "-u -m visionflow.ddp_worker") == 2  # noqa: E731
-        seen = processes_until(proc, marker, ready)
-        killed_leaves_nothing(proc, marker, seen, whole_group)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    ranks = lambda seen: count(seen, "-u -m visionflow.ddp_worker")  # noqa: E731  (torchrun's has no -u)
+    seen = processes_until(proc, marker, lambda seen: count(seen, "prefect server start") and ranks(seen) == 2)
+    killed_leaves_nothing(proc, marker, seen, whole_group)
 
 
 @pytest.mark.parametrize("whole_group", [False, True], ids=["leader", "group"])
-def test_a_killed_sweep_leaves_nothing_running(tmp_path: Path, dataset: Path, whole_group: bool) -> None:
-    marker = f"VISIONFLOW_TEST_RUN={tmp_path}"
+def test_a_killed_sweep_leaves_nothing_running(tmp_path: Path, dataset: Path, marker: str, whole_group: bool) -> None:
     base = {"data": {"dataset": str(dataset), "batch_size": 8}, "training": {"epochs": 1000, "device": "cpu"}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"optim.lr": [0.001, 0.002]}))
     args = ["sweep", "--config", "base.yaml", "--space", "space.yaml", "--parallel", "2", "--output", "out"]
     proc = start(tmp_path, args, marker)
-    try:
-        trials = lambda: list((tmp_path / "out" / "runs").glob("*/checkpoints/last.pt"))  # noqa: E731
-        # Both trials are training, in the two Dask worker processes.
-        workers = lambda seen: count(seen, "multiprocessing.spawn") == 2  # noqa: E731
-        seen = processes_until(proc, marker, lambda seen: count(seen, "prefect server start") and workers(seen))
-        processes_until(proc, marker, lambda _: len(trials()) == 2)
-        killed_leaves_nothing(proc, marker, seen, whole_group)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    trials = lambda: list((tmp_path / "out" / "runs").glob("*/checkpoints/last.pt"))  # noqa: E731
+    # Both trials are training, in the two Dask worker processes.
+    workers = lambda seen: count(seen, "multiprocessing.spawn") == 2  # noqa: E731
+    seen = processes_until(proc, marker, lambda seen: count(seen, "prefect server start") and workers(seen))
+    processes_until(proc, marker, lambda _: len(trials()) == 2)
+    killed_leaves_nothing(proc, marker, seen, whole_group)
 
 
-def test_a_hangup_stops_the_run_and_the_rerun_resumes(tmp_path: Path, dataset: Path) -> None:
-    marker = f"VISIONFLOW_TEST_RUN={tmp_path}"
+def test_a_hangup_stops_the_run_and_the_rerun_resumes(tmp_path: Path, dataset: Path, marker: str) -> None:
     args = train_args(dataset, tmp_path / "out", "--epochs", "3", "--batch-size", "8", "--run-name", "hup")
     run_dir = tmp_path / "out" / "runs" / "hup"
     proc = start(tmp_path, args, marker)
-    try:
-        processes_until(proc, marker, lambda seen: (run_dir / "checkpoints" / "last.pt").exists())
-        os.killpg(proc.pid, signal.SIGHUP)  # the terminal closed
-        sent = time.monotonic()
-        assert proc.wait(timeout=30) == 128 + signal.SIGHUP
-        assert time.monotonic() - sent < 10
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    processes_until(proc, marker, lambda seen: (run_dir / "checkpoints" / "last.pt").exists())
+    os.killpg(proc.pid, signal.SIGHUP)  # the terminal closed
+    sent = time.monotonic()
+    assert proc.wait(timeout=30) == 128 + signal.SIGHUP
+    assert time.monotonic() - sent < 10
     stopped = json.loads((run_dir / "manifest.json").read_text())
     assert stopped["status"] == "interrupted" and "SIGHUP" in stopped["error"], stopped["error"]
     deadline = time.monotonic() + 10

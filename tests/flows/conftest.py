@@ -119,14 +119,15 @@ def artifact_data(flow_run_id: str, key: str) -> Any:
     return json.loads(artifact.data) if artifact.type == "table" else artifact.data
 
 
-def log_messages(flow_run_id: str, containing: str, timeout: float = 30.0) -> list[str]:
-    """The flow run's log messages (its tasks' included) that contain `containing`; logs are
-    shipped to the API in the background, so wait for at least one."""
+def log_messages(flow_run_id: str, containing: str, timeout: float = 30.0, until: str | None = None) -> list[str]:
+    """The flow run's log messages (its tasks' included) that contain `containing`, read once one
+    containing `until` (default: `containing`) is there: logs are shipped to the API in the
+    background, in the order they were written, so wait for the last line the caller relies on."""
+    until = containing if until is None else until
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while True:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-            found = [log.message for log in logs if containing in log.message]
-            if found or time.monotonic() > deadline:
-                return found
+            if any(until in log.message for log in logs) or time.monotonic() > deadline:
+                return [log.message for log in logs if containing in log.message]
             time.sleep(0.5)

@@ -569,7 +569,12 @@ def test_a_retry_that_crashes_before_its_flow_starts_is_failed_not_retried_again
                 lambda run: f"control run {control} still {run.state}, not retried by visionflow-crash-retry",
             )
         assert retried.state.message == RETRIED_BY
-        failed = client.read_flow_run(looping)
+        failed = wait_for(  # crash-loop acts on its own events: wait for it, not for crash-retry's
+            lambda: client.read_flow_run(looping),
+            lambda run: run.state is not None and run.state.is_final() and not run.state.is_crashed(),
+            RECORD_SECONDS,
+            lambda run: f"looping run {looping} still {run.state}, not marked by visionflow-crash-loop",
+        )
         assert failed.state.is_failed() and failed.run_count == 1, failed.state
         assert failed.state.message.startswith("Crashed again before its flow started"), failed.state.message
         names = [state.name for state in client.read_flow_run_states(looping)]

@@ -169,9 +169,9 @@ def test_parallel_trials_fit_side_by_side_in_the_cpu_limit(
     share = trial_threads(sweep.parallel)
     assert sweep.parallel * share <= limit.limit
     for run in training_flow_runs([row.trial for row in result.rows]):
-        lines = log_messages(str(run.id), cpu)
+        lines = log_messages(str(run.id), cpu, until=f"releasing {share} slot(s) of {cpu}")
         assert [line for line in lines if line.startswith("took")] == [
-            f"took {share} slot(s) of {cpu} (lease 60 s, renewed while training)"
+            f"took {share} slot(s) of {cpu} at once (lease 60 s, renewed while training)"
         ]
         assert not [line for line in lines if line.startswith("waiting")], lines
 
