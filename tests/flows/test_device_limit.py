@@ -20,11 +20,11 @@ import pytest
 import yaml
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.exceptions import ObjectNotFound
 
 from tests.conftest import REPO
-from tests.flows.conftest import tiny_config
+from tests.flows.conftest import task_name, tiny_config
 from tests.flows.server_fixtures import PrefectServer, prefect_server, wait_for
 from visionflow.device_limits import LEASE_SECONDS
 from visionflow.manifest import Manifest
@@ -61,6 +61,13 @@ class Held:
     how: str
     waited: bool
     releasing: datetime | None  # None: it never released it (killed)
+
+
+def training_started(client: SyncPrefectClient, flow_run_id: str) -> datetime:
+    """When the flow run's training task began to run, by the API (before it asked for the device)."""
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    (train,) = [run for run in runs if task_name(run) == "train_model"]
+    return train.start_time
 
 
 def write_config(path: Path, dataset: Path, output: Path, **overrides: object) -> Path:
@@ -158,8 +165,11 @@ def test_two_runs_at_once_create_the_limit_once_and_train_one_after_the_other(
     assert all(m.tasks["train_model"] == "completed" for m in manifests)  # both trained
     # Read once each run's last line about the device reached the API (logs are shipped in order).
     lines = [logs(client, m.prefect_flow_run_id, f"releasing 1 slot(s) of {LIMIT}") for m in manifests]
-    first, second = sorted((held(run) for run in lines), key=lambda h: h.took)
-    print(f"first: {first}\nsecond: {second}")  # what each side saw (pytest -s)
+    (first, _), (second, later) = sorted(((held(run), m) for run, m in zip(lines, manifests)), key=lambda h: h[0].took)
+    # What each side saw (pytest -s). The second's training task may start (by the API's clock)
+    # before the first's release and still find the device free: its check comes later.
+    started = training_started(client, later.prefect_flow_run_id)
+    print(f"first: {first}\nsecond: {second}\nsecond's training task started {started}")
     # "releasing" is logged before the slot is released, "took" after the server granted it.
     assert first.releasing <= second.took, f"training intervals overlap: {first} and {second}"
     messages = [m for run in lines for _, m in run]
