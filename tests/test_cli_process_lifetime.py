@@ -29,6 +29,7 @@ CLASSES = ("bird", "frog", "truck")
 
 
 def command_line(pid: int) -> str:
+    """Its command line, cut to 160 characters ("(gone)" once it has exited)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
     except OSError:
@@ -54,8 +55,9 @@ def processes_until(proc: subprocess.Popen, marker: str, ready: Callable[[dict[i
     seen: dict[int, str] = {}
     deadline = time.monotonic() + 240
     while True:
-        for pid in live_processes_with(marker):
-            seen.setdefault(pid, command_line(pid))
+        for pid in live_processes_with(marker):  # a fork shows its parent's command line until it execs
+            if (command := command_line(pid)) != "(gone)":
+                seen[pid] = command
         if ready(seen):
             return seen
         assert proc.poll() is None, f"ended ({proc.returncode}) before it was ready: {list(seen.values())}"
@@ -83,6 +85,7 @@ def count(seen: dict[int, str], what: str) -> int:
 def marker(tmp_path: Path) -> Iterator[str]:
     """NAME=VALUE in the environment of every process of the test's commands; what a failing test
     left running is killed after it."""
+    marker = f"VISIONFLOW_TEST_RUN={tmp_path}"
     yield marker
     for pid in live_processes_with(marker):
         os.kill(pid, signal.SIGKILL)

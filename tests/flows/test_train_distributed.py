@@ -7,6 +7,7 @@ the manifest's metrics."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -103,3 +104,50 @@ def test_two_rank_flow_stops_with_its_ranks_resumes_and_evaluates_like_its_manif
     report = json.loads(evaluated.stdout)
     assert report["accuracy"] == pytest.approx(manifest["metrics"]["eval_accuracy"])
     assert report["loss"] == pytest.approx(manifest["metrics"]["eval_loss"], rel=1e-4)
+
+
+def test_ctrl_c_stops_a_two_rank_run_and_the_rerun_resumes_to_the_same_weights(data: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal (SIGINT to the process group; started as a script's background job, with
+    SIGINT ignored) after epoch 1: exit 130 within 10 s, the manifest interrupted, no rank left
+    (torchrun runs in a session of its own: the launcher stops it), and the rerun resumes to the
+    weights of an uninterrupted 2-rank run."""
+
+    def command(output: Path, *flags: str) -> list[str]:
+        return [
+            *(sys.executable, "-m", "flows.cli", "train", "--nproc-per-node", "2", "--device", "cpu"),
+            *("--dataset", str(data), "--epochs", "3", "--batch-size", str(BATCH), "--output", str(output), *flags),
+        ]
+
+    run_dir = tmp_path / "out" / "runs" / "ddp"
+    proc = subprocess.Popen(
+        command(tmp_path / "out", "--run-name", "ddp"),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint written in time"
+            time.sleep(0.02)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and time.monotonic() - sent < 10, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert wait_until_gone(str(run_dir / WORK_DIR)) == []
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
+    weights = {}
+    for output, flags in ((tmp_path / "out", ["--run-name", "ddp"]), (tmp_path / "fresh", [])):
+        done = subprocess.run(command(output, *flags), cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (manifest,) = (output / "runs").glob("*/manifest.json")
+        weights[output.name] = json.loads(manifest.read_text())["weights_sha256"]
+    assert weights["out"] == weights["fresh"]
