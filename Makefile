@@ -49,8 +49,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-# The suite runs in TEST_WORKERS processes (pytest-xdist), one test file per worker at a time
-# (--dist loadscope: a module's fixtures, such as its Prefect server, are built once). Much of the
+# The suite runs in TEST_WORKERS processes (pytest-xdist), one test file (or one test class) per
+# worker at a time (--dist loadscope: a module's fixtures, such as its Prefect server, are built
+# once; the classes of tests/flows/test_stop_phases.py spread over the workers). Much of the
 # suite waits on servers, subprocesses and leases rather than computing. Measured on 2 idle cores
 # (Intel Xeon, AVX512-BF16/AMX), 441 tests: 1 worker about 22 min, 2 workers 13:27, 3 workers 9:52-11:42
 # (1,090-1,290 s of CPU time per run, so 2 cores cannot go much below 9-11 min).
