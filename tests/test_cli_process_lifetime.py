@@ -45,7 +45,14 @@ def start(tmp_path: Path, args: list[str], marker: str) -> subprocess.Popen:
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     argv = [sys.executable, "-m", "flows.cli", *args]
     return subprocess.Popen(
-        argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        argv,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        # As from a terminal, whatever this test runs under (`nohup` would leave SIGHUP ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
 
 
