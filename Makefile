@@ -53,7 +53,8 @@ lint: $(STAMP)
 # worker at a time (--dist loadscope: a module's fixtures, such as its Prefect server, are built
 # once; the classes of tests/flows/test_stop_phases.py spread over the workers). Much of the
 # suite waits on servers, subprocesses and leases rather than computing. Measured on 2 idle cores
-# (Intel Xeon, AVX512-BF16/AMX), 441 tests: 1 worker about 22 min, 2 workers 13:27, 3 workers 9:52-11:42
+# (Intel Xeon, AVX512-BF16/AMX), 441 tests: 1 worker about 22 min, 2 workers 13:27, 3 workers 9:52-11:42;
+# 498 tests (with the stop and process-lifetime tests), 3 workers, fresh clone, AMD EPYC Zen 4: 14:19
 # (1,090-1,290 s of CPU time per run, so 2 cores cannot go much below 9-11 min).
 TEST_WORKERS ?= 3
 test: lint
