@@ -1,7 +1,9 @@
 """Shared test fixtures: paths to the read-only real data beside the repo, and the one temporary
 Prefect API of the session."""
 
-from collections.abc import Iterator
+import signal
+import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,30 @@ def live_processes_with(marker: str) -> list[int]:
         except OSError:  # gone meanwhile, or another user's
             continue
     return found
+
+
+def start_in_session(
+    argv: Sequence[str], cwd: Path, env: dict[str, str], *, stderr: int = subprocess.DEVNULL, sigint_ignored: bool
+) -> subprocess.Popen:
+    """`argv` in a session of its own (to signal or kill it whole), its stderr as text, with the
+    signal dispositions of a command started from a terminal whatever the tests run under (SIGHUP at
+    its default action: `nohup` would ignore it), or, with `sigint_ignored`, of a background job of
+    a shell script, which starts with SIGINT ignored (#25: Ctrl-C was then lost)."""
+
+    def dispositions() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if sigint_ignored else signal.SIG_DFL)
+
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+        preexec_fn=dispositions,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, live_processes_with
+from tests.conftest import REPO, live_processes_with, start_in_session
 from tests.flows.server_fixtures import copy_tiny_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -43,17 +43,7 @@ def start(tmp_path: Path, args: list[str], marker: str) -> subprocess.Popen:
     name, value = marker.split("=")
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO), **{name: value})
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    argv = [sys.executable, "-m", "flows.cli", *args]
-    return subprocess.Popen(
-        argv,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        # As from a terminal, whatever this test runs under (`nohup` would leave SIGHUP ignored).
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
-    )
+    return start_in_session([sys.executable, "-m", "flows.cli", *args], tmp_path, env, sigint_ignored=False)
 
 
 def processes_until(proc: subprocess.Popen, marker: str, ready: Callable[[dict[int, str]], bool]) -> dict[int, str]:

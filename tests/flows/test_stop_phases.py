@@ -22,7 +22,7 @@ import pytest
 import yaml
 from prefect.settings import PREFECT_API_URL
 
-from tests.conftest import REPO, live_processes_with
+from tests.conftest import REPO, live_processes_with, start_in_session
 from tests.flows.conftest import tiny_config, train
 from tests.stop_driver import SENT
 
@@ -63,17 +63,7 @@ def stop_in_phase(tiny_data: Path, tmp_path: Path, phase: str, signum: int, to_g
     target, call = PHASES[phase]
     driver = [sys.executable, "-m", "tests.stop_driver", target, str(call), signal.Signals(signum).name]
     argv = [*driver, "group" if to_group else "process", "train", "--config", str(config_file), "--run-name", "stopped"]
-    proc = subprocess.Popen(
-        argv,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        # A background job of a shell script starts with SIGINT ignored (#25: it was then lost).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )
+    proc = start_in_session(argv, tmp_path, env, stderr=subprocess.PIPE, sigint_ignored=True)
     try:
         _, err = proc.communicate(timeout=240)
         ended = time.monotonic()

@@ -18,6 +18,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tasks.artifacts import HISTORY_KEY, PROGRESS_KEY
+from tests.conftest import start_in_session
 from tests.core.test_distributed import processes_mentioning, wait_until_gone
 from tests.flows.conftest import artifact_data, artifact_keys, log_messages
 from tests.flows.server_fixtures import copy_tiny_dataset
@@ -119,16 +120,8 @@ def test_ctrl_c_stops_a_two_rank_run_and_the_rerun_resumes_to_the_same_weights(d
         ]
 
     run_dir = tmp_path / "out" / "runs" / "ddp"
-    proc = subprocess.Popen(
-        command(tmp_path / "out", "--run-name", "ddp"),
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )
+    argv = command(tmp_path / "out", "--run-name", "ddp")
+    proc = start_in_session(argv, tmp_path, cli_env(), stderr=subprocess.PIPE, sigint_ignored=True)
     try:
         deadline = time.monotonic() + 240
         while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None:
