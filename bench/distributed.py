@@ -37,10 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from visionflow.config import MODEL_NAMES, load_config  # noqa: E402
-from visionflow.data import resolve_dataset  # noqa: E402
+from visionflow.data.splits import resolve_dataset  # noqa: E402
 from visionflow.models import build_model  # noqa: E402
-from visionflow.records import FitResult  # noqa: E402
 from visionflow.steps import train_run  # noqa: E402
+from visionflow.train.records import FitResult  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cifar10-mini"
 BUS_GB_PER_S = 100  # an illustrative all-reduce bus bandwidth (NVLink-class) for the GPU estimate

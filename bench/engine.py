@@ -11,7 +11,7 @@ as training.device: cuda, then mps, then cpu), it measures images/s of
             section does it: model and each batch moved with .to(device))
   engine    engine.fit with the product's defaults: the default recipe (augmentation on the
             device, folded normalization) and training.precision / channels_last `auto`, which
-            this run resolves for this CPU as training does (visionflow.autotune: bf16 only where
+            this run resolves for this CPU as training does (visionflow.train.autotune: bf16 only where
             native, the faster memory format as measured) and prints; --precision and
             --channels-last override them. Its train_images_per_second: evaluation excluded
   ceiling   the same model, optimizer and loss: forward + backward + step on preloaded, normalized
@@ -50,18 +50,18 @@ from torchvision import transforms as T
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from visionflow import engine  # noqa: E402
-from visionflow.autotune import fast_settings  # noqa: E402
-from visionflow.cache import DecodedSplit, load_decoded  # noqa: E402
 from visionflow.config import DataConfig, PipelineConfig, build_config  # noqa: E402
-from visionflow.data import decoded_cache_dir, resolve_dataset  # noqa: E402
-from visionflow.device import DEVICE_NAMES, autocast, resolve_device  # noqa: E402
+from visionflow.data.decoded import DecodedSplit, load_decoded  # noqa: E402
+from visionflow.data.splits import decoded_cache_dir, resolve_dataset  # noqa: E402
+from visionflow.data.transforms import BatchTransform, mean_std  # noqa: E402
 from visionflow.errors import DeviceError  # noqa: E402
 from visionflow.models import build_model  # noqa: E402
-from visionflow.optim import build_optimizer  # noqa: E402
-from visionflow.records import ModelSpec  # noqa: E402
-from visionflow.rng import seed_everything  # noqa: E402
-from visionflow.transforms import BatchTransform, mean_std  # noqa: E402
+from visionflow.train import engine  # noqa: E402
+from visionflow.train.autotune import fast_settings  # noqa: E402
+from visionflow.train.device import DEVICE_NAMES, autocast, resolve_device  # noqa: E402
+from visionflow.train.optim import build_optimizer  # noqa: E402
+from visionflow.train.records import ModelSpec  # noqa: E402
+from visionflow.train.rng import seed_everything  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cifar10-mini"
 BATCH = DataConfig().batch_size  # the product default (64)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from flows.prefect_server import free_port  # noqa: E402
 from visionflow.checkpoints import load_checkpoint  # noqa: E402
 from visionflow.config import build_config, load_config  # noqa: E402
-from visionflow.data import resolve_dataset  # noqa: E402
+from visionflow.data.splits import resolve_dataset  # noqa: E402
 from visionflow.runs import RunLayout  # noqa: E402
 from visionflow.steps import train_run  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Near-duplicate detection at scale: 60,000 32x32 images made from cifar10-mini (its 6,000
 train + val images, each with 9 transformed copies: JPEG quality 30, resized down and up, cropped
 by 2-3 pixels, brightened 10%, contrast -10%, mirrored, mirrored + JPEG 50, cropped + JPEG 50,
-brightened + mirrored). Times `visionflow.near_duplicates.find_pairs` on the thumbnails (what the
+brightened + mirrored). Times `visionflow.data.near_duplicates.find_pairs` on the thumbnails (what the
 validation pass feeds it), after generating them.
 
 recall: planted (original, copy) pairs found. false_positive_rate: flagged pairs of images made
@@ -25,7 +25,7 @@ from PIL import Image, ImageEnhance, ImageOps
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from visionflow.near_duplicates import find_pairs, thumbnail  # noqa: E402
+from visionflow.data.near_duplicates import find_pairs, thumbnail  # noqa: E402
 
 
 def jpeg(image: Image.Image, quality: int) -> Image.Image:

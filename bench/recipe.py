@@ -45,14 +45,14 @@ from torchvision import transforms as T
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from visionflow import engine  # noqa: E402
-from visionflow.autotune import cpu_name  # noqa: E402
-from visionflow.cache import load_decoded  # noqa: E402
 from visionflow.config import DataConfig, TrainingConfig, build_config  # noqa: E402
-from visionflow.data import decoded_cache_dir, resolve_dataset  # noqa: E402
+from visionflow.data.decoded import load_decoded  # noqa: E402
+from visionflow.data.splits import decoded_cache_dir, resolve_dataset  # noqa: E402
 from visionflow.models import build_model  # noqa: E402
-from visionflow.records import ModelSpec, time_to_accuracy  # noqa: E402
-from visionflow.rng import seed_everything  # noqa: E402
+from visionflow.train import engine  # noqa: E402
+from visionflow.train.autotune import cpu_name  # noqa: E402
+from visionflow.train.records import ModelSpec, time_to_accuracy  # noqa: E402
+from visionflow.train.rng import seed_everything  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cifar10-mini"
 MODEL = "tudui"

@@ -64,14 +64,14 @@ def replicate(source: Path, target: Path, images: int) -> Path:
 
 def variant(dataset: Path, data_dir: Path, loader: str, batch: int, steps: int, warmup: int) -> dict:
     """In the child: the run `fit` builds on `loader`, `warmup` steps, then `steps` timed ones."""
-    from visionflow import engine
-    from visionflow.cache import choose_loader, open_split
     from visionflow.config import build_config
-    from visionflow.data import resolve_folder
-    from visionflow.device import resolve_device
-    from visionflow.distributed import Ranks
-    from visionflow.records import ModelSpec
-    from visionflow.rng import seed_everything
+    from visionflow.data.decoded import choose_loader, open_split
+    from visionflow.data.splits import resolve_folder
+    from visionflow.train import engine
+    from visionflow.train.device import resolve_device
+    from visionflow.train.distributed import Ranks
+    from visionflow.train.records import ModelSpec
+    from visionflow.train.rng import seed_everything
 
     config = build_config(
         {

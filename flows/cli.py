@@ -28,7 +28,7 @@ from flows.prefect_server import (
     stop_server,
 )
 from visionflow.errors import ConfigError, DatasetError, VisionflowError
-from visionflow.stopping import handle_stop_signals
+from visionflow.train.stopping import handle_stop_signals
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +60,8 @@ def print_json(value: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from visionflow.data import resolve_dataset
-    from visionflow.validate import validate_dataset
+    from visionflow.data.splits import resolve_dataset
+    from visionflow.data.validate import validate_dataset
 
     info = resolve_dataset(
         args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction, split_seed=args.split_seed
@@ -105,10 +105,10 @@ def select_split(info: Any, name: str | None) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from visionflow.cache import open_eval_split
     from visionflow.checkpoints import load_model
     from visionflow.config import DataConfig
-    from visionflow.data import resolve_dataset
+    from visionflow.data.decoded import open_eval_split
+    from visionflow.data.splits import resolve_dataset
     from visionflow.evaluation import check_classes_match, evaluate_model
 
     model, spec = load_model(args.checkpoint)
@@ -218,7 +218,7 @@ def check_before_run(config: Any) -> None:
     creates anything. CIFAR-10 is exempt from the dataset check: the flow downloads it. A global
     batch that does not divide by the world size too."""
     from visionflow.config import check_global_batch, world_size
-    from visionflow.data import resolve_dataset
+    from visionflow.data.splits import resolve_dataset
     from visionflow.runs import resumable_run
 
     if config.output.run_name is not None:
@@ -228,7 +228,7 @@ def check_before_run(config: Any) -> None:
             config.data.dataset, config.data.data_dir, config.data.val_fraction, config.data.split_seed, download=False
         )
     if config.training.device not in ("auto", "cpu"):  # these always resolve; checking cuda/mps imports torch
-        from visionflow.device import resolve_device
+        from visionflow.train.device import resolve_device
 
         resolve_device(config.training.device)
     check_global_batch(config.data.batch_size, world_size(config.training.distributed))
@@ -355,7 +355,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from visionflow.datachanges import changes_markdown
+    from visionflow.data.changes import changes_markdown
     from visionflow.runs import diff_runs, diff_to_dict, find_run
 
     before, after = find_run(args.output, args.run_a), find_run(args.output, args.run_b)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from visionflow.errors import ConfigError
 from visionflow.fileio import atomic_write_json, locked
-from visionflow.stopping import parent_death_signal
+from visionflow.train.stopping import parent_death_signal
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200

@@ -35,8 +35,8 @@ from prefect.artifacts import (
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
-from visionflow.records import Callback, EpochMetrics, FitResult, FitStart
 from visionflow.reports import Table
+from visionflow.train.records import Callback, EpochMetrics, FitResult, FitStart
 
 SUMMARY_KEY = "run-summary"
 VALIDATION_KEY = "validation-report"

@@ -51,7 +51,7 @@ from visionflow.config import OutputConfig
 from visionflow.errors import VisionflowError
 from visionflow.fileio import file_sha256, link_or_copy, try_lock, unlock
 from visionflow.retention import LOCKS_SUBDIR, RESULTS_SUBDIR
-from visionflow.stopping import TrainingTimedOut
+from visionflow.train.stopping import TrainingTimedOut
 
 CORE_PACKAGE = Path(visionflow.__file__).resolve().parent
 

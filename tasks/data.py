@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict
 from tasks.caching import FileRef, TaskOutput, cached_task, record_outcome, written_files
 from tasks.names import run_name
 from visionflow.config import DataConfig
-from visionflow.data import DatasetInfo, resolve_dataset, resolve_folder
-from visionflow.fingerprint import fingerprint_dataset
+from visionflow.data.fingerprint import fingerprint_dataset
+from visionflow.data.splits import DatasetInfo, resolve_dataset, resolve_folder
+from visionflow.data.validate import ValidationReport
 from visionflow.manifest import DataRecord
 from visionflow.steps import fill_normalization, preview_into, validate_into
-from visionflow.validate import ValidationReport
 
 
 class DataLocation(TaskOutput):

@@ -12,8 +12,8 @@ from tasks.names import run_name
 from tasks.training import TrainOutput
 from visionflow.config import DataConfig
 from visionflow.manifest import MetricsRecord
-from visionflow.records import time_to_accuracy
 from visionflow.steps import accuracy_on, export_into, write_evaluation
+from visionflow.train.records import time_to_accuracy
 
 
 class EvalOutput(TaskOutput):

@@ -56,7 +56,7 @@ from visionflow.reports import (
 )
 from visionflow.runs import RunLayout, check_same_data, compare_runs, open_run, reproduction_config
 from visionflow.steps import finish_into
-from visionflow.stopping import StopRequested
+from visionflow.train.stopping import StopRequested
 
 
 class RunInfo(BaseModel):

@@ -1,6 +1,6 @@
 """Training task: fit the model on the validated data, checkpointing into the run directory,
 holding the device's slots (Prefect global concurrency limits `device:cpu`, `device:cuda:N`,
-`device:mps`: visionflow.device_limits) while it trains."""
+`device:mps`: visionflow.train.device_limits) while it trains."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, Normalization, ValidatedData, by_exclusions, by_fingerprint
 from tasks.names import run_name
 from visionflow.config import PipelineConfig, world_size
-from visionflow.device_limits import LEASE_SECONDS, DeviceClaim, device_claim
 from visionflow.manifest import TimingRecord
-from visionflow.records import FitResult
 from visionflow.runs import BEST_CHECKPOINT_PATH, LAST_CHECKPOINT_PATH
 from visionflow.steps import train_run
+from visionflow.train.device_limits import LEASE_SECONDS, DeviceClaim, device_claim
+from visionflow.train.records import FitResult
 
 POLL_SECONDS = 1.0  # how often a training waiting for its device checks whether the slots came free
 

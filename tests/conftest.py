@@ -99,7 +99,7 @@ def free_killed_holders_slots() -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
-    from visionflow.device_limits import DEVICE_LIMIT_PREFIX
+    from visionflow.train.device_limits import DEVICE_LIMIT_PREFIX
 
     with get_client(sync_client=True) as client:
         for limit in client.read_global_concurrency_limits(limit=100):

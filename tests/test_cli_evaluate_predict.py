@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from flows.cli import main
-from visionflow.cache import load_decoded
 from visionflow.checkpoints import export_model, load_checkpoint, load_model, save_checkpoint
 from visionflow.config import build_config
-from visionflow.data import resolve_dataset
-from visionflow.engine import fit
-from visionflow.records import ModelSpec
+from visionflow.data.decoded import load_decoded
+from visionflow.data.splits import resolve_dataset
+from visionflow.train.engine import fit
+from visionflow.train.records import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 2

@@ -115,7 +115,7 @@ def test_a_killed_torchrun_train_leaves_nothing_running(
 ) -> None:
     args = train_args(dataset, tmp_path / "out", "--epochs", "1000", "--batch-size", "8", "--nproc-per-node", "2")
     proc = start(tmp_path, args, marker)
-    ranks = lambda seen: count(seen, "-u -m visionflow.ddp_worker")  # noqa: E731  (torchrun's has no -u)
+    ranks = lambda seen: count(seen, "-u -m visionflow.train.ddp_worker")  # noqa: E731  (torchrun's has no -u)
     seen = processes_until(proc, marker, lambda seen: count(seen, "prefect server start") and ranks(seen) == 2)
     killed_leaves_nothing(proc, marker, seen, whole_group)
 

@@ -122,7 +122,7 @@ def test_first_run_on_a_new_prefect_home(
     assert out.splitlines()[1].startswith("first ")
 
     # The identical command under a new name: every heavy step is a cache hit, and the process
-    # never imports torch (the cached results hold torch-free records: visionflow.records).
+    # never imports torch (the cached results hold torch-free records: visionflow.train.records).
     again = subprocess.run(
         done.args[:-1] + ["again"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280
     )

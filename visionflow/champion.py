@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from visionflow.config import MONITOR_MODES, DataConfig, is_improvement
-from visionflow.data import Split
-from visionflow.datachanges import LISTING_NAME, changes_markdown, diff_listings, read_listing, summary_line
+from visionflow.data.changes import LISTING_NAME, changes_markdown, diff_listings, read_listing, summary_line
+from visionflow.data.splits import Split
 from visionflow.errors import CheckpointError, ConfigError
 from visionflow.fileio import atomic_write_bytes, atomic_write_json, locked
 from visionflow.manifest import MANIFEST_NAME, Manifest
@@ -172,8 +172,8 @@ def read_champion(output_dir: Path | str, slot: str) -> Champion | None:
 def evaluate_export(path: Path, eval_split: Split, data: DataConfig, device: str = "auto") -> EvalReport:
     """Evaluate an exported model on ``eval_split`` at the model's own input size, read by
     data.loader (`cache.open_eval_split`: streamed when it would not fit the memory budget)."""
-    from visionflow.cache import open_eval_split  # torch: only when a champion is evaluated
     from visionflow.checkpoints import load_model
+    from visionflow.data.decoded import open_eval_split  # torch: only when a champion is evaluated
     from visionflow.evaluation import check_classes_match, evaluate_model
 
     model, spec = load_model(path)

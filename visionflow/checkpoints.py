@@ -22,8 +22,8 @@ from torch import nn
 
 from visionflow.errors import CheckpointError, VisionflowError
 from visionflow.fileio import atomic_write, atomic_write_bytes, atomic_write_json
-from visionflow.records import ModelSpec
 from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS
+from visionflow.train.records import ModelSpec
 
 FORMAT_VERSION = 1
 TRAINING_KEYS = frozenset(

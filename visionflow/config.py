@@ -224,7 +224,7 @@ class TrainingConfig(_Section):
         description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.",
     )
     # Trainings share a device through the Prefect global concurrency limit `device:<device>`
-    # (visionflow.device_limits): a training waits for its slots, whatever started it (CLI,
+    # (visionflow.train.device_limits): a training waits for its slots, whatever started it (CLI,
     # deployment, sweep trial). This field only sizes a limit visionflow creates on first use;
     # an existing one keeps its size (`prefect gcl update device:cpu --limit N`). Not part of the
     # training cache key: it changes when a training runs, not what it computes.

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from visionflow import transforms
-from visionflow.cache import DecodedSplit, FileSplit
-from visionflow.device import resolve_device
-from visionflow.engine import collect_logits
+from visionflow.data import transforms
+from visionflow.data.decoded import DecodedSplit, FileSplit
+from visionflow.data.images import load_rgb, thread_map
+from visionflow.data.loaders import eval_batches
 from visionflow.errors import DatasetError
-from visionflow.images import load_rgb, thread_map
-from visionflow.loaders import eval_batches
-from visionflow.records import ModelSpec
+from visionflow.train.device import resolve_device
+from visionflow.train.engine import collect_logits
+from visionflow.train.records import ModelSpec
 
 CONFIDENTLY_WRONG_K = 16
 TOP_K = 5

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionflow.data.transforms import BatchTransform
 from visionflow.errors import ConfigError
-from visionflow.transforms import BatchTransform
 
 
 def build_tudui(num_classes: int) -> nn.Module:

@@ -22,10 +22,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from visionflow.config import flatten
+from visionflow.data.images import load_rgb
+from visionflow.data.near_duplicates import NearDuplicateReport
 from visionflow.fileio import atomic_write_bytes, atomic_write_text
-from visionflow.images import load_rgb
 from visionflow.manifest import Manifest
-from visionflow.near_duplicates import NearDuplicateReport
 from visionflow.runs import RunLayout, runs_root
 
 FONT_SIZE = 12

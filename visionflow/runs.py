@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from visionflow.config import PipelineConfig
-from visionflow.datachanges import (
+from visionflow.data.changes import (
     LISTING_NAME,
     SplitChanges,
     changes_to_dict,

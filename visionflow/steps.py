@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from visionflow.config import DataConfig, PipelineConfig, world_size
-from visionflow.data import DatasetInfo, Split
-from visionflow.datachanges import write_listing
+from visionflow.data.changes import write_listing
+from visionflow.data.splits import DatasetInfo, Split
+from visionflow.data.validate import ValidationReport, validate_dataset
 from visionflow.fileio import atomic_write_json, atomic_write_text
 from visionflow.hparams import log_hparams
 from visionflow.manifest import Manifest
-from visionflow.records import Callback, FitResult, ModelSpec
 from visionflow.reports import render_near_duplicates, write_png, write_validation_csvs
 from visionflow.runs import RunLayout
-from visionflow.validate import ValidationReport, validate_dataset
+from visionflow.train.records import Callback, FitResult, ModelSpec
 
 if TYPE_CHECKING:
     from visionflow.evaluation import EvalReport
@@ -52,8 +52,8 @@ def validate_into(run_dir: Path | str, dataset: DatasetInfo, data: DataConfig) -
 def accuracy_on(checkpoint: Path | str, split: Split, device: str, data: DataConfig) -> float:
     """Top-1 accuracy of a checkpoint on a split (no files written), read by `data.loader`
     (`cache.open_eval_split`)."""
-    from visionflow.cache import open_eval_split
     from visionflow.checkpoints import load_model
+    from visionflow.data.decoded import open_eval_split
     from visionflow.evaluation import evaluate_model
 
     model, spec = load_model(checkpoint)
@@ -64,9 +64,9 @@ def fill_normalization(dataset: DatasetInfo, data: DataConfig) -> DataConfig:
     """`data` with mean/std filled from the train split's pixels where empty (computed once per
     run: preview and training both take the result), read by the loader training will use
     (`cache.choose_loader`)."""
-    from visionflow.cache import choose_loader, open_split
-    from visionflow.loaders import uint8_batches
-    from visionflow.transforms import fill_mean_std
+    from visionflow.data.decoded import choose_loader, open_split
+    from visionflow.data.loaders import uint8_batches
+    from visionflow.data.transforms import fill_mean_std
 
     if data.mean is not None and data.std is not None:
         return data
@@ -78,7 +78,7 @@ def fill_normalization(dataset: DatasetInfo, data: DataConfig) -> DataConfig:
 def preview_into(run_dir: Path | str, train: Split, data: DataConfig, seed: int) -> Path:
     """Render what the model sees (original | eval input | train input) to preview.png and
     TensorBoard; `data` has its normalization filled in."""
-    from visionflow.preview import build_preview
+    from visionflow.data.preview import build_preview
     from visionflow.tensorboard import log_image
 
     layout = RunLayout(Path(run_dir))
@@ -115,12 +115,12 @@ def train_run(
     training.distributed world size above 1 it starts the ranks (torchrun, `launch.launch_fit`),
     each of which calls this again inside its process group; rank 0 writes TensorBoard.
     data.loader picks how the splits are read (`cache.choose_loader`: memory or stream)."""
-    from visionflow.cache import choose_loader, open_split
-    from visionflow.distributed import Ranks
-    from visionflow.engine import fit
-    from visionflow.launch import launch_fit
-    from visionflow.rng import seed_everything
+    from visionflow.data.decoded import choose_loader, open_split
     from visionflow.tensorboard import TensorBoardCallback
+    from visionflow.train.distributed import Ranks
+    from visionflow.train.engine import fit
+    from visionflow.train.launch import launch_fit
+    from visionflow.train.rng import seed_everything
 
     ranks = Ranks.current()
     if not ranks.initialized and world_size(config.training.distributed) > 1:
@@ -150,8 +150,8 @@ def write_evaluation(
     """Evaluate a checkpoint on the eval split: evaluation.json, per-class and confusion CSVs,
     the confusion matrix (PNG and TensorBoard), per-class PR curves (TensorBoard) and the most
     confidently wrong images. `data`: the data config training used (`cache.open_eval_split`)."""
-    from visionflow.cache import open_eval_split
     from visionflow.checkpoints import load_model
+    from visionflow.data.decoded import open_eval_split
     from visionflow.evaluation import evaluate_model
     from visionflow.reports import render_misclassified, write_evaluation_csvs
     from visionflow.tensorboard import log_confusion_matrix, log_pr_curves

@@ -25,8 +25,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from visionflow.records import Callback, EpochMetrics, FitResult, FitStart
 from visionflow.reports import render_confusion_matrix
+from visionflow.train.records import Callback, EpochMetrics, FitResult, FitStart
 
 
 class TensorBoardCallback(Callback):

@@ -1,6 +1,6 @@
 """A torchrun target for tests/core/test_distributed.py: `python -m torch.distributed.run ... -m
 tests.core.ddp_target WORK_DIR MODE`, each rank recording its exception like the product's worker
-(`visionflow.ddp_worker.errors_recorded`).
+(`visionflow.train.ddp_worker.errors_recorded`).
 
 MODE "train": every rank calls `engine.fit` on the same tiny synthetic data (`tiny_fit`, which the
 test also calls in one process); after every epoch the ranks all-gather the sha256 of their
@@ -22,11 +22,11 @@ from torch import nn
 
 from visionflow.checkpoints import weights_sha256
 from visionflow.config import build_config
-from visionflow.ddp_worker import errors_recorded, leave_group
-from visionflow.engine import fit
-from visionflow.launch import EVENTS_FILE
-from visionflow.records import Callback, EpochMetrics, FitResult, ModelSpec
-from visionflow.rng import seed_everything
+from visionflow.train.ddp_worker import errors_recorded, leave_group
+from visionflow.train.engine import fit
+from visionflow.train.launch import EVENTS_FILE
+from visionflow.train.records import Callback, EpochMetrics, FitResult, ModelSpec
+from visionflow.train.rng import seed_everything
 
 TRAIN_IMAGES, EVAL_IMAGES, BATCH = 96, 32, 16  # 6 steps per epoch; a batch divides by 1, 2 and 4 ranks
 EPOCHS = 2

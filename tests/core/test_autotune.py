@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from tests.core.test_engine import _config, _fit
-from visionflow import autotune, checkpoints
+from visionflow import checkpoints
+from visionflow.train import autotune
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +54,7 @@ def test_auto_is_resolved_recorded_and_leaves_the_random_streams_alone(settings_
 
 
 def test_explicit_bf16_on_a_cpu_without_native_bf16_is_warned_about(settings_file, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="visionflow.engine"):
+    with caplog.at_level(logging.WARNING, logger="visionflow.train.engine"):
         result = _fit(_config(epochs=1, training={"precision": "bf16", "channels_last": False}))
     assert result.precision == "bf16"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -65,9 +66,10 @@ def test_explicit_bf16_on_a_cpu_without_native_bf16_is_warned_about(settings_fil
 
 CAPPED_CPU_SCRIPT = """
 import torch
-from visionflow import autotune, engine
+from visionflow.train import autotune
+from visionflow.train import engine
 from visionflow.config import build_config
-from visionflow.records import ModelSpec
+from visionflow.train.records import ModelSpec
 spec = ModelSpec("tudui", 10, 32, [str(label) for label in range(10)])
 chosen = engine.with_fast_settings(build_config({}), spec, torch.device("cpu")).training
 print(torch.backends.cpu.get_cpu_capability(), autotune.native_bf16(), chosen.precision)

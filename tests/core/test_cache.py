@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from visionflow.cache import DecodedSplit, cache_path, load_decoded
-from visionflow.data import resolve_folder
-from visionflow.fingerprint import fingerprint_split
-from visionflow.images import load_rgb
+from visionflow.data.decoded import DecodedSplit, cache_path, load_decoded
+from visionflow.data.fingerprint import fingerprint_split
+from visionflow.data.images import load_rgb
+from visionflow.data.splits import resolve_folder
 
 
 @pytest.fixture

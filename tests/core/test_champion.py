@@ -15,13 +15,13 @@ import torch
 from visionflow import champion as ch
 from visionflow.checkpoints import export_model, load_model
 from visionflow.config import DataConfig, PipelineConfig
-from visionflow.data import DatasetInfo, resolve_dataset
-from visionflow.datachanges import LISTING_NAME, ListedFile, write_listing
+from visionflow.data.changes import LISTING_NAME, ListedFile, write_listing
+from visionflow.data.splits import DatasetInfo, resolve_dataset
 from visionflow.errors import CheckpointError, ConfigError, DatasetError
 from visionflow.manifest import Manifest, MetricsRecord
 from visionflow.models import build_model
-from visionflow.records import ModelSpec
 from visionflow.runs import RunLayout
+from visionflow.train.records import ModelSpec
 
 CLASSES = ("airplane", "cat", "ship")
 

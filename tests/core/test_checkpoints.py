@@ -27,7 +27,7 @@ from visionflow.checkpoints import (
 )
 from visionflow.errors import CheckpointError
 from visionflow.fileio import atomic_write_json, atomic_write_text
-from visionflow.records import ModelSpec
+from visionflow.train.records import ModelSpec
 
 CLASSES = ["cat", "dog", "frog"]
 

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset
 
-from visionflow.data import resolve_dataset, resolve_folder
-from visionflow.datasets import FolderDataset, LabelFolder
+from visionflow.data.folders import FolderDataset, LabelFolder
+from visionflow.data.splits import resolve_dataset, resolve_folder
 from visionflow.errors import DatasetError
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.core.conftest import write_image
-from visionflow.data import resolve_dataset
-from visionflow.datachanges import (
+from visionflow.data.changes import (
     ListedFile,
     changes_markdown,
     changes_to_dict,
@@ -21,8 +20,9 @@ from visionflow.datachanges import (
     summary_line,
     write_listing,
 )
+from visionflow.data.splits import resolve_dataset
+from visionflow.data.validate import validate_dataset
 from visionflow.errors import ConfigError
-from visionflow.validate import validate_dataset
 
 
 def listing_of(root: Path) -> tuple[ListedFile, ...]:

@@ -12,8 +12,8 @@ import torch
 
 from tests.conftest import REPO
 from visionflow.config import load_config
-from visionflow.device_limits import DeviceClaim, device_claim, gpu_limit_name
 from visionflow.errors import ConfigError, DeviceError
+from visionflow.train.device_limits import DeviceClaim, device_claim, gpu_limit_name
 
 
 def training(**overrides: object):
@@ -90,6 +90,6 @@ def test_device_slots_is_validated() -> None:
 
 
 def test_the_module_imports_no_torch() -> None:
-    code = "import sys, visionflow.device_limits; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, visionflow.train.device_limits; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -18,15 +18,15 @@ import torch
 from tests.conftest import REPO
 from tests.core.ddp_target import EPOCHS, tiny_fit
 from tests.flows.server_fixtures import copy_tiny_dataset
-from visionflow.cache import load_decoded
 from visionflow.checkpoints import load_checkpoint, load_model
 from visionflow.config import load_config
-from visionflow.data import decoded_cache_dir, resolve_dataset
+from visionflow.data.decoded import load_decoded
+from visionflow.data.splits import decoded_cache_dir, resolve_dataset
 from visionflow.errors import ConfigError
 from visionflow.evaluation import evaluate_model
-from visionflow.launch import ERRORS_DIR, EVENTS_FILE, WORK_DIR, RankFailed, launch_fit, run_ranks
-from visionflow.records import Callback, EpochMetrics, FitResult, FitStart
 from visionflow.steps import train_run
+from visionflow.train.launch import ERRORS_DIR, EVENTS_FILE, WORK_DIR, RankFailed, launch_fit, run_ranks
+from visionflow.train.records import Callback, EpochMetrics, FitResult, FitStart
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 CLASSES = ("airplane", "automobile", "bird", "cat")
@@ -108,7 +108,7 @@ def test_a_failing_rank_fails_in_bounded_time_naming_rank_and_reason(tmp_path: P
 
 
 # ---------------------------------------------------------------------------------------------
-# The product path: steps.train_run -> torchrun -> visionflow.ddp_worker on every rank
+# The product path: steps.train_run -> torchrun -> visionflow.train.ddp_worker on every rank
 
 
 @pytest.fixture(scope="module")

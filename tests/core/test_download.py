@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionflow.data import resolve_dataset
-from visionflow.download import CIFAR10_ARCHIVE, download_url, prepare_cifar10, safe_extract
+from visionflow.data.download import CIFAR10_ARCHIVE, download_url, prepare_cifar10, safe_extract
+from visionflow.data.splits import resolve_dataset
 from visionflow.errors import DatasetError
 
 CLASSES = ["airplane", "automobile", "bird"]

@@ -13,16 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from visionflow import checkpoints, engine, records
+from visionflow import checkpoints
 from visionflow.config import build_config, is_improvement
-from visionflow.device import resolve_device
+from visionflow.data.loaders import DeviceLoader, eval_batches, make_loader
+from visionflow.data.transforms import BatchTransform, mean_std
 from visionflow.errors import ConfigError, DatasetError, DeviceError
-from visionflow.loaders import DeviceLoader, eval_batches, make_loader
 from visionflow.models import build_model
-from visionflow.optim import build_optimizer, build_scheduler
-from visionflow.records import ModelSpec
-from visionflow.rng import Generators, seed_everything
-from visionflow.transforms import BatchTransform, mean_std
+from visionflow.train import engine, records
+from visionflow.train.device import resolve_device
+from visionflow.train.optim import build_optimizer, build_scheduler
+from visionflow.train.records import ModelSpec
+from visionflow.train.rng import Generators, seed_everything
 
 NUM_CLASSES = 4
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -91,9 +92,9 @@ class KillAfter(records.Callback):
 
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("visionflow.device._mps_available", lambda: False)
+    monkeypatch.setattr("visionflow.train.device._mps_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
-    monkeypatch.setattr("visionflow.device._mps_available", lambda: True)
+    monkeypatch.setattr("visionflow.train.device._mps_available", lambda: True)
     assert resolve_device("auto") == torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
@@ -110,7 +111,7 @@ def test_explicit_devices(monkeypatch):
 
 def test_missing_accelerators_are_clear_errors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("visionflow.device._mps_available", lambda: False)
+    monkeypatch.setattr("visionflow.train.device._mps_available", lambda: False)
     with pytest.raises(DeviceError, match="Device 'cuda' requested but CUDA is not available"):
         resolve_device("cuda")
     with pytest.raises(DeviceError, match="Device 'mps' requested but MPS"):

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visionflow.cache import DecodedSplit
+from visionflow.data.decoded import DecodedSplit
 from visionflow.errors import DatasetError
 from visionflow.evaluation import evaluate_model, predict_images, report_from_logits
-from visionflow.records import ModelSpec
+from visionflow.train.records import ModelSpec
 
 CLASSES = ["a", "b", "c", "d"]  # "d" never occurs and is never predicted
 
@@ -168,8 +168,8 @@ def test_predict_images_names_an_unreadable_image(tmp_path):
 def test_predict_images_agrees_with_evaluating_the_cached_split(tmp_path):
     """Both preprocessing paths (PIL pipeline per file, decoded uint8 cache + batch normalization)
     must feed the model the same input, for images larger than the input size and not square."""
-    from visionflow.cache import load_decoded
-    from visionflow.data import resolve_dataset
+    from visionflow.data.decoded import load_decoded
+    from visionflow.data.splits import resolve_dataset
 
     generator = torch.Generator().manual_seed(0)
     for split in ("train", "val"):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from visionflow.data import resolve_folder
+from visionflow.data.fingerprint import fingerprint_dataset, fingerprint_split
+from visionflow.data.splits import resolve_folder
 from visionflow.fileio import file_sha256
-from visionflow.fingerprint import fingerprint_dataset, fingerprint_split
 
 
 def fingerprints(root: Path) -> tuple[str, str]:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from visionflow.data.images import UnreadableImage, is_image_file, load_rgb, thread_map
 from visionflow.errors import DatasetError
-from visionflow.images import UnreadableImage, is_image_file, load_rgb, thread_map
 
 
 @pytest.mark.parametrize("ext", ["jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"])

@@ -12,7 +12,7 @@ from tests.conftest import REPO
 from visionflow.config import MODEL_NAMES
 from visionflow.errors import ConfigError
 from visionflow.models import MODELS, build_model, summarize
-from visionflow.records import ModelSpec
+from visionflow.train.records import ModelSpec
 
 # The tutorial's F.conv2d example: a 5x5 input and a 3x3 kernel, as (N, C, H, W) tensors.
 INPUT = torch.tensor([[1, 2, 0, 3, 1], [0, 1, 2, 3, 1], [1, 2, 1, 0, 3], [5, 2, 3, 1, 1], [2, 1, 0, 1, 1]]).reshape(
@@ -122,7 +122,7 @@ def test_model_spec_missing_fields():
 
 
 def test_whitened_first_layer_decorrelates_the_patches_it_sees(cifar_mini) -> None:
-    from visionflow.cache import decode_file
+    from visionflow.data.decoded import decode_file
     from visionflow.models import WHITEN_SCALE, whiten_first_conv
 
     files = sorted((cifar_mini / "train").rglob("*.jpg"))[::25]  # 200 photos, every class

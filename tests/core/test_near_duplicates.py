@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from visionflow.data import resolve_dataset
+from visionflow.data.near_duplicates import DEFAULT_THRESHOLD, dct_hashes, near_duplicate_report, thumbnail
+from visionflow.data.splits import resolve_dataset
+from visionflow.data.validate import validate_dataset
 from visionflow.errors import DatasetError
-from visionflow.near_duplicates import DEFAULT_THRESHOLD, dct_hashes, near_duplicate_report, thumbnail
 from visionflow.reports import render_near_duplicates, validation_issues_table
-from visionflow.validate import validate_dataset
 
 CLASSES = ("bird", "frog", "horse")
 TRAIN_PER_CLASS = 60

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionflow.data import Split, resolve_dataset
+from visionflow.data.preview import HEADER_HEIGHT, LABEL_WIDTH, TRAIN_DRAWS, build_preview, preview_indices
+from visionflow.data.splits import Split, resolve_dataset
 from visionflow.errors import DatasetError
-from visionflow.preview import HEADER_HEIGHT, LABEL_WIDTH, TRAIN_DRAWS, build_preview, preview_indices
 from visionflow.reports import write_png
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from visionflow.config import DistributedConfig, build_config, check_global_batch, world_size
-from visionflow.distributed import Ranks, from_main, sum_over_ranks
+from visionflow.data.loaders import Batches, BatchOrder, DeviceLoader
 from visionflow.errors import ConfigError
-from visionflow.loaders import Batches, BatchOrder, DeviceLoader
-from visionflow.rng import Generators
+from visionflow.train.distributed import Ranks, from_main, sum_over_ranks
+from visionflow.train.rng import Generators
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from visionflow.config import build_config
-from visionflow.data import resolve_dataset
+from visionflow.data.splits import resolve_dataset
+from visionflow.data.validate import validate_dataset
 from visionflow.evaluation import report_from_logits
 from visionflow.manifest import DataRecord, Manifest, MetricsRecord, ModelRecord, TimingRecord
 from visionflow.reports import (
@@ -27,7 +28,6 @@ from visionflow.reports import (
     write_validation_csvs,
 )
 from visionflow.runs import RunLayout
-from visionflow.validate import validate_dataset
 
 CLASSES = ["cat", "dog", "bird"]
 

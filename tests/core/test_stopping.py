@@ -16,8 +16,9 @@ import pytest
 
 from tests.conftest import REPO, live_processes_with
 from tests.core.test_engine import _config, _fit
-from visionflow import checkpoints, records
-from visionflow.stopping import StopGuard, StopRequested, TrainingTimedOut, stop_on_signal
+from visionflow import checkpoints
+from visionflow.train import records
+from visionflow.train.stopping import StopGuard, StopRequested, TrainingTimedOut, stop_on_signal
 
 
 def test_a_signal_waits_for_the_next_check() -> None:
@@ -92,7 +93,7 @@ def test_an_ignored_signal_stays_ignored() -> None:
 
 HANDLED = """
 import os, signal, sys, time
-from visionflow.stopping import handle_stop_signals
+from visionflow.train.stopping import handle_stop_signals
 handle_stop_signals()
 assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # nohup: still ignored
 os.kill(os.getpid(), signal.SIGHUP)
@@ -119,7 +120,7 @@ def test_a_command_handles_its_stop_signals_whatever_it_inherited() -> None:
 
 ORPHANED = """
 import subprocess, sys
-from visionflow.stopping import parent_death_signal
+from visionflow.train.stopping import parent_death_signal
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], preexec_fn=parent_death_signal())
 print(child.pid, flush=True)
 child.wait()

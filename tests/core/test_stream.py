@@ -12,16 +12,17 @@ import pytest
 import torch
 
 from tests.core.conftest import write_image
-from visionflow import checkpoints, engine
-from visionflow.cache import FileSplit, choose_loader, memory_budget_mb, open_split
+from visionflow import checkpoints
 from visionflow.config import build_config
-from visionflow.data import DatasetInfo, resolve_folder
+from visionflow.data.decoded import FileSplit, choose_loader, memory_budget_mb, open_split
+from visionflow.data.loaders import StreamLoader, eval_batches, make_loader, sample_images
+from visionflow.data.splits import DatasetInfo, resolve_folder
 from visionflow.errors import ConfigError
-from visionflow.loaders import StreamLoader, eval_batches, make_loader, sample_images
 from visionflow.models import build_model
-from visionflow.records import Callback, ModelSpec
-from visionflow.rng import Generators, seed_everything
 from visionflow.steps import fill_normalization
+from visionflow.train import engine
+from visionflow.train.records import Callback, ModelSpec
+from visionflow.train.rng import Generators, seed_everything
 
 CPU = torch.device("cpu")
 CLASSES = ("ants", "bees")

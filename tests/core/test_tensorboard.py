@@ -11,12 +11,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from visionflow.cache import DecodedSplit
 from visionflow.config import build_config
-from visionflow.engine import fit
+from visionflow.data.decoded import DecodedSplit
 from visionflow.hparams import flatten_hparams, log_hparams
 from visionflow.models import build_model
-from visionflow.records import EpochMetrics, FitStart, ModelSpec
 from visionflow.tensorboard import (
     TensorBoardCallback,
     log_confusion_matrix,
@@ -24,6 +22,8 @@ from visionflow.tensorboard import (
     log_model_graph,
     log_pr_curves,
 )
+from visionflow.train.engine import fit
+from visionflow.train.records import EpochMetrics, FitStart, ModelSpec
 
 CLASSES = ("cat", "dog")
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.transforms import CROP_PADDING, BatchTransform, augment_batch, eval_pipeline, mean_std, resize
+from visionflow.data.transforms import CROP_PADDING, BatchTransform, augment_batch, eval_pipeline, mean_std, resize
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -59,7 +59,7 @@ def test_batch_transform_channels_last_layout():
 
 
 def test_resize_matches_the_decoded_cache():
-    # cache.py stores image.resize((S, S), BILINEAR); the PIL pipeline must give the same pixels.
+    # data/decoded.py stores image.resize((S, S), BILINEAR); the PIL pipeline must give the same pixels.
     photo = _pil(_images(1, 40)[0]).resize((60, 40))
     expected = np.asarray(photo.resize((32, 32), Image.Resampling.BILINEAR))
     assert np.array_equal(np.asarray(resize(32)(photo)), expected)

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from visionflow.data import resolve_dataset, resolve_folder
+from visionflow.data.fingerprint import fingerprint_dataset
+from visionflow.data.splits import resolve_dataset, resolve_folder
+from visionflow.data.validate import validate_dataset
 from visionflow.errors import ConfigError, DatasetError
-from visionflow.fingerprint import fingerprint_dataset
-from visionflow.validate import validate_dataset
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ from prefect.exceptions import ObjectNotFound
 from tests.conftest import REPO
 from tests.flows.conftest import task_name, tiny_config
 from tests.flows.server_fixtures import PrefectServer, prefect_server, wait_for
-from visionflow.device_limits import LEASE_SECONDS
 from visionflow.manifest import Manifest
 from visionflow.runs import list_runs
+from visionflow.train.device_limits import LEASE_SECONDS
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(600)]
 

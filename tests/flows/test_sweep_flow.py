@@ -30,9 +30,9 @@ from prefect.settings import PREFECT_API_URL
 from tests.conftest import REPO, free_killed_holders_slots
 from tests.flows.conftest import FINAL_STATES, log_messages, task_name, tiny_config
 from visionflow.config import PipelineConfig
-from visionflow.device_limits import DEVICE_LIMIT_PREFIX
 from visionflow.manifest import Manifest
 from visionflow.sweep import SweepConfig, SweepResult, best_config_yaml, leaderboard_key, trial_threads
+from visionflow.train.device_limits import DEVICE_LIMIT_PREFIX
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -24,8 +24,8 @@ from tests.flows.conftest import artifact_data, artifact_keys, log_messages
 from tests.flows.server_fixtures import copy_tiny_dataset
 from tests.flows.test_train_processes import cli_env
 from visionflow.checkpoints import load_checkpoint
-from visionflow.launch import WORK_DIR
 from visionflow.runs import list_runs
+from visionflow.train.launch import WORK_DIR
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(400)]
 CLASSES = ("airplane", "automobile", "bird", "cat")

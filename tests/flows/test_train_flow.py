@@ -43,7 +43,7 @@ from visionflow.config import RECIPES
 from visionflow.errors import DatasetError
 from visionflow.fileio import file_sha256
 from visionflow.runs import list_runs
-from visionflow.stopping import TrainingTimedOut
+from visionflow.train.stopping import TrainingTimedOut
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -31,8 +31,8 @@ from tasks.artifacts import (
     publish_summary,
     publish_table,
 )
-from visionflow.records import EpochMetrics, FitResult, FitStart, ModelSpec
 from visionflow.reports import Table
+from visionflow.train.records import EpochMetrics, FitResult, FitStart, ModelSpec
 
 
 def metrics(epoch: int) -> EpochMetrics:

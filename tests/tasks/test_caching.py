@@ -177,10 +177,10 @@ print(task_cache_key(train_model, inputs, train_model.cache_policy.inputs))
 
 
 def test_key_covers_every_core_module(tmp_path: Path) -> None:
-    """Editing a core module that the training task never imports itself (images.py decodes
+    """Editing a core module that the training task never imports itself (data/images.py decodes
     the tensor cache that training reads) changes the training task's key."""
     repo = Path(__file__).resolve().parents[2]
-    assert "visionflow.images" not in (repo / "tasks" / "training.py").read_text()
+    assert "visionflow.data.images" not in (repo / "tasks" / "training.py").read_text()
     copy = tmp_path / "copy"
     shutil.copytree(repo / "visionflow", copy / "visionflow", ignore=shutil.ignore_patterns("__pycache__"))
 
@@ -200,6 +200,6 @@ def test_key_covers_every_core_module(tmp_path: Path) -> None:
 
     before = key()
     assert key() == before  # stable while nothing changes
-    images = copy / "visionflow" / "images.py"
+    images = copy / "visionflow" / "data" / "images.py"
     images.write_text(images.read_text() + "\n# a change in decoding\n")
     assert key() != before

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from visionflow.data import Split
+from visionflow.data.images import load_rgb
+from visionflow.data.splits import Split
+from visionflow.data.transforms import CROP_PADDING, BatchTransform, eval_pipeline, resize
 from visionflow.errors import DatasetError
-from visionflow.images import load_rgb
 from visionflow.reports import BLACK, WHITE, default_font, fit_to_tile
-from visionflow.transforms import CROP_PADDING, BatchTransform, eval_pipeline, resize
 
 PREVIEW_COUNT = 8
 TRAIN_DRAWS = 2  # two augmented draws per image show that the augmentation is random

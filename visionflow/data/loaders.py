@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from visionflow.cache import FileSplit, decode_file
-from visionflow.rng import Generators
-from visionflow.transforms import BatchTransform
+from visionflow.data.decoded import FileSplit, decode_file
+from visionflow.data.transforms import BatchTransform
+from visionflow.train.rng import Generators
 
 
 def _to_device(tensor: Tensor, device: torch.device) -> Tensor:

@@ -55,8 +55,8 @@ def device_claim(training: TrainingConfig) -> DeviceClaim:
     several ranks); `device:mps`. Resolves `auto` and checks the device exists (DeviceError)."""
     import torch  # only a training that trains gets here
 
-    from visionflow.device import resolve_device
-    from visionflow.distributed import intra_op_threads
+    from visionflow.train.device import resolve_device
+    from visionflow.train.distributed import intra_op_threads
 
     device = resolve_device(training.device)
     distributed = training.distributed

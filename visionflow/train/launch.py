@@ -1,5 +1,5 @@
 """Data-parallel training from the calling process: `launch_fit` starts `torchrun` as a child
-process group running `visionflow.ddp_worker` on every rank, and turns rank 0's JSON-lines
+process group running `visionflow.train.ddp_worker` on every rank, and turns rank 0's JSON-lines
 events back into the caller's callbacks and progress lines, so a run with several ranks is
 observed exactly like a single-process `engine.fit`. No Prefect here.
 
@@ -31,18 +31,18 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, TypeAdapter
 
-from visionflow.cache import choose_loader, load_decoded
 from visionflow.config import PipelineConfig, check_global_batch, world_size
-from visionflow.data import DatasetInfo, decoded_cache_dir
-from visionflow.device import resolve_device
-from visionflow.distributed import intra_op_threads
-from visionflow.engine import Progress, with_fast_settings
+from visionflow.data.decoded import choose_loader, load_decoded
+from visionflow.data.splits import DatasetInfo, decoded_cache_dir
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.fileio import atomic_write_text
-from visionflow.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec
-from visionflow.stopping import LAUNCHER_ENV, StopGuard, TrainingTimedOut, parent_death_signal
+from visionflow.train.device import resolve_device
+from visionflow.train.distributed import intra_op_threads
+from visionflow.train.engine import Progress, with_fast_settings
+from visionflow.train.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec
+from visionflow.train.stopping import LAUNCHER_ENV, StopGuard, TrainingTimedOut, parent_death_signal
 
-WORKER_MODULE = "visionflow.ddp_worker"
+WORKER_MODULE = "visionflow.train.ddp_worker"
 WORK_DIR = "distributed"  # under the run directory
 REQUEST_FILE = "request.json"
 EVENTS_FILE = "events.jsonl"

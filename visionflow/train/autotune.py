@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visionflow.device import autocast
 from visionflow.fileio import atomic_write_json, locked, user_cache_dir
 from visionflow.models import build_model
+from visionflow.train.device import autocast
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Dataset validation: counts per split and class, image sizes and modes, invalid files, empty
 classes, class imbalance, and exact duplicates within a split and across splits (train/eval
-leakage); optionally near-duplicates (`visionflow.near_duplicates`: re-encoded, resized, cropped,
+leakage); optionally near-duplicates (`visionflow.data.near_duplicates`: re-encoded, resized, cropped,
 brightened or mirrored copies) from thumbnails made in the same pass. Every file is read once, on
 a thread pool; the same pass yields the fingerprint.
 """
@@ -16,13 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from visionflow.data import DatasetInfo, Split
-from visionflow.datachanges import ListedFile
+from visionflow.data.changes import ListedFile
+from visionflow.data.fingerprint import combine_fingerprints, fingerprint_from_digests
+from visionflow.data.images import UnreadableImage, is_image_file, open_image, thread_map, to_rgb
+from visionflow.data.near_duplicates import (
+    DEFAULT_THRESHOLD,
+    ON_LEAK,
+    NearDuplicateReport,
+    near_duplicate_report,
+    thumbnail,
+)
+from visionflow.data.splits import DatasetInfo, Split
 from visionflow.errors import ConfigError, DatasetError
 from visionflow.fileio import file_sha256
-from visionflow.fingerprint import combine_fingerprints, fingerprint_from_digests
-from visionflow.images import UnreadableImage, is_image_file, open_image, thread_map, to_rgb
-from visionflow.near_duplicates import DEFAULT_THRESHOLD, ON_LEAK, NearDuplicateReport, near_duplicate_report, thumbnail
 
 ON_INVALID = ("skip", "fail")
 

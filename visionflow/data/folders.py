@@ -1,6 +1,6 @@
 """The tutorial's torch Datasets over image files: `FolderDataset` over a resolved `Split`, and
 `LabelFolder`, the tutorial's `Mydata` (one folder per label; `ants + bees` concatenates). Kept
-apart from `visionflow.data`, which resolves datasets without importing torch."""
+apart from `visionflow.data.splits`, which resolves datasets without importing torch."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Callable
 from PIL import Image
 from torch.utils.data import Dataset
 
-from visionflow.data import Split, files_under
+from visionflow.data.images import load_rgb
+from visionflow.data.splits import Split, files_under
 from visionflow.errors import DatasetError
-from visionflow.images import load_rgb
 
 
 class FolderDataset(Dataset):

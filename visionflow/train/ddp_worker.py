@@ -1,5 +1,5 @@
-"""What every rank of a data-parallel training runs (torchrun starts it: `visionflow.launch`):
-`python -m visionflow.ddp_worker WORK_DIR`. It joins the process group (nccl on CUDA, gloo on
+"""What every rank of a data-parallel training runs (torchrun starts it: `visionflow.train.launch`):
+`python -m visionflow.train.ddp_worker WORK_DIR`. It joins the process group (nccl on CUDA, gloo on
 the CPU, or training.distributed.backend), takes its share of the node's cores (or its GPU),
 and calls the same `steps.train_run` as a single-process run; rank 0 writes the events, the
 result and the checkpoints. No Prefect here: a rank never talks to the orchestrator.
@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 from pydantic import TypeAdapter
 
-from visionflow.device import resolve_device
-from visionflow.distributed import intra_op_threads
 from visionflow.fileio import atomic_write_text
-from visionflow.launch import (
+from visionflow.steps import train_run
+from visionflow.train.device import resolve_device
+from visionflow.train.distributed import intra_op_threads
+from visionflow.train.launch import (
     ERRORS_DIR,
     EVENTS_FILE,
     REQUEST_FILE,
@@ -34,9 +35,8 @@ from visionflow.launch import (
     EventWriter,
     TrainRequest,
 )
-from visionflow.records import FitResult
-from visionflow.steps import train_run
-from visionflow.stopping import LAUNCHER_ENV, parent_death_signal
+from visionflow.train.records import FitResult
+from visionflow.train.stopping import LAUNCHER_ENV, parent_death_signal
 
 
 @contextmanager

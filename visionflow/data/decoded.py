@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 from visionflow.config import DataConfig
-from visionflow.data import Split, decoded_cache_dir
+from visionflow.data.fingerprint import fingerprint_split
+from visionflow.data.images import load_rgb, thread_map
+from visionflow.data.splits import Split, decoded_cache_dir
 from visionflow.fileio import atomic_write
-from visionflow.fingerprint import fingerprint_split
-from visionflow.images import load_rgb, thread_map
 
 log = logging.getLogger(__name__)
 

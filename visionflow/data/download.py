@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from visionflow.data.images import thread_map
 from visionflow.errors import DatasetError
-from visionflow.images import thread_map
 
 log = logging.getLogger(__name__)
 

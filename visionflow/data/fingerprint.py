@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 from typing import Mapping, Sequence
 
-from visionflow.data import DatasetInfo, Split
+from visionflow.data.images import thread_map
+from visionflow.data.splits import DatasetInfo, Split
 from visionflow.fileio import file_sha256
-from visionflow.images import thread_map
 
 
 def fingerprint_from_digests(split: Split, digests: Sequence[str]) -> str:

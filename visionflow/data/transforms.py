@@ -25,7 +25,7 @@ _MIN_STD = 1 / 255  # one grey level: a constant channel would otherwise divide 
 
 
 def resize(image_size: int) -> Any:
-    """To `image_size` x `image_size`, bilinear with antialiasing: exactly what cache.py stores, so a
+    """To `image_size` x `image_size`, bilinear with antialiasing: exactly what decoded.py stores, so a
     model sees the same pixels whether an image comes from the decoded cache or from a file."""
     from torchvision import transforms as T  # here: torchvision's import costs ~2 s (torch._dynamo)
 

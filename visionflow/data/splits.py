@@ -17,14 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from visionflow.download import CIFAR10_URL, prepare_cifar10
+from visionflow.data.download import CIFAR10_URL, prepare_cifar10
 from visionflow.errors import DatasetError
 
 EVAL_SPLITS = ("val", "test")  # preference order
-CACHE_SUBDIR = "cache"  # decoded tensors (visionflow.cache) live in <data.data_dir>/cache
+CACHE_SUBDIR = "cache"  # decoded tensors (visionflow.data.decoded) live in <data.data_dir>/cache
 # `sample` lives at <data_dir>/sample; outside the repo checkout the copy bundled beside the
 # package is used, so `--dataset sample` works from any working directory.
-BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+BUNDLED_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 _EXPECTED = (
     "expected 'sample', 'cifar10', or a folder laid out as ROOT/train/<class>/* with "
     "ROOT/val/<class>/* or ROOT/test/<class>/*, or as ROOT/<class>/*"

@@ -2,15 +2,15 @@
 (the torchvision references' layout), with callbacks, progress and resumable checkpoints. No
 Prefect here: flows observe training through `Callback`.
 
-Inside a torch.distributed process group (torchrun: `visionflow.ddp_worker`) the same `fit` trains
+Inside a torch.distributed process group (torchrun: `visionflow.train.ddp_worker`) the same `fit` trains
 data-parallel: data.batch_size is the global batch, every rank draws the same permutation and
 augmentation and trains on its slice, DDP averages the gradients, rank 0 evaluates and alone
-writes checkpoints and progress (`visionflow.distributed`).
+writes checkpoints and progress (`visionflow.train.distributed`).
 
 `fit` takes decoded splits (uint8 (N, 3, H, W) tensors) and builds the run from the core
-modules: the device and precision (`visionflow.device`), the seeded random streams
-(`visionflow.rng`), on-device batches (`visionflow.loaders`) and the optimizer and per-batch
-schedule (`visionflow.optim`).
+modules: the device and precision (`visionflow.train.device`), the seeded random streams
+(`visionflow.train.rng`), on-device batches (`visionflow.data.loaders`) and the optimizer and per-batch
+schedule (`visionflow.train.optim`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from visionflow import checkpoints
-from visionflow.autotune import BF16_SLOWDOWN_WARNING, bf16_slowdown, cpu_name, fast_settings, native_bf16
-from visionflow.cache import FileSplit
 from visionflow.config import DataConfig, PipelineConfig, check_global_batch, flatten, is_improvement
-from visionflow.device import autocast, resolve_device
-from visionflow.distributed import (
+from visionflow.data.decoded import FileSplit
+from visionflow.data.loaders import Batches, eval_batches, make_loader, sample_images, uint8_batches
+from visionflow.data.transforms import BatchTransform, fill_mean_std
+from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
+from visionflow.models import whiten_first_conv, whiten_images
+from visionflow.runs import BEST_CHECKPOINT, LAST_CHECKPOINT
+from visionflow.train.autotune import BF16_SLOWDOWN_WARNING, bf16_slowdown, cpu_name, fast_settings, native_bf16
+from visionflow.train.device import autocast, resolve_device
+from visionflow.train.distributed import (
     Ranks,
     data_parallel,
     describe,
@@ -42,15 +47,10 @@ from visionflow.distributed import (
     sum_over_ranks,
     wait_for_main,
 )
-from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
-from visionflow.loaders import Batches, eval_batches, make_loader, sample_images, uint8_batches
-from visionflow.models import whiten_first_conv, whiten_images
-from visionflow.optim import build_optimizer, build_scheduler
-from visionflow.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec, TrainStats
-from visionflow.rng import Generators, restore_rng_state, rng_state
-from visionflow.runs import BEST_CHECKPOINT, LAST_CHECKPOINT
-from visionflow.stopping import StopGuard
-from visionflow.transforms import BatchTransform, fill_mean_std
+from visionflow.train.optim import build_optimizer, build_scheduler
+from visionflow.train.records import Callback, EpochMetrics, FitResult, FitStart, ModelSpec, TrainStats
+from visionflow.train.rng import Generators, restore_rng_state, rng_state
+from visionflow.train.stopping import StopGuard
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change where
 # things are written or how fast it runs, not the numbers (the memory and stream loaders yield the
@@ -374,7 +374,7 @@ def _with_normalization(config: PipelineConfig, train: Any) -> PipelineConfig:
 
 def with_fast_settings(config: PipelineConfig, spec: ModelSpec, device: torch.device) -> PipelineConfig:
     """Fill training.precision and training.channels_last left `auto` with what is fast on `device`
-    (visionflow.autotune); warn when an explicit bf16 is emulated, and slow, on this CPU."""
+    (visionflow.train.autotune); warn when an explicit bf16 is emulated, and slow, on this CPU."""
     training = config.training
     if "auto" in (training.precision, training.channels_last):
         chosen = fast_settings(device, spec.name, spec.input_size)

@@ -3,8 +3,8 @@ collectives `engine.fit` needs (sums over ranks, rank 0's figures to every rank)
 wrapping (DDP, SyncBatchNorm) and what a run records about its ranks. No Prefect here.
 
 Outside a torch.distributed process group (a plain single-process run) every function is a
-no-op, so `fit` has one code path. The processes are started by torchrun (`visionflow.launch`
-starts it, `visionflow.ddp_worker` is what each rank runs).
+no-op, so `fit` has one code path. The processes are started by torchrun (`visionflow.train.launch`
+starts it, `visionflow.train.ddp_worker` is what each rank runs).
 """
 
 from __future__ import annotations
