@@ -51,8 +51,7 @@ class DataConfig(_Section):
     near_duplicates: bool = Field(
         False,
         description="Also search near-duplicates (re-encoded, resized, cropped, brightened or mirrored copies) "
-        "within and across splits during validation: ~0.5 ms per image on 2 CPU cores (~30 s for CIFAR-10's "
-        "60,000, ~10% of a 10-epoch CPU run).",
+        "within and across splits during validation (linear in the images; cost in docs/performance.md).",
     )
     near_duplicate_threshold: float = Field(
         0.9,
@@ -320,53 +319,42 @@ class PipelineConfig(_Section):
         return self.model_copy(update={"optim": OptimConfig(**optim), "data": DataConfig(**data), "model": model})
 
 
-# Named presets. `tutorial` is the seed tutorial's recipe (plain SGD, lr 0.01, no augmentation) so
-# users can compare; `default` is what we recommend (see README's performance section for figures).
-# `default` uses AdamW because the tutorial's net has no activations and no normalization layers:
-# SGD with momentum at ResNet learning rates (0.05) diverges on it, while AdamW's per-parameter
-# steps train it and ResNet-18 alike. momentum/nesterov only apply when optim.optimizer is switched
-# to sgd (then lower weight_decay to ~5e-4: AdamW's is decoupled).
-# Tuned for time to accuracy at the default run length (training.epochs 5): cifar10-mini (5,000
-# train / 1,000 val), tudui, seed 0 unless noted, val accuracy after the last epoch; bf16 unless
-# marked fp32 (measured with bench/recipe.py's engine.fit call on a Xeon with AMX, ~1.0-2.5 s per
-# epoch, the tutorial's loop ~6 s per epoch):
-#   before (crop 4 + flip, no test-time flip):  10 epochs 60.6 % fp32, 59.8 %; 5 epochs 55.7 % fp32
-#   5 epochs, no augmentation, test flip:       59.8 % (seeds 1, 2: 59.4, 59.3 %); 6 epochs 60.5 %,
-#                                               7 epochs 59.5 %, 8 epochs 59.9 %: 5,000 images overfit
-#   test flip, crop 4 + flip:                   6 / 7 / 8 epochs 57.1 / 58.3 / 58.4 %
-#   test flip, flip only (crop_padding 0):      6 / 7 / 8 epochs 60.8 / 60.1 / 61.8 %
-#   test flip, crop 2 + flip:                   6 / 7 / 8 epochs 60.2 / 62.2 / 64.0 %; seeds 1, 2:
-#                                               8 epochs 62.9, 63.4 % (fp32: 64.5, 62.9 %); 5 epochs 58.2 %
-#   8 epochs crop 2, other knobs (seed 0):      label smoothing 0 / 0.2: 62.5 / 62.6 %; lr 2e-3 /
-#                                               5e-3: 62.9 / 61.5 %
-#   + whitened first layer (model.whiten):      5 epochs crop 2: 61.5 % (scale 0.3), 60.1 % (scale 1);
-#                                               no augmentation: 4 epochs 62.4 % (seeds 1, 2: 60.6,
-#                                               61.0 %), 5 epochs 63.1 % (seeds 1, 2: 61.6, 61.9 %;
-#                                               all three past 60.6 % at epoch 4); with the patches
-#                                               normalized as training does (BatchTransform, float
-#                                               rounding apart the same): 63.0 % (seeds 1, 2: 61.5,
-#                                               61.7 %, past 60.6 % at epochs 5, 4); resnet18, 3 epochs:
-#                                               56.7 % whitened, 55.2 % without (its first 27 filters)
-#   batch 128 / 256 (crop 4 + flip, 5 epochs):  52.0 % / 49.4 % (lr 6e-3 51.1 %, 1e-2 34.7 %): fewer steps
-# so: 5 epochs, the first layer initialized as a whitening of the image patches (airbench's trick:
-# the net starts from decorrelated inputs), no training augmentation (too few epochs to gain from
-# it) and test-time flip (each val image and its mirror: +4 points for twice the evaluation
-# forward passes). The 8-epoch crop-2 recipe reached 60.6 % in 0.23x the tutorial's 10 epochs on
-# the Xeon but 0.63x with its kernels capped at AVX2, where the engine is only ~1.3x the tutorial's
-# loop; 4 epochs of this one need about half of that time.
-# fmt: off
+# Named presets filling the recipe fields left None; tuning history: docs/performance.md.
+# `tutorial` is the seed tutorial's recipe, kept so users can compare; `default` is what we recommend.
 RECIPES: dict[str, dict[str, Any]] = {
-    # lr: peak of the one-cycle schedule (25 % warm-up, cosine down); weight_decay: decoupled,
-    # per step x lr; label_smoothing: target mass spread over the other classes.
-    # crop_padding: pixels of zero padding before the random crop (shifts up to that), when augment.
-    "default": dict(optimizer="adamw", lr=3e-3, momentum=0.9, nesterov=True, weight_decay=0.05,
-                    scheduler="onecycle", step_size=30, gamma=0.1, label_smoothing=0.1, grad_clip=0.0, augment=False,
-                    crop_padding=2, test_flip=True, whiten=True),
-    "tutorial": dict(optimizer="sgd", lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
-                     scheduler="none", step_size=30, gamma=0.1, label_smoothing=0.0, grad_clip=0.0, augment=False,
-                     crop_padding=4, test_flip=False, whiten=False),
+    "default": dict(
+        optimizer="adamw",  # the tutorial's net has no activations or norm layers: SGD at ResNet rates diverges
+        lr=3e-3,  # peak of the one-cycle schedule
+        momentum=0.9,  # used only when optim.optimizer is switched to sgd
+        nesterov=True,  # likewise (then lower weight_decay to ~5e-4: AdamW's is decoupled)
+        weight_decay=0.05,  # decoupled (AdamW): per step x lr
+        scheduler="onecycle",  # warm-up then cosine down: the most accuracy in the default few epochs
+        step_size=30,  # used only by the step scheduler
+        gamma=0.1,  # likewise
+        label_smoothing=0.1,  # target mass spread over the other classes: less overconfidence on small data
+        grad_clip=0.0,  # off: the one-cycle warm-up keeps the first steps stable
+        augment=False,  # too few epochs to gain from random crops and flips
+        crop_padding=2,  # when augment is switched on: small shifts, which suit 32 px images
+        test_flip=True,  # each eval image and its mirror: more accuracy for twice the eval forward passes
+        whiten=True,  # first conv starts as a whitening of image patches (airbench's trick): decorrelated inputs
+    ),
+    "tutorial": dict(
+        optimizer="sgd",  # the tutorial's plain SGD
+        lr=0.01,  # the tutorial's constant rate
+        momentum=0.0,  # none in the tutorial
+        nesterov=False,  # likewise
+        weight_decay=0.0,  # likewise
+        scheduler="none",  # constant learning rate, as in the tutorial
+        step_size=30,  # used only by the step scheduler
+        gamma=0.1,  # likewise
+        label_smoothing=0.0,  # plain cross-entropy, as in the tutorial
+        grad_clip=0.0,  # off, as in the tutorial
+        augment=False,  # the tutorial trains on the images as they are
+        crop_padding=4,  # when augment is switched on: the classic CIFAR-10 pad-4 crop
+        test_flip=False,  # one forward pass per image, as in the tutorial
+        whiten=False,  # the tutorial's default initialization
+    ),
 }
-# fmt: on
 
 
 def is_improvement(value: float, reference: float | None, monitor: str, *, ties: bool = False) -> bool:
