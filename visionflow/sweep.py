@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -22,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from visionflow.config import MONITOR_MODES, Monitor, PipelineConfig, build_config, flatten
+from visionflow.cores import usable_cores
 from visionflow.errors import ConfigError
 from visionflow.fileio import atomic_write_json
 from visionflow.hparams import log_hparams
@@ -119,8 +119,8 @@ def sweep_dir(base: PipelineConfig, sweep: SweepConfig) -> Path:
 
 
 def trial_threads(parallel: int, cores: int | None = None) -> int:
-    """Torch threads of one trial: the machine's cores shared by the trials running at once."""
-    return max(1, (cores or os.cpu_count() or 1) // parallel)
+    """Torch threads of one trial: the usable cores shared by the trials running at once."""
+    return max(1, (cores or usable_cores()) // parallel)
 
 
 def with_params(base: PipelineConfig, params: Mapping[str, Any]) -> PipelineConfig:

@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import REPO
 from visionflow.config import load_config
+from visionflow.cores import usable_cores
 from visionflow.errors import ConfigError, DeviceError
 from visionflow.train.device_limits import DeviceClaim, device_claim, gpu_limit_name
 
@@ -43,9 +44,8 @@ def test_gpu_limit_names_follow_cuda_visible_devices(index: int, visible: str | 
 
 
 def test_a_cpu_training_takes_the_cores_its_threads_use(torch_threads: None) -> None:
-    cores = os.cpu_count()
     claim = device_claim(training(device="cpu"))
-    assert claim == DeviceClaim(("device:cpu",), torch.get_num_threads(), cores)
+    assert claim == DeviceClaim(("device:cpu",), torch.get_num_threads(), usable_cores())
     torch.set_num_threads(1)  # a sweep trial's share (sweep.trial_threads)
     assert device_claim(training(device="cpu")).occupy == 1
     assert device_claim(training(device="cpu", device_slots=1)).slots == 1
@@ -54,7 +54,7 @@ def test_a_cpu_training_takes_the_cores_its_threads_use(torch_threads: None) -> 
 def test_ranks_take_the_cores_they_share(torch_threads: None) -> None:
     claim = device_claim(training(device="cpu", **{"distributed.nproc_per_node": 2}))
     assert claim.names == ("device:cpu",)
-    assert claim.occupy == 2 * max(1, len(os.sched_getaffinity(0)) // 2)  # launch.run_ranks' threads per rank
+    assert claim.occupy == 2 * max(1, usable_cores() // 2)  # launch.run_ranks' threads per rank
 
 
 def test_auto_resolves_to_the_device_it_trains_on() -> None:

@@ -30,6 +30,7 @@ from prefect.settings import PREFECT_API_URL
 from tests.conftest import REPO, free_killed_holders_slots
 from tests.flows.conftest import FINAL_STATES, log_messages, task_name, tiny_config
 from visionflow.config import PipelineConfig
+from visionflow.cores import usable_cores
 from visionflow.manifest import Manifest
 from visionflow.sweep import SweepConfig, SweepResult, best_config_yaml, leaderboard_key, trial_threads
 from visionflow.train.device_limits import DEVICE_LIMIT_PREFIX
@@ -159,13 +160,13 @@ def test_parallel_trials_fit_side_by_side_in_the_cpu_limit(
     grid: tuple[SweepResult, str, PipelineConfig, SweepConfig],
 ) -> None:
     """Each trial's training takes the cores it trains on (`trial_threads(parallel)`) of
-    device:cpu, whose default size is the machine's cores: the `parallel` trials fit side by side,
+    device:cpu, whose default size is the usable cores: the `parallel` trials fit side by side,
     none waits for another."""
     result, _, _, sweep = grid
     cpu = f"{DEVICE_LIMIT_PREFIX}cpu"
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(cpu)
-    assert limit.limit == os.cpu_count() and limit.active_slots == 0
+    assert limit.limit == usable_cores() and limit.active_slots == 0
     share = trial_threads(sweep.parallel)
     assert sweep.parallel * share <= limit.limit
     for run in training_flow_runs([row.trial for row in result.rows]):

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from visionflow.config import DataConfig
+from visionflow.cores import usable_cores
 from visionflow.data.fingerprint import fingerprint_split
 from visionflow.data.images import load_rgb, thread_map
 from visionflow.data.splits import Split, decoded_cache_dir
@@ -83,8 +84,7 @@ def choose_loader(data: DataConfig, *splits: Split) -> str:
 
 def default_num_workers() -> int:
     """Stream loader workers when data.num_workers is None: the usable cores, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores)
+    return min(8, usable_cores())
 
 
 def open_split(split: Split, data: DataConfig, loader: str) -> DecodedSplit | FileSplit:

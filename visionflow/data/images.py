@@ -13,7 +13,6 @@ Decisions:
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
@@ -21,6 +20,7 @@ from typing import Callable, Iterable, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from visionflow.cores import usable_cores
 from visionflow.errors import DatasetError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -98,8 +98,7 @@ def load_rgb(path: Path | str) -> Image.Image:
 
 def worker_count() -> int:
     """Threads for per-file work: the usable cores plus a few, since file I/O also waits."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(32, cores + 4)
+    return min(32, usable_cores() + 4)
 
 
 def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from visionflow.config import TrainingConfig, world_size
+from visionflow.cores import usable_cores
 
 DEVICE_LIMIT_PREFIX = "device:"
 # Seconds a slot's lease lasts without renewal: the holder renews it every 75% of that (Prefect's
@@ -62,7 +63,7 @@ def device_claim(training: TrainingConfig) -> DeviceClaim:
     distributed = training.distributed
     local_ranks = world_size(distributed) // distributed.nnodes
     if device.type == "cpu":
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         # Ranks share the cores as launch.run_ranks gives them out; one process uses torch's threads
         # (all cores by default; a sweep trial sets its share, sweep.trial_threads).
         used = local_ranks * intra_op_threads(local_ranks) if local_ranks > 1 else torch.get_num_threads()

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from visionflow.cores import usable_cores
 from visionflow.errors import ConfigError
 from visionflow.manifest import DistributedRecord
 
@@ -48,7 +49,7 @@ class Ranks:
 
 def intra_op_threads(local_world_size: int) -> int:
     """Threads per rank so that the ranks of one node share its cores without oversubscribing them."""
-    return max(1, len(os.sched_getaffinity(0)) // local_world_size)
+    return max(1, usable_cores() // local_world_size)
 
 
 def sum_over_ranks(values: Tensor) -> Tensor:
