@@ -1,6 +1,19 @@
-"""The tutorial's torch Datasets over image files: `FolderDataset` over a resolved `Split`, and
-`LabelFolder`, the tutorial's `Mydata` (one folder per label; `ants + bees` concatenates). Kept
-apart from `visionflow.data.splits`, which resolves datasets without importing torch."""
+"""The tutorial's Datasets, public: torch `Dataset`s over image files, for your own loops.
+
+`LabelFolder(root_dir, label_dir)` is the tutorial's `Mydata`: every file below root_dir/label_dir,
+item i is (PIL RGB image, label_dir), and `ants + bees` concatenates (torch's `ConcatDataset`)::
+
+    ants, bees = LabelFolder("data/hymenoptera_data/train", "ants"), LabelFolder(..., "bees")
+    both = ants + bees
+
+`FolderDataset(split, transform)` serves a resolved `Split` (`visionflow.data.splits`: a folder
+per class, the bundled sample, or CIFAR-10 as `prepare_cifar10` converts it) as torchvision's
+`ImageFolder` or `CIFAR10` would: item i is (transform(image i), class index i), ready for a
+`DataLoader`. Images are read with `images.load_rgb` (any mode to RGB; an unreadable file is a
+`DatasetError` naming it). `examples/tutorial.py` walks through both; the pipeline itself trains
+from decoded uint8 tensors (`visionflow.data.decoded`) instead. Kept apart from
+`visionflow.data.splits`, which resolves datasets without importing torch.
+"""
 
 from __future__ import annotations
 
