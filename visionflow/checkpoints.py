@@ -5,6 +5,10 @@ intact. Every read
 of a ``.pt`` file uses ``torch.load(weights_only=True)``: a file that would run code on
 unpickling is refused with ``CheckpointError`` before anything in it executes. The only
 exception is ``load_whole_module``, which demands an explicit ``trust=True``.
+
+The tutorial's two ways to save and load are public API: the whole module
+(``save_whole_module``/``load_whole_module``) and the state_dict (``save_state_dict``/``load_state_dict``);
+``examples/tutorial.py`` shows both predicting the same.
 """
 
 from __future__ import annotations
@@ -316,7 +320,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 
 
 # ---------------------------------------------------------------------------------------------
-# Exports and the tutorial's two save/load methods
+# Exports and the tutorial's two ways to save and load
 
 
 def export_model(model: nn.Module, spec: ModelSpec, out_dir: str | Path) -> dict:
@@ -337,12 +341,17 @@ def export_model(model: nn.Module, spec: ModelSpec, out_dir: str | Path) -> dict
 
 
 def save_whole_module(model: nn.Module, path: str | Path) -> Path:
-    """Tutorial method 1: ``torch.save(model)`` (structure + weights; loading it needs trust)."""
+    """The tutorial's first way to save: ``torch.save(model)``, structure and weights in one pickle.
+
+    Loading it back needs the model's class importable and ``load_whole_module(trust=True)``:
+    unpickling runs code. Prefer ``save_state_dict`` for a file anyone else may load."""
     return atomic_write(path, lambda handle: torch.save(model, handle))
 
 
 def load_whole_module(path: str | Path, trust: bool = False) -> nn.Module:
-    """Tutorial method 1: unpickle a whole module; refused unless ``trust=True``."""
+    """The tutorial's first way to load: ``torch.load(path)`` of a ``save_whole_module`` file, on the CPU.
+
+    Refused unless ``trust=True`` (unpickling can run arbitrary code): pass it only for a file you wrote."""
     path = Path(path)
     if not trust:
         raise CheckpointError(
@@ -361,12 +370,17 @@ def load_whole_module(path: str | Path, trust: bool = False) -> nn.Module:
 
 
 def save_state_dict(model: nn.Module, path: str | Path) -> Path:
-    """Tutorial method 2 (recommended): ``torch.save(model.state_dict())``, atomically."""
+    """The tutorial's second (recommended) way to save: ``torch.save(model.state_dict())``, the weights only.
+
+    Load them with ``load_state_dict`` into a freshly built model of the same architecture."""
     return atomic_write(path, lambda handle: torch.save(model.state_dict(), handle))
 
 
 def load_state_dict(model: nn.Module, path: str | Path) -> nn.Module:
-    """Tutorial method 2: load weights (``weights_only=True``) into ``model``; also takes a training checkpoint."""
+    """The tutorial's second way to load: ``model.load_state_dict(torch.load(path))``, safely.
+
+    Reads with ``weights_only=True`` and loads strictly (a wrong architecture is one CheckpointError
+    line naming the mismatched keys); also takes a training checkpoint (its ``model`` entry)."""
     path = Path(path)
     state = _torch_load_weights_only(path, "cpu")
     weights = state["model"] if is_training_checkpoint(state) else state
