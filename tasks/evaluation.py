@@ -71,7 +71,7 @@ def evaluate_checkpoint(
         loss=report.loss,
         top5=report.top5,
         num_images=report.num_images,
-        per_class=report.to_dict()["per_class"],
+        per_class=report.per_class.records(),
         files=files,
     )
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -18,13 +17,13 @@ from visionflow.data.decoded import DecodedSplit, FileSplit
 from visionflow.data.images import load_rgb, thread_map
 from visionflow.data.loaders import eval_batches
 from visionflow.errors import DatasetError
+from visionflow.reports import PER_CLASS_COLUMNS, Table, confusion_table, text_table
 from visionflow.train.device import resolve_device
 from visionflow.train.engine import collect_logits
 from visionflow.train.records import ModelSpec
 
 CONFIDENTLY_WRONG_K = 16
 TOP_K = 5
-PER_CLASS_COLUMNS = ["precision", "recall", "f1", "support"]
 
 
 @dataclass
@@ -36,7 +35,7 @@ class EvalReport:
     loss: float  # mean cross-entropy
     accuracy: float  # top-1, in [0, 1]
     top5: float | None  # None under TOP_K classes
-    per_class: pd.DataFrame  # index: class name; columns PER_CLASS_COLUMNS
+    per_class: Table  # one row per class: reports.PER_CLASS_COLUMNS
     confusion_matrix: list[list[int]]  # [true][predicted]
     confidently_wrong: list[dict]  # {"file", "true", "predicted", "probability"}, most confident first
     probabilities: Tensor = field(repr=False)  # (N, C) softmax, for PR curves; not in to_dict()
@@ -44,23 +43,13 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """JSON-ready: plain floats, ints and strings only."""
-        per_class = [
-            {
-                "class": name,
-                "precision": float(row.precision),
-                "recall": float(row.recall),
-                "f1": float(row.f1),
-                "support": int(row.support),
-            }
-            for name, row in self.per_class.iterrows()
-        ]
         return {
             "accuracy": self.accuracy,
             "loss": self.loss,
             "top5": self.top5,
             "num_images": self.num_images,
             "classes": list(self.classes),
-            "per_class": per_class,
+            "per_class": self.per_class.records(),
             "confusion_matrix": self.confusion_matrix,
             "confidently_wrong": self.confidently_wrong,
         }
@@ -68,15 +57,15 @@ class EvalReport:
     def to_text(self) -> str:
         """A readable summary: headline metrics, the per-class table, and the confusion matrix."""
         top5 = "n/a" if self.top5 is None else f"{self.top5:.4f}"
-        confusion = pd.DataFrame(self.confusion_matrix, index=self.classes, columns=self.classes)
-        confusion = confusion.rename_axis(index="true \\ predicted")
+        confusion = confusion_table(self.confusion_matrix, self.classes)
+        confusion = Table(("true \\ predicted", *confusion.columns[1:]), confusion.rows, confusion.kinds)
         return "\n".join(
             [
                 f"images: {self.num_images}  loss: {self.loss:.4f}  accuracy: {self.accuracy:.4f}  top5: {top5}",
                 "",
-                self.per_class.to_string(float_format=lambda v: f"{v:.4f}"),
+                text_table(self.per_class),
                 "",
-                confusion.to_string(),
+                text_table(confusion),
             ]
         )
 
@@ -92,7 +81,7 @@ def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> T
     return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def per_class_metrics(confusion: Tensor, classes: Sequence[str]) -> pd.DataFrame:
+def per_class_metrics(confusion: Tensor, classes: Sequence[str]) -> Table:
     """Precision, recall, F1 and support per class from a confusion matrix (zero division -> 0.0)."""
     confusion = confusion.double()
     true_positives = confusion.diag()  # (C,)
@@ -101,15 +90,8 @@ def per_class_metrics(confusion: Tensor, classes: Sequence[str]) -> pd.DataFrame
     precision = _safe_ratio(true_positives, predicted)
     recall = _safe_ratio(true_positives, support)
     f1 = _safe_ratio(2 * precision * recall, precision + recall)
-    return pd.DataFrame(
-        {
-            "precision": precision.tolist(),
-            "recall": recall.tolist(),
-            "f1": f1.tolist(),
-            "support": support.long().tolist(),
-        },
-        index=pd.Index(list(classes), name="class"),
-    )
+    columns = (list(classes), precision.tolist(), recall.tolist(), f1.tolist(), support.long().tolist())
+    return Table(tuple(PER_CLASS_COLUMNS), tuple(zip(*columns)), tuple(PER_CLASS_COLUMNS.values()))
 
 
 def top_k_accuracy(logits: Tensor, labels: Tensor, k: int = TOP_K) -> float | None:

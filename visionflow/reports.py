@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
+import numbers
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import numpy as np
@@ -26,7 +27,7 @@ from visionflow.data.images import load_rgb
 from visionflow.data.near_duplicates import NearDuplicateReport
 from visionflow.fileio import atomic_write_bytes, atomic_write_text
 from visionflow.manifest import Manifest
-from visionflow.runs import RunLayout, runs_root
+from visionflow.runs import VALIDATION_ISSUES_CSV, RunLayout, runs_root
 
 FONT_SIZE = 12
 WHITE = (255, 255, 255)
@@ -71,22 +72,68 @@ def write_csv(table: Table, path: Path | str) -> Path:
 # Tables
 
 Matrix = Any  # a (C, C) count matrix: numpy array, torch.Tensor (this module does not import torch) or nested lists
-PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
+Unit = Literal["text", "code", "count", "number", "percent", "seconds"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a column's values read: a unit and its decimals (a percent of 0.1234 at 2 decimals is 12.34%)."""
+
+    unit: Unit
+    decimals: int = 0
+
+    def format(self, value: Any) -> str:
+        """``value`` as a cell: "-" for None, yes/no, the first MAX_LISTED items of a list, else by unit."""
+        if value is None:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, (list, tuple)):
+            shown = ", ".join(str(item) for item in value[:MAX_LISTED])
+            return shown + (f", ... ({len(value)} in all)" if len(value) > MAX_LISTED else "")
+        if self.unit == "code":
+            return f"`{value}`"
+        if self.unit == "text" or not isinstance(value, numbers.Real):  # a placeholder such as "n/a" stays
+            return str(value)
+        return {
+            "count": f"{value:,}",
+            "number": f"{value:.{self.decimals}f}",
+            "percent": f"{value:.{self.decimals}%}",
+            "seconds": f"{value:.{self.decimals}f} s",
+        }[self.unit]
+
+
+TEXT, CODE, COUNT = Kind("text"), Kind("code"), Kind("count")
+NUMBER = Kind("number", 4)  # precision, recall, loss: four decimals tell runs apart
+PERCENT = Kind("percent", 2)  # fractions such as accuracy: 61.23%
+SECONDS = Kind("seconds", 1)
+PER_CLASS_COLUMNS = {"class": TEXT, "precision": NUMBER, "recall": NUMBER, "f1": NUMBER, "support": COUNT}
 ISSUE_COLUMNS = ("issue", "path", "detail")
+
+
+def kind_of(value: Any) -> Kind:
+    """The kind of an untyped column's value: a count for an int, a number for a float, else text."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return COUNT
+    return NUMBER if isinstance(value, numbers.Real) and not isinstance(value, bool) else TEXT
 
 
 @dataclass(frozen=True)
 class Table:
-    """Named columns and rows of plain values: what a report writes as CSV, markdown or a Prefect
+    """Named, typed columns and rows of plain values: what a report writes as CSV (the values as
+    they are), markdown or aligned text (each cell formatted by its column's `Kind`), or a Prefect
     table artifact. (Not pandas: its import costs 0.3-1 s, and a fully cached run publishes tables.)"""
 
     columns: tuple[str, ...]
     rows: tuple[tuple[Any, ...], ...]
+    kinds: tuple[Kind, ...] = ()  # one per column; none given: each value's own (`kind_of`)
 
     @classmethod
-    def of(cls, columns: Sequence[str], records: Iterable[Mapping[str, Any]]) -> Table:
-        """A table of ``columns`` from row dicts (a missing key is an empty cell)."""
-        return cls(tuple(columns), tuple(tuple(record.get(name) for name in columns) for record in records))
+    def of(cls, columns: Sequence[str] | Mapping[str, Kind], records: Iterable[Mapping[str, Any]]) -> Table:
+        """A table of ``columns`` (names, or names -> kinds) from row dicts (a missing key is an empty cell)."""
+        kinds = tuple(columns.values()) if isinstance(columns, Mapping) else ()
+        rows = tuple(tuple(record.get(name) for name in columns) for record in records)
+        return cls(tuple(columns), rows, kinds)
 
     def records(self) -> list[dict[str, Any]]:
         """One dict per row, keys in column order."""
@@ -95,6 +142,49 @@ class Table:
     def column(self, name: str) -> list[Any]:
         index = self.columns.index(name)
         return [row[index] for row in self.rows]
+
+    def cells(self) -> list[list[str]]:
+        """Every row's values formatted by their column's kind."""
+        kinds = self.kinds or (None,) * len(self.columns)
+        return [[(kind or kind_of(v)).format(v) for v, kind in zip(row, kinds)] for row in self.rows]
+
+
+def markdown_table(table: Table) -> str:
+    """``table`` as a GitHub-flavoured markdown table."""
+
+    def line(cells: Iterable[str]) -> str:
+        # A pipe would end the markdown cell early; a newline would end the row.
+        return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
+
+    return "\n".join([line(table.columns), "|" + "---|" * len(table.columns), *map(line, table.cells())])
+
+
+def text_table(table: Table) -> str:
+    """``table`` as aligned plain text for a terminal: columns padded to their widest cell, numbers
+    (typed columns of counts, numbers, percents, seconds) right-aligned."""
+    lines = [list(table.columns), *table.cells()]
+    widths = [max(len(cell) for cell in column) for column in zip(*lines)]
+    right = [kind.unit not in ("text", "code") for kind in table.kinds] or [False] * len(widths)
+    return "\n".join(
+        "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(line, widths, right)).rstrip() for line in lines
+    )
+
+
+def field_kind(key: str, value: Any) -> Kind:
+    """The kind of a record's field from its (dotted) name: seconds, a fraction as a percent, a
+    throughput, else the value's own."""
+    name = key.rsplit(".", 1)[-1]
+    if name.endswith("seconds"):
+        return SECONDS
+    if "accuracy" in name or name.endswith(("top5", "_rate")):
+        return PERCENT
+    return Kind("number", 1) if name.endswith("per_second") else kind_of(value)
+
+
+def key_value_table(values: Mapping[str, Any], header: tuple[str, str] = ("field", "value")) -> Table:
+    """A two-column table of (flattened) ``values``, each formatted by `field_kind`."""
+    rows = tuple((key, field_kind(key, value).format(value)) for key, value in flatten(values).items())
+    return Table(header, rows, (TEXT, TEXT))
 
 
 def _square_matrix(matrix: Matrix, classes: Sequence[str]) -> np.ndarray:
@@ -111,7 +201,8 @@ def confusion_table(matrix: Matrix, classes: Sequence[str]) -> Table:
     """The (C, C) confusion matrix as a table: column ``true`` then one count column per
     predicted class."""
     counts = _square_matrix(matrix, classes)
-    return Table(("true", *classes), tuple((name, *map(int, row)) for name, row in zip(classes, counts)))
+    rows = tuple((name, *map(int, row)) for name, row in zip(classes, counts))
+    return Table(("true", *classes), rows, (TEXT, *[COUNT] * len(classes)))
 
 
 def per_class_table(evaluation: Mapping[str, Any]) -> Table:
@@ -160,23 +251,21 @@ def validation_issues_table(validation: Mapping[str, Any]) -> Table:
 
 
 def write_evaluation_csvs(evaluation: Mapping[str, Any], out_dir: Path | str) -> dict[str, Path]:
-    """``per_class_metrics.csv`` and ``confusion_matrix.csv`` from ``EvalReport.to_dict()``."""
-    out_dir = Path(out_dir)
-    return {
-        "per_class_metrics": write_csv(per_class_table(evaluation), out_dir / "per_class_metrics.csv"),
-        "confusion_matrix": write_csv(
-            confusion_table(evaluation["confusion_matrix"], evaluation["classes"]), out_dir / "confusion_matrix.csv"
-        ),
-    }
+    """The per-class metrics and confusion matrix CSVs (runs.PER_CLASS_CSV, runs.CONFUSION_CSV) from
+    ``EvalReport.to_dict()``, by file stem."""
+    layout = RunLayout(Path(out_dir))
+    per_class = write_csv(per_class_table(evaluation), layout.per_class_csv)
+    confusion = write_csv(confusion_table(evaluation["confusion_matrix"], evaluation["classes"]), layout.confusion_csv)
+    return {path.stem: path for path in (per_class, confusion)}
 
 
 def write_validation_csvs(validation: Mapping[str, Any], out_dir: Path | str) -> dict[str, Path]:
-    """``validation_counts.csv`` and ``validation_issues.csv`` from ``ValidationReport.to_dict()``."""
-    out_dir = Path(out_dir)
-    return {
-        "validation_counts": write_csv(validation_counts_table(validation), out_dir / "validation_counts.csv"),
-        "validation_issues": write_csv(validation_issues_table(validation), out_dir / "validation_issues.csv"),
-    }
+    """The validation counts and issues CSVs (runs.VALIDATION_COUNTS_CSV, runs.VALIDATION_ISSUES_CSV)
+    from ``ValidationReport.to_dict()``, by file stem."""
+    layout = RunLayout(Path(out_dir))
+    counts = write_csv(validation_counts_table(validation), layout.validation_counts_csv)
+    issues = write_csv(validation_issues_table(validation), layout.validation_issues_csv)
+    return {path.stem: path for path in (counts, issues)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,61 +283,19 @@ def tensorboard_command(log_dir: Path | str) -> str:
     return f"tensorboard --logdir {Path(log_dir)}"
 
 
-def _format_value(key: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if "accuracy" in key or key.endswith("top5"):
-            return f"{value:.2%}"
-        return f"{value:.1f} s" if key.endswith("seconds") else f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        shown = ", ".join(str(item) for item in value[:MAX_LISTED])
-        return shown + (f", ... ({len(value)} in all)" if len(value) > MAX_LISTED else "")
-    return str(value)
-
-
-def _cell(text: str) -> str:
-    # A pipe would end the markdown cell early; a newline would end the row.
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(table: Table, float_format: str = "{:.4f}") -> str:
-    """``table`` as a GitHub-flavoured markdown table."""
-
-    def text(value: Any) -> str:
-        return float_format.format(value) if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(_cell(str(c)) for c in table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(_cell(text(v)) for v in row) + " |" for row in table.rows]
-    return "\n".join(lines)
-
-
-def _key_value_table(values: Mapping[str, Any]) -> str:
-    rows = [f"| {_cell(key)} | {_cell(_format_value(key, value))} |" for key, value in flatten(values).items()]
-    return "\n".join(["| | |", "|---|---|", *rows])
-
-
-def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
-    """The run summary as markdown: headline, metrics, data, model (parameter count), timing,
-    where the outputs are (checkpoints, export, TensorBoard logs, with the command that opens
-    TensorBoard) and what reproduces the run."""
-    layout = RunLayout(Path(run_dir))
-    config = manifest.config
+def _headline(manifest: Manifest) -> list[str]:
+    """The title, one sentence on what trained and how well, the error and the near-duplicate leakage."""
+    config, metrics, data = manifest.config, manifest.metrics, manifest.data
     headline = (
         f"Model **{config.model.name}** on **{config.data.dataset}**, {config.training.epochs} epochs, "
         f"seed {manifest.seed}, device {manifest.device or '-'}"
     )
-    if manifest.metrics is not None:
-        headline += f": eval accuracy **{_format_value('eval_accuracy', manifest.metrics.eval_accuracy)}**"
+    if metrics is not None:
+        headline += f": eval accuracy **{PERCENT.format(metrics.eval_accuracy)}**"
     parts = [f"# Run `{manifest.run_name}`: {manifest.status}", "", headline + "."]
     if manifest.error:
         parts += ["", f"**Error:** {manifest.error}"]
-    if manifest.data is not None and manifest.data.eval_leakage_rate is not None:
-        data, metrics = manifest.data, manifest.metrics
+    if data is not None and data.eval_leakage_rate is not None:
         leak = (
             f"Near-duplicate leakage: **{data.eval_leakage_rate:.2%}** of the {data.eval_split} split "
             f"({len(data.leaked_eval)} images) has a near-duplicate in train"
@@ -259,21 +306,40 @@ def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
                 f"{metrics.eval_accuracy_with_leaked:.2%} with them)"
             )
         parts += ["", leak + "."]
-    sections = {"Metrics": manifest.metrics, "Data": manifest.data, "Model": manifest.model, "Timing": manifest.timing}
-    for title, section in sections.items():
-        if section is not None:
-            parts += [
-                "",
-                f"## {title}",
-                "",
-                _key_value_table(section.model_dump(mode="json", exclude={"seconds_per_epoch"})),
-            ]
-    if manifest.timing is not None and manifest.timing.seconds_per_epoch:
-        phases = manifest.timing.seconds_per_epoch
-        epoch = sum(phases.values())
-        rows = [f"| {phase} | {seconds:.3f} s | {seconds / epoch:.0%} |" for phase, seconds in phases.items()]
-        parts += ["", "## Where an epoch's time goes", "", "| phase | per epoch | share |", "|---|---|---|", *rows]
+    return parts
 
+
+def _epoch_phases_table(seconds_per_epoch: Mapping[str, float]) -> Table:
+    """Mean seconds per epoch by phase and each phase's share of the epoch."""
+    epoch = sum(seconds_per_epoch.values())
+    rows = tuple((phase, seconds, seconds / epoch) for phase, seconds in seconds_per_epoch.items())
+    return Table(("phase", "per epoch", "share"), rows, (TEXT, Kind("seconds", 3), Kind("percent", 0)))
+
+
+def _record_tables(manifest: Manifest) -> dict[str, Table]:
+    """The manifest's records as tables by section title; per-class metrics and epoch phases as their own."""
+    metrics, timing = manifest.metrics, manifest.timing
+    tables: dict[str, Table] = {}
+    if metrics is not None:
+        tables["Metrics"] = key_value_table(metrics.model_dump(mode="json", exclude={"per_class"}))
+        if metrics.per_class:
+            tables["Per-class metrics"] = Table.of(PER_CLASS_COLUMNS, metrics.per_class)
+    for title, record in (("Data", manifest.data), ("Model", manifest.model), ("Timing", timing)):
+        if record is not None:
+            tables[title] = key_value_table(record.model_dump(mode="json", exclude={"seconds_per_epoch"}))
+    if timing is not None and timing.seconds_per_epoch:
+        tables["Where an epoch's time goes"] = _epoch_phases_table(timing.seconds_per_epoch)
+    return tables
+
+
+def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
+    """The run summary as markdown: headline, metrics (per class too), data, model (parameter
+    count), timing, where the outputs are (checkpoints, export, TensorBoard logs, with the command
+    that opens TensorBoard) and what reproduces the run."""
+    layout = RunLayout(Path(run_dir))
+    parts = _headline(manifest)
+    for title, table in _record_tables(manifest).items():
+        parts += ["", f"## {title}", "", markdown_table(table)]
     outputs = {
         "run directory": layout.root,
         "last checkpoint": layout.last_checkpoint,
@@ -282,23 +348,14 @@ def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
         "TensorBoard logs": layout.tensorboard,
         "manifest": layout.manifest,
     }
-    written = [f"| {name} | `{path}` |" for name, path in outputs.items() if path.exists()]
-    parts += ["", "## Outputs", ""] + (["| | |", "|---|---|", *written] if written else ["Nothing written yet."])
-    parts += [
-        "",
-        "Open this run in TensorBoard:",
-        "",
-        "```bash",
-        tensorboard_command(layout.tensorboard),
-        "```",
-        "",
-        "Compare it with every other run:",
-        "",
-        "```bash",
-        tensorboard_command(runs_root(layout.root.parent.parent)),
-        "```",
-    ]
-
+    written = tuple((name, str(path)) for name, path in outputs.items() if path.exists())
+    parts += ["", "## Outputs", ""]
+    parts.append(
+        markdown_table(Table(("output", "path"), written, (TEXT, CODE))) if written else "Nothing written yet."
+    )
+    parts += ["", "Open this run in TensorBoard:", "", "```bash", tensorboard_command(layout.tensorboard), "```"]
+    parts += ["", "Compare it with every other run:", "", "```bash"]
+    parts += [tensorboard_command(runs_root(layout.root.parent.parent)), "```"]
     reproduce = {
         "seed": manifest.seed,
         "git commit": manifest.git_commit,
@@ -306,17 +363,8 @@ def run_summary_markdown(manifest: Manifest, run_dir: Path | str) -> str:
         "prefect flow run": manifest.prefect_flow_run_id,
         **manifest.versions,
     }
-    parts += [
-        "",
-        "## Reproduce",
-        "",
-        _key_value_table(reproduce),
-        "",
-        "```bash",
-        f"visionflow reproduce {layout.root}",
-        "```",
-        "",
-    ]
+    parts += ["", "## Reproduce", "", markdown_table(key_value_table(reproduce, ("item", "value")))]
+    parts += ["", "```bash", f"visionflow reproduce {layout.root}", "```", ""]
     return "\n".join(parts)
 
 
@@ -343,7 +391,7 @@ def validation_markdown(validation: Mapping[str, Any]) -> str:
         parts.append(", ".join(f"{name}: {count}" for name, count in counts))
         parts += ["", markdown_table(Table(issues.columns, issues.rows[:MAX_LISTED]))]
         if len(issues.rows) > MAX_LISTED:
-            parts.append(f"\n... and {len(issues.rows) - MAX_LISTED} more (see validation_issues.csv)")
+            parts.append(f"\n... and {len(issues.rows) - MAX_LISTED} more (see {VALIDATION_ISSUES_CSV})")
     return "\n".join(parts) + "\n"
 
 

@@ -43,11 +43,12 @@ def test_report_matches_hand_computed_metrics():
     expected_loss = -sum(math.log(p) for p in (0.70, 0.20, 0.80, 0.40, 0.03, 0.40)) / 6
     assert report.loss == pytest.approx(expected_loss, rel=1e-5)
     assert report.top5 is None  # 4 classes
-    table = report.per_class
-    assert table.loc["a"].tolist() == pytest.approx([1 / 2, 1 / 2, 1 / 2, 2])
-    assert table.loc["b"].tolist() == pytest.approx([2 / 3, 1.0, 0.8, 2])
-    assert table.loc["c"].tolist() == pytest.approx([1.0, 1 / 2, 2 / 3, 2])
-    assert table.loc["d"].tolist() == [0.0, 0.0, 0.0, 0]  # zero division -> 0.0
+    table = {row[0]: list(row[1:]) for row in report.per_class.rows}  # class -> precision, recall, f1, support
+    assert report.per_class.columns == ("class", "precision", "recall", "f1", "support")
+    assert table["a"] == pytest.approx([1 / 2, 1 / 2, 1 / 2, 2])
+    assert table["b"] == pytest.approx([2 / 3, 1.0, 0.8, 2])
+    assert table["c"] == pytest.approx([1.0, 1 / 2, 2 / 3, 2])
+    assert table["d"] == [0.0, 0.0, 0.0, 0]  # zero division -> 0.0
     assert [(w["file"], w["true"], w["predicted"]) for w in report.confidently_wrong] == [
         ("c/4.png", "c", "a"),
         ("a/1.png", "a", "b"),

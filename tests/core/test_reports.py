@@ -122,7 +122,7 @@ def test_run_summary(tmp_path: Path) -> None:
     markdown = run_summary_markdown(manifest, layout.root)
     assert markdown.startswith("# Run `demo`: completed")
     assert "Model **tudui** on **sample**, 3 epochs, seed 7, device cpu: eval accuracy **61.23%**." in markdown
-    assert "## Model\n\n| | |\n|---|---|\n| name | tudui |\n| num_parameters | 56,714 |" in markdown
+    assert "## Model\n\n| field | value |\n|---|---|\n| name | tudui |\n| num_parameters | 56,714 |" in markdown
     assert "| train_seconds | 12.2 s |" in markdown
     assert "| other_seconds | 8.0 s |" in markdown and "seconds_per_epoch" not in markdown
     assert (
