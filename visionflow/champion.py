@@ -42,6 +42,7 @@ from visionflow.data.splits import Split
 from visionflow.errors import CheckpointError, ConfigError
 from visionflow.fileio import atomic_write_bytes, atomic_write_json, locked
 from visionflow.manifest import MANIFEST_NAME, Manifest
+from visionflow.reports import CODE, NUMBER, TEXT, Table, markdown_table
 from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS, RunLayout, list_runs
 
 if TYPE_CHECKING:
@@ -94,22 +95,22 @@ class ChampionDecision:
     def to_markdown(self) -> str:
         """A small report for the Prefect UI: the outcome, the reason and a score table."""
 
-        def score(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.4f}"
+        def score(value: float | None) -> float | str:
+            return "n/a" if value is None else value
 
-        champion = self.champion_run or "(none)"
+        champion_sha = self.champion_weights_sha256[:12] if self.champion_weights_sha256 else None
+        rows = (
+            ("challenger", self.challenger_run, score(self.challenger_score), self.challenger_weights_sha256[:12]),
+            ("champion", self.champion_run or "(none)", score(self.champion_score), champion_sha),
+        )
+        scores = Table(("model", "run", self.metric, "weights sha256"), rows, (TEXT, TEXT, NUMBER, CODE))
         return "\n".join(
             [
                 f"## Champion `{self.slot}`: challenger **{self.outcome}**",
                 "",
                 f"Reason: {self.reason}",
                 "",
-                f"| model | run | {self.metric} | weights sha256 |",
-                "|---|---|---|---|",
-                f"| challenger | {self.challenger_run} | {score(self.challenger_score)} "
-                f"| `{self.challenger_weights_sha256[:12]}` |",
-                f"| champion | {champion} | {score(self.champion_score)} "
-                f"| `{(self.champion_weights_sha256 or '')[:12]}` |",
+                markdown_table(scores),
                 "",
                 f"Both scored on the `{self.eval_split}` split ({self.eval_images} images); decided {self.decided_at}.",
                 *(
@@ -200,24 +201,17 @@ def evaluate_champion(
 
 def champion_report_markdown(champion: Champion, report: EvalReport, split_name: str) -> str:
     """The champion's evaluation for the Prefect UI: headline metrics and the per-class table."""
-    top5 = "n/a" if report.top5 is None else f"{report.top5:.4f}"
-    rows = [
-        f"| {name} | {row.precision:.4f} | {row.recall:.4f} | {row.f1:.4f} | {int(row.support)} |"
-        for name, row in report.per_class.iterrows()
-    ]
+    top5 = "n/a" if report.top5 is None else report.top5
+    headline = Table(("accuracy", "loss", "top-5"), ((report.accuracy, report.loss, top5),), (NUMBER,) * 3)
     return "\n".join(
         [
             f"## Champion `{champion.slot}`: run {champion.run_name}",
             "",
             f"Version `{champion.version}`, evaluated on the `{split_name}` split ({report.num_images} images).",
             "",
-            "| accuracy | loss | top-5 |",
-            "|---|---|---|",
-            f"| {report.accuracy:.4f} | {report.loss:.4f} | {top5} |",
+            markdown_table(headline),
             "",
-            "| class | precision | recall | f1 | support |",
-            "|---|---|---|---|---|",
-            *rows,
+            markdown_table(report.per_class),
         ]
     )
 
