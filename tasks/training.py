@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-import httpx
 from prefect import get_run_logger
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -24,7 +23,8 @@ from tasks.artifacts import PrefectProgressCallback
 from tasks.caching import FileRef, TaskOutput, cached_task, written_files
 from tasks.data import DatasetRef, Normalization, ValidatedData, by_exclusions, by_fingerprint
 from tasks.names import run_name
-from visionflow.config import PipelineConfig, world_size
+from tasks.prefect_compat import slots_taken
+from visionflow.config import PipelineConfig, flatten, free_fields, world_size
 from visionflow.manifest import TimingRecord
 from visionflow.runs import BEST_CHECKPOINT_PATH, LAST_CHECKPOINT_PATH
 from visionflow.steps import train_run
@@ -66,20 +66,12 @@ class TrainOutput(TaskOutput):
 
 
 def by_training_fields(config: PipelineConfig) -> dict[str, Any]:
-    """What training depends on: the whole config except where data and outputs live, how batches
-    are read (the memory and stream loaders yield the same ones), the time limit (a run that
-    finishes within it trains the same weights), the device limit's size and where ranks meet; the
-    world size instead of how it is spelt (nproc_per_node 'gpu' counted on this machine)."""
-    meeting = {"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id"}
-    fields = config.model_dump(
-        mode="json",
-        exclude={
-            "output": True,
-            "data": {"dataset", "data_dir", "loader", "memory_budget_mb", "num_workers"},
-            "training": {"timeout_minutes": True, "device_slots": True, "distributed": meeting},
-        },
-    )
-    fields["training"]["distributed"]["world_size"] = world_size(config.training.distributed)
+    """What training depends on: the config's fields (dotted) but those free to differ for a cached
+    result (`free_fields("cache")` says why for each), and the world size instead of how it is spelt
+    (nproc_per_node 'gpu' counted on this machine)."""
+    free = free_fields("cache")
+    fields = {name: value for name, value in flatten(config.model_dump(mode="json")).items() if name not in free}
+    fields["training.distributed.world_size"] = world_size(config.training.distributed)
     return fields
 
 
@@ -114,12 +106,6 @@ def device_limit(client: SyncPrefectClient, name: str, slots: int, logger: Any) 
     except ObjectAlreadyExists:
         pass
     return client.read_global_concurrency_limit_by_name(name)
-
-
-def _locked(error: ConcurrencySlotAcquisitionError) -> bool:
-    """Whether the server refused the slots because they are taken (HTTP 423), not for another reason."""
-    cause = error.__cause__
-    return isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == httpx.codes.LOCKED
 
 
 @contextmanager
@@ -157,7 +143,7 @@ def device_slots(claim: DeviceClaim, logger: Any) -> Iterator[None]:
                         held.enter_context(take)
                         break
                     except ConcurrencySlotAcquisitionError as error:
-                        if not _locked(error):  # taken by another training since the check: wait again
+                        if not slots_taken(error):  # taken by another training since the check: wait again
                             raise
                 time.sleep(POLL_SECONDS)
                 limits = [client.read_global_concurrency_limit_by_name(name) for name in claim.names]

@@ -30,6 +30,16 @@ def one_of(kind: str, value: str, names: Iterable[str]) -> str:
     return value
 
 
+NAME_CHARS = "A-Za-z0-9._-"  # of run, champion slot and sweep names: safe in folder names and URLs
+RUN_NAME_MAX = 100  # characters of a run's name (its directory's name)
+
+
+def name_pattern(max_length: int = RUN_NAME_MAX) -> str:
+    """The regex of a run, champion slot or sweep name: a letter or digit, then NAME_CHARS, at
+    most `max_length` characters in all."""
+    return f"^[A-Za-z0-9][{NAME_CHARS}]{{0,{max_length - 1}}}$"
+
+
 class _Section(BaseModel):
     # extra="forbid": a misspelt key in a YAML file is an error, not silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -272,12 +282,12 @@ class TrainingConfig(_Section):
 class OutputConfig(_Section):
     output_dir: str = Field("artifacts", description="Root of run outputs: <output_dir>/runs/<run_name>/.")
     run_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run directory name; None = generated, unique."
+        None, pattern=name_pattern(), description="Run directory name; None = generated, unique."
     )
     refresh: bool = Field(False, description="Ignore cached task results and recompute everything.")
     champion: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        pattern=name_pattern(),
         description="Champion slot under <output_dir>/models/: promote this run there when it scores at least "
         "as well as the current champion on training.monitor; None = no promotion.",
     )
@@ -376,6 +386,50 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def free_fields(use: Literal["resume", "cache"]) -> frozenset[str]:
+    """The config fields (whole dotted names, as `flatten` spells them) that may differ between two
+    trainings taken for one: a checkpoint and the run resuming it (`use` "resume"), or two calls of
+    the training task sharing a cached result ("cache"). Every other field must be equal. Why each:
+
+    For both uses:
+    - output.*: where results are written, under which names, what is cleaned up and linked after.
+    - data.data_dir: where downloads and the decoded cache live, not what they hold.
+    - data.loader, data.memory_budget_mb, data.num_workers: how batches are read; the memory and
+      stream loaders yield the same batches.
+    - training.device_slots: when a training may run (the size of its device's concurrency limit).
+    - training.timeout_minutes: when training stops; a run that finishes within it trains the same
+      weights, and a run it stops resumes to them.
+    - training.distributed.nproc_per_node, .nnodes, .rdzv_endpoint, .rdzv_id: how the ranks are
+      counted and where they meet; the world size they make is compared on its own (a checkpoint
+      records it, the cache key holds it).
+    For resuming only (a resumed run continues one computation; a cached result stands for an exact one):
+    - training.device: resuming compares the device type on its own (the random streams continue only
+      on it), so cuda:0 may resume on cuda:1; the cache key keeps it ('auto' is another device elsewhere).
+    - training.compile: how fast the same model runs; compiled kernels may round differently.
+    - training.distributed.backend: how the ranks exchange gradients; the reductions may round differently.
+    For the cache key only:
+    - data.dataset: the cache key holds the dataset's content fingerprint instead of its spelling; a
+      checkpoint records only the spelling, so resuming compares that.
+    """
+    both = {f"output.{name}" for name in OutputConfig.model_fields} | {
+        "data.data_dir",
+        "data.loader",
+        "data.memory_budget_mb",
+        "data.num_workers",
+        "training.device_slots",
+        "training.timeout_minutes",
+        "training.distributed.nproc_per_node",
+        "training.distributed.nnodes",
+        "training.distributed.rdzv_endpoint",
+        "training.distributed.rdzv_id",
+    }
+    only = {
+        "resume": {"training.device", "training.compile", "training.distributed.backend"},
+        "cache": {"data.dataset"},
+    }
+    return frozenset(both | only[use])
 
 
 def _format_validation_error(err: ValidationError) -> str:

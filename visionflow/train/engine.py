@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from visionflow import checkpoints
-from visionflow.config import DataConfig, PipelineConfig, check_global_batch, flatten, is_improvement
+from visionflow.config import DataConfig, PipelineConfig, check_global_batch, flatten, free_fields, is_improvement
 from visionflow.data.decoded import FileSplit
 from visionflow.data.loaders import Batches, eval_batches, make_loader, sample_images, uint8_batches
 from visionflow.data.transforms import BatchTransform, fill_mean_std
@@ -52,20 +52,6 @@ from visionflow.train.records import Callback, EpochMetrics, FitResult, FitStart
 from visionflow.train.rng import Generators, restore_rng_state, rng_state
 from visionflow.train.stopping import StopGuard
 
-# Config fields that may differ between a checkpoint and the run resuming it: they change where
-# things are written or how fast it runs, not the numbers (the memory and stream loaders yield the
-# same batches).
-_RESUME_FREE_FIELDS = (
-    "output.",
-    "data.data_dir",
-    "data.loader",
-    "data.memory_budget_mb",
-    "data.num_workers",
-    "training.device",
-    "training.compile",
-    "training.distributed.",  # where and how ranks meet; the world size itself is checked on its own
-    "training.timeout_minutes",
-)
 log = logging.getLogger(__name__)
 _PROGRESS_INTERVAL = 0.25  # seconds between progress-bar redraws (each redraw is one device sync)
 
@@ -341,14 +327,10 @@ def _checkpoint(
 
 
 def _check_resumable(stored: dict, config: PipelineConfig, path: Path, device: torch.device, world_size: int) -> None:
-    """Resuming must continue the same computation: same config (up to free fields), same device type,
-    same world size."""
-    before, now = flatten(stored["config"]), flatten(config.model_dump(mode="json"))
-    changed = [
-        k
-        for k in sorted(set(before) | set(now))
-        if before.get(k) != now.get(k) and not k.startswith(_RESUME_FREE_FIELDS)
-    ]
+    """Resuming must continue the same computation: same config (up to `config.free_fields`), same
+    device type, same world size."""
+    before, now, free = flatten(stored["config"]), flatten(config.model_dump(mode="json")), free_fields("resume")
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in free]
     if changed:
         diffs = ", ".join(f"{k} (checkpoint {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:3])
         raise ConfigError(f"Cannot resume from '{path}': the config differs in {diffs}")
