@@ -35,7 +35,7 @@ from prefect.artifacts import (
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
-from visionflow.reports import Table
+from visionflow.tables import Table
 from visionflow.train.records import Callback, EpochMetrics, FitResult, FitStart
 
 SUMMARY_KEY = "run-summary"

@@ -42,8 +42,8 @@ from visionflow.data.splits import Split
 from visionflow.errors import CheckpointError, ConfigError
 from visionflow.fileio import atomic_write_bytes, atomic_write_json, locked
 from visionflow.manifest import MANIFEST_NAME, Manifest
-from visionflow.reports import CODE, NUMBER, TEXT, Table, markdown_table
 from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS, RunLayout, list_runs
+from visionflow.tables import CODE, NUMBER, TEXT, Table, markdown_table
 
 if TYPE_CHECKING:
     from visionflow.evaluation import EvalReport

@@ -17,7 +17,8 @@ from visionflow.data.decoded import DecodedSplit, FileSplit
 from visionflow.data.images import load_rgb, thread_map
 from visionflow.data.loaders import eval_batches
 from visionflow.errors import DatasetError
-from visionflow.reports import PER_CLASS_COLUMNS, Table, confusion_table, text_table
+from visionflow.reports import PER_CLASS_COLUMNS, confusion_table
+from visionflow.tables import Table, text_table
 from visionflow.train.device import resolve_device
 from visionflow.train.engine import collect_logits
 from visionflow.train.records import ModelSpec

@@ -16,8 +16,6 @@ from visionflow.data.validate import validate_dataset
 from visionflow.evaluation import report_from_logits
 from visionflow.manifest import DataRecord, Manifest, MetricsRecord, ModelRecord, TimingRecord
 from visionflow.reports import (
-    Table,
-    markdown_table,
     render_confusion_matrix,
     render_misclassified,
     run_summary_markdown,
@@ -28,6 +26,7 @@ from visionflow.reports import (
     write_validation_csvs,
 )
 from visionflow.runs import RunLayout
+from visionflow.tables import Table, markdown_table
 
 CLASSES = ["cat", "dog", "bird"]
 

@@ -31,7 +31,7 @@ from tasks.artifacts import (
     publish_summary,
     publish_table,
 )
-from visionflow.reports import Table
+from visionflow.tables import Table
 from visionflow.train.records import EpochMetrics, FitResult, FitStart, ModelSpec
 
 
