@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -46,11 +48,13 @@ IMAGE_SIZE = 32  # CIFAR-10's size, the input of the tutorial's network
 LEARNING_RATE = 0.01  # the tutorial's SGD learning rate
 SHOWN_IMAGES = 10  # the tutorial logs the first ten train images
 
+Transform = Callable[[Image.Image], torch.Tensor]
+
 
 def folder_per_label(root: Path, labels: list[str]) -> ConcatDataset:
     """Step 1: one LabelFolder per label folder, concatenated with `+` as in the tutorial."""
     datasets = [LabelFolder(root, label) for label in labels]
-    both = sum(datasets[1:], datasets[0])
+    both = sum(datasets[1:], datasets[0])  # Dataset + Dataset is a ConcatDataset
     image, label = both[len(both) - 1]
     sizes = ", ".join(f"{d.label_dir} {len(d)}" for d in datasets)
     print(f"[1 folders] {sizes}; concatenated {len(both)}; last item: label {label!r}, PIL image {image.size}")
@@ -65,15 +69,16 @@ def cifar10(data_dir: Path, url: str, md5: str) -> DatasetInfo:
     return info
 
 
-def pipeline(info: DatasetInfo):
+def pipeline(info: DatasetInfo, photo: Image.Image) -> Transform:
     """Step 3: Normalize's statistics measured on the train split, then the Compose pipeline."""
     mean, std = mean_std(decode_split(info.train, IMAGE_SIZE, fingerprint="tutorial").images)
     transform = eval_pipeline(IMAGE_SIZE, mean, std)
-    print(f"[3 transforms] mean {[round(m, 3) for m in mean]}, std {[round(s, 3) for s in std]}")
+    stats = f"mean {[round(m, 3) for m in mean]}, std {[round(s, 3) for s in std]}"
+    print(f"[3 transforms] {stats}; a {photo.size} photo becomes a {tuple(transform(photo).shape)} tensor")
     return transform
 
 
-def loader(info: DatasetInfo, transform, batch_size: int, num_workers: int) -> DataLoader:
+def loader(info: DatasetInfo, transform: Transform, batch_size: int, num_workers: int) -> DataLoader:
     """Step 4: the DataLoader knobs over the train split; a seeded generator makes shuffle repeatable."""
     data = DataLoader(
         FolderDataset(info.train, transform),
@@ -123,7 +128,7 @@ def train(model: nn.Module, data: DataLoader, steps: int, writer: SummaryWriter)
     print(f"[6 train] {step + 1} SGD steps, last loss {loss.item():.4f}")
 
 
-def save_and_load(model: nn.Module, info: DatasetInfo, transform, out: Path, batch_size: int) -> None:
+def save_and_load(model: nn.Module, info: DatasetInfo, transform: Transform, out: Path, batch_size: int) -> None:
     """Step 7: the whole module and the state_dict, saved, loaded back and compared on an eval batch."""
     whole_file, weights_file = out / "tudui_whole.pth", out / "tudui_state_dict.pth"
     whole = load_whole_module(save_whole_module(model, whole_file), trust=True)  # trusted: written just now
@@ -150,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="SGD steps of step 6 (one pass at most)")
     args = parser.parse_args(argv)
     try:
-        folder_per_label(args.folders, args.labels)
+        photos = folder_per_label(args.folders, args.labels)
         info = cifar10(args.data_dir, args.cifar_url, args.cifar_md5)
-        transform = pipeline(info)
+        transform = pipeline(info, photos[0][0])
         data = loader(info, transform, args.batch_size, args.num_workers)
         model = build_model("tudui", len(info.classes))
         with SummaryWriter(str(args.out / "tensorboard")) as writer:

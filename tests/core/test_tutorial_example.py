@@ -104,6 +104,7 @@ def test_tutorial_example_runs_every_step(tmp_path, repo_root, mirror, label_fol
     assert "label 'bees'" in line("[1 folders]")
     assert line("[2 cifar10]") == f"[2 cifar10] 10 classes: {', '.join(CLASSES)}; train 50, test 10"
     assert len(list((tmp_path / "data" / "cifar10" / "images" / "train").rglob("*.png"))) == 50
+    assert line("[3 transforms]").endswith("photo becomes a (3, 32, 32) tensor")
     assert line("[4 dataloader]").startswith(f"[4 dataloader] {50 // BATCH_SIZE} batches of {BATCH_SIZE};")
     assert f"images ({BATCH_SIZE}, 3, 32, 32)" in line("[4 dataloader]")
     # The tutorial's three results of F.conv2d.
