@@ -21,6 +21,7 @@ from typing import Any
 from visionflow.config import flatten
 from visionflow.errors import ConfigError
 from visionflow.fileio import atomic_write_bytes
+from visionflow.tables import COUNT, TEXT, Table, markdown_table
 
 LISTING_NAME = "data_listing.csv.gz"
 LISTING_COLUMNS = ("split", "path", "label", "sha256", "size")
@@ -173,11 +174,8 @@ def changes_markdown(changes: Mapping[str, SplitChanges], title: str) -> str:
         if split.unchanged:
             continue
         labels = sorted(set().union(*(split.counts[kind] for kind in CHANGE_KINDS)))
-        parts += ["", "| class | " + " | ".join(CHANGE_KINDS) + " |", "|---|" + "---|" * len(CHANGE_KINDS)]
-        parts += [
-            f"| {label} | " + " | ".join(str(split.counts[kind][label]) for kind in CHANGE_KINDS) + " |"
-            for label in labels
-        ]
+        rows = tuple((label, *(split.counts[kind][label] for kind in CHANGE_KINDS)) for label in labels)
+        parts += ["", markdown_table(Table(("class", *CHANGE_KINDS), rows, (TEXT, *[COUNT] * len(CHANGE_KINDS))))]
         for kind in CHANGE_KINDS:
             if split.examples[kind]:
                 shown = ", ".join(f"`{example}`" for example in split.examples[kind])
