@@ -2,8 +2,9 @@
 parser block in build_parser(). Handlers import what they need inside the function: Prefect is
 imported only by the subcommands that run flows, so `validate` starts fast and works without it.
 
-Errors caused by user input (VisionflowError) print `error: <message>` on one line to stderr
-and exit 2, like argparse usage errors; Ctrl-C exits 130, SIGTERM 143, SIGHUP 129, a training timeout 124.
+Errors caused by user input (VisionflowError, and an OSError about a path) print `error: <message>`
+on one line to stderr and exit 2, like argparse usage errors; paths are checked before anything
+starts where that is cheap; Ctrl-C exits 130, SIGTERM 143, SIGHUP 129, a training timeout 124.
 """
 
 from __future__ import annotations
@@ -27,8 +28,25 @@ from flows.prefect_server import (
     start_server,
     stop_server,
 )
-from visionflow.errors import ConfigError, DatasetError, VisionflowError
+from visionflow.errors import (
+    ConfigError,
+    DatasetError,
+    VisionflowError,
+    check_directory,
+    check_readable,
+    make_directory,
+    one_line,
+    path_error,
+)
 from visionflow.train.stopping import handle_stop_signals
+
+OUTPUT_EXPECTED = "a directory for run outputs (--output, output.output_dir)"
+DATA_DIR_EXPECTED = "a directory for downloads and the decoded cache (--data-dir, data.data_dir)"
+
+
+def check_data_dir(dataset: str, data_dir: str) -> None:
+    """A data directory that cannot exist fails in one line; CIFAR-10 is downloaded into it, so writable too."""
+    check_directory(data_dir, DATA_DIR_EXPECTED, writable=dataset == "cifar10")
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +72,11 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of that held-out split (default: 0)")
 
 
+def print_error(err: BaseException) -> None:
+    """The one line on stderr for an error the user can fix (main then exits 2)."""
+    print(f"error: {one_line(err)}", file=sys.stderr)
+
+
 def print_json(value: Any) -> None:
     """Print one JSON document on stdout (logs go to stderr, so stdout stays parseable)."""
     print(json.dumps(value, indent=2))
@@ -63,6 +86,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from visionflow.data.splits import resolve_dataset
     from visionflow.data.validate import validate_dataset
 
+    check_data_dir(args.dataset, args.data_dir)
     info = resolve_dataset(
         args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction, split_seed=args.split_seed
     )
@@ -111,6 +135,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from visionflow.data.splits import resolve_dataset
     from visionflow.evaluation import check_classes_match, evaluate_model
 
+    check_data_dir(args.dataset, args.data_dir)
     model, spec = load_model(args.checkpoint)
     info = resolve_dataset(
         args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction, split_seed=args.split_seed
@@ -213,6 +238,12 @@ def resume_hint(output_dir: str) -> str:
     )
 
 
+def check_paths(config: Any) -> None:
+    """Before any server starts: the output and data directories of `config` can exist there."""
+    check_directory(config.output.output_dir, OUTPUT_EXPECTED, writable=True)
+    check_data_dir(config.data.dataset, config.data.data_dir)
+
+
 def check_before_run(config: Any) -> None:
     """Reject a missing dataset, an unavailable device or a completed run's name before the flow
     creates anything. CIFAR-10 is exempt from the dataset check: the flow downloads it. A global
@@ -232,6 +263,7 @@ def check_before_run(config: Any) -> None:
 
         resolve_device(config.training.device)
     check_global_batch(config.data.batch_size, world_size(config.training.distributed))
+    make_directory(config.output.output_dir, OUTPUT_EXPECTED)  # last: a failed check leaves nothing behind
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -243,6 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.refresh:
         overrides["output.refresh"] = True
     config = load_config(args.config, overrides)
+    check_paths(config)
     prefect_environment()
     api = PrefectAPI()  # a temporary server starts now, while the checks below import torch
     try:
@@ -267,7 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(resume_hint(config.output.output_dir), file=sys.stderr)
         raise
     except TimeoutError as err:  # training.timeout_minutes
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         print(resume_hint(config.output.output_dir), file=sys.stderr)
         return EXIT_TIMED_OUT
     layout = RunLayout(runs_root(config.output.output_dir) / manifest.run_name)
@@ -304,6 +337,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     options = {field: getattr(args, dest) for dest, field in SWEEP_OPTIONS.items() if getattr(args, dest) is not None}
     sweep = build_sweep({"space": load_space(args.space), **options})
     check_space(base, sweep)  # a bad key or value: exit 2 before any server or trial starts
+    check_paths(base)
     prefect_environment()
     api = PrefectAPI()
     try:
@@ -315,7 +349,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from flows.sweep import sweep_pipeline
     from visionflow.reports import tensorboard_command
-    from visionflow.sweep import format_leaderboard
+    from visionflow.runs import TENSORBOARD_SUBDIR
+    from visionflow.sweep import LEADERBOARD_NAME, format_leaderboard
 
     api.wait()
     try:
@@ -333,8 +368,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"{states.count('cached')} cached, {states.count('failed')} failed), best {result.best} by {result.metric}"
     )
     print(format_leaderboard(result.rows, result.metric))
-    print(f"  sweep directory: {result.sweep_dir} (leaderboard.json)")
-    print(f"  TensorBoard:     {tensorboard_command(os.path.join(result.sweep_dir, 'tensorboard'))} (HParams tab)")
+    print(f"  sweep directory: {result.sweep_dir} ({LEADERBOARD_NAME})")
+    print(f"  TensorBoard:     {tensorboard_command(os.path.join(result.sweep_dir, TENSORBOARD_SUBDIR))} (HParams tab)")
     if result.champion is not None:
         print(f"  champion:        {result.champion.get('outcome')} ({result.champion.get('reason')})")
     print(f"  Prefect UI:      {prefect_ui_hint(api, None)}")
@@ -344,6 +379,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from visionflow.runs import format_runs, list_runs
 
+    check_directory(args.output, OUTPUT_EXPECTED)
     rows = list_runs(args.output)
     if args.json:
         print_json(rows)
@@ -358,6 +394,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from visionflow.data.changes import changes_markdown
     from visionflow.runs import diff_runs, diff_to_dict, find_run
 
+    check_directory(args.output, OUTPUT_EXPECTED)
     before, after = find_run(args.output, args.run_a), find_run(args.output, args.run_b)
     if args.json:
         print_json(diff_to_dict(before, after))
@@ -371,9 +408,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from tasks.caching import result_files
     from visionflow.retention import collect_garbage
 
-    plan = collect_garbage(args.output, args.keep_last, args.keep_days, dry_run=args.dry_run)
+    check_directory(args.output, OUTPUT_EXPECTED)
+    plan = collect_garbage(args.output, args.keep_last, args.keep_days, dry_run=args.dry_run, result_files=result_files)
     if args.json:
         print_json(plan.to_dict())
     else:
@@ -465,6 +504,7 @@ def cmd_alerts_apply(args: argparse.Namespace) -> int:
     url = args.webhook_url or (None if args.block else os.environ.get(WEBHOOK_URL_ENV))
     if not url and not args.block:
         raise ConfigError(f"give --webhook-url URL (or set {WEBHOOK_URL_ENV}) or --block TYPE/NAME")
+    check_readable(args.file, "an automations YAML file (--file)")
     prefect_environment()
     # Automations live on a lasting server: PREFECT_API_URL, else the running `visionflow server`.
     if not os.environ.get("PREFECT_API_URL"):
@@ -747,8 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except VisionflowError as err:
-        # Collapse whitespace: the message must stay one line even if it quotes an OS error.
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        print_error(err)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -758,6 +797,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Point stdout at devnull so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+    except OSError as err:
+        if not isinstance(err.filename, (str, bytes, os.PathLike)):
+            raise
+        print_error(path_error(err))  # a path the user gave, or one derived from it
+        return 2
 
 
 if __name__ == "__main__":
