@@ -163,7 +163,7 @@ class OptimConfig(_Section):
 
 
 class DistributedConfig(_Section):
-    """Data-parallel training through torchrun (README "Scale out"); the defaults train in one process."""
+    """Data-parallel training through torchrun (docs/guides/distributed.md); the defaults train in one process."""
 
     nproc_per_node: int | Literal["gpu"] = Field(
         1,

@@ -25,8 +25,7 @@ Method, per image, on a THUMB x THUMB grayscale thumbnail:
 
 Cost: hashing and verification are linear in the images; the search does ~9,100 bucket lookups
 per image (4,900 for the image, 67 for each crop), each returning ~2N / 2^21 entries, so it is
-linear up to ~1M images. bench/near_duplicates.py: 60,000 images in ~30 s on 2 cores, under 1 GB
-(README, Performance).
+linear up to ~1M images. Measured time, memory and recall: docs/performance.md, Near-duplicates.
 """
 
 from __future__ import annotations
