@@ -17,6 +17,7 @@ import hashlib
 import json
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,25 +30,45 @@ from visionflow.fileio import atomic_write, atomic_write_bytes, atomic_write_jso
 from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS
 from visionflow.train.records import ModelSpec
 
-FORMAT_VERSION = 1
-TRAINING_KEYS = frozenset(
-    {
-        "format_version",
-        "model",
-        "optimizer",
-        "scheduler",
-        "scaler",
-        "epoch",
-        "step",
-        "rng",
-        "config",
-        "spec",
-        "metrics",
-        "history",
-        "best_metric",
-        "best_epoch",
-    }
-)
+FORMAT_VERSION = 1  # the training checkpoint's and the export spec's layout; readers refuse newer ones
+
+
+@dataclass(frozen=True)
+class TrainingCheckpoint:
+    """A training checkpoint: its fields are the file's keys, the one definition of its schema (as
+    the torchvision references' one ``checkpoint`` dict). ``save_checkpoint`` writes ``to_dict()``,
+    ``load_checkpoint`` reads the dict back and ``from_dict`` gives it these fields again."""
+
+    model: dict[str, Any]  # the model's state_dict (the unwrapped module's in a distributed run)
+    optimizer: dict[str, Any]  # the optimizer's state_dict
+    scheduler: dict[str, Any]  # the per-batch learning-rate schedule's state_dict
+    epoch: int  # the last finished epoch, 1-based
+    step: int  # optimizer steps so far
+    rng: dict[str, Any]  # the seeded random streams (visionflow.train.rng.rng_state)
+    config: dict[str, Any]  # the resolved PipelineConfig, as JSON values
+    spec: dict[str, Any]  # ModelSpec.to_dict(): what load_model rebuilds the model from
+    metrics: dict[str, Any]  # the last epoch's figures and the run's totals so far
+    history: list[dict[str, Any]]  # every finished epoch's EpochMetrics
+    best_metric: float | None  # the best value of training.monitor so far (None: no epoch yet)
+    best_epoch: int | None  # the epoch that reached best_metric
+    world_size: int  # ranks that trained it: its random streams continue only at this size
+    scaler: Any = None  # no loss scaling: training is fp32 or bf16 autocast
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint as the file stores it (tensors shared, not copied)."""
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> "TrainingCheckpoint":
+        """A loaded checkpoint's fields; keys it predates take their value from ADDED_KEYS."""
+        return cls(**{name: state[name] if name in state else ADDED_KEYS[name] for name in _FIELDS})
+
+
+_FIELDS = tuple(field.name for field in fields(TrainingCheckpoint))
+# Keys added after checkpoints were first written -> what an older file without them means.
+ADDED_KEYS: dict[str, Any] = {"world_size": 1}  # before distributed training: trained in one process
+TRAINING_KEYS = frozenset(_FIELDS) - ADDED_KEYS.keys()  # every training checkpoint has these
 EXPECTED_MODEL_FILE = "a training checkpoint (.pt), an export folder, or a .safetensors file beside its .json spec"
 # Leaf types a weights-only torch.load accepts (exact types: a numpy.float64 is a float subclass
 # that the weights-only unpickler refuses).

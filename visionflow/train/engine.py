@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from visionflow import checkpoints
+from visionflow.checkpoints import TrainingCheckpoint
 from visionflow.config import DataConfig, PipelineConfig, check_global_batch, flatten, free_fields, is_improvement
 from visionflow.data.decoded import FileSplit
 from visionflow.data.loaders import Batches, eval_batches, make_loader, sample_images, uint8_batches
@@ -255,8 +256,8 @@ def _should_stop_early(epoch: int, best_epoch: int | None, patience: int | None)
     return patience is not None and best_epoch is not None and epoch - best_epoch >= patience
 
 
-def _is_finished(stored: dict, epochs: int) -> bool:
-    return stored["epoch"] >= epochs or stored["metrics"]["stopped_early"]
+def _is_finished(stored: TrainingCheckpoint, epochs: int) -> bool:
+    return stored.epoch >= epochs or stored.metrics["stopped_early"]
 
 
 @dataclass
@@ -283,18 +284,10 @@ class _FitState:
         }
 
     @classmethod
-    def from_checkpoint(cls, stored: dict) -> "_FitState":
-        m = stored["metrics"]
-        return cls(
-            stored["epoch"],
-            stored["step"],
-            [EpochMetrics(**h) for h in stored["history"]],
-            stored["best_metric"],
-            stored["best_epoch"],
-            m["train_seconds"],
-            m["train_images"],
-            m["stopped_early"],
-        )
+    def from_checkpoint(cls, stored: TrainingCheckpoint) -> "_FitState":
+        totals = {key: stored.metrics[key] for key in ("train_seconds", "train_images", "stopped_early")}
+        history = [EpochMetrics(**h) for h in stored.history]
+        return cls(stored.epoch, stored.step, history, stored.best_metric, stored.best_epoch, **totals)
 
 
 def _checkpoint(
@@ -306,44 +299,44 @@ def _checkpoint(
     config: PipelineConfig,
     spec: ModelSpec,
     world_size: int,
-) -> dict[str, Any]:
-    return {
-        "format_version": checkpoints.FORMAT_VERSION,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": None,  # no loss scaling: fp32 or bf16 only (see autocast)
-        "epoch": state.epoch,
-        "step": state.step,
-        "rng": rng_state(generators),
-        "config": config.model_dump(mode="json"),
-        "spec": spec.to_dict(),
-        "metrics": state.metrics(),
-        "history": [asdict(m) for m in state.history],
-        "best_metric": state.best_metric,
-        "best_epoch": state.best_epoch,
-        "world_size": world_size,  # ranks that trained it; the random streams continue only at this size
-    }
+) -> TrainingCheckpoint:
+    return TrainingCheckpoint(
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        epoch=state.epoch,
+        step=state.step,
+        rng=rng_state(generators),
+        config=config.model_dump(mode="json"),
+        spec=spec.to_dict(),
+        metrics=state.metrics(),
+        history=[asdict(m) for m in state.history],
+        best_metric=state.best_metric,
+        best_epoch=state.best_epoch,
+        world_size=world_size,
+    )
 
 
-def _check_resumable(stored: dict, config: PipelineConfig, path: Path, device: torch.device, world_size: int) -> None:
+def _check_resumable(
+    stored: TrainingCheckpoint, config: PipelineConfig, path: Path, device: torch.device, world_size: int
+) -> None:
     """Resuming must continue the same computation: same config (up to `config.free_fields`), same
     device type, same world size."""
-    before, now, free = flatten(stored["config"]), flatten(config.model_dump(mode="json")), free_fields("resume")
+    before, now, free = flatten(stored.config), flatten(config.model_dump(mode="json")), free_fields("resume")
     changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in free]
     if changed:
         diffs = ", ".join(f"{k} (checkpoint {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:3])
         raise ConfigError(f"Cannot resume from '{path}': the config differs in {diffs}")
-    trained_with = stored.get("world_size", 1)  # checkpoints from before distributed training: one process
+    trained_with = stored.world_size
     if trained_with != world_size:
         raise ConfigError(
             f"Cannot resume '{path}' with world size {world_size}: it was trained with world size {trained_with} "
             "(training.distributed.nproc_per_node x nnodes must match)"
         )
-    if stored["rng"]["augment_device"] != device.type:
+    if stored.rng["augment_device"] != device.type:
         raise DeviceError(
             f"Cannot resume '{path}' on {device.type}: it was trained on "
-            f"{stored['rng']['augment_device']}, whose random streams cannot continue elsewhere"
+            f"{stored.rng['augment_device']}, whose random streams cannot continue elsewhere"
         )
 
 
@@ -493,19 +486,19 @@ def _resume(
     run: _Run, path: Path, config: PipelineConfig, device: torch.device, ranks: Ranks
 ) -> tuple[_FitState, bool]:
     """Restore `run` from a training checkpoint; returns its state and whether that run had finished."""
-    stored = checkpoints.load_checkpoint(path)
+    stored = TrainingCheckpoint.from_dict(checkpoints.load_checkpoint(path))
     _check_resumable(stored, config, path, device, ranks.world_size)
-    checkpoints.apply_state_dict(run.model, stored["model"], path)
+    checkpoints.apply_state_dict(run.model, stored.model, path)
     if _is_finished(stored, config.training.epochs):
         return _FitState.from_checkpoint(stored), True
     try:
-        run.optimizer.load_state_dict(stored["optimizer"])
-        run.scheduler.load_state_dict(stored["scheduler"])
+        run.optimizer.load_state_dict(stored.optimizer)
+        run.scheduler.load_state_dict(stored.scheduler)
     except (ValueError, KeyError) as err:
         raise CheckpointError(
             f"Checkpoint '{path}' has optimizer/scheduler state that does not fit this run: {err}"
         ) from None
-    restore_rng_state(stored["rng"], run.generators)
+    restore_rng_state(stored.rng, run.generators)
     return _FitState.from_checkpoint(stored), False
 
 
@@ -586,7 +579,9 @@ def _save_checkpoints(
     if checkpoint_dir is None or not ranks.is_main:
         wait_for_main()
         return
-    saved = _checkpoint(state, run.model, run.optimizer, run.scheduler, run.generators, config, spec, ranks.world_size)
+    saved = _checkpoint(
+        state, run.model, run.optimizer, run.scheduler, run.generators, config, spec, ranks.world_size
+    ).to_dict()
     # best.pt first: a crash between the two writes leaves last.pt one epoch behind, and resuming
     # retrains that epoch (bit-identical on CPU) instead of leaving an epoch's best unsaved.
     if state.improved:
