@@ -34,10 +34,10 @@ from tasks.data import (
 from tasks.run import RunInfo
 from tasks.sweep import publish_sweep_summary, record_trial
 from tasks.training import by_training_fields
-from visionflow.config import MONITOR_MODES, PipelineConfig
+from visionflow.config import PipelineConfig, monitor_mode
 from visionflow.errors import VisionflowError
 from visionflow.manifest import Manifest
-from visionflow.runs import BEST_CHECKPOINT_PATH, EXPORT_WEIGHTS, RunLayout, runs_root
+from visionflow.runs import BEST_CHECKPOINT_PATH, EXPORT_WEIGHTS, EXPORT_WEIGHTS_PATH, RunLayout, runs_root
 from visionflow.sweep import (
     SweepConfig,
     SweepResult,
@@ -51,8 +51,6 @@ from visionflow.sweep import (
     trial_config,
     trial_threads,
 )
-
-EXPORT_WEIGHTS_PATH = f"export/{EXPORT_WEIGHTS}"  # run-directory-relative
 
 
 class TrialOutput(TaskOutput):
@@ -134,7 +132,7 @@ def sweep_pipeline(base: PipelineConfig, sweep: SweepConfig) -> SweepResult:
     base = absolute_paths(base)
     name, metric, root = sweep_name(sweep), sweep_metric(base, sweep), sweep_dir(base, sweep)
     root.mkdir(parents=True, exist_ok=True)
-    proposer = TrialProposer(space, sweep, MONITOR_MODES[metric])
+    proposer = TrialProposer(space, sweep, monitor_mode(metric))
     rows: list[TrialRow] = []
     manifests: dict[str, Manifest] = {}
     with tags(f"sweep:{name}", f"dataset:{base.data.dataset}"), durable_results(base.output):

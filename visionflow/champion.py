@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from visionflow.config import MONITOR_MODES, DataConfig, is_improvement
+from visionflow.config import DataConfig, is_improvement, monitor_mode
 from visionflow.data.changes import LISTING_NAME, changes_markdown, diff_listings, read_listing, summary_line
 from visionflow.data.splits import Split
 from visionflow.errors import CheckpointError, ConfigError
@@ -142,9 +142,7 @@ def _read_json(path: Path, expected: str) -> dict[str, Any]:
 
 def metric_direction(metric: str) -> tuple[str, bool]:
     """(EvalReport field, higher is better) of a training.monitor name (config.MONITOR_MODES)."""
-    if metric not in MONITOR_MODES:
-        raise ConfigError(f"Invalid champion metric '{metric}'. Choose from: {', '.join(sorted(MONITOR_MODES))}")
-    return metric.removeprefix("eval_"), MONITOR_MODES[metric] == "max"
+    return metric.removeprefix("eval_"), monitor_mode(metric, "champion metric") == "max"
 
 
 def read_champion(output_dir: Path | str, slot: str) -> Champion | None:

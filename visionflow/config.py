@@ -16,10 +16,11 @@ from visionflow.errors import ConfigError
 
 Optimizer = Literal["sgd", "adam", "adamw"]
 Scheduler = Literal["none", "step", "cosine", "onecycle"]
-Monitor = Literal["eval_accuracy", "eval_loss"]
 Loader = Literal["auto", "memory", "stream"]  # data.loader
-# training.monitor -> whether a higher ("max") or a lower ("min") value is better: the one table.
+# training.monitor -> whether a higher ("max") or a lower ("min") value is better: the one table
+# (Lightning's `mode` per metric). The Monitor choices are its keys; `monitor_mode` reads it.
 MONITOR_MODES: dict[str, Literal["max", "min"]] = {"eval_accuracy": "max", "eval_loss": "min"}
+Monitor = Literal[tuple(MONITOR_MODES)]  # training.monitor, a sweep's metric
 MODEL_NAMES = ("tudui", "resnet18")  # the keys of visionflow.models.MODELS (checked by a test), torch-free
 
 
@@ -367,14 +368,20 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def monitor_mode(metric: str, kind: str = "metric") -> Literal["max", "min"]:
+    """MONITOR_MODES[metric]; an unknown name is a ConfigError calling it a `kind`, naming the valid ones."""
+    if metric not in MONITOR_MODES:
+        raise ConfigError(f"Invalid {kind} '{metric}'. Choose from: {', '.join(sorted(MONITOR_MODES))}")
+    return MONITOR_MODES[metric]
+
+
 def is_improvement(value: float, reference: float | None, monitor: str, *, ties: bool = False) -> bool:
     """Whether ``value`` of metric ``monitor`` beats ``reference`` (None: nothing to beat yet);
     ``ties`` counts an equal value as an improvement."""
-    if monitor not in MONITOR_MODES:
-        raise ConfigError(f"Invalid metric '{monitor}'. Choose from: {', '.join(sorted(MONITOR_MODES))}")
+    higher_is_better = monitor_mode(monitor) == "max"
     if reference is None or (ties and value == reference):
         return True
-    return value > reference if MONITOR_MODES[monitor] == "max" else value < reference
+    return value > reference if higher_is_better else value < reference
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

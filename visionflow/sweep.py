@@ -20,20 +20,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from visionflow.config import MONITOR_MODES, Monitor, PipelineConfig, build_config, flatten
+from visionflow.config import RUN_NAME_MAX, Monitor, PipelineConfig, build_config, flatten, monitor_mode, name_pattern
 from visionflow.cores import usable_cores
 from visionflow.errors import ConfigError
 from visionflow.fileio import atomic_write_json
 from visionflow.hparams import log_hparams
 from visionflow.manifest import Manifest
+from visionflow.runs import TENSORBOARD_SUBDIR
 
 SweepMethod = Literal["grid", "random", "optuna"]
-SWEEPS_SUBDIR = "sweeps"  # <output_dir>/sweeps/<name>/: validation, leaderboard.json, tensorboard/
+SWEEPS_SUBDIR = "sweeps"  # <output_dir>/sweeps/<name>/: validation, LEADERBOARD_NAME, TENSORBOARD_SUBDIR/
+LEADERBOARD_NAME = "leaderboard.json"  # the ranked trials, rewritten as each one finishes
 SAMPLED_TRIALS = 10  # max_trials of random and optuna when it is not given
 # Sections a sweep may vary: `output` is the sweep's own (every trial writes its run beside the others).
 SWEEPABLE_SECTIONS = ("data", "model", "optim", "training")
 CONFIG_KEYS = tuple(flatten(PipelineConfig().model_dump()))  # every dotted config field
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"  # + "-<nnn>-<6 hex>" stays a valid run name
+NAME_PATTERN = name_pattern(RUN_NAME_MAX - 20)  # + "-<nnnn>-<6 hex>" stays a valid run name
 TrialState = Literal["completed", "cached", "failed"]
 
 
@@ -328,8 +330,8 @@ class TrialRow(BaseModel):
 
 
 def ranked(rows: Sequence[TrialRow], metric: str) -> list[TrialRow]:
-    """Finished trials best first by `metric`'s direction (config.MONITOR_MODES), then failed ones."""
-    sign = -1.0 if MONITOR_MODES[metric] == "max" else 1.0
+    """Finished trials best first by `metric`'s direction (config.monitor_mode), then failed ones."""
+    sign = -1.0 if monitor_mode(metric) == "max" else 1.0
     finished = sorted((r for r in rows if r.metric is not None), key=lambda r: (sign * r.metric, r.trial))
     return finished + sorted((r for r in rows if r.metric is None), key=lambda r: r.trial)
 
@@ -406,7 +408,7 @@ def write_trial_hparams(sweep_root: Path | str, row: TrialRow, metric: str) -> P
     """Log a finished trial's varied fields and metrics under `<sweep>/tensorboard/<trial>/` (one
     log dir for the whole sweep: TensorBoard's HParams tab compares the trials). Rewritten, not
     appended, when the trial is reported again (a rerun of the sweep)."""
-    log_dir = Path(sweep_root) / "tensorboard" / row.trial
+    log_dir = Path(sweep_root) / TENSORBOARD_SUBDIR / row.trial
     shutil.rmtree(log_dir, ignore_errors=True)
     metrics = {metric: row.metric, "eval_loss": row.eval_loss}
     log_hparams(log_dir, row.params, {k: v for k, v in metrics.items() if v is not None})
@@ -415,7 +417,7 @@ def write_trial_hparams(sweep_root: Path | str, row: TrialRow, metric: str) -> P
 
 def write_leaderboard(sweep_root: Path | str, rows: Sequence[TrialRow], metric: str) -> Path:
     """`<sweep>/leaderboard.json`: the ranked rows."""
-    path = Path(sweep_root) / "leaderboard.json"
+    path = Path(sweep_root) / LEADERBOARD_NAME
     atomic_write_json(path, {"metric": metric, "rows": [row.model_dump(mode="json") for row in ranked(rows, metric)]})
     return path
 
