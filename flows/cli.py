@@ -1,6 +1,7 @@
-"""`visionflow` command line. Each subcommand is one handler `cmd_<name>(args) -> int` plus one
-parser block in build_parser(). Handlers import what they need inside the function: Prefect is
-imported only by the subcommands that run flows, so `validate` starts fast and works without it.
+"""`visionflow` command line. Each subcommand is one handler `cmd_<name>(args) -> int` plus its
+arguments in one of the `add_..._command(s)` functions that build_parser() calls. Handlers import
+what they need inside the function: Prefect is imported only by the subcommands that run flows, so
+`validate` starts fast and works without it.
 
 Errors caused by user input (VisionflowError, and an OSError about a path) print `error: <message>`
 on one line to stderr and exit 2, like argparse usage errors; paths are checked before anything
@@ -14,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
 
 from flows.prefect_server import (
     DEFAULT_PORT,
@@ -540,17 +541,15 @@ def tcp_port(text: str) -> int:
     return int(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="visionflow", description="Train, evaluate and serve image classifiers.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (downloads, retries) to stderr")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_validate_command(commands: argparse._SubParsersAction) -> None:
+    """`validate`: a dataset's report."""
+    from visionflow.config import NEAR_DUPLICATE_THRESHOLD, OnInvalid, OnLeak
 
     p = commands.add_parser("validate", help="check a dataset: counts, invalid files, duplicates, leakage")
     add_dataset_arguments(p)
     p.add_argument(
         "--on-invalid",
-        choices=("skip", "fail"),
+        choices=get_args(OnInvalid),
         default="skip",
         help="leave unreadable files out and report them (skip, default) or stop at the first (fail)",
     )
@@ -563,16 +562,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         metavar="T",
-        help="with --near-duplicates: minimum pixel correlation of a pair, in (0, 1] (default: 0.9)",
+        help="with --near-duplicates: minimum pixel correlation of a pair, in (0, 1] "
+        f"(default: {NEAR_DUPLICATE_THRESHOLD})",
     )
     p.add_argument(
         "--on-leak",
-        choices=("report", "drop-eval", "fail"),
+        choices=get_args(OnLeak),
         help="with --near-duplicates: eval images with a near-duplicate in train are reported (report, default; "
         "drop-eval also counts what evaluation would leave out) or stop with an error (fail)",
     )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=cmd_validate)
+
+
+def add_model_commands(commands: argparse._SubParsersAction) -> None:
+    """`evaluate` and `predict`: a trained model on a split or on image files."""
+    from visionflow.config import Loader
 
     checkpoint_help = "a training checkpoint (.pt), an export folder, or its model.safetensors (beside model.json)"
     p = commands.add_parser(
@@ -592,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--loader",
-        choices=("auto", "memory", "stream"),
+        choices=get_args(Loader),
         default="auto",
         help="decode the split into RAM (memory, cached on disk) or batch by batch from the files (stream); "
         "default auto: memory while it fits a quarter of RAM",
@@ -609,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_predict)
 
+
+def add_train_command(commands: argparse._SubParsersAction) -> None:
+    """`train`: the training flow, with the config fields it overrides."""
+    from visionflow.config import MODEL_NAMES, RECIPES, Loader
+
     p = commands.add_parser("train", help="run the training flow (cached steps, resumable with --run-name)")
     p.add_argument(
         "--config",
@@ -616,13 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML config (sections data, model, optim, training, output); flags override it",
     )
     p.add_argument("--dataset", metavar="SPEC", help="'sample', 'cifar10', or a folder (default: sample)")
-    p.add_argument("--model", metavar="NAME", help="tudui or resnet18 (default: tudui)")
-    p.add_argument("--recipe", metavar="NAME", help="default or tutorial (default: default)")
+    p.add_argument("--model", metavar="NAME", help=f"{' or '.join(MODEL_NAMES)} (default: tudui)")
+    p.add_argument("--recipe", metavar="NAME", help=f"{' or '.join(RECIPES)} (default: default)")
     p.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
     p.add_argument("--batch-size", type=int, metavar="N", help="images per optimizer step")
     p.add_argument(
         "--loader",
-        metavar="auto|memory|stream",
+        metavar="|".join(get_args(Loader)),
         help="decoded splits in RAM (memory) or decoded batch by batch from the files (stream); "
         "default auto: memory while they fit data.memory_budget_mb",
     )
@@ -641,8 +651,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="data-parallel ranks on this node through torchrun, 'gpu' = one per GPU (default: 1, one process)",
     )
     p.add_argument("--nnodes", type=int, metavar="N", help="nodes taking part (default: 1; more need --rdzv-endpoint)")
-    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous of several nodes (README: Scale out)")
+    p.add_argument(
+        "--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous of several nodes (docs/guides/distributed.md)"
+    )
     p.set_defaults(handler=cmd_train)
+
+
+def add_sweep_command(commands: argparse._SubParsersAction) -> None:
+    """`sweep`: many trainings of a search space, ranked."""
+    from visionflow.config import Monitor, SweepMethod
 
     p = commands.add_parser(
         "sweep", help="train many configs of a search space on a Dask cluster (cached trials, a leaderboard)"
@@ -654,13 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.yaml",
         help="dotted config fields -> values to try (optim.lr: [0.001, 0.003]) or ranges ({low, high, log: true})",
     )
-    p.add_argument("--method", choices=("grid", "random", "optuna"), help="how trials are proposed (default: grid)")
+    p.add_argument("--method", choices=get_args(SweepMethod), help="how trials are proposed (default: grid)")
     p.add_argument("--seed", type=int, metavar="N", help="seed of the random and optuna proposals (default: 0)")
     p.add_argument(
         "--max-trials", type=positive_int, metavar="N", help="trials at most (default: the whole grid, else 10)"
     )
     p.add_argument("--parallel", type=positive_int, metavar="K", help="trials at once (default: 2)")
-    p.add_argument("--metric", choices=("eval_accuracy", "eval_loss"), help="ranks trials (default: training.monitor)")
+    p.add_argument("--metric", choices=get_args(Monitor), help="ranks trials (default: training.monitor)")
     p.add_argument(
         "--dask-address", metavar="tcp://HOST:8786", help="an existing Dask scheduler (default: a local cluster)"
     )
@@ -672,6 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=cmd_sweep)
 
+
+def add_run_commands(commands: argparse._SubParsersAction) -> None:
+    """`runs`, `diff`, `gc`: what is under an output directory."""
     p = commands.add_parser("runs", help="list the runs under an output directory")
     p.add_argument("--output", default="artifacts", metavar="DIR", help="root of run outputs (default: artifacts)")
     p.add_argument("--json", action="store_true", help="print a JSON list of runs")
@@ -714,6 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan (kept, removed, freed bytes) as one JSON object")
     p.set_defaults(handler=cmd_gc)
 
+
+def add_reproduce_server_commands(commands: argparse._SubParsersAction) -> None:
+    """`reproduce` and `server`: rerun a run; the Prefect server in the background."""
     p = commands.add_parser(
         "reproduce",
         help="rerun a run from its manifest (caches bypassed) and compare weights",
@@ -742,6 +765,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     action.set_defaults(handler=cmd_server_status)
 
+
+def add_alerts_command(commands: argparse._SubParsersAction) -> None:
+    """`alerts`: Prefect automations."""
     from flows.alerts import AUTOMATIONS_FILE, WEBHOOK_BLOCK, WEBHOOK_URL_ENV
 
     p = commands.add_parser(
@@ -768,6 +794,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     action.set_defaults(handler=cmd_alerts_apply)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand (one `add_..._command(s)` function per group)."""
+    parser = argparse.ArgumentParser(prog="visionflow", description="Train, evaluate and serve image classifiers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (downloads, retries) to stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for add_commands in (
+        add_validate_command,
+        add_model_commands,
+        add_train_command,
+        add_sweep_command,
+        add_run_commands,
+        add_reproduce_server_commands,
+        add_alerts_command,
+    ):
+        add_commands(commands)
     return parser
 
 

@@ -12,11 +12,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from visionflow.errors import ConfigError
+from visionflow.errors import ConfigError, field_problem
 
 Optimizer = Literal["sgd", "adam", "adamw"]
 Scheduler = Literal["none", "step", "cosine", "onecycle"]
 Loader = Literal["auto", "memory", "stream"]  # data.loader
+OnInvalid = Literal["skip", "fail"]  # data.on_invalid
+OnLeak = Literal["report", "drop-eval", "fail"]  # data.on_leak
+SweepMethod = Literal["grid", "random", "optuna"]  # a sweep's method (visionflow.sweep), here for the CLI's choices
+# data.near_duplicate_threshold's default: re-encoded, resized and lightly cropped copies correlate
+# above it, different photos of one scene below (rates: tests/core/test_near_duplicates.py).
+NEAR_DUPLICATE_THRESHOLD = 0.9
 # training.monitor -> whether a higher ("max") or a lower ("min") value is better: the one table
 # (Lightning's `mode` per metric). The Monitor choices are its keys; `monitor_mode` reads it.
 MONITOR_MODES: dict[str, Literal["max", "min"]] = {"eval_accuracy": "max", "eval_loss": "min"}
@@ -56,7 +62,7 @@ class DataConfig(_Section):
         0.2, gt=0.0, lt=1.0, description="Held-out fraction when a folder has no val/ or test/ split."
     )
     split_seed: int = Field(0, ge=0, description="Seed of that held-out split (independent of the training seed).")
-    on_invalid: Literal["skip", "fail"] = Field(
+    on_invalid: OnInvalid = Field(
         "skip", description="Unreadable images: leave them out and report ('skip') or stop ('fail')."
     )
     near_duplicates: bool = Field(
@@ -65,12 +71,12 @@ class DataConfig(_Section):
         "within and across splits during validation (linear in the images; cost in docs/performance.md).",
     )
     near_duplicate_threshold: float = Field(
-        0.9,
+        NEAR_DUPLICATE_THRESHOLD,
         gt=0.0,
         le=1.0,
         description="Minimum pixel correlation (16x16 grayscale, best alignment) of a near-duplicate pair.",
     )
-    on_leak: Literal["report", "drop-eval", "fail"] = Field(
+    on_leak: OnLeak = Field(
         "report",
         description="Eval images with a near-duplicate in train: only report them ('report'), evaluate without "
         "them and report both accuracies ('drop-eval'), or stop ('fail'). Needs near_duplicates.",
@@ -439,19 +445,12 @@ def free_fields(use: Literal["resume", "cache"]) -> frozenset[str]:
     return frozenset(both | only[use])
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "config"
-    got = first.get("input")
-    return f"Invalid config field '{field}': {first['msg']} (got {got!r})"
-
-
 def build_config(values: dict[str, Any] | None = None) -> PipelineConfig:
     """Validate a nested dict into a PipelineConfig; a bad value raises ConfigError naming the field."""
     try:
         return PipelineConfig.model_validate(values or {})
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise ConfigError(f"Invalid config field {field_problem(err, 'config')}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -20,15 +20,23 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from visionflow.config import RUN_NAME_MAX, Monitor, PipelineConfig, build_config, flatten, monitor_mode, name_pattern
+from visionflow.config import (
+    RUN_NAME_MAX,
+    Monitor,
+    PipelineConfig,
+    SweepMethod,
+    build_config,
+    flatten,
+    monitor_mode,
+    name_pattern,
+)
 from visionflow.cores import usable_cores
-from visionflow.errors import ConfigError
+from visionflow.errors import ConfigError, field_problem
 from visionflow.fileio import atomic_write_json
 from visionflow.hparams import log_hparams
 from visionflow.manifest import Manifest
 from visionflow.runs import TENSORBOARD_SUBDIR
 
-SweepMethod = Literal["grid", "random", "optuna"]
 SWEEPS_SUBDIR = "sweeps"  # <output_dir>/sweeps/<name>/: validation, LEADERBOARD_NAME, TENSORBOARD_SUBDIR/
 LEADERBOARD_NAME = "leaderboard.json"  # the ranked trials, rewritten as each one finishes
 SAMPLED_TRIALS = 10  # max_trials of random and optuna when it is not given
@@ -96,10 +104,7 @@ def build_sweep(values: Mapping[str, Any]) -> SweepConfig:
     try:
         return SweepConfig.model_validate(values)
     except ValidationError as err:
-        first = err.errors()[0]
-        # loc names the union member tried ("SweepRange", "list[any]"): not part of the field's name
-        field = ".".join(str(p) for p in first["loc"] if not ("SweepRange" in str(p) or p == "list[any]")) or "sweep"
-        raise ConfigError(f"Invalid sweep field '{field}': {first['msg']} (got {first.get('input')!r})") from None
+        raise ConfigError(f"Invalid sweep field {field_problem(err, 'sweep')}") from None
 
 
 def sweep_name(sweep: SweepConfig) -> str:

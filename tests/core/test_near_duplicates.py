@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from visionflow.data.near_duplicates import DEFAULT_THRESHOLD, dct_hashes, near_duplicate_report, thumbnail
+from visionflow.config import NEAR_DUPLICATE_THRESHOLD
+from visionflow.data.near_duplicates import dct_hashes, near_duplicate_report, thumbnail
 from visionflow.data.splits import resolve_dataset
 from visionflow.data.validate import validate_dataset
 from visionflow.errors import DatasetError
@@ -102,7 +103,7 @@ def test_every_planted_copy_is_found_and_nothing_else(leaky: tuple[Path, dict[st
     # The 45 untouched val images (different photos of the same classes) are not flagged.
     assert set(near.leaked_eval) == set(planted)
     assert near.eval_leakage_rate == pytest.approx(len(planted) / (45 + len(planted)))
-    assert all(DEFAULT_THRESHOLD <= pair.score <= 1.0 for pair in near.across)
+    assert all(NEAR_DUPLICATE_THRESHOLD <= pair.score <= 1.0 for pair in near.across)
     assert sum(near.leaked_per_class.values()) == len(planted)
     assert len(clean.eval_split) == 45 + len(planted)  # on_leak="report" keeps them
 

@@ -21,7 +21,7 @@ Method, per image, on a THUMB x THUMB grayscale thumbnail:
 3. Verification: the Pearson correlation at VERIFY x VERIFY pixels (the thumbnail's 2x2 cell
    means) of the candidate with the crop variant (and mirror) of the other image whose hash was
    closest, so that hash collisions between different pictures are dropped. `score` is that
-   correlation; a pair is a near-duplicate at score >= threshold (DEFAULT_THRESHOLD).
+   correlation; a pair is a near-duplicate at score >= threshold (config.NEAR_DUPLICATE_THRESHOLD).
 
 Cost: hashing and verification are linear in the images; the search does ~9,100 bucket lookups
 per image (4,900 for the image, 67 for each crop), each returning ~2N / 2^21 entries, so it is
@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from visionflow.config import NEAR_DUPLICATE_THRESHOLD
+
 THUMB = 32  # thumbnail side (grayscale) the fingerprints and the verification work on
 VERIFY = 16  # side of the verification image (the thumbnail's 2x2 cell means)
 HASH_SIDE = 8  # 8x8 DCT coefficients: a 64-bit hash
@@ -47,9 +49,7 @@ BLOCK_RADIUS = 3  # bits searched per block for the image itself (and its mirror
 HASH_RADIUS = len(BLOCK_BITS) * (BLOCK_RADIUS + 1) - 1  # 11: the image itself within 11 bits: a candidate
 CROP_BLOCK_RADIUS = 1  # bits searched per block for a crop variant
 CROP_RADIUS = len(BLOCK_BITS) * (CROP_BLOCK_RADIUS + 1) - 1  # 5: a crop variant within 5 bits: a candidate
-DEFAULT_THRESHOLD = 0.9  # minimum verified correlation (see tests/core/test_near_duplicates.py for rates)
 VERIFY_SLACK = 0  # verify the variants this many bits farther than the closest (0: the closest ones)
-ON_LEAK = ("report", "drop-eval", "fail")
 _HASH_CHUNK = 1024  # images hashed at a time (bounds memory: 64 variants x 64 coefficients each)
 
 
@@ -231,7 +231,7 @@ def _near_best_variants(hashes: np.ndarray, mirrors: np.ndarray, pairs: np.ndarr
     return np.stack([i[chosen[:, 0]], j[chosen[:, 0]], variant, mirrored], axis=1)
 
 
-def find_pairs(thumbs: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+def find_pairs(thumbs: np.ndarray, threshold: float = NEAR_DUPLICATE_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
     """Near-duplicate pairs among (N, THUMB, THUMB) uint8 thumbnails: (P, 2) index pairs i < j and
     their (P,) scores (the best verified alignment of the pair), score >= threshold."""
     hashes, mirrors = dct_hashes(thumbs)
@@ -328,7 +328,7 @@ def near_duplicate_report(
     paths: dict[str, Sequence[str]],
     classes: dict[str, Sequence[str]],
     eval_split: str,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float = NEAR_DUPLICATE_THRESHOLD,
 ) -> NearDuplicateReport:
     """Near-duplicates of the splits' thumbnails (split -> (N, THUMB, THUMB) uint8), with their
     dataset-relative paths and class names in the same order; `eval_split` is compared with train."""

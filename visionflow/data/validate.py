@@ -12,25 +12,21 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
+from visionflow.config import NEAR_DUPLICATE_THRESHOLD, OnInvalid, OnLeak
 from visionflow.data.changes import ListedFile
 from visionflow.data.fingerprint import combine_fingerprints, fingerprint_from_digests
 from visionflow.data.images import UnreadableImage, is_image_file, open_image, thread_map, to_rgb
-from visionflow.data.near_duplicates import (
-    DEFAULT_THRESHOLD,
-    ON_LEAK,
-    NearDuplicateReport,
-    near_duplicate_report,
-    thumbnail,
-)
+from visionflow.data.near_duplicates import NearDuplicateReport, near_duplicate_report, thumbnail
 from visionflow.data.splits import DatasetInfo, Split
 from visionflow.errors import ConfigError, DatasetError
 from visionflow.fileio import file_sha256
 
-ON_INVALID = ("skip", "fail")
+ON_INVALID = get_args(OnInvalid)  # data.on_invalid's choices
+ON_LEAK = get_args(OnLeak)  # data.on_leak's choices
 
 
 @dataclass(frozen=True)
@@ -263,7 +259,7 @@ def validate_dataset(
     info: DatasetInfo,
     on_invalid: str = "skip",
     near_duplicates: bool = False,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float = NEAR_DUPLICATE_THRESHOLD,
     on_leak: str = "report",
 ) -> tuple[ValidationReport, DatasetInfo]:
     """Check every file of every split. Returns the report and the dataset without invalid files
