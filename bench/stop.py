@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import live_processes_with  # noqa: E402  (the same /proc reading as the tests)
+from tests.helpers import live_processes_with  # noqa: E402  (the same /proc reading as the tests)
 
 MARKER = "VISIONFLOW_BENCH_RUN"
 

@@ -1,54 +1,62 @@
-"""Shared test fixtures: paths to the read-only real data beside the repo, and the one temporary
-Prefect API of the session."""
+"""Shared test fixtures: a temporary home for every cache and Prefect setting of the session,
+paths to the read-only real data beside the repo, and the one temporary Prefect API of the
+session. Plain helpers live in tests/helpers.py."""
 
-import signal
-import subprocess
-from collections.abc import Iterator, Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, free_killed_holders_slots
+
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Where each per-user location the code under test writes to is set: visionflow's cache
+# (fileio.user_cache_dir), Prefect's home (profiles, results, leases), torch's hub folder.
+TEMPORARY_HOMES = {"XDG_CACHE_HOME": "cache", "PREFECT_HOME": "prefect", "TORCH_HOME": "torch"}
+SESSION_HOME = pytest.StashKey[Path]()
 
 
-def live_processes_with(marker: str) -> list[int]:
-    """Pids of the live processes (not zombies: a dead child its new parent has not reaped yet)
-    whose environment contains `marker`, as NAME=VALUE (Linux /proc)."""
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker.encode() in environ.read_bytes().split(b"\0"):
-                state = (environ.parent / "stat").read_text().rpartition(")")[2].split()[0]
-                if state != "Z":
-                    found.append(int(environ.parent.name))
-        except OSError:  # gone meanwhile, or another user's
-            continue
-    return found
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test module is imported (Prefect reads its settings at import), point every
+    per-user location at one temporary folder of the session, and drop every PREFECT_* setting of
+    the caller's environment (a developer's PREFECT_API_URL or profile must not reach the tests).
+    pytest-xdist workers start after this, with this environment: they share the folder."""
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller did it
+        return
+    home = Path(tempfile.mkdtemp(prefix="visionflow-tests-"))
+    config.stash[SESSION_HOME] = home
+    for name in [name for name in os.environ if name.startswith("PREFECT_")]:
+        del os.environ[name]
+    for name, folder in TEMPORARY_HOMES.items():
+        os.environ[name] = str(home / folder)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # the servers the tests start phone no one
 
 
-def start_in_session(
-    argv: Sequence[str], cwd: Path, env: dict[str, str], *, stderr: int = subprocess.DEVNULL, sigint_ignored: bool
-) -> subprocess.Popen:
-    """`argv` in a session of its own (to signal or kill it whole), its stderr as text, with the
-    signal dispositions of a command started from a terminal whatever the tests run under (SIGHUP at
-    its default action: `nohup` would ignore it), or, with `sigint_ignored`, of a background job of
-    a shell script, which starts with SIGINT ignored (#25: Ctrl-C was then lost)."""
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if SESSION_HOME in config.stash:
+        shutil.rmtree(config.stash[SESSION_HOME], ignore_errors=True)
 
-    def dispositions() -> None:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN if sigint_ignored else signal.SIG_DFL)
 
-    return subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-        text=True,
-        start_new_session=True,
-        preexec_fn=dispositions,
-    )
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on the session's Prefect API (`prefect_harness`) waits for a real server to start:
+    marked `server`, like the tests that start one themselves."""
+    for item in items:
+        if "prefect_harness" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+
+
+@pytest.fixture(autouse=True)
+def environment_restored() -> Iterator[None]:
+    """What a test sets in os.environ ends with it: an in-process `main(["train", ...])` points
+    PREFECT_API_URL at the temporary server it started, and stops that server."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 @pytest.fixture(scope="session")
@@ -89,22 +97,6 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def free_killed_holders_slots() -> None:
-    """What a Prefect server's repossessor does once a killed holder's leases expire: every
-    device limit's slots free again. The session's test API (prefect_test_harness) runs no
-    services, so a run killed (kill -9, a test's timeout) while it trained would hold its slots for
-    the rest of the session; a test that kills one calls this after the kill, while nothing else trains."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-
-    from visionflow.train.device_limits import DEVICE_LIMIT_PREFIX
-
-    with get_client(sync_client=True) as client:
-        for limit in client.read_global_concurrency_limits(limit=100):
-            if limit.name.startswith(DEVICE_LIMIT_PREFIX) and limit.active_slots:
-                client.update_global_concurrency_limit(limit.name, GlobalConcurrencyLimitUpdate(active_slots=0))
 
 
 @pytest.fixture(autouse=True)

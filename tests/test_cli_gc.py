@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.core.test_retention import make_run
-from tests.test_cli_validate import run
+from tests.helpers import make_run
+from tests.helpers import run_visionflow as run
 
 
 def test_dry_run_json_lists_what_it_would_remove_and_removes_nothing(tmp_path: Path) -> None:

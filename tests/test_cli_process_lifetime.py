@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, live_processes_with, start_in_session
-from tests.flows.server_fixtures import copy_tiny_dataset
+from tests.helpers import REPO, copy_tiny_dataset, live_processes_with, start_in_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -27,8 +27,7 @@ from flows.prefect_server import (
     STOP_TIMEOUT_S,
     TEMPORARY_SERVER_HINT,
 )
-from tests.conftest import REPO
-from tests.flows.server_fixtures import background, copy_tiny_dataset, free_port, tail, wait_for
+from tests.helpers import REPO, background, copy_tiny_dataset, free_port, tail, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tests.conftest import REPO, live_processes_with
-from tests.flows.server_fixtures import copy_tiny_dataset
+from tests.helpers import REPO, copy_tiny_dataset, live_processes_with
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -9,21 +9,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = Path(sys.executable).parent / "visionflow"
-
-
-def cli_command() -> list[str]:
-    # The console script is only regenerated when the package is reinstalled; an install older
-    # than `[project.scripts] visionflow = "flows.cli:main"` still points elsewhere, so fall back
-    # to the module, which runs the same main().
-    if SCRIPT.is_file() and "flows.cli" in SCRIPT.read_text(errors="replace"):
-        return [str(SCRIPT)]
-    return [sys.executable, "-m", "flows.cli"]
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*cli_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+from tests.helpers import REPO
+from tests.helpers import run_visionflow as run
 
 
 def counts(report: dict) -> dict[str, dict[str, int]]:

@@ -7,29 +7,11 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from tests.helpers import write_image
 
 WriteImage = Callable[..., Path]
-
-
-def write_image(
-    path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 10), seed: int = 0, fmt: str | None = None
-) -> Path:
-    """Write a random-content image of the given mode; different seeds give different pixels."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    if mode.startswith("I;16"):
-        image = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
-    else:
-        bands = len(Image.new(mode, (1, 1)).getbands())
-        shape = (height, width, bands) if bands > 1 else (height, width)
-        rgb = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8).squeeze())
-        image = rgb if rgb.mode == mode else rgb.convert(mode)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format=fmt)
-    return path
 
 
 @pytest.fixture

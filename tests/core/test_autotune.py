@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.core.test_engine import _config, _fit
+from tests.helpers import engine_config as _config
+from tests.helpers import engine_fit as _fit
 from visionflow import checkpoints
 from visionflow.train import autotune
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.conftest import write_image
+from tests.helpers import write_image
 from visionflow.data.changes import (
     ListedFile,
     changes_markdown,

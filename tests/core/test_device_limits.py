@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from visionflow.config import load_config
 from visionflow.cores import usable_cores
 from visionflow.errors import ConfigError, DeviceError

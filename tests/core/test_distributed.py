@@ -15,9 +15,8 @@ from typing import Sequence
 import pytest
 import torch
 
-from tests.conftest import REPO
 from tests.core.ddp_target import EPOCHS, tiny_fit
-from tests.flows.server_fixtures import copy_tiny_dataset
+from tests.helpers import REPO, copy_tiny_dataset, processes_mentioning, wait_until_gone
 from visionflow.checkpoints import load_checkpoint, load_model
 from visionflow.config import load_config
 from visionflow.data.decoded import load_decoded
@@ -44,28 +43,6 @@ def torchrun(work_dir: Path, mode: str) -> list[str]:
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
         *("--max-restarts", "0", "--monitor-interval", "0.2", "-m", "tests.core.ddp_target", str(work_dir), mode),
     ]
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Pids of live processes whose command line contains `text` (torchrun and its ranks carry the
-    work dir), this one excluded."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().decode(errors="replace")
-        except OSError:  # exited meanwhile
-            continue
-        if text in args and int(cmdline.parent.name) != os.getpid():
-            found.append(int(cmdline.parent.name))
-    return found
-
-
-def wait_until_gone(text: str, timeout: float = 20.0) -> list[int]:
-    """Processes still mentioning `text` after up to `timeout` seconds ([] once they are gone)."""
-    deadline = time.monotonic() + timeout
-    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
 
 
 @pytest.fixture(autouse=True)

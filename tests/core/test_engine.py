@@ -6,15 +6,19 @@ from __future__ import annotations
 import io
 import random
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from tests.helpers import ENGINE_CLASSES as NUM_CLASSES
+from tests.helpers import ENGINE_EVAL as EVAL
+from tests.helpers import ENGINE_TRAIN as TRAIN
+from tests.helpers import engine_config as _config
+from tests.helpers import engine_fit as _fit
 from visionflow import checkpoints
-from visionflow.config import build_config, is_improvement
+from visionflow.config import is_improvement
 from visionflow.data.loaders import DeviceLoader, eval_batches, make_loader
 from visionflow.data.transforms import BatchTransform, mean_std
 from visionflow.errors import ConfigError, DatasetError, DeviceError
@@ -25,37 +29,7 @@ from visionflow.train.optim import build_optimizer, build_scheduler
 from visionflow.train.records import ModelSpec
 from visionflow.train.rng import Generators, seed_everything
 
-NUM_CLASSES = 4
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _split(n: int, seed: int) -> SimpleNamespace:
-    """A DecodedSplit-like object: class-dependent brightness so there is something to learn."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % NUM_CLASSES  # (N,)
-    noise = torch.randint(0, 128, (n, 3, 32, 32), generator=g)
-    images = (noise + labels[:, None, None, None] * 40).to(torch.uint8)  # (N, 3, 32, 32)
-    return SimpleNamespace(images=images, labels=labels, classes=tuple("abcd"))
-
-
-TRAIN, EVAL = _split(96, 0), _split(32, 1)
-SPEC = ModelSpec("tudui", NUM_CLASSES, 32, list("abcd"))
-
-
-def _config(epochs: int = 2, **sections):
-    # Augmented (the default recipe leaves it off): resume and reproducibility cover its random streams.
-    values = {"data": {"batch_size": 32, "augment": True}, "training": {"epochs": epochs, "device": "cpu"}}
-    for section, fields in sections.items():
-        values.setdefault(section, {}).update(fields)
-    return build_config(values)
-
-
-def _fit(config, checkpoint_dir=None, resume_from=None, callbacks=()) -> records.FitResult:
-    seed_everything(config.training.seed)
-    model = build_model("tudui", NUM_CLASSES)
-    return engine.fit(
-        model, TRAIN, EVAL, config, SPEC, checkpoint_dir=checkpoint_dir, resume_from=resume_from, callbacks=callbacks
-    )
 
 
 class Recorder(records.Callback):

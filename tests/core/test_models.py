@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from visionflow.config import MODEL_NAMES
 from visionflow.errors import ConfigError
 from visionflow.models import MODELS, build_model, summarize

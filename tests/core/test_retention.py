@@ -8,19 +8,15 @@ import base64
 import json
 import os
 import pickle
-import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import MB, age, make_run
 from visionflow.champion import DECISION, MODELS_SUBDIR
-from visionflow.config import PipelineConfig
 from visionflow.errors import ConfigError
 from visionflow.fileio import atomic_write_json, link_or_copy
-from visionflow.manifest import Manifest
 from visionflow.retention import (
-    BUSY_SECONDS,
     RESULTS_SUBDIR,
     check_retention,
     collect_garbage,
@@ -28,30 +24,7 @@ from visionflow.retention import (
     freed_by,
     plan_gc,
 )
-from visionflow.runs import EXPORT_SPEC, runs_root
-
-MB = 1_000_000
-
-
-def make_run(output: Path, name: str, days_ago: float, status: str = "completed", size: int = MB) -> Path:
-    """A run directory with a manifest started `days_ago` and a checkpoint of `size` bytes, aged
-    past BUSY_SECONDS (running: this process, so it is alive)."""
-    run_dir = runs_root(output) / name
-    (run_dir / "checkpoints").mkdir(parents=True)
-    started = (datetime.now(timezone.utc) - timedelta(days=days_ago)).isoformat(timespec="seconds")
-    manifest = Manifest.start(name, PipelineConfig(), started, None)
-    if status != "running":
-        manifest = manifest.finish(status)
-    manifest.save(run_dir)
-    (run_dir / "checkpoints" / "best.pt").write_bytes(os.urandom(size))
-    age(run_dir)
-    return run_dir
-
-
-def age(run_dir: Path) -> None:
-    old = time.time() - 2 * BUSY_SECONDS
-    for path in [*run_dir.rglob("*"), run_dir]:
-        os.utime(path, (old, old))
+from visionflow.runs import EXPORT_SPEC
 
 
 def make_champion(output: Path, slot: str, run_name: str) -> None:

@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, live_processes_with
-from tests.core.test_engine import _config, _fit
+from tests.helpers import REPO, live_processes_with
+from tests.helpers import engine_config as _config
+from tests.helpers import engine_fit as _fit
 from visionflow import checkpoints
 from visionflow.train import records
 from visionflow.train.stopping import StopGuard, StopRequested, TrainingTimedOut, stop_on_signal

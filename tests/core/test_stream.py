@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.core.conftest import write_image
+from tests.helpers import write_image
 from visionflow import checkpoints
 from visionflow.config import build_config
 from visionflow.data.decoded import FileSplit, choose_loader, memory_budget_mb, open_split

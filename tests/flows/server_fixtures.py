@@ -1,5 +1,6 @@
 """A real Prefect server (on SQLite, or on a PostgreSQL cluster of its own), CLI and process
-worker for tests, and headless Chromium on its UI.
+worker for tests, and headless Chromium on its UI (the processes are started with
+tests/helpers.background).
 
 Every process is started in its own session (process group). Teardown signals the group and
 every descendant found in /proc (the process worker starts each flow run in a group of its
@@ -10,7 +11,6 @@ teardown still runs, and each child is killed if pytest dies without any teardow
 
 from __future__ import annotations
 
-import ctypes
 import http.server
 import itertools
 import json
@@ -19,144 +19,24 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-T = TypeVar("T")
+from tests.helpers import STOP_SECONDS, background, free_port, tail, wait_for
 
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
 CHROMIUM = "/usr/bin/chromium"
-STOP_SECONDS = 20
-_PR_SET_PDEATHSIG = 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(
-    read: Callable[[], T], done: Callable[[T], bool], timeout: float, failure: Callable[[T], str], interval: float = 0.5
-) -> T:
-    """Call `read` until `done` holds for what it returns, and return that; fail the test with
-    `failure(last value read)` when it still does not hold after `timeout` seconds."""
-    __tracebackhide__ = True
-    deadline = time.monotonic() + timeout
-    while True:
-        value = read()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"after {timeout:.0f}s: {failure(value)}")
-        time.sleep(interval)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (children first found, grandchildren after), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
-def processes_with_env(root: int, name: str, value: str) -> list[int]:
-    """The live descendants of process `root` whose environment has `name`=`value` (e.g. the
-    processes of one flow run, PREFECT__FLOW_RUN_ID, under a worker)."""
-    wanted = f"{name}={value}".encode()
-    found = []
-    for pid in _descendants(root):
-        try:
-            if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                found.append(pid)
-        except OSError:  # exited meanwhile
-            continue
-    return found
-
-
-def _signal_all(pids: Sequence[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    """SIGTERM the process group and every descendant, wait, then SIGKILL whatever is left."""
-    tree = _descendants(process.pid)
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    _signal_all(tree, signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_SECONDS)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=STOP_SECONDS)
-    _signal_all([pid for pid in tree if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGKILL when pytest dies (Linux prctl). Not SIGTERM: a
-    worker stopping gracefully waits forever to flush events to a server that died with pytest."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-@contextmanager
-def background(
-    args: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path, user: str | None = None
-) -> Iterator[subprocess.Popen]:
-    """Run `args` in its own session with output to `log`, as `user` (its group, no other groups)
-    when given; stopped (with its descendants) on exit."""
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            list(args),
-            env=dict(env),
-            cwd=cwd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            user=user,
-            group=user,
-            extra_groups=None if user is None else [],
-            preexec_fn=_die_with_parent,  # after the change of user, which clears the death signal
-        )
-    try:
-        yield process
-    finally:
-        stop_process(process)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
 
 
 def run_cli(args: Sequence[str], env: Mapping[str, str], cwd: Path, timeout: float = 120) -> str:
@@ -265,7 +145,7 @@ def postgres_bin_dir() -> Path:
 
 @contextmanager
 def postgres_database(log: Path, timeout: float = 60, attempts: int = 3) -> Iterator[str]:
-    """A PostgreSQL cluster of its own, set up as README's "Move to PostgreSQL" says: `initdb` in a
+    """A PostgreSQL cluster of its own, set up as docs/guides/operations.md's "Move to PostgreSQL" says: `initdb` in a
     temporary folder, `postgres` on 127.0.0.1:<free port>, a role and a database `prefect` that it
     owns, with the extension pg_trgm. Yields Prefect's connection URL for that database.
 
@@ -525,16 +405,6 @@ def chromium_text(url: str, profile: Path, click_tab: str, expect: Sequence[str]
 
             call("Page.navigate", url=url)
             return wait_for(probe, shown, left(), missing)["text"]
-
-
-def copy_tiny_dataset(source: Path, target: Path, classes: Sequence[str], train: int, val: int) -> Path:
-    """`train`/`val` images per class from an ImageFolder tree with train/ and val/."""
-    for split, count in (("train", train), ("val", val)):
-        for name in classes:
-            (target / split / name).mkdir(parents=True)
-            for image in sorted((source / split / name).iterdir())[:count]:
-                shutil.copy(image, target / split / name / image.name)
-    return target
 
 
 class WebhookReceiver:

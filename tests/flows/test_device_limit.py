@@ -23,9 +23,8 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.exceptions import ObjectNotFound
 
-from tests.conftest import REPO
-from tests.flows.conftest import task_name, tiny_config
-from tests.flows.server_fixtures import PrefectServer, prefect_server, wait_for
+from tests.flows.server_fixtures import PrefectServer, prefect_server
+from tests.helpers import REPO, task_name, tiny_config, wait_for
 from visionflow.manifest import Manifest
 from visionflow.runs import list_runs
 from visionflow.train.device_limits import LEASE_SECONDS

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image, ImageOps
 
-from tests.flows.conftest import artifact_keys, run_dir_of, tiny_config, train
+from tests.helpers import artifact_keys, run_dir_of, tiny_config, train
 from visionflow.manifest import Manifest
 from visionflow.reports import run_summary_markdown
 

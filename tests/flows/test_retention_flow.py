@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tests.flows.conftest import HEAVY_TASKS, run_dir_of, tiny_config, train
+from tests.helpers import HEAVY_TASKS, run_dir_of, tiny_config, train
 from visionflow.retention import BUSY_SECONDS, RESULTS_SUBDIR, disk_usage
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(300)]

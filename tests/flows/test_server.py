@@ -44,7 +44,6 @@ from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Cancelling, Crashed, Pending, Running, Scheduled
 
 from flows.alerts import AUTOMATIONS_FILE
-from tests.flows.conftest import task_name
 from tests.flows.server_fixtures import (
     CHROMIUM,
     DATABASES,
@@ -52,16 +51,12 @@ from tests.flows.server_fixtures import (
     SQLITE,
     PrefectServer,
     WebhookReceiver,
-    background,
     chromium_text,
-    copy_tiny_dataset,
     prefect_server,
-    processes_with_env,
     run_cli,
     run_worker_once,
-    tail,
-    wait_for,
 )
+from tests.helpers import background, copy_tiny_dataset, processes_with_env, tail, task_name, wait_for
 from visionflow.checkpoints import load_checkpoint
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(600)]

@@ -22,8 +22,7 @@ import pytest
 import yaml
 from prefect.settings import PREFECT_API_URL
 
-from tests.conftest import REPO, live_processes_with, start_in_session
-from tests.flows.conftest import tiny_config, train
+from tests.helpers import REPO, live_processes_with, start_in_session, tiny_config, train
 from tests.stop_driver import SENT
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pytest.mark.timeout(300)]

@@ -27,8 +27,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_API_URL
 
-from tests.conftest import REPO, free_killed_holders_slots
-from tests.flows.conftest import FINAL_STATES, log_messages, task_name, tiny_config
+from tests.helpers import FINAL_STATES, REPO, free_killed_holders_slots, log_messages, task_name, tiny_config
 from visionflow.config import PipelineConfig
 from visionflow.cores import usable_cores
 from visionflow.manifest import Manifest

@@ -18,11 +18,16 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tasks.artifacts import HISTORY_KEY, PROGRESS_KEY
-from tests.conftest import start_in_session
-from tests.core.test_distributed import processes_mentioning, wait_until_gone
-from tests.flows.conftest import artifact_data, artifact_keys, log_messages
-from tests.flows.server_fixtures import copy_tiny_dataset
-from tests.flows.test_train_processes import cli_env
+from tests.helpers import (
+    artifact_data,
+    artifact_keys,
+    cli_env,
+    copy_tiny_dataset,
+    log_messages,
+    processes_mentioning,
+    start_in_session,
+    wait_until_gone,
+)
 from visionflow.checkpoints import load_checkpoint
 from visionflow.runs import list_runs
 from visionflow.train.launch import WORK_DIR

@@ -27,7 +27,7 @@ from tasks.artifacts import (
     RUN_DIRECTORY_KEY,
     TENSORBOARD_KEY,
 )
-from tests.flows.conftest import (
+from tests.helpers import (
     HEAVY_TASKS,
     artifact_data,
     artifact_keys,

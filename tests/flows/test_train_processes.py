@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prefect.settings import PREFECT_API_URL
 
 from tasks.caching import FlockLockManager
-from tests.conftest import REPO, free_killed_holders_slots
-from tests.flows.conftest import HEAVY_TASKS, tiny_config, train
+from tests.helpers import HEAVY_TASKS, cli_env, free_killed_holders_slots, tiny_config, train
 from visionflow.fileio import file_sha256
 from visionflow.manifest import Manifest
 from visionflow.runs import list_runs
@@ -27,11 +25,6 @@ pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow, pyte
 
 def train_command(config_file: Path, *flags: str) -> list[str]:
     return [sys.executable, "-m", "flows.cli", "train", "--config", str(config_file), *flags]
-
-
-def cli_env() -> dict[str, str]:
-    """The CLI in a subprocess, talking to this session's test API."""
-    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
 
 
 def write_config(tmp_path: Path, dataset: Path, output: Path, epochs: int) -> Path:
