@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from uuid import UUID
 
-from visionflow.errors import ConfigError
+from visionflow.errors import ConfigError, field_problem
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -57,10 +57,9 @@ def load_automations(path: Path | str, block_document_id: UUID) -> list[Automati
         try:
             automation = AutomationCore.model_validate({**entry, "actions": actions})
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
+            problem = field_problem(err, "automation")
             raise ConfigError(
-                f"Automation '{name}' in '{path}' is not a Prefect automation: {where}: {first['msg']}"
+                f"Automation '{name}' in '{path}' is not a Prefect automation: {problem.field}: {problem.message}"
             ) from err
         automations.append(automation)
     names = [automation.name for automation in automations]

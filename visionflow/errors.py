@@ -35,8 +35,9 @@ class PathError(VisionflowError):
     """A path the user gave cannot be created, read or written."""
 
 
-def one_line(err: BaseException) -> str:
-    """An exception's message with every run of whitespace (newlines too) as one space, else its type's name."""
+def one_line(err: BaseException | str) -> str:
+    """An exception's message (or a message) with every run of whitespace, newlines too, as one space;
+    an exception without a message: its type's name."""
     return " ".join(str(err).split()) or type(err).__name__
 
 
@@ -46,6 +47,9 @@ class FieldProblem(NamedTuple):
     field: str  # dotted location, e.g. 'training.epochs'
     message: str  # pydantic's sentence, e.g. 'Input should be greater than 0'
     got: Any  # the rejected input
+
+    def __str__(self) -> str:
+        return f"'{self.field}': {self.message} (got {self.got!r})"
 
 
 def _is_union_member(part: int | str) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from visionflow.config import PipelineConfig
-from visionflow.errors import ConfigError
+from visionflow.errors import ConfigError, field_problem
 from visionflow.fileio import atomic_write_json, user_cache_dir
 
 MANIFEST_NAME = "manifest.json"
@@ -246,10 +246,9 @@ class Manifest(_Record):
         try:
             return cls.model_validate_json(text)
         except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "manifest"
+            problem = field_problem(err, "manifest")
             raise ConfigError(
-                f"Manifest '{path}' is not a visionflow run manifest: field '{field}': {first['msg']}"
+                f"Manifest '{path}' is not a visionflow run manifest: field '{problem.field}': {problem.message}"
             ) from None
 
 
