@@ -26,6 +26,7 @@ from visionflow.data.changes import (
 )
 from visionflow.errors import ConfigError, DatasetError
 from visionflow.manifest import MANIFEST_NAME, Manifest
+from visionflow.tables import PERCENT, SECONDS, TEXT, Table, text_table
 
 RUNS_SUBDIR = "runs"
 LAST_CHECKPOINT = "last.pt"  # rewritten every epoch
@@ -247,21 +248,17 @@ def list_runs(output_dir: Path | str) -> list[dict[str, Any]]:
 
 def format_runs(rows: list[dict[str, Any]]) -> str:
     """The run history as an aligned text table."""
-    headers = ("name", "date", "data", "model", "accuracy", "duration", "status")
-    cells = [
-        [
-            row["name"],
-            (row["date"] or "-").replace("T", " ")[:19],
-            row["data"] or "-",
-            row["model"] or "-",
-            "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}",
-            "-" if row["duration"] is None else f"{row['duration']:.1f}s",
-            row["status"],
-        ]
-        for row in rows
-    ]
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *cells)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *cells])
+    columns = {
+        "name": TEXT,
+        "date": TEXT,
+        "data": TEXT,
+        "model": TEXT,
+        "accuracy": PERCENT,
+        "duration": SECONDS,
+        "status": TEXT,
+    }
+    shown = [{**row, "date": row["date"] and row["date"].replace("T", " ")[:19]} for row in rows]  # to the second
+    return text_table(Table.of(columns, shown))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from visionflow.fileio import atomic_write_json
 from visionflow.hparams import log_hparams
 from visionflow.manifest import Manifest
 from visionflow.runs import TENSORBOARD_SUBDIR
+from visionflow.tables import TEXT, Table, text_table
 
 SWEEPS_SUBDIR = "sweeps"  # <output_dir>/sweeps/<name>/: validation, LEADERBOARD_NAME, TENSORBOARD_SUBDIR/
 LEADERBOARD_NAME = "leaderboard.json"  # the ranked trials, rewritten as each one finishes
@@ -374,10 +375,7 @@ def format_leaderboard(rows: Sequence[TrialRow], metric: str) -> str:
     records = [{k: v for k, v in r.items() if k != "run_dir"} for r in leaderboard_records(rows, metric)]
     if not records:
         return "no trials"
-    headers = list(records[0])
-    cells = [[str(record[h]) for h in headers] for record in records]
-    widths = [max(len(c) for c in column) for column in zip(headers, *cells)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *cells])
+    return text_table(Table.of(dict.fromkeys(records[0], TEXT), records))  # leaderboard_records rounded them
 
 
 def best_config_yaml(manifest: Manifest) -> str:
