@@ -255,6 +255,25 @@ def _near_duplicates(
     return report, info
 
 
+def _check_options(on_invalid: str, on_leak: str, threshold: float) -> None:
+    if on_invalid not in ON_INVALID:
+        raise ConfigError(f"Invalid on_invalid '{on_invalid}'. Choose from: {', '.join(ON_INVALID)}")
+    if on_leak not in ON_LEAK:
+        raise ConfigError(f"Invalid on_leak '{on_leak}'. Choose from: {', '.join(ON_LEAK)}")
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"Invalid near-duplicate threshold {threshold}: expected a correlation in (0, 1]")
+
+
+def _listing(clean: DatasetInfo, valid: dict[str, list[FileCheck]], order: list[str]) -> tuple[ListedFile, ...]:
+    """Every valid file of `clean` (split order, then path order) with its class, digest and size."""
+    return tuple(
+        ListedFile(name, path, split.classes[split.labels[i]], check.sha256, check.size)
+        for name in order
+        for split in [clean.splits[name]]
+        for i, (path, check) in enumerate(zip(_report_paths(clean, split), valid[name]))
+    )
+
+
 def validate_dataset(
     info: DatasetInfo,
     on_invalid: str = "skip",
@@ -267,12 +286,7 @@ def validate_dataset(
     order) raises DatasetError naming it. With `near_duplicates`, also search near-duplicates at
     `threshold`; eval images with one in train are reported (on_leak="report"), left out of the
     returned dataset ("drop-eval") or raise DatasetError ("fail")."""
-    if on_invalid not in ON_INVALID:
-        raise ConfigError(f"Invalid on_invalid '{on_invalid}'. Choose from: {', '.join(ON_INVALID)}")
-    if on_leak not in ON_LEAK:
-        raise ConfigError(f"Invalid on_leak '{on_leak}'. Choose from: {', '.join(ON_LEAK)}")
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"Invalid near-duplicate threshold {threshold}: expected a correlation in (0, 1]")
+    _check_options(on_invalid, on_leak, threshold)
     order = ["train"] + [name for name in info.splits if name != "train"]
     check = partial(check_file, thumbnails=near_duplicates)
     checks = {name: thread_map(check, info.splits[name].files) for name in order}
@@ -316,11 +330,6 @@ def validate_dataset(
         duplicates_across=across,
         near_duplicates=near,
         dropped=dropped,
-        listing=tuple(
-            ListedFile(name, path, split.classes[split.labels[i]], check.sha256, check.size)
-            for name in order
-            for split in [clean.splits[name]]
-            for i, (path, check) in enumerate(zip(_report_paths(clean, split), valid[name]))
-        ),
+        listing=_listing(clean, valid, order),
     )
     return report, clean

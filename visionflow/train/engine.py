@@ -283,6 +283,17 @@ class _FitState:
             "stopped_early": self.stopped_early,
         }
 
+    def record(self, metrics: EpochMetrics, stats: TrainStats, monitor: str, patience: int | None) -> None:
+        """Fold a finished epoch in: history, totals, the best `monitor` value and early stopping."""
+        self.epoch, self.step = metrics.epoch, stats.step
+        self.history.append(metrics)
+        self.train_seconds += stats.seconds
+        self.train_images += stats.images
+        self.improved = is_improvement(getattr(metrics, monitor), self.best_metric, monitor)  # a tie is none
+        if self.improved:
+            self.best_metric, self.best_epoch = getattr(metrics, monitor), metrics.epoch
+        self.stopped_early = _should_stop_early(metrics.epoch, self.best_epoch, patience)
+
     @classmethod
     def from_checkpoint(cls, stored: TrainingCheckpoint) -> "_FitState":
         totals = {key: stored.metrics[key] for key in ("train_seconds", "train_images", "stopped_early")}
@@ -559,15 +570,7 @@ def _run_epoch(
         images_per_second=stats.images / stats.seconds,
         seconds=time.perf_counter() - start,
     )
-    state.epoch, state.step = epoch, stats.step
-    state.history.append(metrics)
-    state.train_seconds += stats.seconds
-    state.train_images += stats.images
-    monitor = config.training.monitor
-    state.improved = is_improvement(getattr(metrics, monitor), state.best_metric, monitor)  # a tie is none
-    if state.improved:
-        state.best_metric, state.best_epoch = getattr(metrics, monitor), epoch
-    state.stopped_early = _should_stop_early(epoch, state.best_epoch, config.training.early_stopping_patience)
+    state.record(metrics, stats, config.training.monitor, config.training.early_stopping_patience)
     return metrics
 
 
@@ -611,6 +614,39 @@ def _start_info(
         spec=spec.to_dict(),
         history=list(state.history),
     )
+
+
+def _train_epochs(
+    run: _Run,
+    state: _FitState,
+    config: PipelineConfig,
+    spec: ModelSpec,
+    device: torch.device,
+    checkpoint_dir: Path | None,
+    callbacks: Sequence[Callback],
+    progress: Progress | None,
+    ranks: Ranks,
+) -> tuple[dict[str, float], int]:
+    """Train the epochs after `state.epoch`, each checkpointed and reported; returns the seconds per
+    phase (EPOCH_PHASES) and the number of epochs trained."""
+    timeout = config.training.timeout_minutes
+    # Ctrl-C and the timeout stop training at a batch boundary: last.pt stays the last finished
+    # epoch's, and rerunning resumes from it.
+    timer, epochs_run = PhaseTimer(device), 0
+    with StopGuard(timeout * 60 if timeout is not None else None) as stop:
+        for epoch in range(state.epoch + 1, config.training.epochs + 1):
+            metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress, stop, ranks, timer)
+            _save_checkpoints(checkpoint_dir, state, run, config, spec, ranks)
+            timer.lap("checkpoint")
+            if progress is not None:
+                progress.epoch_end(metrics)
+            for cb in callbacks:
+                cb.on_epoch_end(metrics)
+            timer.lap("callbacks")
+            epochs_run += 1
+            if state.stopped_early:
+                break
+    return timer.totals(), epochs_run
 
 
 def fit(
@@ -659,24 +695,10 @@ def fit(
     for cb in callbacks:
         cb.on_fit_start(_start_info(run, state, config, spec, device, train, eval_split))
     progress = Progress(config.training.epochs, progress_stream) if ranks.is_main else None
-    timeout = config.training.timeout_minutes
-    # Ctrl-C and the timeout stop training at a batch boundary: last.pt stays the last finished
-    # epoch's, and rerunning resumes from it.
-    timer, epochs_run = PhaseTimer(device), 0
-    with StopGuard(timeout * 60 if timeout is not None else None) as stop:
-        for epoch in range(state.epoch + 1, config.training.epochs + 1):
-            metrics = _run_epoch(run, state, epoch, config, device, callbacks, progress, stop, ranks, timer)
-            _save_checkpoints(checkpoint_dir, state, run, config, spec, ranks)
-            timer.lap("checkpoint")
-            if progress is not None:
-                progress.epoch_end(metrics)
-            for cb in callbacks:
-                cb.on_epoch_end(metrics)
-            timer.lap("callbacks")
-            epochs_run += 1
-            if state.stopped_early:
-                break
-    result = _result(state, run.model, checkpoint_dir, device, spec, config, loader, timer.totals(), epochs_run)
+    phase_seconds, epochs_run = _train_epochs(
+        run, state, config, spec, device, checkpoint_dir, callbacks, progress, ranks
+    )
+    result = _result(state, run.model, checkpoint_dir, device, spec, config, loader, phase_seconds, epochs_run)
     for cb in callbacks:
         cb.on_fit_end(result)
     return result
