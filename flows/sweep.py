@@ -35,7 +35,7 @@ from tasks.run import RunInfo
 from tasks.sweep import publish_sweep_summary, record_trial
 from tasks.training import by_training_fields
 from visionflow.config import PipelineConfig, monitor_mode
-from visionflow.errors import VisionflowError
+from visionflow.errors import VisionflowError, one_line
 from visionflow.manifest import Manifest
 from visionflow.runs import BEST_CHECKPOINT_PATH, EXPORT_WEIGHTS, EXPORT_WEIGHTS_PATH, RunLayout, runs_root
 from visionflow.sweep import (
@@ -113,8 +113,7 @@ def trial_outcome(
     try:
         manifest = future.result().manifest
     except Exception as err:
-        error = " ".join(str(err).split()) or type(err).__name__
-        return TrialRow.of(run_dir.name, params, "failed", run_dir, metric, error=error), None
+        return TrialRow.of(run_dir.name, params, "failed", run_dir, metric, error=one_line(err)), None
     state = "cached" if future.state.name == "Cached" else "completed"
     return TrialRow.of(run_dir.name, params, state, run_dir, metric, manifest), manifest
 

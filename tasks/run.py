@@ -45,7 +45,7 @@ from tasks.training import TrainOutput, train_model
 from visionflow import retention
 from visionflow.champion import data_changes_report
 from visionflow.config import PipelineConfig
-from visionflow.errors import VisionflowError
+from visionflow.errors import VisionflowError, one_line
 from visionflow.manifest import CheckpointRecord, Manifest, RunStatus, TimingRecord
 from visionflow.reports import (
     confusion_table,
@@ -206,11 +206,11 @@ def failure_recorded(run: RunInfo) -> Iterator[None]:
     try:
         yield
     except TimeoutError as err:  # training.timeout_minutes, or a task's own timeout
-        error = f"{' '.join(str(err).split()) or type(err).__name__}; timed out after epoch {last_epoch(run)}"
+        error = f"{one_line(err)}; timed out after epoch {last_epoch(run)}"
         fail_run(run, f"{error}; rerun with the same run name to resume", "timed_out")
         raise
     except Exception as err:
-        fail_run(run, " ".join(str(err).split()) or type(err).__name__)
+        fail_run(run, one_line(err))
         raise
     except BaseException as stop:
         record_interruption(run, stop)
@@ -230,7 +230,7 @@ def collect_garbage(config: PipelineConfig, run: RunInfo) -> None:
             output.output_dir, output.keep_last, output.keep_days, keep={Path(run.run_dir).name}
         )
     except (VisionflowError, OSError) as err:
-        logger.warning("gc skipped: %s", " ".join(str(err).split()))
+        logger.warning("gc skipped: %s", one_line(err))
         return
     for line in plan.format_text().splitlines():
         logger.info("gc: %s", line)

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from visionflow.data.images import thread_map
-from visionflow.errors import DatasetError
+from visionflow.errors import DatasetError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ def _is_retriable(err: Exception) -> bool:
 def _one_line(err: Exception) -> str:
     if isinstance(err, urllib.error.HTTPError):
         return f"HTTP {err.code} {err.reason}"
-    text = str(getattr(err, "reason", "") or err) or type(err).__name__
-    return " ".join(text.split())
+    return one_line(getattr(err, "reason", "") or err)  # a URLError's reason, without "<urlopen error ...>"
 
 
 def download_url(

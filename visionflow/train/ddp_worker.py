@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from pydantic import TypeAdapter
 
+from visionflow.errors import one_line
 from visionflow.fileio import atomic_write_text
 from visionflow.steps import train_run
 from visionflow.train.device import resolve_device
@@ -47,8 +48,7 @@ def errors_recorded(work_dir: Path) -> Iterator[None]:
         yield
     except Exception as err:
         rank = int(os.environ.get("RANK", 0))
-        message = " ".join(str(err).split()) or type(err).__name__
-        record = {"rank": rank, "type": type(err).__name__, "message": message, "time": time.time()}
+        record = {"rank": rank, "type": type(err).__name__, "message": one_line(err), "time": time.time()}
         atomic_write_text(work_dir / ERRORS_DIR / f"rank{rank}.json", json.dumps(record))
         raise
 
