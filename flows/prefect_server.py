@@ -4,6 +4,12 @@
 Nothing here imports Prefect: a command chooses its API before it imports Prefect, which reads
 PREFECT_API_URL once, at import.
 
+Every server visionflow starts keeps the leases of concurrency slots (the device limits a training
+holds, tasks/training.py) in the Prefect home, not in its memory (`LEASE_STORAGE`): a server
+restarted while a training held a slot, or another temporary server of the same home, still finds
+that lease and frees the slot when it expires, instead of leaving it taken forever. A setting of
+your own wins.
+
 The background server is not `prefect server start --background`: in Prefect 3.9 that sends the
 server's output to a pipe nobody reads (no log, and writes to a closed pipe once the starting
 command has exited), records only a pid in `server.pid` (not the port, so nothing can tell where
@@ -28,6 +34,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.prefect_compat import LEASE_STORAGE
 from visionflow.errors import ConfigError
 from visionflow.fileio import atomic_write_json, locked
 from visionflow.train.stopping import parent_death_signal
@@ -42,11 +49,6 @@ STOP_TIMEOUT_S = 30.0  # after SIGTERM; then SIGKILL
 ANSWER_TIMEOUT_S = 2.0  # one request to a server that should be up
 POLL_S = 0.1
 NOT_RUNNING_STATUS = 3  # exit status of `visionflow server status` when no server answers
-# Every server visionflow starts keeps the leases of concurrency slots (the device limits a training
-# holds, tasks/training.py) in the Prefect home, not in its memory: a server restarted while a
-# training held a slot, or another temporary server of the same home, still finds that lease and
-# frees the slot when it expires, instead of leaving it taken forever. A setting of your own wins.
-LEASE_STORAGE = {"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
 TEMPORARY_SERVER_HINT = (
     "hint: this command starts a temporary Prefect server and stops it at exit; "
     "`visionflow server start` keeps one running, so later runs start faster and the Prefect UI stays up"

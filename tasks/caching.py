@@ -14,6 +14,8 @@
   computing it twice, and a lock dies with its process (kill -9 included). The store reaches
   task runs in other processes (a Dask worker, flows/sweep.py) inside Prefect's serialized flow
   run context, with the block's scope (refresh) on its lock manager.
+- **Prefect internals** used here (the flow run's result store, transactions, the record format,
+  hook log lines) go through tasks/prefect_compat.py.
 - **Outcomes from Prefect's own states.** A state hook records each task's outcome (completed
   or cached) for the manifest; `finish_run` hard-links a cached result's files into the run.
 """
@@ -37,20 +39,25 @@ from uuid import uuid4
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import TaskRun
-from prefect.context import FlowRunContext, TaskRunContext
-from prefect.filesystems import LocalFileSystem
+from prefect.context import TaskRunContext
 from prefect.locking.protocol import LockManager
 from prefect.results import ResultStore
 from prefect.states import State
-from prefect.transactions import BaseTransaction
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel, ConfigDict
 
 import visionflow
+from tasks.prefect_compat import (
+    QuietHookLines,
+    flow_run_result_store,
+    no_enclosing_transaction,
+    read_result_record,
+    record_path,
+)
 from visionflow.config import OutputConfig
 from visionflow.errors import VisionflowError
 from visionflow.fileio import file_sha256, link_or_copy, try_lock, unlock
-from visionflow.retention import LOCKS_SUBDIR, RESULTS_SUBDIR
+from visionflow.retention import LOCKS_SUBDIR, RESULTS_SUBDIR, lock_file
 from visionflow.train.stopping import TrainingTimedOut
 
 CORE_PACKAGE = Path(visionflow.__file__).resolve().parent
@@ -163,7 +170,7 @@ class FlockLockManager(LockManager):
             return True
 
         def take() -> bool:
-            fd = try_lock(self.directory / f"{key}.lock")
+            fd = try_lock(lock_file(self.directory, key))
             if fd is not None:
                 self._held[key] = (holder, fd)
             return fd is not None
@@ -183,7 +190,7 @@ class FlockLockManager(LockManager):
     def is_locked(self, key: str) -> bool:
         if key in self._held:
             return True
-        fd = try_lock(self.directory / f"{key}.lock")
+        fd = try_lock(lock_file(self.directory, key))
         if fd is None:
             return True
         unlock(fd)
@@ -217,21 +224,11 @@ def durable_results(output: OutputConfig) -> Iterator[dict[str, str]]:
     """Inside a flow run: cached tasks keep their results under `<output_dir>/.prefect-results`
     (flock locks in its `locks/`), `output.refresh` recomputes them; yields the outcome of each
     task that completed in the block (name -> "completed" or "cached"), for the manifest."""
-    context = FlowRunContext.get()
-    if context is None:
-        raise RuntimeError("durable_results() is for the body of a flow run")
     store_dir = results_dir(output.output_dir)
     scope = _Scope(refresh=output.refresh)
-    store = context.result_store.model_copy(
-        update={
-            "result_storage": LocalFileSystem(basepath=str(store_dir)),
-            "lock_manager": FlockLockManager(store_dir / LOCKS_SUBDIR, scope=scope),
-        }
-    )
     token = _SCOPE.set(scope)
     try:
-        # Tasks without result_storage of their own use the flow run's result store: this copy.
-        with context.model_copy(update={"result_store": store}):
+        with flow_run_result_store(store_dir, FlockLockManager(store_dir / LOCKS_SUBDIR, scope=scope)):
             yield scope.outcomes
     finally:
         _SCOPE.reset(token)
@@ -246,11 +243,8 @@ def own_transactions() -> Iterator[None]:
     trials wait for each other's data steps; and when the parent fails, its rollback skips the
     children that were cache hits (already committed), whose locks then stay held as long as their
     process lives (a Dask worker's): the next run needing those results waits forever."""
-    token = BaseTransaction.__var__.set(None)  # no enclosing transaction (get_transaction() is None)
-    try:
+    with no_enclosing_transaction():
         yield
-    finally:
-        BaseTransaction.__var__.reset(token)
 
 
 def task_outcomes() -> dict[str, str]:
@@ -265,15 +259,6 @@ def record_outcome(task: Task, task_run: TaskRun, state: State) -> None:
         scope.outcomes[task.name] = "cached" if state.name == "Cached" else "completed"
 
 
-class _QuietBookkeeping(logging.Filter):
-    """Prefect logs two lines around every hook it runs; for this bookkeeping hook they would
-    double the run log's task lines, so they are left out (a failing hook is still logged)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (record.levelno == logging.INFO and f"hook {record_outcome.__name__!r}" in message.lower())
-
-
 class _ExpectedErrorsInOneLine(logging.Filter):
     """Prefect logs a failed task or flow run with the exception's traceback. For errors the
     product raises on purpose (VisionflowError: bad data, config, checkpoint, device;
@@ -286,7 +271,9 @@ class _ExpectedErrorsInOneLine(logging.Filter):
         return True
 
 
-logging.getLogger("prefect.task_runs").addFilter(_QuietBookkeeping())
+# Prefect logs two lines around every hook it runs: for this bookkeeping hook they would double
+# the run log's task lines (a failing hook is still logged).
+logging.getLogger("prefect.task_runs").addFilter(QuietHookLines(record_outcome.__name__))
 for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_ExpectedErrorsInOneLine())
 
@@ -325,6 +312,16 @@ def _stored_output(store: ResultStore, key: str, holder: str) -> Any:
     return store.read(key, holder=holder).result
 
 
+def result_files(record: Path) -> list[str] | None:
+    """The absolute paths of the files a cached result record (a file of `results_dir`) refers
+    to, for retention (visionflow.retention); None when the record cannot be read."""
+    try:
+        value = read_result_record(record)
+    except Exception:  # any record this code cannot load (format, a class gone): left alone
+        return None
+    return [ref.path for ref in value.files.values()] if isinstance(value, TaskOutput) else []
+
+
 @dataclass
 class VerifiedCache(CachePolicy):
     """Key = `task_cache_key`; before the lookup, a stored result whose files are gone or
@@ -344,7 +341,8 @@ class VerifiedCache(CachePolicy):
         store, scope = task_ctx.result_store, _SCOPE.get()
         if scope is None and isinstance(store.lock_manager, FlockLockManager):  # a task run in another process
             scope = store.lock_manager.scope
-        if scope is None or not isinstance(store.result_storage, LocalFileSystem):
+        record = record_path(store, key)
+        if scope is None or record is None:
             raise RuntimeError(f"Task {task_ctx.task.name} is cached: call it inside tasks.caching.durable_results()")
         holder = f"verify-{uuid4()}"
         store.acquire_lock(key, holder=holder)
@@ -362,7 +360,7 @@ class VerifiedCache(CachePolicy):
                 get_run_logger().warning(
                     "Cached result of %s dropped (%s); recomputing", task_ctx.task.name, "; ".join(problems)
                 )
-                (Path(store.result_storage.basepath) / key).unlink(missing_ok=True)
+                record.unlink(missing_ok=True)
         finally:
             store.release_lock(key, holder=holder)
 

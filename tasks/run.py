@@ -37,7 +37,7 @@ from tasks.artifacts import (
     publish_summary,
     publish_table,
 )
-from tasks.caching import TaskOutput, record_outcome, task_outcomes
+from tasks.caching import TaskOutput, record_outcome, result_files, task_outcomes
 from tasks.data import DatasetRef, ValidatedData
 from tasks.evaluation import EvalOutput, ExportOutput, LeakedEvalOutput
 from tasks.model import ModelInfo
@@ -227,7 +227,11 @@ def collect_garbage(config: PipelineConfig, run: RunInfo) -> None:
     logger = get_run_logger()
     try:
         plan = retention.collect_garbage(
-            output.output_dir, output.keep_last, output.keep_days, keep={Path(run.run_dir).name}
+            output.output_dir,
+            output.keep_last,
+            output.keep_days,
+            keep={Path(run.run_dir).name},
+            result_files=result_files,
         )
     except (VisionflowError, OSError) as err:
         logger.warning("gc skipped: %s", one_line(err))

@@ -12,10 +12,12 @@ Runs share files through hard links (a cached run links the files of the run tha
 them), so removing a run frees only the files no kept run links; `freed_bytes` counts each
 inode once, and only when every link of it goes.
 
-A cached task result (`<output>/.prefect-results/<key>`, written by tasks/caching.py) records the
-absolute paths of the files it refers to, all in the run that computed it. A record that names a
-removed run's directory would be dropped as stale by its next lookup anyway (its files are gone),
-so gc removes it too, under the key's lock. A record naming no run is left alone.
+A cached task result (`<output>/.prefect-results/<key>`, written by tasks/caching.py) refers to
+files, all in the run that computed it; which files, the caller's `result_files` reads (the record
+format is Prefect's: tasks/caching.py `result_files`). A record that refers to a file of a removed
+run would be dropped as stale by its next lookup anyway (its files are gone), so gc removes it
+too, under the key's lock. A record naming no run, or one `result_files` cannot read, is left
+alone; without `result_files`, every record is.
 Decoded caches (`<data_dir>/cache`) are left alone: a manifest records the dataset fingerprint,
 not the per-split fingerprints the cache files are named after, so which run uses which cache
 file cannot be decided from what runs record.
@@ -23,12 +25,10 @@ file cannot be decided from what runs record.
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +46,8 @@ DEFAULT_KEEP_LAST = 10
 DEFAULT_KEEP_DAYS = 30.0
 BUSY_SECONDS = 60.0  # a run directory modified this recently is never removed
 _REMOVING_PREFIX = ".gc-"  # a run directory is renamed to this (hidden) name, then deleted
+# The absolute paths of the files a cached result record refers to; None when it cannot be read.
+ResultFiles = Callable[[Path], Collection[str] | None]
 
 
 @dataclass(frozen=True)
@@ -152,28 +154,30 @@ def _busy(run_dir: Path, now: float) -> bool:
     return any(now - p.stat().st_mtime < BUSY_SECONDS for p in paths if p.exists())
 
 
-def _orphaned_results(output_dir: Path, removed_runs: list[Path]) -> list[Path]:
-    """Result records that name a removed run's directory (see the module docstring)."""
+def _orphaned_results(output_dir: Path, removed_runs: list[Path], result_files: ResultFiles | None) -> list[Path]:
+    """Result records that refer to a file of a removed run (see the module docstring)."""
     store = output_dir / RESULTS_SUBDIR
-    markers = [f"{run.resolve()}{os.sep}".encode() for run in removed_runs]
+    removed = {run.resolve() for run in removed_runs}
     orphans = []
-    for record in sorted(store.iterdir()) if store.is_dir() and markers else []:
+    for record in sorted(store.iterdir()) if store.is_dir() and removed and result_files else []:
         if not record.is_file() or record.name.startswith("."):
             continue
-        try:  # Prefect's ResultRecord: JSON whose "result" is the base64 of the serialized value
-            payload = base64.b64decode(json.loads(record.read_bytes())["result"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a record this code can read: left alone
-        if any(marker in payload for marker in markers):
+        files = result_files(record) or ()
+        if any(not removed.isdisjoint(Path(file).parents) for file in files):
             orphans.append(record)
     return orphans
 
 
 def plan_gc(
-    output_dir: Path | str, keep_last: int | None, keep_days: float | None, keep: Collection[str] = ()
+    output_dir: Path | str,
+    keep_last: int | None,
+    keep_days: float | None,
+    keep: Collection[str] = (),
+    result_files: ResultFiles | None = None,
 ) -> GcPlan:
     """Decide what gc removes under `output_dir`, never the runs named in `keep` (e.g. the run
-    that is finishing); removes nothing (see `collect_garbage`)."""
+    that is finishing), with the cached results `result_files` finds orphaned; removes nothing
+    (see `collect_garbage`)."""
     from visionflow.runs import list_runs
 
     check_retention(keep_last, keep_days)
@@ -200,7 +204,7 @@ def plan_gc(
             plan.kept[name] = f"younger than {keep_days:g} days"
         else:
             removed.append(run_dir)
-    results = _orphaned_results(output, removed)
+    results = _orphaned_results(output, removed, result_files)
     plan.removals = [Removal(str(p), "run", freed_by([p])) for p in removed]
     plan.removals += [Removal(str(p), "result", p.stat().st_size) for p in results]
     plan.freed_bytes = freed_by([*removed, *results])
@@ -224,10 +228,15 @@ def _remove_run(run_dir: Path) -> bool:
     return True
 
 
+def lock_file(locks_dir: Path | str, key: str) -> Path:
+    """The flock file of the cached result `key` in a store's LOCKS_SUBDIR (one per key)."""
+    return Path(locks_dir) / f"{key}.lock"
+
+
 def _remove_result(record: Path) -> bool:
     """Delete a result record under its key's lock (tasks/caching.py: FlockLockManager); a key
     in use now is left for the next gc."""
-    fd = try_lock(record.parent / LOCKS_SUBDIR / f"{record.name}.lock")
+    fd = try_lock(lock_file(record.parent / LOCKS_SUBDIR, record.name))
     if fd is None:
         return False
     try:
@@ -243,10 +252,11 @@ def collect_garbage(
     keep_days: float | None,
     keep: Collection[str] = (),
     dry_run: bool = False,
+    result_files: ResultFiles | None = None,
 ) -> GcPlan:
     """Plan gc and, unless `dry_run`, carry it out; the plan lists what was really removed (a run
     that came back to life or a result in use since the plan stays)."""
-    plan = plan_gc(output_dir, keep_last, keep_days, keep)
+    plan = plan_gc(output_dir, keep_last, keep_days, keep, result_files)
     plan.dry_run = dry_run
     if dry_run:
         return plan

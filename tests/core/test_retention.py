@@ -4,10 +4,8 @@ orphaned cached results removed with their run."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import pickle
 from pathlib import Path
 
 import pytest
@@ -35,11 +33,18 @@ def make_champion(output: Path, slot: str, run_name: str) -> None:
 
 
 def make_result(output: Path, key: str, run_dir: Path) -> Path:
-    """A cached result record as Prefect stores it: JSON, the pickled value base64-encoded."""
-    value = {"files": {"checkpoints/best.pt": str((run_dir / "checkpoints" / "best.pt").resolve())}}
+    """A cached result record in a format of this test's own (`json_result_files` reads it): the
+    core does not parse Prefect's (tests/tasks/test_prefect_compat.py gc's real records)."""
     record = output / RESULTS_SUBDIR / key
-    atomic_write_json(record, {"metadata": {}, "result": base64.b64encode(pickle.dumps(value)).decode()})
+    atomic_write_json(record, {"files": [str((run_dir / "checkpoints" / "best.pt").resolve())]})
     return record
+
+
+def json_result_files(record: Path) -> list[str] | None:
+    try:
+        return json.loads(record.read_text())["files"]
+    except ValueError:
+        return None
 
 
 def test_newest_young_champion_and_running_runs_are_kept(tmp_path: Path) -> None:
@@ -101,7 +106,7 @@ def test_orphaned_results_go_with_their_run_others_stay(tmp_path: Path) -> None:
     orphan, live = make_result(tmp_path, "k1", old), make_result(tmp_path, "k2", kept)
     unreadable = tmp_path / RESULTS_SUBDIR / "k3"
     unreadable.write_text("not a record")
-    plan = collect_garbage(tmp_path, keep_last=1, keep_days=None)
+    plan = collect_garbage(tmp_path, keep_last=1, keep_days=None, result_files=json_result_files)
     assert [(Path(r.path).name, r.kind) for r in plan.removals] == [("old", "run"), ("k1", "result")]
     assert not orphan.exists() and live.exists() and unreadable.exists()
 
