@@ -26,8 +26,9 @@ class Kind:
     decimals: int = 0
 
     def format(self, value: Any) -> str:
-        """``value`` as a cell: "-" for None, yes/no, the first MAX_LISTED items of a list, else by unit."""
-        if value is None:
+        """``value`` as a cell: "-" for None or an empty list, yes/no, the first MAX_LISTED items of a
+        list, else by unit."""
+        if value is None or (isinstance(value, (list, tuple)) and not value):
             return "-"
         if isinstance(value, bool):
             return "yes" if value else "no"
