@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from visionflow.data.transforms import BatchTransform
 from visionflow.errors import ConfigError
+from visionflow.tables import COUNT, TEXT, Table, text_table
 
 
 def build_tudui(num_classes: int) -> nn.Module:
@@ -111,10 +112,10 @@ class ModelSummary:
     layers: list[LayerSummary]
 
     def to_text(self) -> str:
-        rows = [f"{'layer':<24}{'type':<14}{'output shape':<22}{'params':>10}"]
-        rows += [f"{r.name:<24}{r.kind:<14}{str(r.output_shape):<22}{r.num_parameters:>10,}" for r in self.layers]
-        rows.append(f"total parameters: {self.num_parameters:,} (trainable {self.trainable_parameters:,})")
-        return "\n".join(rows)
+        rows = tuple((r.name, r.kind, str(r.output_shape), r.num_parameters) for r in self.layers)
+        layers = Table(("layer", "type", "output shape", "params"), rows, (TEXT, TEXT, TEXT, COUNT))
+        total = f"total parameters: {self.num_parameters:,} (trainable {self.trainable_parameters:,})"
+        return text_table(layers) + "\n" + total
 
 
 def summarize(model: nn.Module, input_size: int = 32) -> ModelSummary:
