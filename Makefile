@@ -32,7 +32,7 @@ LOCK_SOURCES = $(foreach u,$(call pip_config,extra-index-url),--extra-index-url 
 LOCK_CMD = uv pip compile pyproject.toml --extra=test --generate-hashes --python $(PYTHON) \
 	--index-strategy unsafe-best-match $(strip $(LOCK_SOURCES)) --output-file=$(LOCK) $(LOCK_ARGS)
 
-.PHONY: run test lint format lock bench clean
+.PHONY: run test test-fast lint format lock bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,13 +52,16 @@ lint: $(STAMP)
 # The suite runs in TEST_WORKERS processes (pytest-xdist), one test file (or one test class) per
 # worker at a time (--dist loadscope: a module's fixtures, such as its Prefect server, are built
 # once; the classes of tests/flows/test_stop_phases.py spread over the workers). Much of the
-# suite waits on servers, subprocesses and leases rather than computing. Measured on 2 idle cores
-# (Intel Xeon, AVX512-BF16/AMX), 441 tests: 1 worker about 22 min, 2 workers 13:27, 3 workers 9:52-11:42;
-# 498 tests (with the stop and process-lifetime tests), 3 workers, fresh clone, AMD EPYC Zen 4: 14:19
-# (1,090-1,290 s of CPU time per run, so 2 cores cannot go much below 9-11 min).
+# suite waits on servers, subprocesses and leases rather than computing, hence more workers than
+# cores. `make test` lists its 15 slowest tests. timings: docs/development.md
 TEST_WORKERS ?= 3
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15
+
+# The inner loop: every test but those that start a Prefect server (the session's test API
+# included) or are marked slow (markers: pyproject.toml); no lint (`make lint`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not server and not slow"
 
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
