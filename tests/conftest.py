@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_killed_holders_slots
+from tests.helpers import REPO, TEMPORARY_HOMES, free_killed_holders_slots
 
 SHARED_DATA = REPO.parent / "shared" / "data"
-# Where each per-user location the code under test writes to is set: visionflow's cache
-# (fileio.user_cache_dir), Prefect's home (profiles, results, leases), torch's hub folder.
-TEMPORARY_HOMES = {"XDG_CACHE_HOME": "cache", "PREFECT_HOME": "prefect", "TORCH_HOME": "torch"}
 SESSION_HOME = pytest.StashKey[Path]()
 
 

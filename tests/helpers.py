@@ -38,6 +38,10 @@ from visionflow.train.rng import seed_everything
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
+# The per-user locations the code under test writes to, each set to a folder of the session's
+# temporary home (tests/conftest.py): visionflow's cache (fileio.user_cache_dir), Prefect's home
+# (profiles, results, leases), torch's hub folder.
+TEMPORARY_HOMES = {"XDG_CACHE_HOME": "cache", "PREFECT_HOME": "prefect", "TORCH_HOME": "torch"}
 STOP_SECONDS = 20  # how long a stopped process may take to exit before it is killed
 _PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies (linux/prctl.h)
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEMPORARY_HOMES
-from tests.helpers import REPO
+from tests.helpers import REPO, TEMPORARY_HOMES
 
 # Representative tests: a fit with `precision: auto` (writes the machine's fast settings), and
 # Prefect tasks with cached results on the session's API (write PREFECT_HOME).

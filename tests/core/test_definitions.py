@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # What every consumer of the core count answers in a process restricted to one core.
 _ONE_CORE_PROBE = """
