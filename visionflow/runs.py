@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import PipelineConfig
+from visionflow.config import NAME_CHARS, PipelineConfig
 from visionflow.data.changes import (
     LISTING_NAME,
     SplitChanges,
@@ -29,14 +29,31 @@ from visionflow.manifest import MANIFEST_NAME, Manifest
 from visionflow.tables import PERCENT, SECONDS, TEXT, Table, text_table
 
 RUNS_SUBDIR = "runs"
+# The files of a run directory (the manifest is manifest.MANIFEST_NAME, the data listing
+# data.changes.LISTING_NAME): RunLayout and every other module take their names from here.
+CHECKPOINTS_SUBDIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"  # rewritten every epoch
 BEST_CHECKPOINT = "best.pt"  # rewritten when the monitored metric improves
-EXPORT_WEIGHTS = "model.safetensors"  # the export folder: weights, and the spec beside them
+EXPORT_SUBDIR = "export"  # the deployable model: weights, and the spec beside them
+EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_SPEC = "model.json"
-CHECKPOINTS_SUBDIR = "checkpoints"
-BEST_CHECKPOINT_PATH = f"{CHECKPOINTS_SUBDIR}/{BEST_CHECKPOINT}"  # run-directory-relative
+TENSORBOARD_SUBDIR = "tensorboard"  # also a sweep's, with one folder per trial
+PREVIEW_PNG = "preview.png"
+VALIDATION_JSON = "validation.json"
+VALIDATION_COUNTS_CSV = "validation_counts.csv"
+VALIDATION_ISSUES_CSV = "validation_issues.csv"
+NEAR_DUPLICATES_PNG = "near_duplicates.png"
+MODEL_SUMMARY_TXT = "model.txt"
+EVALUATION_JSON = "evaluation.json"
+PER_CLASS_CSV = "per_class_metrics.csv"
+CONFUSION_CSV = "confusion_matrix.csv"
+CONFUSION_PNG = "confusion_matrix.png"
+MISCLASSIFIED_PNG = "misclassified.png"
+# Run-directory-relative paths, as cached task results name their files.
+BEST_CHECKPOINT_PATH = f"{CHECKPOINTS_SUBDIR}/{BEST_CHECKPOINT}"
 LAST_CHECKPOINT_PATH = f"{CHECKPOINTS_SUBDIR}/{LAST_CHECKPOINT}"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+EXPORT_WEIGHTS_PATH = f"{EXPORT_SUBDIR}/{EXPORT_WEIGHTS}"
+_UNSAFE = re.compile(f"[^{NAME_CHARS}]+")  # what a generated name replaces with "-"
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,7 @@ class RunLayout:
 
     @property
     def export_dir(self) -> Path:
-        return self.root / "export"
+        return self.root / EXPORT_SUBDIR
 
     @property
     def export_spec(self) -> Path:
@@ -75,35 +92,51 @@ class RunLayout:
 
     @property
     def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
+        return self.root / TENSORBOARD_SUBDIR
 
     @property
     def preview(self) -> Path:
-        return self.root / "preview.png"
+        return self.root / PREVIEW_PNG
 
     @property
     def validation(self) -> Path:
-        return self.root / "validation.json"
+        return self.root / VALIDATION_JSON
 
     @property
     def evaluation(self) -> Path:
-        return self.root / "evaluation.json"
+        return self.root / EVALUATION_JSON
 
     @property
     def model_summary(self) -> Path:
-        return self.root / "model.txt"
+        return self.root / MODEL_SUMMARY_TXT
 
     @property
     def confusion_png(self) -> Path:
-        return self.root / "confusion_matrix.png"
+        return self.root / CONFUSION_PNG
 
     @property
     def misclassified_png(self) -> Path:
-        return self.root / "misclassified.png"
+        return self.root / MISCLASSIFIED_PNG
+
+    @property
+    def per_class_csv(self) -> Path:
+        return self.root / PER_CLASS_CSV
+
+    @property
+    def confusion_csv(self) -> Path:
+        return self.root / CONFUSION_CSV
+
+    @property
+    def validation_counts_csv(self) -> Path:
+        return self.root / VALIDATION_COUNTS_CSV
+
+    @property
+    def validation_issues_csv(self) -> Path:
+        return self.root / VALIDATION_ISSUES_CSV
 
     @property
     def near_duplicates_png(self) -> Path:
-        return self.root / "near_duplicates.png"
+        return self.root / NEAR_DUPLICATES_PNG
 
     @property
     def data_listing(self) -> Path:
