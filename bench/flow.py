@@ -49,7 +49,7 @@ from flows.prefect_server import free_port  # noqa: E402
 from visionflow.checkpoints import load_checkpoint  # noqa: E402
 from visionflow.config import build_config, load_config  # noqa: E402
 from visionflow.data.splits import resolve_dataset  # noqa: E402
-from visionflow.runs import RunLayout  # noqa: E402
+from visionflow.runs import RunLayout, runs_root  # noqa: E402
 from visionflow.steps import train_run  # noqa: E402
 
 HEAVY_TASKS = (
@@ -110,7 +110,7 @@ def visionflow(work: Path, *args: str) -> float:
 def timed_train(config_file: Path, work: Path, run_name: str) -> tuple[float, dict]:
     """Wall-clock seconds of one `visionflow train` and the run's manifest."""
     seconds = visionflow(work, "train", "--config", str(config_file), "--run-name", run_name)
-    return seconds, json.loads((work / "out" / "runs" / run_name / "manifest.json").read_text())
+    return seconds, json.loads(RunLayout(runs_root(work / "out") / run_name).manifest.read_text())
 
 
 def not_cached(manifest: dict) -> list[str]:
@@ -193,7 +193,7 @@ def main() -> None:
         print(f"visionflow server start: {server_start_s:.1f} s")
         engine_rates += engine_images_per_second(engine_config.model_dump(mode="json"), work / "engine-after")
         engine = statistics.median(engine_rates)
-        flow_history = load_checkpoint(RunLayout(work / "out" / "runs" / "first").last_checkpoint)["history"]
+        flow_history = load_checkpoint(RunLayout(runs_root(work / "out") / "first").last_checkpoint)["history"]
         flow = statistics.median(steady_rates(flow_history))
         print(
             f"training images/s (median per epoch): flow {flow:,.0f}, engine alone {engine:,.0f} "
