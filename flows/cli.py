@@ -372,7 +372,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"  sweep directory: {result.sweep_dir} ({LEADERBOARD_NAME})")
     print(f"  TensorBoard:     {tensorboard_command(os.path.join(result.sweep_dir, TENSORBOARD_SUBDIR))} (HParams tab)")
     if result.champion is not None:
-        print(f"  champion:        {result.champion.get('outcome')} ({result.champion.get('reason')})")
+        print(f"  champion:        {result.champion.outcome} ({result.champion.reason})")
     print(f"  Prefect UI:      {prefect_ui_hint(api, None)}")
     return 0
 

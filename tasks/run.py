@@ -9,7 +9,6 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -46,7 +45,7 @@ from visionflow import retention
 from visionflow.champion import data_changes_report
 from visionflow.config import PipelineConfig
 from visionflow.errors import VisionflowError, one_line
-from visionflow.manifest import CheckpointRecord, Manifest, RunStatus, TimingRecord
+from visionflow.manifest import CheckpointRecord, Manifest, RunStatus, TimingRecord, utc_timestamp
 from visionflow.reports import (
     confusion_table,
     per_class_table,
@@ -71,10 +70,8 @@ def start_run(config: PipelineConfig) -> RunInfo:
     """Create the run directory (or reopen an interrupted one) and write its 'running' manifest."""
     # The run's clock starts with the flow run (data preparation included), not with this task.
     context = FlowRunContext.get()
-    started = context.start_time if context is not None else datetime.now(timezone.utc)
-    layout, resume_from = open_run(
-        config, started.isoformat(timespec="seconds"), flow_run.get_id(), proposed=flow_run.get_name()
-    )
+    started = utc_timestamp(context.start_time if context is not None else None)
+    layout, resume_from = open_run(config, started, flow_run.get_id(), proposed=flow_run.get_name())
     get_run_logger().info("run %s in %s%s", layout.name, layout.root, " (resuming)" if resume_from else "")
     return RunInfo(
         run_dir=str(layout.root.resolve()),

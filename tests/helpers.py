@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from visionflow.config import PipelineConfig, build_config, load_config
-from visionflow.manifest import Manifest
+from visionflow.manifest import Manifest, utc_timestamp
 from visionflow.models import build_model
 from visionflow.retention import BUSY_SECONDS
 from visionflow.runs import runs_root
@@ -345,7 +345,7 @@ def make_run(output: Path, name: str, days_ago: float, status: str = "completed"
     past BUSY_SECONDS (running: this process, so it is alive)."""
     run_dir = runs_root(output) / name
     (run_dir / "checkpoints").mkdir(parents=True)
-    started = (datetime.now(timezone.utc) - timedelta(days=days_ago)).isoformat(timespec="seconds")
+    started = utc_timestamp(datetime.now(timezone.utc) - timedelta(days=days_ago))
     manifest = Manifest.start(name, PipelineConfig(), started, None)
     if status != "running":
         manifest = manifest.finish(status)

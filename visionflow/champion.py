@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,9 +41,9 @@ from visionflow.data.changes import LISTING_NAME, changes_markdown, diff_listing
 from visionflow.data.splits import Split
 from visionflow.errors import CheckpointError, ConfigError
 from visionflow.fileio import atomic_write_bytes, atomic_write_json, locked
-from visionflow.manifest import MANIFEST_NAME, Manifest
+from visionflow.manifest import MANIFEST_NAME, ChampionDecision, Manifest, utc_timestamp
 from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS, RunLayout, list_runs
-from visionflow.tables import CODE, NUMBER, TEXT, Table, markdown_table
+from visionflow.tables import NUMBER, Table, markdown_table
 
 if TYPE_CHECKING:
     from visionflow.evaluation import EvalReport
@@ -62,64 +62,6 @@ class Champion:
     version: str  # the version folder it points to
     run_name: str
     weights_sha256: str
-
-
-@dataclass(frozen=True)
-class ChampionDecision:
-    """Whether a run was promoted into a slot, both scores on the same split, and why."""
-
-    slot: str
-    metric: str
-    promoted: bool
-    reason: str
-    challenger_run: str
-    challenger_score: float
-    challenger_weights_sha256: str
-    champion_run: str | None  # the champion before this decision; None when the slot was empty
-    champion_score: float | None
-    champion_weights_sha256: str | None
-    eval_split: str
-    eval_images: int
-    decided_at: str  # ISO 8601, UTC
-    # The challenger's data against the champion's (datachanges.summary_line); None when either
-    # has no data listing (an empty slot, a champion promoted before listings existed).
-    data_changes: str | None = None
-
-    @property
-    def outcome(self) -> str:
-        return "promoted" if self.promoted else "kept"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "outcome": self.outcome}
-
-    def to_markdown(self) -> str:
-        """A small report for the Prefect UI: the outcome, the reason and a score table."""
-
-        def score(value: float | None) -> float | str:
-            return "n/a" if value is None else value
-
-        champion_sha = self.champion_weights_sha256[:12] if self.champion_weights_sha256 else None
-        rows = (
-            ("challenger", self.challenger_run, score(self.challenger_score), self.challenger_weights_sha256[:12]),
-            ("champion", self.champion_run or "(none)", score(self.champion_score), champion_sha),
-        )
-        scores = Table(("model", "run", self.metric, "weights sha256"), rows, (TEXT, TEXT, NUMBER, CODE))
-        return "\n".join(
-            [
-                f"## Champion `{self.slot}`: challenger **{self.outcome}**",
-                "",
-                f"Reason: {self.reason}",
-                "",
-                markdown_table(scores),
-                "",
-                f"Both scored on the `{self.eval_split}` split ({self.eval_images} images); decided {self.decided_at}.",
-                *(
-                    ["", f"Data: challenger {self.data_changes}, against the champion's data."]
-                    if self.data_changes
-                    else []
-                ),
-            ]
-        )
 
 
 def slot_path(output_dir: Path | str, slot: str) -> Path:
@@ -260,7 +202,7 @@ def decide(
         champion_weights_sha256=champion.weights_sha256 if champion else None,
         eval_split=eval_split.name,
         eval_images=len(eval_split),
-        decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        decided_at=utc_timestamp(),
         data_changes=data_changes,
     )
 
@@ -366,7 +308,7 @@ def challenge(
             eval_split,
             champion_data_changes(champion, layout),
         )
-        manifest = manifest.model_copy(update={"champion": decision.to_dict()})
+        manifest = manifest.model_copy(update={"champion": decision})
         if decision.promoted:
             promote(layout.root, manifest, decision, output_dir)
     manifest.save(layout.root)

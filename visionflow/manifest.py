@@ -21,11 +21,12 @@ from importlib.metadata import PackageNotFoundError, packages_distributions, ver
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 from visionflow.config import PipelineConfig
 from visionflow.errors import ConfigError, field_problem
 from visionflow.fileio import atomic_write_json, user_cache_dir
+from visionflow.tables import CODE, NUMBER, TEXT, Table, markdown_table
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 2  # 2: typed model (1 was the untyped dict, its "manifest_version" is read as schema_version)
@@ -140,6 +141,76 @@ class DistributedRecord(_Record):
     devices: list[str] = Field(description="Device of each rank, by rank: cpu, cuda:0, ...")
 
 
+class ChampionDecision(_Record):
+    """Whether a run was promoted into a champion slot, both scores on the same split, and why
+    (visionflow.champion decides; the manifest, decision.json and the promotion event record it)."""
+
+    slot: str
+    metric: str = Field(description="training.monitor name both models were scored on.")
+    promoted: bool
+    reason: str
+    challenger_run: str
+    challenger_score: float
+    challenger_weights_sha256: str
+    champion_run: str | None = Field(description="The champion before this decision; None: the slot was empty.")
+    champion_score: float | None
+    champion_weights_sha256: str | None
+    eval_split: str
+    eval_images: int
+    decided_at: str = Field(description="ISO 8601, UTC.")
+    data_changes: str | None = Field(
+        None,
+        description="The challenger's data against the champion's (data.changes.summary_line); None when either "
+        "has no data listing (an empty slot, a champion promoted before listings existed).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_outcome(cls, values: Any) -> Any:
+        """`outcome` is written beside the fields (to_dict) and derived again when read back."""
+        if isinstance(values, dict) and "outcome" in values:
+            values = {k: v for k, v in values.items() if k != "outcome"}
+        return values
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def outcome(self) -> str:
+        return "promoted" if self.promoted else "kept"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and `outcome`, as JSON values."""
+        return self.model_dump(mode="json")
+
+    def to_markdown(self) -> str:
+        """A small report for the Prefect UI: the outcome, the reason and a score table."""
+
+        def score(value: float | None) -> float | str:
+            return "n/a" if value is None else value
+
+        champion_sha = self.champion_weights_sha256[:12] if self.champion_weights_sha256 else None
+        rows = (
+            ("challenger", self.challenger_run, score(self.challenger_score), self.challenger_weights_sha256[:12]),
+            ("champion", self.champion_run or "(none)", score(self.champion_score), champion_sha),
+        )
+        scores = Table(("model", "run", self.metric, "weights sha256"), rows, (TEXT, TEXT, NUMBER, CODE))
+        return "\n".join(
+            [
+                f"## Champion `{self.slot}`: challenger **{self.outcome}**",
+                "",
+                f"Reason: {self.reason}",
+                "",
+                markdown_table(scores),
+                "",
+                f"Both scored on the `{self.eval_split}` split ({self.eval_images} images); decided {self.decided_at}.",
+                *(
+                    ["", f"Data: challenger {self.data_changes}, against the champion's data."]
+                    if self.data_changes
+                    else []
+                ),
+            ]
+        )
+
+
 class Manifest(_Record):
     """Everything recorded about one run (`<output>/runs/<run-name>/manifest.json`)."""
 
@@ -175,7 +246,7 @@ class Manifest(_Record):
     host: str | None = Field(None, description="Host name of that process.")
     resumed_from: str | None = Field(None, description="last.pt of the interrupted run this one continued.")
     error: str | None = Field(None, description="One line: why the run failed or stopped.")
-    champion: dict[str, Any] | None = Field(None, description="The champion/challenger decision, when made.")
+    champion: ChampionDecision | None = Field(None, description="The champion/challenger decision, when made.")
 
     @model_validator(mode="before")
     @classmethod
@@ -222,7 +293,7 @@ class Manifest(_Record):
     def finish(self, status: RunStatus, **fields: Any) -> Manifest:
         """This manifest ended with `status` now, `fields` filled in, provenance refreshed."""
         return self.model_validate(
-            {**self.model_dump(), **provenance(), **fields, "status": status, "finished_at": utc_now()}
+            {**self.model_dump(), **provenance(), **fields, "status": status, "finished_at": utc_timestamp()}
         )
 
     def save(self, run_dir: Path | str) -> Path:
@@ -252,9 +323,9 @@ class Manifest(_Record):
             ) from None
 
 
-def utc_now() -> str:
-    """Now, ISO 8601 in UTC, to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def utc_timestamp(moment: datetime | None = None) -> str:
+    """`moment` (default: now) in UTC, ISO 8601 to the second: every timestamp a run records."""
+    return (moment or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="seconds")
 
 
 def package_versions() -> dict[str, str]:

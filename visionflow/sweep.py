@@ -34,7 +34,7 @@ from visionflow.cores import usable_cores
 from visionflow.errors import ConfigError, field_problem
 from visionflow.fileio import atomic_write_json
 from visionflow.hparams import log_hparams
-from visionflow.manifest import Manifest
+from visionflow.manifest import ChampionDecision, Manifest
 from visionflow.runs import TENSORBOARD_SUBDIR
 from visionflow.tables import TEXT, Table, text_table
 
@@ -438,4 +438,4 @@ class SweepResult(BaseModel):
     sweep_dir: str
     rows: list[TrialRow] = Field(description="Ranked: finished trials best first, then failed ones.")
     best: str | None = Field(None, description="The best trial's name; None when none finished.")
-    champion: dict[str, Any] | None = Field(None, description="The champion decision, with a champion slot set.")
+    champion: ChampionDecision | None = Field(None, description="The champion decision, with a champion slot set.")

@@ -125,8 +125,8 @@ def test_grid_ranks_four_trials_by_the_metric(grid: tuple[SweepResult, str, Pipe
     }
     assert result.best == result.rows[0].trial
     # the best trial challenged the (empty) champion slot, through the champion logic
-    assert result.champion["outcome"] == "promoted" and result.champion["challenger_run"] == result.best
-    assert Manifest.load(result.rows[0].run_dir).champion["slot"] == SLOT
+    assert result.champion.outcome == "promoted" and result.champion.challenger_run == result.best
+    assert Manifest.load(result.rows[0].run_dir).champion.slot == SLOT
     # the table artifact: the same ranking, one column per varied field
     table = latest_table(leaderboard_key(result.name))
     assert [row["trial"] for row in table] == [row.trial for row in result.rows]
