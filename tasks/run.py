@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -70,8 +71,8 @@ def start_run(config: PipelineConfig) -> RunInfo:
     """Create the run directory (or reopen an interrupted one) and write its 'running' manifest."""
     # The run's clock starts with the flow run (data preparation included), not with this task.
     context = FlowRunContext.get()
-    started = utc_timestamp(context.start_time if context is not None else None)
-    layout, resume_from = open_run(config, started, flow_run.get_id(), proposed=flow_run.get_name())
+    started = context.start_time if context is not None else datetime.now(timezone.utc)
+    layout, resume_from = open_run(config, utc_timestamp(started), flow_run.get_id(), proposed=flow_run.get_name())
     get_run_logger().info("run %s in %s%s", layout.name, layout.root, " (resuming)" if resume_from else "")
     return RunInfo(
         run_dir=str(layout.root.resolve()),
