@@ -65,14 +65,13 @@ def fill_normalization(dataset: DatasetInfo, data: DataConfig) -> DataConfig:
     run: preview and training both take the result), read by the loader training will use
     (`cache.choose_loader`)."""
     from visionflow.data.decoded import choose_loader, open_split
-    from visionflow.data.loaders import uint8_batches
-    from visionflow.data.transforms import fill_mean_std
+    from visionflow.data.loaders import with_train_statistics
 
     if data.mean is not None and data.std is not None:
-        return data
-    split = open_split(dataset.train, data, choose_loader(data, dataset.train, dataset.eval_split))
-    mean, std = fill_mean_std(data.mean, data.std, uint8_batches(split))
-    return data.model_copy(update={"mean": mean, "std": std})
+        return data  # opening the split would decode it for nothing
+    return with_train_statistics(
+        data, open_split(dataset.train, data, choose_loader(data, dataset.train, dataset.eval_split))
+    )
 
 
 def preview_into(run_dir: Path | str, train: Split, data: DataConfig, seed: int) -> Path:

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from visionflow.config import DataConfig
 from visionflow.data.decoded import FileSplit, decode_file
-from visionflow.data.transforms import BatchTransform
+from visionflow.data.transforms import BatchTransform, mean_std
 from visionflow.train.rng import Generators
 
 
@@ -178,6 +179,15 @@ def uint8_batches(split: Any, batch_size: int = 256) -> Iterator[Tensor]:
     """The split's uint8 (B, 3, H, W) images in order, on the CPU (for statistics such as `mean_std`)."""
     for images, _ in make_loader(split, batch_size, torch.device("cpu")):
         yield images
+
+
+def with_train_statistics(data: DataConfig, train: Any) -> DataConfig:
+    """`data` with data.mean and data.std, each one left empty, filled from the train split's pixels
+    (`transforms.mean_std`); the split is read only when one is empty."""
+    if data.mean is not None and data.std is not None:
+        return data
+    mean, std = mean_std(uint8_batches(train))
+    return data.model_copy(update={"mean": data.mean or mean, "std": data.std or std})
 
 
 def eval_batches(

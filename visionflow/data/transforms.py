@@ -66,16 +66,6 @@ def mean_std(images: Tensor | Iterable[Tensor]) -> tuple[list[float], list[float
     return mean.tolist(), std.tolist()
 
 
-def fill_mean_std(
-    mean: list[float] | None, std: list[float] | None, train_images: Tensor | Iterable[Tensor]
-) -> tuple[list[float], list[float]]:
-    """The configured mean/std, each one left empty filled from the train split's statistics."""
-    if mean is not None and std is not None:
-        return mean, std
-    computed_mean, computed_std = mean_std(train_images)
-    return mean or computed_mean, std or computed_std
-
-
 # ---------------------------------------------------------------------------------------------
 # Batch ops on uint8 tensors, on the training device
 

@@ -31,10 +31,10 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from visionflow import checkpoints
 from visionflow.checkpoints import TrainingCheckpoint
-from visionflow.config import DataConfig, PipelineConfig, check_global_batch, flatten, free_fields, is_improvement
+from visionflow.config import PipelineConfig, check_global_batch, flatten, free_fields, is_improvement
 from visionflow.data.decoded import FileSplit
-from visionflow.data.loaders import Batches, eval_batches, make_loader, sample_images, uint8_batches
-from visionflow.data.transforms import BatchTransform, fill_mean_std
+from visionflow.data.loaders import Batches, eval_batches, make_loader, sample_images, with_train_statistics
+from visionflow.data.transforms import BatchTransform
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
 from visionflow.models import whiten_first_conv, whiten_images
 from visionflow.runs import BEST_CHECKPOINT, LAST_CHECKPOINT
@@ -353,9 +353,7 @@ def _check_resumable(
 
 def _with_normalization(config: PipelineConfig, train: Any) -> PipelineConfig:
     """Fill data.mean/std left empty with the train split's statistics (recorded in the resolved config)."""
-    mean, std = fill_mean_std(config.data.mean, config.data.std, uint8_batches(train))  # lazy: only when empty
-    data = DataConfig(**{**config.data.model_dump(), "mean": mean, "std": std})
-    return config.model_copy(update={"data": data})
+    return config.model_copy(update={"data": with_train_statistics(config.data, train)})
 
 
 def with_fast_settings(config: PipelineConfig, spec: ModelSpec, device: torch.device) -> PipelineConfig:
