@@ -121,13 +121,17 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def _open_lock_file(path: Path | str) -> int:
+    """A descriptor of the lock file ``path``, created (with its folder) when missing."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
 def try_lock(path: Path | str) -> int | None:
     """An exclusive advisory lock (flock) on ``path`` without waiting: its file descriptor, or
     None when another open file holds it. The kernel drops the lock when its holder dies, so a
     killed process never leaves a stale lock; release it with ``unlock``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -145,9 +149,7 @@ def unlock(fd: int) -> None:
 @contextmanager
 def locked(path: Path | str) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` for the block, waiting for it as long as needed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
