@@ -152,8 +152,10 @@ def main() -> None:
         dataset, data_dir, loader, batch, steps, warmup = args.child
         print(json.dumps(variant(Path(dataset), Path(data_dir), loader, int(batch), int(steps), int(warmup))))
         return
+    from visionflow.cores import usable_cores
+
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"cpu: {cpu}, {len(os.sched_getaffinity(0))} usable cores; {MODEL} at {IMAGE_SIZE} px", flush=True)
+    print(f"cpu: {cpu}, {usable_cores()} usable cores; {MODEL} at {IMAGE_SIZE} px", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         runs = {}
         for images, loader in ((args.small, "stream"), (args.images, "stream"), (args.images, "memory")):

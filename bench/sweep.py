@@ -43,6 +43,7 @@ def main() -> None:
     from flows.sweep import sweep_pipeline
     from flows.train import train_pipeline
     from visionflow.config import load_config
+    from visionflow.cores import usable_cores
     from visionflow.sweep import SweepConfig, TrialProposer, check_space, trial_config
 
     api.wait()
@@ -67,7 +68,7 @@ def main() -> None:
     states = [row.state for row in result.rows]
     assert states.count("completed") == len(proposed), f"sweep trials: {states}"
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"cpu: {cpu}, {os.cpu_count()} cores; {args.epochs} epochs a trial on the bundled sample")
+    print(f"cpu: {cpu}, {usable_cores()} usable cores; {args.epochs} epochs a trial on the bundled sample")
     print(f"serial: {sum(serial):.1f} s ({' + '.join(f'{s:.1f}' for s in serial)}); sweep: {wall:.1f} s")
     print(f"trials={len(proposed)} parallel={args.parallel} wall_vs_serial={wall / sum(serial):.2f}")
 
