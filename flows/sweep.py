@@ -1,9 +1,10 @@
 """The sweep flow: the data steps once (download, fingerprint, validation, normalization and the
-decoded cache), then one task per trial on a Dask cluster (prefect-dask's DaskTaskRunner: a local
-cluster of `parallel` worker processes, or an existing one by address). Each trial is the training
-flow itself (`train_pipeline`, a child flow run) into `<output>/runs/<trial>/`, so it is an
-ordinary, reproducible run; trials are cached like runs. The leaderboard is updated as trials
-finish; with output.champion set, the best trial challenges that slot.
+decoded cache), then one task per trial, `.submit()`ted to the flow's task runner (prefect-dask's
+DaskTaskRunner: a local cluster of `parallel` worker processes, or an existing one by address).
+Each trial is the training flow itself (`train_pipeline`, a child flow run) into
+`<output>/runs/<trial>/`, so it is an ordinary, reproducible run; trials are cached like runs. The
+leaderboard is updated as trials finish; with output.champion set, the best trial challenges that
+slot.
 
 Dask workers are other processes: the flow run's result store (durable storage and flock locks)
 reaches them inside Prefect's serialized context, see tasks/caching.py `durable_results`.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, tags
 from prefect.futures import PrefectFuture, as_completed
@@ -31,6 +32,7 @@ from tasks.data import (
     fingerprint_data,
     validate_data,
 )
+from tasks.prefect_compat import current_dask_scheduler
 from tasks.run import RunInfo
 from tasks.sweep import publish_sweep_summary, record_trial
 from tasks.training import by_training_fields
@@ -51,6 +53,9 @@ from visionflow.sweep import (
     trial_config,
     trial_threads,
 )
+
+if TYPE_CHECKING:
+    from distributed import LocalCluster
 
 
 class TrialOutput(TaskOutput):
@@ -89,12 +94,18 @@ trial_task = cached_task(dataset=by_fingerprint, config=by_trial, task_run_name=
 )
 
 
-def dask_runner(sweep: SweepConfig) -> DaskTaskRunner:
-    """The existing cluster at sweep.dask_address, else a local cluster of `parallel` worker
-    processes with one thread each (a trial at a time per worker)."""
-    if sweep.dask_address:
-        return DaskTaskRunner(address=sweep.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": sweep.parallel, "threads_per_worker": 1, "processes": True})
+def running_sweep() -> SweepConfig:
+    """The `sweep` parameter of the sweep flow run this is called in."""
+    return SweepConfig.model_validate(flow_run.get_parameters()["sweep"])
+
+
+def sweep_cluster() -> LocalCluster:
+    """The sweep flow's local Dask cluster, made by its task runner at the first trial (unless
+    sweep.dask_address names one): `parallel` worker processes with one thread each (a trial at a
+    time per worker)."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=running_sweep().parallel, threads_per_worker=1, processes=True)
 
 
 def absolute_paths(config: PipelineConfig) -> PipelineConfig:
@@ -120,10 +131,15 @@ def trial_outcome(
 
 def sweep_run_name() -> str:
     """The flow run's name: the sweep's."""
-    return sweep_name(SweepConfig.model_validate(flow_run.get_parameters()["sweep"]))
+    return sweep_name(running_sweep())
 
 
-@flow(name="sweep-pipeline", flow_run_name=sweep_run_name, validate_parameters=True)
+@flow(
+    name="sweep-pipeline",
+    flow_run_name=sweep_run_name,
+    validate_parameters=True,
+    task_runner=DaskTaskRunner(cluster_class=sweep_cluster),
+)
 def sweep_pipeline(base: PipelineConfig, sweep: SweepConfig) -> SweepResult:
     """Train `base` with each trial's values of `sweep.space`, `sweep.parallel` at a time on Dask;
     returns the ranked leaderboard. Fails only when no trial finished."""
@@ -140,11 +156,11 @@ def sweep_pipeline(base: PipelineConfig, sweep: SweepConfig) -> SweepResult:
         dataset = fingerprint_data(data, location)
         validated = validate_data(dataset, data, str(root))
         compute_normalization(dataset, validated, data)  # and the decoded cache every trial reads
-        with dask_runner(sweep) as runner:
+        with current_dask_scheduler(sweep.dask_address):
             while batch := proposer.next_batch():
                 configs = [trial_config(base, params, name, len(rows) + i) for i, params in enumerate(batch)]
                 futures = {
-                    runner.submit(trial_task, {"dataset": dataset, "config": config, "parallel": sweep.parallel}): i
+                    trial_task.submit(dataset=dataset, config=config, parallel=sweep.parallel): i
                     for i, config in enumerate(configs)
                 }
                 finished: dict[int, TrialRow] = {}

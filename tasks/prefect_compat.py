@@ -1,7 +1,7 @@
-"""Every use of Prefect internals, in one place: private attributes, internal modules, the wording
-of its log lines, its on-disk result format. Each has a test in tests/tasks/test_prefect_compat.py
-that fails when a Prefect upgrade changes what it relies on; the rest of visionflow uses Prefect's
-public API only.
+"""Every use of Prefect internals (and prefect-dask's), in one place: private attributes, internal
+modules, the wording of its log lines, its on-disk result format, a runner's undocumented path.
+Each has a test in tests/tasks/test_prefect_compat.py that fails when an upgrade changes what it
+relies on; the rest of visionflow uses Prefect's public API only.
 
 Prefect is imported inside the functions: flows/prefect_server.py reads `LEASE_STORAGE` before a
 command has chosen its API, and Prefect reads PREFECT_API_URL once, at import.
@@ -165,3 +165,22 @@ def slots_taken(error: ConcurrencySlotAcquisitionError) -> bool:
 
     cause = error.__cause__
     return isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == httpx.codes.LOCKED
+
+
+# ---------------------------------------------------------------------------------------------
+# prefect-dask
+
+
+@contextmanager
+def current_dask_scheduler(address: str | None) -> Iterator[None]:
+    """Inside the block, a flow's DaskTaskRunner submits to the Dask scheduler at `address` (None or
+    empty: to the cluster it makes itself). A flow's task runner is fixed when the flow is defined; before
+    it makes a cluster at the first submit, prefect-dask's runner connects to the scheduler of the
+    current default Dask client, if there is one: a client to `address`, made the default here."""
+    if not address:
+        yield
+        return
+    from distributed import Client
+
+    with Client(address, set_as_default=True):
+        yield

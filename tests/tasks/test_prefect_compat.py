@@ -22,12 +22,14 @@ from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.context import FlowRunContext
 from prefect.settings import Settings
 from prefect.transactions import get_transaction, transaction
+from prefect_dask import DaskTaskRunner
 
 from tasks.caching import FlockLockManager, result_files
 from tasks.prefect_compat import (
     LEASE_STORAGE,
     MOVED_MODULES,
     QuietHookLines,
+    current_dask_scheduler,
     flow_run_result_store,
     no_enclosing_transaction,
     read_result_record,
@@ -188,3 +190,27 @@ def test_visionflow_gc_over_the_fixture_output_does_not_stumble_on_old_records(t
     # the records name /tmp/fx/out, not this copy: no run of theirs was removed here, so they stay
     assert len([p for p in (output / RESULTS_SUBDIR).iterdir() if p.is_file()]) == 9
     assert done.stdout.splitlines()[-1].startswith("removed 2 path(s)")
+
+
+def _no_cluster() -> None:
+    raise AssertionError("the runner made a cluster of its own")
+
+
+@task
+def worker_address() -> str:
+    from distributed import get_worker
+
+    return get_worker().address
+
+
+@flow(task_runner=DaskTaskRunner(cluster_class=_no_cluster))
+def on_scheduler(address: str) -> str:
+    with current_dask_scheduler(address):
+        return worker_address.submit().result()
+
+
+def test_current_dask_scheduler_takes_a_flows_dask_task_runner_there() -> None:
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        assert on_scheduler(cluster.scheduler_address) in {worker.address for worker in cluster.workers.values()}
