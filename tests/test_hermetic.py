@@ -16,7 +16,7 @@ from tests.helpers import REPO, TEMPORARY_HOMES
 # Representative tests: a fit with `precision: auto` (writes the machine's fast settings), and
 # Prefect tasks with cached results on the session's API (write PREFECT_HOME).
 WRITERS = (
-    "tests/core/test_engine.py::test_the_default_recipe_whitens_the_first_layer_and_the_tutorial_recipe_does_not",
+    "tests/core/train/test_engine.py::test_the_default_recipe_whitens_the_first_layer_and_the_tutorial_recipe_does_not",
     "tests/tasks/test_caching.py",
 )
 USER_FOLDERS = (".cache/visionflow", ".cache/torch", ".prefect")

@@ -21,7 +21,7 @@ OnInvalid = Literal["skip", "fail"]  # data.on_invalid
 OnLeak = Literal["report", "drop-eval", "fail"]  # data.on_leak
 SweepMethod = Literal["grid", "random", "optuna"]  # a sweep's method (visionflow.sweep), here for the CLI's choices
 # data.near_duplicate_threshold's default: re-encoded, resized and lightly cropped copies correlate
-# above it, different photos of one scene below (rates: tests/core/test_near_duplicates.py).
+# above it, different photos of one scene below (rates: tests/core/data/test_near_duplicates.py).
 NEAR_DUPLICATE_THRESHOLD = 0.9
 # training.monitor -> whether a higher ("max") or a lower ("min") value is better: the one table
 # (Lightning's `mode` per metric). The Monitor choices are its keys; `monitor_mode` reads it.

@@ -15,7 +15,7 @@ from typing import Sequence
 import pytest
 import torch
 
-from tests.core.ddp_target import EPOCHS, tiny_fit
+from tests.core.train.ddp_target import EPOCHS, tiny_fit
 from tests.helpers import REPO, copy_tiny_dataset, processes_mentioning, wait_until_gone
 from visionflow.checkpoints import load_checkpoint, load_model
 from visionflow.config import load_config
@@ -41,13 +41,13 @@ PARAM_ATOL = 1e-6
 def torchrun(work_dir: Path, mode: str) -> list[str]:
     return [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
-        *("--max-restarts", "0", "--monitor-interval", "0.2", "-m", "tests.core.ddp_target", str(work_dir), mode),
+        *("--max-restarts", "0", "--monitor-interval", "0.2", "-m", "tests.core.train.ddp_target", str(work_dir), mode),
     ]
 
 
 @pytest.fixture(autouse=True)
 def repo_importable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ranks import `tests.core.ddp_target` and this checkout's packages."""
+    """Ranks import `tests.core.train.ddp_target` and this checkout's packages."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
 
@@ -94,7 +94,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory, sample_dataset: Path) 
     return copy_tiny_dataset(sample_dataset, tmp_path_factory.mktemp("ddp") / "tiny", CLASSES, 40, 4)
 
 
-LAUNCHER = "import sys; from tests.core.test_distributed import train_tiny; train_tiny(*sys.argv[1:])"
+LAUNCHER = "import sys; from tests.core.train.test_distributed import train_tiny; train_tiny(*sys.argv[1:])"
 
 
 class Record(Callback):

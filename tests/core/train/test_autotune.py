@@ -19,7 +19,7 @@ from tests.helpers import engine_fit as _fit
 from visionflow import checkpoints
 from visionflow.train import autotune
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from visionflow.data.splits import resolve_dataset
 from visionflow.train.engine import fit
 from visionflow.train.records import ModelSpec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 2
 
 

@@ -1,5 +1,5 @@
-"""A torchrun target for tests/core/test_distributed.py: `python -m torch.distributed.run ... -m
-tests.core.ddp_target WORK_DIR MODE`, each rank recording its exception like the product's worker
+"""A torchrun target for tests/core/train/test_distributed.py: `python -m torch.distributed.run ... -m
+tests.core.train.ddp_target WORK_DIR MODE`, each rank recording its exception like the product's worker
 (`visionflow.train.ddp_worker.errors_recorded`).
 
 MODE "train": every rank calls `engine.fit` on the same tiny synthetic data (`tiny_fit`, which the
