@@ -118,12 +118,14 @@ def train_run(
     from visionflow.tensorboard import TensorBoardCallback
     from visionflow.train.distributed import Ranks
     from visionflow.train.engine import fit
-    from visionflow.train.launch import launch_fit
+    from visionflow.train.launch import TrainRequest, launch_fit
     from visionflow.train.rng import seed_everything
 
     ranks = Ranks.current()
     if not ranks.initialized and world_size(config.training.distributed) > 1:
-        return launch_fit(run_dir, dataset, config, resume_from, callbacks, progress_stream)
+        resume = str(resume_from) if resume_from else None
+        request = TrainRequest(run_dir=str(run_dir), dataset=dataset, config=config, resume_from=resume)
+        return launch_fit(request, callbacks, progress_stream)
     layout = RunLayout(Path(run_dir))
     data = config.data
     loader = choose_loader(data, dataset.train, dataset.eval_split)

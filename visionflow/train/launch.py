@@ -215,17 +215,12 @@ def run_ranks(
 
 
 def launch_fit(
-    run_dir: Path | str,
-    dataset: DatasetInfo,
-    config: PipelineConfig,
-    resume_from: Path | str | None = None,
-    callbacks: Sequence[Callback] = (),
-    progress_stream: TextIO | None = None,
+    request: TrainRequest, callbacks: Sequence[Callback] = (), progress_stream: TextIO | None = None
 ) -> FitResult:
     """`steps.train_run` on training.distributed's ranks through torchrun; returns rank 0's result.
     `callbacks` and `progress_stream` see the same calls as in a single-process run (all but
     `on_step_end`); TensorBoard is written by rank 0 into the run directory."""
-    config = config.resolved()
+    run_dir, dataset, config = request.run_dir, request.dataset, request.config.resolved()
     data = config.data
     check_global_batch(data.batch_size, world_size(config.training.distributed))
     spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
@@ -238,9 +233,7 @@ def launch_fit(
     work_dir = Path(run_dir) / WORK_DIR
     shutil.rmtree(work_dir, ignore_errors=True)
     (work_dir / ERRORS_DIR).mkdir(parents=True)
-    request = TrainRequest(
-        run_dir=str(run_dir), dataset=dataset, config=config, resume_from=str(resume_from) if resume_from else None
-    )
+    request = request.model_copy(update={"config": config})
     atomic_write_text(work_dir / REQUEST_FILE, request.model_dump_json())
     replay = _Replay(config.training.epochs, callbacks, progress_stream)
     command = torchrun_command(config, work_dir, Path(run_dir).name)

@@ -24,7 +24,7 @@ from visionflow.data.splits import decoded_cache_dir, resolve_dataset
 from visionflow.errors import ConfigError
 from visionflow.evaluation import evaluate_model
 from visionflow.steps import train_run
-from visionflow.train.launch import ERRORS_DIR, EVENTS_FILE, WORK_DIR, RankFailed, launch_fit, run_ranks
+from visionflow.train.launch import ERRORS_DIR, EVENTS_FILE, WORK_DIR, RankFailed, TrainRequest, launch_fit, run_ranks
 from visionflow.train.records import Callback, EpochMetrics, FitResult, FitStart
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -224,7 +224,9 @@ def gpu_run(tiny_folder: Path, run_dir: Path, nproc: int, model: str) -> FitResu
             "training.distributed.nproc_per_node": nproc,
         },
     )
-    return launch_fit(run_dir, resolve_dataset(str(tiny_folder)), config)
+    return launch_fit(
+        TrainRequest(run_dir=str(run_dir), dataset=resolve_dataset(str(tiny_folder)), config=config, resume_from=None)
+    )
 
 
 @pytest.mark.gpu
