@@ -34,14 +34,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from visionflow.champion import MODELS_SUBDIR, read_champion
 from visionflow.errors import ConfigError
 from visionflow.fileio import try_lock, unlock
 from visionflow.manifest import MANIFEST_NAME, Manifest
+from visionflow.runs import list_runs
 
 RESULTS_SUBDIR = ".prefect-results"  # cached task results of every run under an output directory
 LOCKS_SUBDIR = "locks"  # one flock file per result key, inside RESULTS_SUBDIR
-# visionflow.runs and visionflow.champion import torch: imported where used, so that the CLI's
-# parser reads the defaults below without loading torch.
 DEFAULT_KEEP_LAST = 10
 DEFAULT_KEEP_DAYS = 30.0
 BUSY_SECONDS = 60.0  # a run directory modified this recently is never removed
@@ -127,7 +127,6 @@ def _freed(stats: list[os.stat_result]) -> int:
 
 def champion_runs(output_dir: Path | str) -> dict[str, str]:
     """Run name -> the champion slot(s) under `<output>/models/` it fills."""
-    from visionflow.champion import MODELS_SUBDIR, read_champion
 
     models = Path(output_dir) / MODELS_SUBDIR
     runs: dict[str, str] = {}
@@ -178,7 +177,6 @@ def plan_gc(
     """Decide what gc removes under `output_dir`, never the runs named in `keep` (e.g. the run
     that is finishing), with the cached results `result_files` finds orphaned; removes nothing
     (see `collect_garbage`)."""
-    from visionflow.runs import list_runs
 
     check_retention(keep_last, keep_days)
     output = Path(output_dir)
