@@ -150,3 +150,14 @@ def test_relative_links_point_to_existing_files_and_headings(page: Path):
         if anchor and linked.suffix == ".md":
             anchors = {slug(h) for _, h in HEADING.findall(FENCE.sub("", linked.read_text()))}
             assert anchor in anchors, f"{page.relative_to(ROOT)} links to {target}: no such heading"
+
+
+@pytest.mark.parametrize("page", MARKDOWN, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_code_fences_close_and_no_table_has_an_empty_header(page: Path):
+    text = page.read_text()
+    fences = [line for line in text.splitlines() if line.startswith("```")]
+    assert len(fences) % 2 == 0, f"{page.name}: an unclosed code fence"
+    prose = FENCE.sub("", text)
+    headers = re.findall(r"^(\|.*\|)\s*\n\|[-:| ]+\|\s*$", prose, re.MULTILINE)
+    empty = [row for row in headers if not any(cells(row))]
+    assert not empty, f"{page.name}: tables with an empty header row: {empty}"
