@@ -639,7 +639,7 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, metavar="F", help="peak learning rate (default: from the recipe)")
     p.add_argument("--device", metavar="auto|cpu|cuda|mps", help="training device (default: auto)")
     p.add_argument("--seed", type=int, metavar="N", help="seed for everything random (default: 0)")
-    p.add_argument("--output", metavar="DIR", help="root of run outputs (default: artifacts)")
+    add_output_argument(p, config_may_set_it=True)
     p.add_argument(
         "--run-name", metavar="NAME", help="run directory name; an interrupted run with this name is resumed"
     )
@@ -681,7 +681,7 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dask-address", metavar="tcp://HOST:8786", help="an existing Dask scheduler (default: a local cluster)"
     )
-    p.add_argument("--output", metavar="DIR", help="root of run outputs (default: artifacts)")
+    add_output_argument(p, config_may_set_it=True)
     p.add_argument(
         "--name", metavar="NAME", help="sweep name (default: from the space); trials are <name>-<nnn>-<hash>"
     )
@@ -690,10 +690,23 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_sweep)
 
 
+def add_output_argument(p: argparse.ArgumentParser, config_may_set_it: bool = False) -> None:
+    """--output, the root of run outputs; unset where a config file's output.output_dir may set it."""
+    from visionflow.config import OutputConfig
+
+    default = OutputConfig.model_fields["output_dir"].default
+    p.add_argument(
+        "--output",
+        default=None if config_may_set_it else default,
+        metavar="DIR",
+        help=f"root of run outputs (default: {default})",
+    )
+
+
 def add_run_commands(commands: argparse._SubParsersAction) -> None:
     """`runs`, `diff`, `gc`: what is under an output directory."""
     p = commands.add_parser("runs", help="list the runs under an output directory")
-    p.add_argument("--output", default="artifacts", metavar="DIR", help="root of run outputs (default: artifacts)")
+    add_output_argument(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of runs")
     p.set_defaults(handler=cmd_runs)
 
@@ -702,7 +715,7 @@ def add_run_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_a", metavar="RUN_A", help="the earlier run: its directory or its name under --output")
     p.add_argument("run_b", metavar="RUN_B", help="the later run")
-    p.add_argument("--output", default="artifacts", metavar="DIR", help="root of run outputs (default: artifacts)")
+    add_output_argument(p)
     p.add_argument("--json", action="store_true", help="print the differences as JSON")
     p.set_defaults(handler=cmd_diff)
 
@@ -715,7 +728,7 @@ def add_run_commands(commands: argparse._SubParsersAction) -> None:
         "than D days, nor a champion's run, nor running, and the cached task results only they referenced. "
         "Prints each removed path and the bytes freed (hard links counted once).",
     )
-    p.add_argument("--output", default="artifacts", metavar="DIR", help="root of run outputs (default: artifacts)")
+    add_output_argument(p)
     p.add_argument(
         "--keep-last",
         type=int,
