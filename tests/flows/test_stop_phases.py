@@ -32,7 +32,7 @@ PHASES = {  # phase -> (function of the core whose Nth call sends the signal, N)
     "data-steps": ("visionflow.steps:validate_into", 1),
     "first-batch": ("visionflow.train.engine:autocast", 1),  # as its forward pass starts
     "mid-epoch": ("visionflow.train.engine:Progress.update", 6),  # after epoch 2's second step
-    "epoch-evaluation": ("visionflow.train.engine:evaluate", 2),  # epoch 2's
+    "epoch-evaluation": ("visionflow.train.engine:collect_logits", 2),  # epoch 2's
     "checkpoint-write": ("visionflow.checkpoints:save_checkpoint", 3),  # epoch 2's first file
     "between-epochs": ("visionflow.tensorboard:TensorBoardCallback.on_epoch_end", 1),
     "final-evaluation": ("visionflow.steps:write_evaluation", 1),

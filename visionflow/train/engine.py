@@ -1,4 +1,4 @@
-"""Training engine: the building blocks `train_one_epoch`, `evaluate`, `collect_logits` and `fit`
+"""Training engine: the building blocks `train_one_epoch`, `collect_logits`, `loss_and_accuracy` and `fit`
 (the torchvision references' layout), with callbacks, progress and resumable checkpoints. No
 Prefect here: flows observe training through `Callback`.
 
@@ -234,17 +234,8 @@ def collect_logits(
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    device: torch.device,
-    precision: str = "fp32",
-    stop: StopGuard | None = None,
-    flip: bool = False,
-) -> tuple[float, float]:
-    """(mean cross-entropy per image, accuracy in [0, 1]) of `model` on model-ready `batches`;
-    `flip` as in `collect_logits`."""
-    logits, labels = collect_logits(model, batches, device, precision, stop, flip)  # (N, C), (N,)
+def loss_and_accuracy(logits: Tensor, labels: Tensor) -> tuple[float, float]:
+    """(mean cross-entropy per image, accuracy in [0, 1]) of (N, C) `logits` against (N,) `labels`."""
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
@@ -547,9 +538,8 @@ def _run_epoch(
     # (divergence, best, early stop) come out the same on every rank. The others wait meanwhile.
     eval_loss, eval_accuracy = math.nan, math.nan
     if ranks.is_main:
-        eval_loss, eval_accuracy = evaluate(
-            run.forward, run.eval_batches, device, precision, stop, flip=config.data.test_flip
-        )
+        logits, labels = collect_logits(run.forward, run.eval_batches, device, precision, stop, config.data.test_flip)
+        eval_loss, eval_accuracy = loss_and_accuracy(logits, labels)
     eval_loss, eval_accuracy = from_main([eval_loss, eval_accuracy], device)
     timer.lap("evaluation")  # the other ranks: waiting for rank 0's
     if not (math.isfinite(stats.loss) and math.isfinite(eval_loss)):
