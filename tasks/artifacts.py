@@ -101,13 +101,19 @@ def publish_summary(markdown: str, description: str | None = "Run summary") -> U
     return publish_markdown(SUMMARY_KEY, markdown, description)
 
 
+TABLE_DIGITS = 4  # significant digits of a float in a table artifact: 0.5128205128205128 reads 0.5128
+
+
 def _json_ready(value: Any) -> Any:
     value = value.item() if hasattr(value, "item") else value  # a numpy scalar -> its Python number
-    return None if isinstance(value, float) and math.isnan(value) else value
+    if not isinstance(value, float):
+        return value
+    return None if math.isnan(value) else float(f"{value:.{TABLE_DIGITS}g}")  # still a number: the UI sorts it
 
 
 def table_records(table: Table | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows as JSON-ready dicts (numpy scalars become Python numbers, NaN becomes None)."""
+    """Rows as JSON-ready dicts (numpy scalars become Python numbers, floats keep TABLE_DIGITS
+    significant digits, NaN becomes None); the CSV files keep every digit."""
     records = table.records() if isinstance(table, Table) else table
     return [{name: _json_ready(value) for name, value in record.items()} for record in records]
 

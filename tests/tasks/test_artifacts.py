@@ -30,6 +30,7 @@ from tasks.artifacts import (
     publish_image,
     publish_summary,
     publish_table,
+    table_records,
 )
 from visionflow.tables import Table
 from visionflow.train.records import EpochMetrics, FitResult, FitStart, ModelSpec
@@ -265,3 +266,9 @@ def test_invalid_key_names_the_key(images) -> None:
     preview, _ = images
     with pytest.raises(ValueError, match="'Preview_1'.*lowercase letters, digits and dashes"):
         publish_image("Preview_1", preview)
+
+
+def test_table_artifact_floats_keep_four_significant_digits_and_stay_numbers():
+    rows = [{"class": "cat", "precision": np.float64(0.5128205128205128), "lr": 1.2345678e-05, "support": np.int64(50)}]
+    assert table_records(rows) == [{"class": "cat", "precision": 0.5128, "lr": 1.235e-05, "support": 50}]
+    assert table_records([{"loss": float("nan"), "seconds": 3698.7123}]) == [{"loss": None, "seconds": 3699.0}]
