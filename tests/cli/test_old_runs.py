@@ -36,3 +36,14 @@ def test_a_run_written_before_the_move_reproduces(tmp_path: Path) -> None:
     if cpu_like_the_writers():
         assert comparison["identical"] and result.returncode == 0
         assert comparison["metrics"]["reproduced"] == comparison["metrics"]["original"]
+
+
+def test_an_export_written_before_the_move_predicts(tmp_path: Path) -> None:
+    image = REPO / "data" / "sample" / "val" / "cat" / "0500.jpg"
+    result = run_visionflow("predict", "--checkpoint", str(OLD_RUN / "export"), str(image), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (prediction,) = json.loads(result.stdout)
+    classes = json.loads((OLD_RUN / "manifest.json").read_text())["data"]["classes"]
+    assert list(prediction["probabilities"]) == classes
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert prediction["label"] == max(prediction["probabilities"], key=prediction["probabilities"].get)
