@@ -191,11 +191,16 @@ def predict_images(
     if not paths:
         return []
     target = resolve_device(device)
-    pipeline = transforms.eval_pipeline(spec.input_size, spec.mean, spec.std)
-    batches = _image_batches(paths, pipeline, batch_size)
+    batches = _image_batches(paths, input_pipeline(spec), batch_size)
     logits, _ = collect_logits(model.to(target), batches, target, flip=spec.test_flip)  # (N, C)
     probabilities = logits.softmax(dim=1)  # (N, C)
     return [_prediction(path, row, spec.class_names) for path, row in zip(paths, probabilities)]
+
+
+def input_pipeline(spec: ModelSpec) -> Callable[[Image.Image], Tensor]:
+    """PIL image -> the model's float32 (3, S, S) input, with the spec's preprocessing: what
+    prediction, scoring and exports feed a model for one image file."""
+    return transforms.eval_pipeline(spec.input_size, spec.mean, spec.std)
 
 
 def _image_batches(
