@@ -1,0 +1,330 @@
+"""Batch scoring: classify a folder, a glob or a listed set of image files with one model, into a
+table (one row per file: path, file sha256, status, top-k classes and probabilities, the model's
+version).
+
+Decisions:
+- The model is resolved once (`resolve_model`): a checkpoint, an export folder, or
+  `champion:SLOT`, whose link is followed once to its version folder; every row records the
+  weights' sha256, so a promotion while scoring cannot mix two models in one table.
+- Memory stays flat in the number of images: files are decoded by DataLoader workers batch by
+  batch with the model's own preprocessing (`evaluation.input_pipeline`), and rows are written
+  `shard_size` at a time to shards (`<table folder>/.<table name>.shards/`), each written
+  atomically and named by the sha256 of the model version, top-k and its files' paths and
+  contents. A rerun (after Ctrl-C or kill -9) scores only the shards that are missing; the
+  table is then assembled shard by shard.
+- One bad file never stops the batch: it is a row with status `unreadable` and the reason.
+- Tables are CSV (pandas); reading a Parquet list of paths needs pyarrow, which is not installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import heapq
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from visionflow.errors import ConfigError, DatasetError, check_directory, path_error
+from visionflow.fileio import atomic_write, atomic_write_text, file_sha256
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from visionflow.train.records import ModelSpec
+
+CHAMPION_PREFIX = "champion:"
+PATH_COLUMN = "path"  # the column of a CSV/Parquet input listing the files to score
+LIST_SUFFIXES = (".csv", ".parquet")  # an input file with one of these suffixes lists the images
+TABLE_SUFFIX = ".csv"
+OK, UNREADABLE = "ok", "unreadable"  # the status column's values
+LOWEST_K = 16  # lowest-confidence images kept for the summary: one grid in the Prefect UI
+GLOB_CHARACTERS = frozenset("*?[")
+INPUTS_HELP = "a folder (searched recursively), a glob ('inbox/**/*.jpg'), or a .csv/.parquet file with a 'path' column"
+MODEL_HELP = "a training checkpoint (.pt), an export folder, or champion:SLOT (the champion under the output folder)"
+
+
+class ScoreConfig(BaseModel):
+    """What to score, with which model, into which table: the `score-images` flow's parameter and
+    the `visionflow score` command's options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    inputs: str = Field(description=f"The images: {INPUTS_HELP}.")
+    checkpoint: str = Field("champion:nightly", description=f"The model: {MODEL_HELP}.")
+    table: str = Field("artifacts/scores/scores.csv", description="The table to write (CSV).")
+    output_dir: str = Field("artifacts", description="Output folder whose models/<slot> champion:SLOT names.")
+    top_k: int = Field(5, ge=1, description="Classes (and probabilities) per row, most probable first.")
+    batch_size: int = Field(64, ge=1, description="Images per forward pass.")
+    # 1024 rows: a shard's write costs well under 1% of scoring it; a kill loses at most that much work.
+    shard_size: int = Field(1024, ge=1, description="Rows per shard: what a killed run may have to score again.")
+    num_workers: int | None = Field(None, ge=0, description="DataLoader decoding processes (None: cores, at most 8).")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.")
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    """A model resolved once for a whole scoring run."""
+
+    model: nn.Module
+    spec: ModelSpec
+    version: str  # sha256 of its weights (checkpoints.weights_sha256): written in every row
+    path: Path  # what it was loaded from (a champion's version folder, not the slot link)
+
+
+@dataclass
+class ScoreSummary:
+    """What a scoring run wrote: counts, classes, and the least confident images."""
+
+    table: str
+    model_version: str
+    images: int
+    scored: int  # images scored by this call (the others came from shards of an earlier call)
+    unreadable: int
+    class_counts: dict[str, int]  # top-1 class -> images
+    lowest: list[dict[str, Any]] = field(default_factory=list)  # {path, class, probability}, least confident first
+
+
+# ---------------------------------------------------------------------------------------------
+# The model and the inputs
+
+
+def model_path(checkpoint: str, output_dir: Path | str) -> Path:
+    """The file or folder `checkpoint` names; `champion:SLOT` -> that slot's current version folder."""
+    from visionflow.champion import read_champion, slot_path
+    from visionflow.errors import CheckpointError
+
+    if not checkpoint.startswith(CHAMPION_PREFIX):
+        return Path(checkpoint)
+    slot = checkpoint.removeprefix(CHAMPION_PREFIX)
+    champion = read_champion(output_dir, slot)
+    if champion is None:
+        raise CheckpointError(
+            f"Champion slot '{slot_path(output_dir, slot)}' is empty: expected {MODEL_HELP}; "
+            f"train with output.champion={slot} to promote a model into it"
+        )
+    return champion.path
+
+
+def resolve_model(checkpoint: str, output_dir: Path | str) -> ScoringModel:
+    """Load the model `checkpoint` names (see `model_path`), once, with its weights' sha256."""
+    from visionflow.checkpoints import load_model, weights_sha256
+
+    path = model_path(checkpoint, output_dir)
+    model, spec = load_model(path)
+    return ScoringModel(model, spec, weights_sha256(model.state_dict()), path)
+
+
+def _listed_paths(listing: Path) -> list[Path]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(listing) if listing.suffix == ".csv" else pd.read_parquet(listing)
+    except ImportError as err:
+        raise ConfigError(f"Cannot read '{listing}': {err}; give a .csv listing instead") from None
+    if PATH_COLUMN not in frame.columns:
+        raise DatasetError(
+            f"Input listing '{listing}' has no '{PATH_COLUMN}' column: it has {', '.join(map(str, frame.columns))}"
+        )
+    return [listing.parent / str(value) for value in frame[PATH_COLUMN]]  # relative to the listing
+
+
+def resolve_inputs(inputs: str) -> list[Path]:
+    """The image files `inputs` names (INPUTS_HELP), absolute, in a stable order; none is an error.
+    A folder yields its image files (by extension); a glob or a listing yields every file it names."""
+    from visionflow.data.images import is_image_file
+
+    source = Path(inputs)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.is_file() and is_image_file(p))
+    elif source.is_file() and source.suffix in LIST_SUFFIXES:
+        paths = _listed_paths(source)
+    elif GLOB_CHARACTERS & set(inputs):
+        paths = sorted(Path(p) for p in glob.glob(inputs, recursive=True) if os.path.isfile(p))
+    elif not source.exists():
+        raise path_error(FileNotFoundError(2, "No such file or directory", inputs), INPUTS_HELP)
+    else:
+        raise DatasetError(f"Cannot score '{inputs}': expected {INPUTS_HELP}")
+    if not paths:
+        raise DatasetError(f"No image files in '{inputs}': expected {INPUTS_HELP}")
+    return [p.absolute() for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """`shard_size` consecutive inputs: scored and written together as one shard."""
+
+    paths: tuple[str, ...]
+    hashes: tuple[str, ...]  # "" for a file that cannot be read
+    shard: Path
+
+
+def _hash_or_blank(path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""  # the worker reports why it cannot be read
+
+
+def shards_dir(table: Path) -> Path:
+    """Where a table's shards live: `.<table name>.shards/` beside it."""
+    return table.parent / f".{table.name}.shards"
+
+
+def _chunks(paths: Sequence[Path], table: Path, version: str, config: ScoreConfig) -> Iterator[_Chunk]:
+    """The inputs `shard_size` at a time, each with its shard file (named by what it holds)."""
+    from visionflow.data.images import thread_map
+
+    for start in range(0, len(paths), config.shard_size):
+        names = tuple(str(p) for p in paths[start : start + config.shard_size])
+        hashes = tuple(thread_map(_hash_or_blank, [Path(name) for name in names]))
+        key = hashlib.sha256(f"{version}\0{config.top_k}\0".encode())
+        for name, sha in zip(names, hashes):
+            key.update(f"{name}\0{sha}\n".encode())
+        yield _Chunk(names, hashes, shards_dir(table) / f"{key.hexdigest()[:32]}{TABLE_SUFFIX}")
+
+
+def table_columns(top_k: int) -> list[str]:
+    """The table's columns, top-k pairs from the most probable class on."""
+    ranked = [name for rank in range(1, top_k + 1) for name in (f"class_{rank}", f"probability_{rank}")]
+    return [PATH_COLUMN, "sha256", "status", "reason", "model_version", *ranked]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and scoring
+
+
+class _ImageFiles:
+    """A map-style dataset over image files: (model input, index, "" or why it cannot be read)."""
+
+    def __init__(self, paths: Sequence[str], spec: ModelSpec) -> None:
+        from visionflow.evaluation import input_pipeline
+
+        self.paths, self.pipeline, self.size = paths, input_pipeline(spec), spec.input_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+        import torch
+
+        from visionflow.data.images import UnreadableImage, load_rgb
+
+        try:
+            return self.pipeline(load_rgb(self.paths[index])), index, ""
+        except UnreadableImage as err:
+            reason = err.reason
+        except OSError as err:  # missing, a folder, no permission
+            reason = (err.strerror or type(err).__name__).lower()
+        return torch.zeros(3, self.size, self.size), index, reason
+
+
+def _rows(chunk: _Chunk, scored: dict[int, Tensor], reasons: dict[int, str], model: ScoringModel, top_k: int) -> list:
+    """The chunk's rows in input order (`scored`: offset -> probabilities; `reasons`: offset -> why not)."""
+    classes, width = model.spec.class_names, len(table_columns(top_k))
+    rows = []
+    for offset, (path, sha) in enumerate(zip(chunk.paths, chunk.hashes)):
+        row: list[Any] = [path, sha, OK if offset in scored else UNREADABLE, reasons.get(offset, ""), model.version]
+        if offset in scored:
+            probabilities, ranked = scored[offset].topk(min(top_k, len(classes)))
+            row += [value for pair in zip((classes[i] for i in ranked), probabilities.tolist()) for value in pair]
+        rows.append(row + [None] * (width - len(row)))
+    return rows
+
+
+def _batches(pending: Sequence[_Chunk], batch_size: int) -> list[list[int]]:
+    """Positions in the pending chunks' concatenated files, `batch_size` at a time, never across two chunks."""
+    batches, first = [], 0
+    for chunk in pending:
+        end = first + len(chunk.paths)
+        batches += [list(range(start, min(start + batch_size, end))) for start in range(first, end, batch_size)]
+        first = end
+    return batches
+
+
+def _score_chunks(model: ScoringModel, pending: Sequence[_Chunk], config: ScoreConfig) -> None:
+    """Decode the pending chunks' files on DataLoader workers, run the model, write each chunk's shard."""
+    import pandas as pd
+    import torch
+    from torch.utils.data import DataLoader
+
+    from visionflow.data.decoded import default_num_workers
+    from visionflow.train.device import resolve_device
+    from visionflow.train.engine import collect_logits
+
+    device = resolve_device(config.device)
+    network = model.model.to(device)
+    files = _ImageFiles([path for chunk in pending for path in chunk.paths], model.spec)
+    workers = config.num_workers if config.num_workers is not None else default_num_workers()
+    batches = iter(DataLoader(files, batch_sampler=_batches(pending, config.batch_size), num_workers=workers))
+    first = 0  # position of the chunk's first file among all pending files
+    for chunk in pending:
+        scored, reasons = {}, {}
+        for _ in range(-(-len(chunk.paths) // config.batch_size)):  # ceil: the chunk's batches
+            images, positions, why = next(batches)
+            ok = torch.tensor([not reason for reason in why], dtype=torch.bool)
+            reasons.update({int(p) - first: reason for p, reason in zip(positions, why) if reason})
+            if ok.any():
+                logits, kept = collect_logits(network, [(images[ok], positions[ok])], device, flip=model.spec.test_flip)
+                scored.update({int(p) - first: row for p, row in zip(kept, logits.softmax(dim=1))})
+        frame = pd.DataFrame(_rows(chunk, scored, reasons, model, config.top_k), columns=table_columns(config.top_k))
+        atomic_write_text(chunk.shard, frame.to_csv(index=False))
+        first += len(chunk.paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def _assemble(chunks: Sequence[_Chunk], table: Path, summary: ScoreSummary) -> None:
+    """Write the table from the shards, one shard in memory at a time, and count into `summary`."""
+    import io
+
+    import pandas as pd
+
+    counts: Counter[str] = Counter()
+
+    def write(handle: Any) -> None:
+        for index, chunk in enumerate(chunks):
+            text = chunk.shard.read_bytes()
+            handle.write(text if index == 0 else text.split(b"\n", 1)[1])  # one header
+            frame = pd.read_csv(io.BytesIO(text), keep_default_na=False, na_values={"probability_1": [""]})
+            ok = frame[frame["status"] == OK]
+            counts.update(ok["class_1"])
+            summary.unreadable += len(frame) - len(ok)
+            least = ok.nsmallest(LOWEST_K, "probability_1")[[PATH_COLUMN, "class_1", "probability_1"]]
+            found = [{"path": p, "class": c, "probability": float(v)} for p, c, v in least.itertuples(index=False)]
+            summary.lowest = heapq.nsmallest(LOWEST_K, summary.lowest + found, key=lambda row: row["probability"])
+
+    atomic_write(table, write)
+    summary.class_counts = dict(sorted(counts.items()))
+
+
+def _prune(chunks: Sequence[_Chunk], table: Path) -> None:
+    """Remove the table's shards that no chunk of this run names (other inputs, models or top-k)."""
+    current = {chunk.shard for chunk in chunks}
+    for stale in set(shards_dir(table).glob(f"*{TABLE_SUFFIX}")) - current:
+        stale.unlink(missing_ok=True)
+
+
+def score_images(model: ScoringModel, paths: Sequence[Path], config: ScoreConfig) -> ScoreSummary:
+    """Score `paths` with `model` into `config.table`, reusing the shards an earlier call wrote."""
+    table = Path(config.table)
+    if table.suffix != TABLE_SUFFIX:
+        raise ConfigError(f"Invalid table '{table}': expected a file name ending in {TABLE_SUFFIX}")
+    check_directory(table.parent, "a folder for the scores table", writable=True)
+    chunks = list(_chunks(paths, table, model.version, config))
+    pending = [chunk for chunk in chunks if not chunk.shard.is_file()]
+    if pending:
+        _score_chunks(model, pending, config)
+    summary = ScoreSummary(str(table), model.version, len(paths), sum(len(c.paths) for c in pending), 0, {})
+    _assemble(chunks, table, summary)
+    _prune(chunks, table)
+    return summary
