@@ -23,6 +23,12 @@ Decisions:
   scoring it and swapping the link, so concurrent challengers are judged one after the other.
 - Identical weights (same ``weights_sha256``, e.g. a cached run on unchanged data) are "kept"
   without evaluating anything: this keeps a scheduled run on unchanged data cheap.
+- With champion.gates on (the default) both exports predict the eval split and the challenger is
+  promoted only when every check of `visionflow.gates` passes (significance beyond chance, gain,
+  no class left behind, calibration, on the leak-free images when near-duplicates were searched);
+  a failed check keeps the champion and the reason names it with its figure and bound. With the
+  gates off, "at least as good on the metric" promotes. The decision is also written to the run
+  folder (``decision.json``, with the reliability diagrams ``reliability.png``).
 """
 
 from __future__ import annotations
@@ -34,14 +40,16 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
-from visionflow.config import DataConfig, is_improvement, monitor_mode
+import numpy as np
+
+from visionflow.config import DataConfig, GatesConfig, is_improvement, monitor_mode
 from visionflow.data.changes import LISTING_NAME, changes_markdown, diff_listings, read_listing, summary_line
 from visionflow.data.splits import Split
 from visionflow.errors import CheckpointError, ConfigError
 from visionflow.fileio import atomic_write_bytes, atomic_write_json, locked
-from visionflow.manifest import MANIFEST_NAME, ChampionDecision, Manifest, utc_timestamp
+from visionflow.manifest import MANIFEST_NAME, ChampionDecision, GateCheck, Manifest, utc_timestamp
 from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS, RunLayout, list_runs
 from visionflow.tables import NUMBER, Table, markdown_table
 
@@ -50,6 +58,8 @@ if TYPE_CHECKING:
 
 MODELS_SUBDIR = "models"
 DECISION = "decision.json"
+RELIABILITY = "reliability.png"  # in the run folder: both models' reliability diagrams (gates.reliability_diagram)
+UNGATED = GatesConfig(enabled=False)  # the rule before gates: at least as good on the metric
 KEEP_PREVIOUS = 2
 
 
@@ -119,7 +129,7 @@ def evaluate_export(path: Path, eval_split: Split, data: DataConfig, device: str
 
     model, spec = load_model(path)
     check_classes_match(spec, eval_split.classes)
-    return evaluate_model(model, spec, open_eval_split(eval_split, data, spec.input_size), device=device)
+    return evaluate_model(model, spec, open_eval_split(eval_split, data, spec.decode_size), device=device)
 
 
 def evaluate_champion(
@@ -162,11 +172,21 @@ def _should_promote(challenger: float, champion: float, metric: str) -> bool:
     return is_improvement(challenger, champion, metric, ties=True)
 
 
-def _reason(challenger: float, champion: float | None, metric: str, promoted: bool, same_weights: bool) -> str:
+def _reason(
+    challenger: float,
+    champion: float | None,
+    metric: str,
+    promoted: bool,
+    same_weights: bool,
+    checks: Sequence[GateCheck] | None,
+) -> str:
     if champion is None:
         return "no champion in the slot yet"
     if same_weights:
         return "same weights"
+    if checks is not None:
+        failed = [check.failure() for check in checks if not check.passed]
+        return "failed: " + "; ".join(failed) if failed else f"passed all {len(checks)} checks"
     better = "higher" if metric_direction(metric)[1] else "lower"
     verdict = "is at least as good as" if promoted else "is worse than"
     return f"challenger {metric} {challenger:.4f} {verdict} champion {champion:.4f} ({better} is better)"
@@ -182,18 +202,25 @@ def decide(
     champion_score: float | None,
     eval_split: Split,
     data_changes: str | None = None,
+    checks: Sequence[GateCheck] | None = None,
 ) -> ChampionDecision:
     """The decision for a challenger against the current champion (None: empty slot), citing
-    what changed in the data (`data_changes`, when known)."""
+    what changed in the data (`data_changes`, when known): all `checks` must pass (None: the
+    gates are off, at least as good on `metric` promotes)."""
     same_weights = champion is not None and champion.weights_sha256 == challenger_sha
     if same_weights:
         champion_score = challenger_score  # identical weights score identically on one split
-    promoted = champion is None or (not same_weights and _should_promote(challenger_score, champion_score, metric))
+    if champion is None or same_weights:
+        promoted, checks = champion is None, None
+    elif checks is not None:
+        promoted = all(check.passed for check in checks)
+    else:
+        promoted = _should_promote(challenger_score, champion_score, metric)
     return ChampionDecision(
         slot=slot,
         metric=metric,
         promoted=promoted,
-        reason=_reason(challenger_score, champion_score, metric, promoted, same_weights),
+        reason=_reason(challenger_score, champion_score, metric, promoted, same_weights, checks),
         challenger_run=challenger_run,
         challenger_score=challenger_score,
         challenger_weights_sha256=challenger_sha,
@@ -204,6 +231,7 @@ def decide(
         eval_images=len(eval_split),
         decided_at=utc_timestamp(),
         data_changes=data_changes,
+        checks=list(checks or []),
     )
 
 
@@ -270,6 +298,76 @@ def promote(run_dir: Path, manifest: Manifest, decision: ChampionDecision, outpu
     return link
 
 
+def _challenger(layout: RunLayout) -> tuple[Manifest, str]:
+    """The finished run's manifest and its export's weights sha256."""
+    manifest = Manifest.load(layout.root)
+    spec = _read_json(layout.export_spec, f"the run's export ({EXPORT_WEIGHTS} + {EXPORT_SPEC})")
+    if manifest.metrics is None:
+        raise CheckpointError(f"Manifest '{layout.manifest}' has no metrics: expected a completed run")
+    return manifest, str(spec["weights_sha256"])
+
+
+def _gated(
+    layout: RunLayout,
+    champion: Champion,
+    metric: str,
+    eval_split: Split,
+    data: DataConfig,
+    device: str,
+    gates: GatesConfig,
+    leaked: Sequence[Path] | None,
+) -> tuple[float, float, list[GateCheck]]:
+    """Both exports predict the eval split: their scores on all of it, the gate's checks (on the
+    images without a near-duplicate in train, `leaked`, when so configured) and the reliability
+    diagrams (RELIABILITY in the run folder)."""
+    from visionflow.gates import Predictions, gate_checks, reliability_diagram, score  # torch: only when gated
+
+    reports = [evaluate_export(path, eval_split, data, device) for path in (layout.export_dir, champion.path)]
+    ours, theirs = (Predictions.of(report.probabilities, report.labels) for report in reports)
+    left_out = None if leaked is None else set(leaked)
+    mask = None if left_out is None else np.array([file in left_out for file in eval_split.files], dtype=bool)
+    checks = gate_checks(ours, theirs, eval_split.classes, metric, gates, mask)
+    reliability_diagram(ours, theirs, layout.root / RELIABILITY)
+    return score(ours, metric), score(theirs, metric), checks
+
+
+def judge(
+    run_dir: Path | str,
+    slot: str,
+    champion: Champion | None,
+    metric: str,
+    eval_split: Split,
+    data: DataConfig,
+    device: str = "auto",
+    gates: GatesConfig = UNGATED,
+    leaked: Sequence[Path] | None = None,
+) -> ChampionDecision:
+    """The decision on the run in ``run_dir`` against ``champion`` (None: an empty slot), without
+    promoting: with `gates` on, every check must pass; off, at least as good on `metric` wins."""
+    layout = RunLayout(Path(run_dir))
+    manifest, challenger_sha = _challenger(layout)
+    ours, theirs, checks = float(getattr(manifest.metrics, metric)), None, None
+    if champion is not None and champion.weights_sha256 != challenger_sha:
+        if gates.enabled:
+            ours, theirs, checks = _gated(layout, champion, metric, eval_split, data, device, gates, leaked)
+        else:
+            theirs = float(
+                getattr(evaluate_export(champion.path, eval_split, data, device), metric_direction(metric)[0])
+            )
+    changes = champion_data_changes(champion, layout)
+    return decide(slot, metric, layout.name, ours, challenger_sha, champion, theirs, eval_split, changes, checks)
+
+
+def record_decision(run_dir: Path | str, decision: ChampionDecision, output_dir: Path | str) -> None:
+    """Write the decision into the run's manifest and ``decision.json``; promote when it says so."""
+    layout = RunLayout(Path(run_dir))
+    manifest = Manifest.load(layout.root).model_copy(update={"champion": decision})
+    if decision.promoted:
+        promote(layout.root, manifest, decision, output_dir)
+    atomic_write_json(layout.root / DECISION, decision.to_dict())
+    manifest.save(layout.root)
+
+
 def challenge(
     run_dir: Path | str,
     slot: str,
@@ -278,38 +376,15 @@ def challenge(
     output_dir: Path | str,
     data: DataConfig,
     device: str = "auto",
+    gates: GatesConfig = UNGATED,
+    leaked: Sequence[Path] | None = None,
 ) -> ChampionDecision:
-    """Compare the run in ``run_dir`` with the champion in ``slot``, promote it when it is at least
-    as good, and record the decision in the run's manifest (``champion``)."""
-    layout = RunLayout(Path(run_dir))
-    manifest = Manifest.load(layout.root)
-    spec = _read_json(layout.export_spec, f"the run's export ({EXPORT_WEIGHTS} + {EXPORT_SPEC})")
-    if manifest.metrics is None:
-        raise CheckpointError(f"Manifest '{layout.manifest}' has no metrics: expected a completed run")
-    challenger_sha = str(spec["weights_sha256"])
-    field, _ = metric_direction(metric)
+    """Judge the run in ``run_dir`` against the champion in ``slot`` (`judge`), promote it when
+    the decision says so, and record the decision in the run's manifest (``champion``)."""
     # One challenger per slot from reading the champion to swapping it: two runs challenging one
     # slot at once (nightly and on-demand) queue, and the second is judged against the first.
     with locked(Path(output_dir) / MODELS_SUBDIR / f".{slot}.lock"):
         champion = read_champion(output_dir, slot)
-        champion_score = (
-            float(getattr(evaluate_export(champion.path, eval_split, data, device), field))
-            if champion is not None and champion.weights_sha256 != challenger_sha
-            else None
-        )
-        decision = decide(
-            slot,
-            metric,
-            layout.name,
-            float(getattr(manifest.metrics, metric)),
-            challenger_sha,
-            champion,
-            champion_score,
-            eval_split,
-            champion_data_changes(champion, layout),
-        )
-        manifest = manifest.model_copy(update={"champion": decision})
-        if decision.promoted:
-            promote(layout.root, manifest, decision, output_dir)
-    manifest.save(layout.root)
+        decision = judge(run_dir, slot, champion, metric, eval_split, data, device, gates, leaked)
+        record_decision(run_dir, decision, output_dir)
     return decision

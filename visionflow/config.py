@@ -5,6 +5,8 @@ saved resolved into every checkpoint and manifest, and bad values are rejected n
 
 from __future__ import annotations
 
+import difflib
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +21,8 @@ Scheduler = Literal["none", "step", "cosine", "onecycle"]
 Loader = Literal["auto", "memory", "stream"]  # data.loader
 OnInvalid = Literal["skip", "fail"]  # data.on_invalid
 OnLeak = Literal["report", "drop-eval", "fail"]  # data.on_leak
+Approval = Literal["auto", "manual"]  # champion.approval
+OnLabelIssue = Literal["report", "drop-train"]  # label_issues.on_issue
 SweepMethod = Literal["grid", "random", "optuna"]  # a sweep's method (visionflow.sweep), here for the CLI's choices
 # data.near_duplicate_threshold's default: re-encoded, resized and lightly cropped copies correlate
 # above it, different photos of one scene below (rates: tests/core/data/test_near_duplicates.py).
@@ -27,7 +31,15 @@ NEAR_DUPLICATE_THRESHOLD = 0.9
 # (Lightning's `mode` per metric). The Monitor choices are its keys; `monitor_mode` reads it.
 MONITOR_MODES: dict[str, Literal["max", "min"]] = {"eval_accuracy": "max", "eval_loss": "min"}
 Monitor = Literal[tuple(MONITOR_MODES)]  # training.monitor, a sweep's metric
-MODEL_NAMES = ("tudui", "resnet18")  # the keys of visionflow.models.MODELS (checked by a test), torch-free
+MODEL_NAMES = ("tudui", "resnet18_cifar")  # the keys of visionflow.models.MODELS (checked by a test), torch-free
+TIMM_PREFIX = "timm/"  # model.name timm/<name>: a timm model; any other name not in MODEL_NAMES is torchvision's
+# Model names that meant another model in files written before checkpoint format 2 / manifest schema 3:
+# 'resnet18' was the CIFAR-stem net, now 'resnet18_cifar' ('resnet18' is torchvision's).
+MODEL_RENAMES = {"resnet18": "resnet18_cifar"}
+TrainCrop = Literal["pad", "random-resized"]  # data.train_crop
+WEIGHTS_NONE, WEIGHTS_IMAGENET = "none", "imagenet"  # model.weights: random init, the model's default weights
+WEIGHTS_RUN, WEIGHTS_CHAMPION = "run:", "champion:"  # model.weights prefixes: a run's best.pt, a champion's export
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".safetensors")  # model.weights as a local file
 
 
 def one_of(kind: str, value: str, names: Iterable[str]) -> str:
@@ -35,6 +47,30 @@ def one_of(kind: str, value: str, names: Iterable[str]) -> str:
     if value not in names:
         raise ValueError(f"Invalid {kind} '{value}'. Choose from: {', '.join(sorted(names))}")
     return value
+
+
+def close_matches(value: str, names: Iterable[str]) -> str:
+    """' (did you mean a, b?)' with up to 3 names like `value`, or '' when none is close."""
+    matches = difflib.get_close_matches(value, list(names), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(matches)}?)" if matches else ""
+
+
+def decode_size(image_size: int, crop_pct: float) -> int:
+    """Pixels of the square images a split is decoded (and cached) at for a model input of `image_size`
+    center-cropped at `crop_pct`: floor(image_size / crop_pct), timm's rule (256 for 224 at 0.875, as
+    torchvision's resize 256 / crop 224); the input size itself at crop_pct 1."""
+    return math.floor(image_size / crop_pct)
+
+
+def stored_config(values: Mapping[str, Any], renamed: bool) -> dict[str, Any]:
+    """A config dict as a checkpoint or manifest stored it, with the model names of its time brought
+    up to now when the file predates MODEL_RENAMES (`renamed` False); fields added since take their
+    defaults when it is validated."""
+    values = {section: dict(fields) if isinstance(fields, Mapping) else fields for section, fields in values.items()}
+    model = values.get("model")
+    if not renamed and isinstance(model, dict) and model.get("name") in MODEL_RENAMES:
+        model["name"] = MODEL_RENAMES[model["name"]]
+    return values
 
 
 NAME_CHARS = "A-Za-z0-9._-"  # of run, champion slot and sweep names: safe in folder names and URLs
@@ -57,7 +93,24 @@ class DataConfig(_Section):
         "sample", description="Dataset SPEC: 'sample', 'cifar10', or a folder path (ImageFolder layout)."
     )
     data_dir: str = Field("data", description="Where downloads, the bundled sample and the decoded-tensor cache live.")
-    image_size: int = Field(32, ge=8, le=1024, description="Square input size in pixels; images are resized to it.")
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="Square model input size in pixels; None = the pretrained weights' own (model.weights), else 32.",
+    )
+    crop_pct: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Images are resized to image_size / crop_pct and center-cropped to image_size for evaluation "
+        "(1 = resized to image_size, no crop); None = the pretrained weights' own, else from the recipe.",
+    )
+    train_crop: TrainCrop | None = Field(
+        None,
+        description="Training crop when data.augment is on: 'pad' (random crop after data.crop_padding pixels of "
+        "zero padding) or 'random-resized' (RandomResizedCrop, scale 0.08-1, aspect 3/4-4/3); None = from the recipe.",
+    )
     val_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Held-out fraction when a folder has no val/ or test/ split."
     )
@@ -134,7 +187,29 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = Field(
-        "tudui", description="Model name from the registry: tudui (the tutorial's CIFAR-10 net) or resnet18."
+        "tudui",
+        description="tudui (the tutorial's CIFAR-10 net), resnet18_cifar (ResNet-18 with a stem for 32 px images), "
+        "any torchvision classification model (resnet50, convnext_tiny, ...) or timm/<name> (timm/resnet18.a1_in1k); "
+        "the classifier head is made for the dataset's classes.",
+    )
+    weights: str = Field(
+        WEIGHTS_NONE,
+        pattern=rf"^({WEIGHTS_NONE}|{WEIGHTS_IMAGENET}|(run|champion):[A-Za-z0-9][{NAME_CHARS}]*|.+\.(pt|pth|safetensors))$",
+        description="Initial weights: none (random), imagenet (the model's default pretrained weights, from the "
+        "torch hub or Hugging Face cache, downloaded when online), a local .pt/.pth/.safetensors file, run:NAME "
+        "(that run's best.pt) or champion:SLOT (that slot's champion); the head is left out.",
+    )
+    weights_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the weights file; None = recorded when the run starts. Set (as a run records it), "
+        "a file with other contents is refused: what reproduce relies on.",
+    )
+    freeze_epochs: int | None = Field(
+        None,
+        ge=0,
+        description="Epochs training the classifier head only, the rest of the network frozen (its BatchNorm "
+        "statistics too); None = from the recipe.",
     )
     whiten: bool | None = Field(
         None,
@@ -145,11 +220,24 @@ class ModelConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        return one_of("model", value, MODEL_NAMES)
+        if value in MODEL_NAMES:
+            return value
+        from visionflow.models import model_names  # torchvision or timm: only for a name of theirs
+
+        known = model_names(value.startswith(TIMM_PREFIX))
+        if value.removeprefix(TIMM_PREFIX) not in known:
+            hint = close_matches(value.removeprefix(TIMM_PREFIX), known)
+            valid = f"{', '.join(MODEL_NAMES)}, a torchvision classification model or {TIMM_PREFIX}<a timm model>"
+            raise ValueError(f"Invalid model '{value}'{hint}. Choose from: {valid}")
+        return value
 
 
 class OptimConfig(_Section):
-    recipe: str = Field("default", description="Named preset filling the fields left empty below: default or tutorial.")
+    recipe: str | None = Field(
+        None,
+        description="Named preset filling the fields left empty: default, tutorial or finetune; "
+        "None = finetune with pretrained model.weights, else default.",
+    )
     optimizer: Optimizer | None = Field(None, description="sgd, adam or adamw; None = from the recipe.")
     lr: float | None = Field(None, gt=0.0, le=10.0, description="Peak learning rate; None = from the recipe.")
     momentum: float | None = Field(None, ge=0.0, lt=1.0, description="SGD momentum; None = from the recipe.")
@@ -162,11 +250,18 @@ class OptimConfig(_Section):
         None, ge=0.0, lt=1.0, description="Cross-entropy label smoothing; None = from the recipe."
     )
     grad_clip: float | None = Field(None, ge=0.0, description="Max gradient L2 norm, 0 = off; None = from the recipe.")
+    backbone_lr_scale: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Learning rate of everything but the classifier head, as a fraction of optim.lr "
+        "(1 = one rate for all); None = from the recipe.",
+    )
 
     @field_validator("recipe")
     @classmethod
-    def _known_recipe(cls, value: str) -> str:
-        return one_of("recipe", value, RECIPES)
+    def _known_recipe(cls, value: str | None) -> str | None:
+        return value if value is None else one_of("recipe", value, RECIPES)
 
 
 class DistributedConfig(_Section):
@@ -315,25 +410,88 @@ class OutputConfig(_Section):
     )
 
 
+class GatesConfig(_Section):
+    """The checks a challenger must pass to replace a champion (visionflow.gates, docs/guides/promotion.md)."""
+
+    enabled: bool = Field(
+        True, description="False: promote when at least as good on training.monitor, without the checks below."
+    )
+    alpha: float = Field(
+        0.05,
+        gt=0.0,
+        le=1.0,
+        description="Significance level of McNemar's exact test (challenger right where the champion is wrong, "
+        "more often than chance); 1 = no significance check.",
+    )
+    min_gain: float = Field(
+        0.0, ge=0.0, description="Smallest gain on training.monitor (accuracy points as a fraction, or loss)."
+    )
+    max_recall_drop: float = Field(0.05, ge=0.0, le=1.0, description="Largest drop of any class's recall.")
+    max_f1_drop: float = Field(0.05, ge=0.0, le=1.0, description="Largest drop of any class's F1.")
+    max_ece_rise: float = Field(
+        0.02, ge=0.0, le=1.0, description="Largest rise of the expected calibration error (15 bins)."
+    )
+    leak_free: bool = Field(
+        True,
+        description="With data.near_duplicates: judge on the eval images without a near-duplicate in train.",
+    )
+
+
+class ChampionConfig(_Section):
+    """How the challenger is judged against the champion in output.champion."""
+
+    gates: GatesConfig = Field(default_factory=GatesConfig, description="The checks of a promotion.")
+    approval: Approval = Field(
+        "auto",
+        description="auto: promote when the gates pass; manual: then pause the flow run for a reviewer's "
+        "approval in the Prefect UI.",
+    )
+    approval_timeout_minutes: float = Field(
+        1440, gt=0, description="With manual approval: keep the champion when nobody answers within this time."
+    )
+
+
+class LabelIssuesConfig(_Section):
+    """Suspected mislabelled training images (visionflow.label_issues): cleanlab on out-of-fold probabilities."""
+
+    enabled: bool = Field(False, description="Search label issues before training (folds extra trainings).")
+    folds: int = Field(
+        5, ge=2, le=20, description="Cross-validation folds of the train split, each trained with the run's recipe."
+    )
+    on_issue: OnLabelIssue = Field(
+        "report", description="report: list the suspects; drop-train: also train without them."
+    )
+
+
 class PipelineConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and loading.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Architecture.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer, schedule and regularization.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Epochs, device, precision, seed.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    champion: ChampionConfig = Field(default_factory=ChampionConfig, description="Promotion gates and approval.")
+    label_issues: LabelIssuesConfig = Field(
+        default_factory=LabelIssuesConfig, description="Suspected mislabelled training images."
+    )
 
     def resolved(self) -> "PipelineConfig":
-        """Return a copy with every recipe-controlled field filled in (what a run really used)."""
-        recipe = RECIPES[self.optim.recipe]
-        optim = {k: (v if v is not None else recipe.get(k)) for k, v in self.optim.model_dump().items()}
-        data = self.data.model_dump()
-        for key in ("augment", "crop_padding", "test_flip"):
-            if data[key] is None:
-                data[key] = recipe[key]
-        model = self.model.model_copy(
-            update={"whiten": recipe["whiten"] if self.model.whiten is None else self.model.whiten}
+        """Return a copy with every recipe-controlled field filled in (what a run really used); the
+        recipe left empty is finetune with pretrained weights, default without. Fields the pretrained
+        weights fill (`weights.with_weights`) come first; what they leave empty, the recipe fills."""
+        name = self.optim.recipe or ("finetune" if self.model.weights != WEIGHTS_NONE else "default")
+        recipe = {**RECIPES[name], "recipe": name}
+
+        def filled(section: _Section) -> dict[str, Any]:
+            values = section.model_dump()
+            return {k: recipe[k] if v is None and k in recipe else v for k, v in values.items()}
+
+        return self.model_copy(
+            update={
+                "optim": OptimConfig(**filled(self.optim)),
+                "data": DataConfig(**filled(self.data)),
+                "model": ModelConfig(**filled(self.model)),
+            }
         )
-        return self.model_copy(update={"optim": OptimConfig(**optim), "data": DataConfig(**data), "model": model})
 
 
 # Named presets filling the recipe fields left None; tuning history: docs/performance.md.
@@ -354,6 +512,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         crop_padding=2,  # when augment is switched on: small shifts, which suit 32 px images
         test_flip=True,  # each eval image and its mirror: more accuracy for twice the eval forward passes
         whiten=True,  # first conv starts as a whitening of image patches (airbench's trick): decorrelated inputs
+        image_size=32,  # CIFAR-10's size, the default dataset's
+        crop_pct=1.0,  # resized to the input size, no crop: small images have no border to spare
+        train_crop="pad",  # shifts by a few pixels when augment is on
+        freeze_epochs=0,  # nothing to freeze: training from scratch
+        backbone_lr_scale=1.0,  # one rate for every layer
     ),
     "tutorial": dict(
         optimizer="sgd",  # the tutorial's plain SGD
@@ -370,6 +533,33 @@ RECIPES: dict[str, dict[str, Any]] = {
         crop_padding=4,  # when augment is switched on: the classic CIFAR-10 pad-4 crop
         test_flip=False,  # one forward pass per image, as in the tutorial
         whiten=False,  # the tutorial's default initialization
+        image_size=32,  # CIFAR-10's size, as in the tutorial
+        crop_pct=1.0,  # resized to the input size, no crop
+        train_crop="pad",  # when augment is switched on
+        freeze_epochs=0,  # nothing frozen
+        backbone_lr_scale=1.0,  # one rate for every layer
+    ),
+    # Fine-tuning pretrained weights, as timm's and torchvision's transfer-learning recipes do.
+    "finetune": dict(
+        optimizer="adamw",  # robust across backbones without per-model tuning
+        lr=1e-3,  # the head's rate (the backbone's is lr x backbone_lr_scale): timm's fine-tuning range
+        momentum=0.9,  # used only when optim.optimizer is switched to sgd
+        nesterov=True,  # likewise
+        weight_decay=0.05,  # decoupled (AdamW), as timm's fine-tuning configs
+        scheduler="cosine",  # no warm-up needed: the head-only epochs warm the new head up
+        step_size=30,  # used only by the step scheduler
+        gamma=0.1,  # likewise
+        label_smoothing=0.1,  # small datasets: less overconfidence
+        grad_clip=0.0,  # off: pretrained features give stable gradients
+        augment=True,  # few images: random-resized crops and flips are most of the regularization
+        crop_padding=0,  # unused by random-resized crops
+        test_flip=False,  # one forward pass per image, as torchvision's and timm's evaluation
+        whiten=False,  # would overwrite the pretrained first convolution
+        image_size=224,  # ImageNet backbones' input size, when the weights do not say theirs
+        crop_pct=0.875,  # resize 256, center crop 224: torchvision's and timm's ImageNet evaluation
+        train_crop="random-resized",  # RandomResizedCrop + flip: the ImageNet training augmentation
+        freeze_epochs=1,  # one head-only epoch first: a random head's large gradients would wreck the features
+        backbone_lr_scale=0.1,  # pretrained layers move 10x slower than the new head (discriminative rates)
     ),
 }
 
@@ -408,6 +598,7 @@ def free_fields(use: Literal["resume", "cache"]) -> frozenset[str]:
 
     For both uses:
     - output.*: where results are written, under which names, what is cleaned up and linked after.
+    - champion.*: how a finished run is judged against the champion, decided after training.
     - data.data_dir: where downloads and the decoded cache live, not what they hold.
     - data.loader, data.memory_budget_mb, data.num_workers: how batches are read; the memory and
       stream loaders yield the same batches.
@@ -423,10 +614,17 @@ def free_fields(use: Literal["resume", "cache"]) -> frozenset[str]:
     - training.compile: how fast the same model runs; compiled kernels may round differently.
     - training.distributed.backend: how the ranks exchange gradients; the reductions may round differently.
     For the cache key only:
+    - label_issues.*: they change training only through the train images drop-train leaves out,
+      which the training task's key holds (the validated exclusions); a checkpoint records the config,
+      not the exclusions, so resuming compares these fields.
     - data.dataset: the cache key holds the dataset's content fingerprint instead of its spelling; a
       checkpoint records only the spelling, so resuming compares that.
     """
-    both = {f"output.{name}" for name in OutputConfig.model_fields} | {
+    decided_after = {
+        *flatten(ChampionConfig().model_dump(), "champion."),
+        *flatten(OutputConfig().model_dump(), "output."),
+    }
+    both = decided_after | {
         "data.data_dir",
         "data.loader",
         "data.memory_budget_mb",
@@ -440,7 +638,7 @@ def free_fields(use: Literal["resume", "cache"]) -> frozenset[str]:
     }
     only = {
         "resume": {"training.device", "training.compile", "training.distributed.backend"},
-        "cache": {"data.dataset"},
+        "cache": {"data.dataset", *flatten(LabelIssuesConfig().model_dump(), "label_issues.")},
     }
     return frozenset(both | only[use])
 

@@ -21,7 +21,15 @@ from importlib.metadata import PackageNotFoundError, packages_distributions, ver
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    computed_field,
+    model_serializer,
+    model_validator,
+)
 
 from visionflow.config import PipelineConfig
 from visionflow.errors import ConfigError, field_problem
@@ -141,6 +149,22 @@ class DistributedRecord(_Record):
     devices: list[str] = Field(description="Device of each rank, by rank: cpu, cuda:0, ...")
 
 
+class GateCheck(_Record):
+    """One check of a promotion gate (visionflow.gates): it passes when `figure` compares to
+    `threshold` as `rule` says."""
+
+    check: str = Field(description="significance, gain, leak-free gain, class recall, class F1 or calibration.")
+    passed: bool
+    figure: float = Field(description="What was measured: a p-value, a gain, the largest drop, a rise.")
+    rule: Literal["<=", ">="] = Field(description="How the figure must compare to the threshold to pass.")
+    threshold: float = Field(description="Its bound, from champion.gates.")
+    detail: str = Field(description="The measurement in words: both models' values, the class, the images.")
+
+    def failure(self) -> str:
+        """Why it failed, in one phrase: the check, the figure, the bound and the detail."""
+        return f"{self.check} {self.figure:.4g} is not {self.rule} {self.threshold:.4g} ({self.detail})"
+
+
 class ChampionDecision(_Record):
     """Whether a run was promoted into a champion slot, both scores on the same split, and why
     (visionflow.champion decides; the manifest, decision.json and the promotion event record it)."""
@@ -163,6 +187,16 @@ class ChampionDecision(_Record):
         description="The challenger's data against the champion's (data.changes.summary_line); None when either "
         "has no data listing (an empty slot, a champion promoted before listings existed).",
     )
+    checks: list[GateCheck] = Field(
+        default_factory=list,
+        description="The gate's checks (champion.gates), all of them, passed or not; empty when the slot was "
+        "empty, the weights were the same or the gates are off.",
+    )
+    review: str | None = Field(
+        None,
+        description="With champion.approval manual: the reviewer's answer (approved, rejected with a reason, "
+        "or no answer in time); None: no review was asked for.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -171,6 +205,13 @@ class ChampionDecision(_Record):
         if isinstance(values, dict) and "outcome" in values:
             values = {k: v for k, v in values.items() if k != "outcome"}
         return values
+
+    @model_serializer(mode="wrap")
+    def _without_unused(self, handler: Any) -> dict[str, Any]:
+        """No `checks` when there were none and no `review` when none was asked for: a decision made
+        without gates is written with the keys it had before they existed."""
+        values = handler(self)
+        return {k: v for k, v in values.items() if not (k in ("checks", "review") and v in ([], None))}
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -181,8 +222,17 @@ class ChampionDecision(_Record):
         """The fields and `outcome`, as JSON values."""
         return self.model_dump(mode="json")
 
+    def checks_table(self) -> Table:
+        """Every check: whether it passed, its figure, rule and threshold, and what was measured."""
+        rows = tuple(
+            (c.check, "pass" if c.passed else "FAIL", c.figure, c.rule, c.threshold, c.detail) for c in self.checks
+        )
+        return Table(
+            ("check", "result", "figure", "rule", "threshold", "detail"), rows, (TEXT, TEXT, NUMBER, CODE, NUMBER, TEXT)
+        )
+
     def to_markdown(self) -> str:
-        """A small report for the Prefect UI: the outcome, the reason and a score table."""
+        """A small report for the Prefect UI: the outcome, the reason, a score table and the checks."""
 
         def score(value: float | None) -> float | str:
             return "n/a" if value is None else value
@@ -207,6 +257,8 @@ class ChampionDecision(_Record):
                     if self.data_changes
                     else []
                 ),
+                *(["", markdown_table(self.checks_table())] if self.checks else []),
+                *(["", f"Review: {self.review}"] if self.review else []),
             ]
         )
 
