@@ -167,6 +167,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+SCORE_OPTIONS = {  # CLI flag (argparse dest) -> scoring.ScoreConfig field
+    "inputs": "inputs",
+    "checkpoint": "checkpoint",
+    "table": "table",
+    "output": "output_dir",
+    "top_k": "top_k",
+    "batch_size": "batch_size",
+    "shard_size": "shard_size",
+    "workers": "num_workers",
+    "device": "device",
+}
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from visionflow.scoring import resolve_inputs, resolve_model, score_config, score_images
+
+    config = score_config({field: getattr(args, dest) for dest, field in SCORE_OPTIONS.items()})
+    paths = resolve_inputs(config.inputs)  # before the model loads: a wrong folder fails fast
+    summary = score_images(resolve_model(config.checkpoint, config.output_dir), paths, config)
+    if args.json:
+        print_json(asdict(summary))
+    else:
+        print(
+            f"{summary.images} images ({summary.scored} scored now, {summary.unreadable} unreadable) "
+            f"by model {summary.model_version[:12]} -> {summary.table}"
+        )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from visionflow.exports import export_checked
+    from visionflow.scoring import model_path
+
+    result = export_checked(model_path(args.checkpoint, args.output), args.format, args.out, args.images)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(
+            f"{result.format} export in {result.folder} ({result.file.name} + {result.spec.name}): max probability "
+            f"difference {result.max_difference:.2g} on {result.images} images"
+        )
+    return 0
+
+
 # Prefect settings for a CLI run, applied before prefect is imported (it reads them at import);
 # a value the user set in the environment wins. Analytics off: no network call on a first run.
 PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -615,6 +661,43 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_predict)
 
 
+def add_scoring_commands(commands: argparse._SubParsersAction) -> None:
+    """`score` and `export`: a model on many new images; a model for other runtimes."""
+    from visionflow.exports import ExportFormat
+    from visionflow.scoring import INPUTS_HELP, MODEL_HELP, ScoreConfig
+
+    fields = ScoreConfig.model_fields
+    p = commands.add_parser(
+        "score", help="classify many image files into a table (resumable; unreadable files are rows with a status)"
+    )
+    p.add_argument("inputs", metavar="INPUTS", help=INPUTS_HELP)
+    p.add_argument("--checkpoint", default=fields["checkpoint"].default, metavar="PATH|champion:SLOT", help=MODEL_HELP)
+    p.add_argument("--table", default=fields["table"].default, metavar="FILE.csv", help="the table to write")
+    add_output_argument(p)
+    for flag, name in (("--top-k", "top_k"), ("--batch-size", "batch_size"), ("--shard-size", "shard_size")):
+        help_text = f"{fields[name].description} (default: {fields[name].default})"
+        p.add_argument(flag, type=positive_int, default=fields[name].default, metavar="N", help=help_text)
+    p.add_argument("--workers", type=int, default=None, metavar="N", help=fields["num_workers"].description)
+    p.add_argument("--device", default=fields["device"].default, help=fields["device"].description)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(handler=cmd_score)
+
+    p = commands.add_parser(
+        "export", help="write a model as ONNX, TorchScript or safetensors with its spec, checked against the original"
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH|champion:SLOT", help=MODEL_HELP)
+    p.add_argument("--format", required=True, choices=get_args(ExportFormat), help="the export's format")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the model file and its model.json")
+    p.add_argument(
+        "--images",
+        metavar="INPUTS",
+        help=f"images for the parity check: {INPUTS_HELP} (default: the eval split of the model's run)",
+    )
+    add_output_argument(p)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(handler=cmd_export)
+
+
 def add_train_command(commands: argparse._SubParsersAction) -> None:
     """`train`: the training flow, with the config fields it overrides."""
     from visionflow.config import MODEL_NAMES, RECIPES, Loader
@@ -817,6 +900,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_commands in (
         add_validate_command,
         add_model_commands,
+        add_scoring_commands,
         add_train_command,
         add_sweep_command,
         add_run_commands,
