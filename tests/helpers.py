@@ -487,3 +487,25 @@ def free_killed_holders_slots() -> None:
         for limit in client.read_global_concurrency_limits(limit=100):
             if limit.name.startswith(DEVICE_LIMIT_PREFIX) and limit.active_slots:
                 client.update_global_concurrency_limit(limit.name, GlobalConcurrencyLimitUpdate(active_slots=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint really trained, for scoring and exports
+
+
+def trained_checkpoint(dataset: Path, work: Path) -> Path:
+    """best.pt of one CPU epoch of tudui on `dataset` (ROOT/train|val/<class>/*), in `work`; its
+    config names the dataset, so its eval split can be found again."""
+    from visionflow.data.decoded import load_decoded
+    from visionflow.data.splits import resolve_dataset
+
+    info = resolve_dataset(str(dataset))
+    config = build_config(
+        {"data": {"dataset": str(dataset), "batch_size": 16}, "training": {"epochs": 1, "device": "cpu"}}
+    ).resolved()
+    train_split, eval_split = (load_decoded(split, 32, work / "cache") for split in (info.train, info.eval_split))
+    spec = ModelSpec("tudui", len(info.classes), 32, list(info.classes))
+    seed_everything(0)
+    return engine.fit(
+        spec.build(), train_split, eval_split, config, spec, checkpoint_dir=work / "checkpoints"
+    ).best_checkpoint

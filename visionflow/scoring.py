@@ -65,6 +65,18 @@ class ScoreConfig(BaseModel):
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.")
 
 
+def score_config(values: dict[str, Any]) -> ScoreConfig:
+    """A ScoreConfig from plain values; an invalid one -> one-line ConfigError naming the field."""
+    from pydantic import ValidationError
+
+    from visionflow.errors import field_problem
+
+    try:
+        return ScoreConfig.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(f"Invalid scoring option {field_problem(err, 'options')}") from None
+
+
 @dataclass(frozen=True)
 class ScoringModel:
     """A model resolved once for a whole scoring run."""
@@ -328,3 +340,24 @@ def score_images(model: ScoringModel, paths: Sequence[Path], config: ScoreConfig
     _assemble(chunks, table, summary)
     _prune(chunks, table)
     return summary
+
+
+def inputs_fingerprint(paths: Sequence[Path]) -> str:
+    """sha256 over every input's path and content: what a cached scoring result is keyed on."""
+    from visionflow.data.images import thread_map
+
+    digest = hashlib.sha256()
+    for path, sha in zip(paths, thread_map(_hash_or_blank, list(paths))):
+        digest.update(f"{path}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def write_lowest_png(summary: ScoreSummary) -> Path:
+    """The least confident images as a captioned grid, `<table>.lowest.png` beside the table."""
+    from visionflow.reports import render_misclassified, write_png
+
+    examples = [
+        {"file": row["path"], "true": "unlabelled", "predicted": row["class"], "probability": row["probability"]}
+        for row in summary.lowest
+    ]
+    return write_png(render_misclassified(examples), Path(summary.table).with_suffix(".lowest.png"))
