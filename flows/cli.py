@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence, get_args
+import textwrap
+from typing import TYPE_CHECKING, Any, Sequence, get_args
 
 from flows.prefect_server import (
     DEFAULT_PORT,
@@ -40,6 +41,9 @@ from visionflow.errors import (
     path_error,
 )
 from visionflow.train.stopping import handle_stop_signals
+
+if TYPE_CHECKING:
+    from visionflow.manifest import ChampionDecision
 
 OUTPUT_EXPECTED = "a directory for run outputs (--output, output.output_dir)"
 DATA_DIR_EXPECTED = "a directory for downloads and the decoded cache (--data-dir, data.data_dir)"
@@ -143,7 +147,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     check_classes_match(spec, info.classes)  # before decoding anything
     split = select_split(info, args.split)
-    images = open_eval_split(split, DataConfig(data_dir=args.data_dir, loader=args.loader), spec.input_size)
+    images = open_eval_split(split, DataConfig(data_dir=args.data_dir, loader=args.loader), spec.decode_size)
     report = evaluate_model(model, spec, images, device=args.device, batch_size=args.batch_size)
     if args.json:
         print_json(report.to_dict())
@@ -359,7 +363,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  run directory: {layout.root}")
     print(f"  TensorBoard:   {tensorboard_command(layout.tensorboard)}")
     print(f"  Prefect UI:    {prefect_ui_hint(api, manifest.prefect_flow_run_id)}")
+    print_champion(manifest.champion)
     return 0
+
+
+def print_champion(decision: ChampionDecision | None) -> None:
+    """The champion decision, when one was made: its outcome and reason, and the gate's checks."""
+    from visionflow.tables import text_table
+
+    if decision is None:
+        return
+    print(f"  champion '{decision.slot}': {decision.outcome} ({decision.reason})")
+    if decision.checks:
+        print(textwrap.indent(text_table(decision.checks_table()), "    "))
 
 
 SWEEP_OPTIONS = {  # CLI flag (argparse dest) -> SweepConfig field
@@ -417,9 +433,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(format_leaderboard(result.rows, result.metric))
     print(f"  sweep directory: {result.sweep_dir} ({LEADERBOARD_NAME})")
     print(f"  TensorBoard:     {tensorboard_command(os.path.join(result.sweep_dir, TENSORBOARD_SUBDIR))} (HParams tab)")
-    if result.champion is not None:
-        print(f"  champion:        {result.champion.outcome} ({result.champion.reason})")
     print(f"  Prefect UI:      {prefect_ui_hint(api, None)}")
+    print_champion(result.champion)
     return 0
 
 

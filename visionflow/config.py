@@ -390,8 +390,8 @@ class OutputConfig(_Section):
     champion: str | None = Field(
         None,
         pattern=name_pattern(),
-        description="Champion slot under <output_dir>/models/: promote this run there when it scores at least "
-        "as well as the current champion on training.monitor; None = no promotion.",
+        description="Champion slot under <output_dir>/models/: promote this run there when it passes "
+        "champion.gates against the current champion; None = no promotion.",
     )
     keep_last: int | None = Field(
         None,

@@ -228,7 +228,7 @@ class ChampionDecision(_Record):
             (c.check, "pass" if c.passed else "FAIL", c.figure, c.rule, c.threshold, c.detail) for c in self.checks
         )
         return Table(
-            ("check", "result", "figure", "rule", "threshold", "detail"), rows, (TEXT, TEXT, NUMBER, CODE, NUMBER, TEXT)
+            ("check", "result", "figure", "rule", "threshold", "detail"), rows, (TEXT, TEXT, NUMBER, TEXT, NUMBER, TEXT)
         )
 
     def to_markdown(self) -> str:
