@@ -25,12 +25,15 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from visionflow.config import MODEL_RENAMES, stored_config
 from visionflow.errors import CheckpointError, VisionflowError
 from visionflow.fileio import atomic_write, atomic_write_bytes, atomic_write_json
 from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS
 from visionflow.train.records import ModelSpec
 
-FORMAT_VERSION = 1  # the training checkpoint's and the export spec's layout; readers refuse newer ones
+# The training checkpoint's and the export spec's layout; readers refuse newer ones. 2: model names
+# as config.MODEL_RENAMES has them (format 1 files are read with their names renamed).
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def _one_line_load_error(err: Exception) -> str:
     return f"{type(err).__name__}: {sentence[:200]}" if sentence else type(err).__name__
 
 
-def _torch_load_weights_only(path: Path, map_location: str | torch.device) -> Any:
+def load_weights_only(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(weights_only=True)``; a missing, corrupt or code-carrying file -> CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"Checkpoint '{path}' not found: expected {EXPECTED_MODEL_FILE}")
@@ -150,7 +153,7 @@ def is_training_checkpoint(obj: Any) -> bool:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a training checkpoint with ``weights_only=True``; anything else -> CheckpointError."""
     path = Path(path)
-    state = _torch_load_weights_only(path, map_location)
+    state = load_weights_only(path, map_location)
     if not is_training_checkpoint(state):
         found = (
             ", ".join(sorted(map(str, state))[:_MAX_LISTED_KEYS]) if isinstance(state, dict) else type(state).__name__
@@ -164,7 +167,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"Checkpoint '{path}' has format_version {state['format_version']!r}: "
             f"this visionflow reads versions up to {FORMAT_VERSION}"
         )
+    if state["format_version"] < FORMAT_VERSION and isinstance(state["config"], dict):
+        state["config"] = stored_config(state["config"], renamed=False)
+        state["spec"] = upgraded_spec(state["spec"], state["format_version"])
     return state
+
+
+def upgraded_spec(values: Any, format_version: int) -> Any:
+    """A stored spec dict of `format_version` read as this format's: model names renamed before 2."""
+    if format_version < 2 and isinstance(values, dict) and values.get("name") in MODEL_RENAMES:
+        return {**values, "name": MODEL_RENAMES[values["name"]]}
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +200,7 @@ def _listed(names: list[str]) -> str:
     return f"{shown} (+{more} more)" if more > 0 else shown
 
 
-def _mismatch_summary(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any]) -> str:
+def mismatch_summary(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any]) -> str:
     """'missing keys a, b; unexpected keys c; shape mismatches d (file [2] vs model [3])', or ''."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(str(name) for name in set(found) - set(expected))
@@ -216,7 +229,7 @@ def apply_state_dict(model: nn.Module, state_dict: Any, source: str | Path) -> n
         raise CheckpointError(
             f"'{source}' holds a {type(state_dict).__name__}, expected a state_dict (dict of tensors)"
         )
-    mismatch = _mismatch_summary(model.state_dict(), state_dict)
+    mismatch = mismatch_summary(model.state_dict(), state_dict)
     if mismatch:
         raise CheckpointError(f"Weights in '{source}' do not fit {type(model).__name__}: {mismatch}")
     model.load_state_dict(state_dict, strict=True)
@@ -302,7 +315,7 @@ def _read_export_spec(path: Path) -> dict:
         raise CheckpointError(f"Export spec '{path}' is not valid JSON: {err}") from None
 
 
-def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(path, device=str(map_location))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError for any bad header
@@ -315,8 +328,8 @@ def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
 def _load_export(path: Path, map_location: str | torch.device) -> tuple[nn.Module, ModelSpec]:
     weights_path, spec_path = _export_files(path)
     values = _read_export_spec(spec_path)
-    spec = _spec_from(values, spec_path)
-    weights = _read_safetensors(weights_path, map_location)
+    spec = _spec_from(upgraded_spec(values, values.get("format_version", 1)), spec_path)
+    weights = read_safetensors(weights_path, map_location)
     expected_sha = values.get("weights_sha256")
     if expected_sha is not None and weights_sha256(weights) != expected_sha:
         raise CheckpointError(
@@ -403,6 +416,6 @@ def load_state_dict(model: nn.Module, path: str | Path) -> nn.Module:
     Reads with ``weights_only=True`` and loads strictly (a wrong architecture is one CheckpointError
     line naming the mismatched keys); also takes a training checkpoint (its ``model`` entry)."""
     path = Path(path)
-    state = _torch_load_weights_only(path, "cpu")
+    state = load_weights_only(path, "cpu")
     weights = state["model"] if is_training_checkpoint(state) else state
     return apply_state_dict(model, weights, path)

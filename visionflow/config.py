@@ -55,11 +55,12 @@ def close_matches(value: str, names: Iterable[str]) -> str:
     return f" (did you mean {', '.join(matches)}?)" if matches else ""
 
 
-def decode_size(image_size: int, crop_pct: float) -> int:
+def decode_size(image_size: int, crop_pct: float | None) -> int:
     """Pixels of the square images a split is decoded (and cached) at for a model input of `image_size`
     center-cropped at `crop_pct`: floor(image_size / crop_pct), timm's rule (256 for 224 at 0.875, as
-    torchvision's resize 256 / crop 224); the input size itself at crop_pct 1."""
-    return math.floor(image_size / crop_pct)
+    torchvision's resize 256 / crop 224, 342 for 299 at 299 / 342: rounded to 6 digits first); the
+    input size itself at crop_pct 1 or None (an unresolved config: no crop)."""
+    return math.floor(round(image_size / (crop_pct or 1.0), 6))
 
 
 def stored_config(values: Mapping[str, Any], renamed: bool) -> dict[str, Any]:

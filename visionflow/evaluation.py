@@ -161,10 +161,10 @@ def _check_split_fits(spec: ModelSpec, decoded: DecodedSplit | FileSplit) -> Non
         raise DatasetError("The split to evaluate has no images: expected at least one")
     check_classes_match(spec, decoded.classes)
     size = decoded.image_size
-    if size != spec.input_size:
+    if size != spec.decode_size:
         raise DatasetError(
-            f"Images are decoded at {size}x{size} but the model expects "
-            f"{spec.input_size}x{spec.input_size}: decode the split at the spec's input_size"
+            f"Images are decoded at {size}x{size} but the model crops its input from "
+            f"{spec.decode_size}x{spec.decode_size}: decode the split at the spec's decode_size"
         )
 
 
@@ -175,7 +175,7 @@ def evaluate_model(
     normalized with the spec's mean/std."""
     _check_split_fits(spec, decoded)
     target = resolve_device(device)
-    batches = eval_batches(decoded, spec.mean, spec.std, target, batch_size)
+    batches = eval_batches(decoded, spec.mean, spec.std, target, batch_size, size=spec.input_size)
     logits, labels = collect_logits(model.to(target), batches, target, flip=spec.test_flip)  # (N, C), (N,)
     return report_from_logits(logits, labels, decoded.classes, decoded.files)
 
@@ -200,7 +200,7 @@ def predict_images(
 def input_pipeline(spec: ModelSpec) -> Callable[[Image.Image], Tensor]:
     """PIL image -> the model's float32 (3, S, S) input, with the spec's preprocessing: what
     prediction, scoring and exports feed a model for one image file."""
-    return transforms.eval_pipeline(spec.input_size, spec.mean, spec.std)
+    return transforms.eval_pipeline(spec.input_size, spec.mean, spec.std, spec.crop_pct)
 
 
 def _image_batches(

@@ -1,4 +1,4 @@
-"""Model registry, the model spec that travels with exported weights, and a model summary."""
+"""Models by name (visionflow's own, torchvision's, timm's), whitening initialization, and a model summary."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionflow.config import MODEL_NAMES, TIMM_PREFIX
 from visionflow.data.transforms import BatchTransform
 from visionflow.errors import ConfigError
 from visionflow.tables import COUNT, TEXT, Table, text_table
@@ -30,7 +31,7 @@ def build_tudui(num_classes: int) -> nn.Module:
     )
 
 
-def build_resnet18(num_classes: int) -> nn.Module:
+def build_resnet18_cifar(num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 adapted for 32x32 images: a 3x3 stride-1 stem and no max-pool,
     so a 32x32 input still reaches the last stage at 4x4 instead of 1x1."""
     from torchvision.models import resnet18  # here: torchvision's import costs ~2 s (torch._dynamo)
@@ -43,17 +44,62 @@ def build_resnet18(num_classes: int) -> nn.Module:
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "tudui": build_tudui,
-    "resnet18": build_resnet18,
+    "resnet18_cifar": build_resnet18_cifar,
 }
 
 
+def model_names(timm_models: bool) -> frozenset[str]:
+    """The names torchvision's classification models go by, or timm's (with and without a
+    pretrained tag: resnet18, resnet18.a1_in1k), as model.name spells them after TIMM_PREFIX."""
+    if timm_models:
+        import timm  # here: only a timm/ name pays for importing timm
+
+        return frozenset(timm.list_models()) | frozenset(timm.list_models(pretrained=True))
+    import torchvision  # here: torchvision's import costs ~2 s (torch._dynamo)
+
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """Build a registered model; an unknown name raises ConfigError listing the valid ones."""
-    if name not in MODELS:
-        raise ConfigError(f"Invalid model '{name}'. Choose from: {', '.join(sorted(MODELS))}")
+    """Build model `name` (config.ModelConfig.name: one of MODELS, a torchvision classification
+    model, or timm/<name>) with randomly initialized weights and a `num_classes`-way head; an
+    unknown name raises ConfigError naming the valid ones."""
     if num_classes < 2:
         raise ConfigError(f"Invalid num_classes {num_classes}: a classifier needs at least 2 classes")
-    return MODELS[name](num_classes)
+    if name in MODELS:
+        return MODELS[name](num_classes)
+    is_timm = name.startswith(TIMM_PREFIX)
+    if name.removeprefix(TIMM_PREFIX) not in model_names(is_timm):
+        raise ConfigError(
+            f"Invalid model '{name}'. Choose from: {', '.join(MODEL_NAMES)}, a torchvision classification "
+            f"model or {TIMM_PREFIX}<a timm model>"
+        )
+    if is_timm:
+        import timm
+
+        return timm.create_model(name.removeprefix(TIMM_PREFIX), pretrained=False, num_classes=num_classes)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def head_name(model: nn.Module) -> str:
+    """The qualified name of the classifier head, the layer made for the dataset's classes: timm's
+    own record of it (pretrained_cfg "classifier"), else the last Linear layer, else the last
+    Conv2d (squeezenet's 1x1 classifier)."""
+    recorded = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if isinstance(recorded, str) and recorded in dict(model.named_modules()):
+        return recorded
+    for kind in (nn.Linear, nn.Conv2d):
+        names = [name for name, module in model.named_modules() if isinstance(module, kind)]
+        if names:
+            return names[-1]
+    raise ConfigError(f"Model {type(model).__name__} has no Linear or Conv2d layer to use as its classifier head")
+
+
+def is_head(name: str, head: str) -> bool:
+    """Whether parameter, buffer or module `name` belongs to the head module `head`."""
+    return name == head or name.startswith(head + ".")
 
 
 WHITEN_PIXELS = 512 * 32 * 32  # pixels of the images whose patches estimate the covariance: 512 at 32 px

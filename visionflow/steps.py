@@ -57,7 +57,7 @@ def accuracy_on(checkpoint: Path | str, split: Split, device: str, data: DataCon
     from visionflow.evaluation import evaluate_model
 
     model, spec = load_model(checkpoint)
-    return evaluate_model(model, spec, open_eval_split(split, data, spec.input_size), device=device).accuracy
+    return evaluate_model(model, spec, open_eval_split(split, data, spec.decode_size), device=device).accuracy
 
 
 def fill_normalization(dataset: DatasetInfo, data: DataConfig) -> DataConfig:
@@ -120,6 +120,7 @@ def train_run(
     from visionflow.train.engine import fit
     from visionflow.train.launch import TrainRequest, launch_fit
     from visionflow.train.rng import seed_everything
+    from visionflow.weights import load_pretrained, locate, with_weights
 
     ranks = Ranks.current()
     if not ranks.initialized and world_size(config.training.distributed) > 1:
@@ -127,13 +128,18 @@ def train_run(
         request = TrainRequest(run_dir=str(run_dir), dataset=dataset, config=config, resume_from=resume)
         return launch_fit(request, callbacks, progress_stream)
     layout = RunLayout(Path(run_dir))
+    weights = locate(config.model, config.output.output_dir, download=False)  # the file the run starts from
+    config = with_weights(config, weights).resolved()
     data = config.data
     loader = choose_loader(data, dataset.train, dataset.eval_split)
     train, evaluation = (open_split(split, data, loader) for split in (dataset.train, dataset.eval_split))
-    spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
+    spec = ModelSpec.of(config, dataset.classes)
     seed_everything(config.training.seed)  # before building: the initial weights are part of the result
+    model = spec.build()
+    if weights is not None and resume_from is None:  # a resumed run's weights come from its checkpoint
+        load_pretrained(model, weights)
     return fit(
-        spec.build(),
+        model,
         train,
         evaluation,
         config,
@@ -159,7 +165,7 @@ def write_evaluation(
 
     layout = RunLayout(Path(run_dir))
     model, spec = load_model(checkpoint)
-    report = evaluate_model(model, spec, open_eval_split(eval_split, data, spec.input_size), device=device)
+    report = evaluate_model(model, spec, open_eval_split(eval_split, data, spec.decode_size), device=device)
     values = report.to_dict()
     atomic_write_json(layout.evaluation, values)
     write_evaluation_csvs(values, layout.root)

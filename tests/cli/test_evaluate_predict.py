@@ -167,7 +167,7 @@ def test_bad_checkpoints_fail_with_one_line_and_nothing_runs(trained, capsys):
     wrong = save_checkpoint(
         work / "wrong.pt",
         load_checkpoint(best)
-        | {"spec": ModelSpec("resnet18", 10, 32, load_checkpoint(best)["spec"]["class_names"]).to_dict()},
+        | {"spec": ModelSpec("resnet18_cifar", 10, 32, load_checkpoint(best)["spec"]["class_names"]).to_dict()},
     )
     image = next((dataset / "val" / "cat").iterdir())
     cases = [

@@ -130,7 +130,7 @@ def test_evaluate_model_normalizes_with_the_spec_and_reports():
     "change, error",
     [
         (dict(classes=("red", "green", "cyan")), r"classes \['red', 'green', 'cyan'\] do not match"),
-        (dict(images=solid([(1, 2, 3)], size=8)), "decoded at 8x8 but the model expects 4x4"),
+        (dict(images=solid([(1, 2, 3)], size=8)), "decoded at 8x8 but the model crops its input from 4x4"),
         (dict(images=solid([(1, 2, 3)])[:0], labels=torch.tensor([], dtype=torch.int64)), "no images"),
     ],
 )

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import REPO
-from visionflow.config import MODEL_NAMES
+from visionflow.config import MODEL_NAMES, build_config
 from visionflow.errors import ConfigError
-from visionflow.models import MODELS, build_model, summarize
+from visionflow.models import MODELS, build_model, head_name, summarize
 from visionflow.train.records import ModelSpec
 
 # The tutorial's F.conv2d example: a 5x5 input and a 3x3 kernel, as (N, C, H, W) tensors.
@@ -63,8 +63,8 @@ def test_tudui_parameter_count():
     assert "total parameters: 145,578" in summary.to_text()
 
 
-def test_resnet18_keeps_spatial_size_on_32x32():
-    model = build_model("resnet18", 10)
+def test_resnet18_cifar_keeps_spatial_size_on_32x32():
+    model = build_model("resnet18_cifar", 10)
     summary = summarize(model, input_size=32)
     assert summary.layers[0].output_shape == [1, 64, 32, 32]  # 3x3 stride-1 stem, no max-pool
     last_conv = [layer for layer in summary.layers if layer.kind == "Conv2d"][-1]
@@ -75,14 +75,41 @@ def test_resnet18_keeps_spatial_size_on_32x32():
 
 
 def test_summarize_restores_training_mode():
-    model = build_model("resnet18", 3).train()
+    model = build_model("resnet18_cifar", 3).train()
     summarize(model)
     assert model.training
 
 
-def test_unknown_model_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"Invalid model 'vgg'\. Choose from: resnet18, tudui"):
+def test_unknown_model_names_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"Invalid model 'vgg'\. Choose from: tudui, resnet18_cifar, a torchvision"):
         build_model("vgg", 10)
+
+
+def test_torchvision_and_timm_models_by_name_get_a_head_for_the_classes():
+    standard = build_model("resnet18", 3)
+    assert summarize(standard, input_size=64).layers[0].output_shape == [1, 64, 32, 32]  # 7x7 stride-2 stem
+    assert head_name(standard) == "fc" and standard.fc.out_features == 3
+    small = build_model("timm/resnet10t", 5)
+    assert head_name(small) == "fc" and small(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
+    assert head_name(build_model("tudui", 4)) == "8"  # the last Linear of the Sequential
+    assert head_name(build_model("squeezenet1_0", 4)) == "classifier.1"  # a 1x1 Conv2d classifier
+
+
+def test_the_standard_resnet18_costs_a_sixteenth_of_the_cifar_stem_at_224_px():
+    standard, cifar = build_model("resnet18", 2), build_model("resnet18_cifar", 2)
+    first_stage = [summarize(m, input_size=224).layers[4].output_shape for m in (standard, cifar)]
+    assert first_stage == [[1, 64, 56, 56], [1, 64, 224, 224]]  # 16x the pixels in every later layer
+
+
+@pytest.mark.parametrize(
+    ("name", "close"),
+    [("resnet81", "resnet18"), ("timm/convnext_tinny", "convnext_tiny"), ("efficientnet_b9", "did you mean efficientnet_b")],
+)
+def test_an_unknown_name_in_the_config_is_one_line_with_close_matches(name, close):
+    with pytest.raises(ConfigError) as caught:
+        build_config({"model": {"name": name}})
+    message = str(caught.value)
+    assert "\n" not in message and f"'{name}'" in message and "did you mean" in message and close in message
 
 
 def test_too_few_classes_is_a_config_error():
@@ -91,7 +118,7 @@ def test_too_few_classes_is_a_config_error():
 
 
 def test_registry_names():
-    assert sorted(MODELS) == ["resnet18", "tudui"]
+    assert sorted(MODELS) == ["resnet18_cifar", "tudui"]
     assert sorted(MODEL_NAMES) == sorted(MODELS)  # the config validates names without importing torch
 
 

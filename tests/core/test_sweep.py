@@ -31,7 +31,7 @@ from visionflow.sweep import (
 BASE = PipelineConfig()
 SPACE = {
     "optim.lr": {"low": 1e-4, "high": 1e-1, "log": True},
-    "model.name": ["tudui", "resnet18"],
+    "model.name": ["tudui", "resnet18_cifar"],
     "training.epochs": {"low": 1, "high": 4},
 }
 
@@ -56,7 +56,7 @@ def test_a_seed_proposes_the_same_trials_twice(method: str) -> None:
     assert len(first) == 8 and first == proposals(method, seed=7)
     assert first != proposals(method, seed=8)
     for params in first:
-        assert 1e-4 <= params["optim.lr"] <= 1e-1 and params["model.name"] in ("tudui", "resnet18")
+        assert 1e-4 <= params["optim.lr"] <= 1e-1 and params["model.name"] in ("tudui", "resnet18_cifar")
         assert params["training.epochs"] in (1, 2, 3, 4)
 
 

@@ -116,7 +116,7 @@ def test_callback_rejects_a_zero_interval(tmp_path: Path) -> None:
         TensorBoardCallback(tmp_path, every_n_steps=0)
 
 
-@pytest.mark.parametrize("name", ["tudui", "resnet18"])
+@pytest.mark.parametrize("name", ["tudui", "resnet18_cifar"])
 def test_model_graph(tmp_path: Path, name: str) -> None:
     model = build_model(name, 10).train()
     log_model_graph(tmp_path, model, 32)

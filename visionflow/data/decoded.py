@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionflow.config import DataConfig
+from visionflow.config import DataConfig, decode_size
 from visionflow.cores import usable_cores
 from visionflow.data.fingerprint import fingerprint_split
 from visionflow.data.images import load_rgb, thread_map
@@ -78,7 +78,7 @@ def choose_loader(data: DataConfig, *splits: Split) -> str:
     pixel) fit `memory_budget_mb`."""
     if data.loader != "auto":
         return data.loader
-    decoded_mb = sum(len(split) for split in splits) * 3 * data.image_size**2 / 2**20
+    decoded_mb = sum(len(split) for split in splits) * 3 * decode_size(data.image_size, data.crop_pct) ** 2 / 2**20
     return "memory" if decoded_mb <= memory_budget_mb(data) else "stream"
 
 
@@ -90,20 +90,21 @@ def default_num_workers() -> int:
 def open_split(split: Split, data: DataConfig, loader: str) -> DecodedSplit | FileSplit:
     """The split as `loader` ('memory' or 'stream', see `choose_loader`) reads it: decoded into RAM
     through the cache, or its files, decoded batch by batch by data.num_workers processes."""
+    size = decode_size(data.image_size, data.crop_pct)
     if loader == "memory":
-        return load_decoded(split, data.image_size, decoded_cache_dir(data.data_dir))
+        return load_decoded(split, size, decoded_cache_dir(data.data_dir))
     if loader != "stream":
         raise ValueError(f"Invalid loader '{loader}'. Choose from: memory, stream")
     workers = data.num_workers if data.num_workers is not None else default_num_workers()
     files = tuple(split.relpath(i) for i in range(len(split)))
     labels = torch.tensor(split.labels, dtype=torch.int64)
-    return FileSplit(tuple(split.files), labels, split.classes, files, data.image_size, workers)
+    return FileSplit(tuple(split.files), labels, split.classes, files, size, workers)
 
 
 def open_eval_split(split: Split, data: DataConfig, image_size: int) -> DecodedSplit | FileSplit:
-    """`split` at a model's `image_size`, read by data.loader (auto: memory while this one split,
-    decoded, fits the budget; a champion or a CLI evaluation streams what would not fit)."""
-    data = data.model_copy(update={"image_size": image_size})
+    """`split` decoded at `image_size` (a model spec's decode_size), read by data.loader (auto: memory
+    while this one split, decoded, fits the budget; a champion or a CLI evaluation streams what would not fit)."""
+    data = data.model_copy(update={"image_size": image_size, "crop_pct": 1.0})
     return open_split(split, data, choose_loader(data, split))
 
 

@@ -197,8 +197,9 @@ def eval_batches(
     device: torch.device,
     batch_size: int = 256,
     channels_last: bool = False,
+    size: int | None = None,
 ) -> Batches:
-    """Normalized float batches of a split (see `make_loader`) in order, for `evaluate` and `collect_logits`."""
-    return Batches(
-        make_loader(split, batch_size, device), device, BatchTransform(mean, std, device, channels_last=channels_last)
-    )
+    """Normalized float batches of a split (see `make_loader`) in order, center-cropped to `size`
+    (default: none), for `collect_logits`."""
+    transform = BatchTransform(mean, std, device, channels_last=channels_last, size=size)
+    return Batches(make_loader(split, batch_size, device), device, transform)

@@ -76,10 +76,14 @@ def wait_for_main() -> None:
         dist.barrier()
 
 
-def data_parallel(model: nn.Module, device: torch.device, sync_batchnorm: bool) -> tuple[nn.Module, nn.Module]:
+def data_parallel(
+    model: nn.Module, device: torch.device, sync_batchnorm: bool, partly_frozen: bool = False
+) -> tuple[nn.Module, nn.Module]:
     """(the module to save and evaluate, the module training batches run through): in a process group
     the second is DDP over the first, which averages gradients over the ranks in backward; else both are
-    `model`. `sync_batchnorm` converts BatchNorm layers to SyncBatchNorm first (CUDA only)."""
+    `model`. `sync_batchnorm` converts BatchNorm layers to SyncBatchNorm first (CUDA only).
+    `partly_frozen`: some parameters get no gradient in some epochs (model.freeze_epochs), which DDP
+    must look for after each backward (find_unused_parameters: one pass over the graph per step)."""
     if not _in_group():
         return model, model
     if sync_batchnorm:
@@ -90,7 +94,7 @@ def data_parallel(model: nn.Module, device: torch.device, sync_batchnorm: bool) 
             )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [device.index] if device.type == "cuda" else None
-    return model, DistributedDataParallel(model, device_ids=device_ids)
+    return model, DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=partly_frozen)
 
 
 def describe(device: torch.device) -> DistributedRecord | None:

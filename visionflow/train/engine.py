@@ -36,7 +36,7 @@ from visionflow.data.decoded import FileSplit
 from visionflow.data.loaders import Batches, eval_batches, make_loader, sample_images, with_train_statistics
 from visionflow.data.transforms import BatchTransform
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
-from visionflow.models import whiten_first_conv, whiten_images
+from visionflow.models import head_name, is_head, whiten_first_conv, whiten_images
 from visionflow.runs import BEST_CHECKPOINT, LAST_CHECKPOINT
 from visionflow.train.autotune import BF16_SLOWDOWN_WARNING, bf16_slowdown, cpu_name, fast_settings, native_bf16
 from visionflow.train.device import autocast, resolve_device
@@ -162,12 +162,16 @@ def train_one_epoch(
     progress: Progress | None = None,
     stop: StopGuard | None = None,
     timer: PhaseTimer | None = None,
+    frozen: Sequence[nn.Module] = (),
 ) -> TrainStats:
     """One pass over model-ready `batches`; the scheduler steps per batch; `grad_clip` 0 = off;
     `stop` is checked after every batch (a held Ctrl-C or a deadline ends the epoch there);
-    `timer` (optional) gets the data, forward, backward, optimizer and callbacks time of each step."""
+    `timer` (optional) gets the data, forward, backward, optimizer and callbacks time of each step;
+    `frozen` modules stay in eval mode (a frozen backbone's: its BatchNorm statistics do not move)."""
     timer = timer or PhaseTimer(device)
     model.train()
+    for module in frozen:
+        module.eval()
     # Running sums stay on the device: reading them (.item()) would sync every step.
     loss_sum = torch.zeros((), device=device)  # sum of per-image losses
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -322,9 +326,12 @@ def _checkpoint(
 def _check_resumable(
     stored: TrainingCheckpoint, config: PipelineConfig, path: Path, device: torch.device, world_size: int
 ) -> None:
-    """Resuming must continue the same computation: same config (up to `config.free_fields`), same
-    device type, same world size."""
-    before, now, free = flatten(stored.config), flatten(config.model_dump(mode="json")), free_fields("resume")
+    """Resuming must continue the same computation: same config (up to `config.free_fields`; the
+    checkpoint's with the fields added since it was written at what they resolve to), same device
+    type, same world size."""
+    stored_config = PipelineConfig.model_validate(stored.config).resolved()
+    before, now = flatten(stored_config.model_dump(mode="json")), flatten(config.model_dump(mode="json"))
+    free = free_fields("resume")
     changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in free]
     if changed:
         diffs = ", ".join(f"{k} (checkpoint {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:3])
@@ -445,7 +452,8 @@ def _build_run(
     sync_batchnorm = training.sync_batchnorm
     if sync_batchnorm is None:
         sync_batchnorm = ranks.world_size > 1 and device.type == "cuda"
-    model, parallel = data_parallel(model.to(device, memory_format=fmt), device, sync_batchnorm)
+    partly_frozen = bool(config.model.freeze_epochs)
+    model, parallel = data_parallel(model.to(device, memory_format=fmt), device, sync_batchnorm, partly_frozen)
     forward = torch.compile(model) if training.compile else model
     train_forward = forward
     if parallel is not model:  # a distributed run: DDP averages the gradients over the ranks
@@ -465,7 +473,16 @@ def _build_run(
     train_batches = Batches(
         train_loader,
         device,
-        BatchTransform(data.mean, data.std, device, augment, training.channels_last, data.crop_padding),
+        BatchTransform(
+            data.mean,
+            data.std,
+            device,
+            augment,
+            training.channels_last,
+            data.crop_padding,
+            data.image_size,
+            data.train_crop,
+        ),
         shard=(ranks.rank, ranks.world_size),
     )
     optimizer = build_optimizer(model, config.optim)
@@ -478,7 +495,9 @@ def _build_run(
         criterion=nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
         generators=generators,
         train_batches=train_batches,
-        eval_batches=eval_batches(eval_split, data.mean, data.std, device, data.batch_size, training.channels_last),
+        eval_batches=eval_batches(
+            eval_split, data.mean, data.std, device, data.batch_size, training.channels_last, data.image_size
+        ),
     )
 
 
@@ -502,6 +521,21 @@ def _resume(
     return _FitState.from_checkpoint(stored), False
 
 
+def freeze_backbone(model: nn.Module, frozen: bool) -> list[nn.Module]:
+    """Head-only training (model.freeze_epochs): every parameter outside the classifier head
+    (`models.head_name`) stops (`frozen`) or resumes taking gradients. Returns the leaf modules
+    outside the head, to keep in eval mode while frozen: their BatchNorm statistics stay too, so the
+    frozen backbone is bit-identical afterwards (timm's `freeze`; Lightning's BaseFinetuning keeps
+    training BatchNorm unless train_bn=False); [] when not frozen."""
+    head = head_name(model)
+    for name, parameter in model.named_parameters():
+        if not is_head(name, head):
+            parameter.requires_grad_(not frozen)
+    if not frozen:
+        return []
+    return [module for name, module in model.named_modules() if not list(module.children()) and not is_head(name, head)]
+
+
 def _run_epoch(
     run: _Run,
     state: _FitState,
@@ -516,6 +550,8 @@ def _run_epoch(
 ) -> EpochMetrics:
     """Train and evaluate one epoch, and fold its figures into `state`."""
     precision = config.training.precision
+    freeze_epochs = config.model.freeze_epochs
+    frozen = freeze_backbone(run.model, epoch <= freeze_epochs) if freeze_epochs else []
     start = time.perf_counter()
     stats = train_one_epoch(
         run.train_forward,
@@ -532,6 +568,7 @@ def _run_epoch(
         progress=progress,
         stop=stop,
         timer=timer,
+        frozen=frozen,
     )
     # Rank 0 evaluates (its weights and BN statistics are what the checkpoint holds, so the figures
     # are a single-process evaluation's) and every rank takes its figures: the decisions below

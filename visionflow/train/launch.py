@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, TypeAdapter
 
-from visionflow.config import PipelineConfig, check_global_batch, world_size
+from visionflow.config import PipelineConfig, check_global_batch, decode_size, world_size
 from visionflow.data.decoded import choose_loader, load_decoded
 from visionflow.data.splits import DatasetInfo, decoded_cache_dir
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, DeviceError
@@ -223,13 +223,13 @@ def launch_fit(
     run_dir, dataset, config = request.run_dir, request.dataset, request.config.resolved()
     data = config.data
     check_global_batch(data.batch_size, world_size(config.training.distributed))
-    spec = ModelSpec(config.model.name, len(dataset.classes), data.image_size, list(dataset.classes))
+    spec = ModelSpec.of(config, dataset.classes)
     # Resolved once here, so that every rank trains with the same precision and memory format.
     config = with_fast_settings(config, spec, resolve_device(config.training.device))
     splits = (dataset.train, dataset.eval_split)
     if choose_loader(data, *splits) == "memory":  # decoded once here, not by every rank at once
         for split in splits:
-            load_decoded(split, data.image_size, decoded_cache_dir(data.data_dir))
+            load_decoded(split, decode_size(data.image_size, data.crop_pct), decoded_cache_dir(data.data_dir))
     work_dir = Path(run_dir) / WORK_DIR
     shutil.rmtree(work_dir, ignore_errors=True)
     (work_dir / ERRORS_DIR).mkdir(parents=True)

@@ -15,15 +15,27 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LRScheduler,
 
 from visionflow.config import OptimConfig
 from visionflow.errors import ConfigError
+from visionflow.models import head_name, is_head
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weight matrices and kernels only: decaying biases and norm gains just hurts (nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+def _param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """Decay weight matrices and kernels only: decaying biases and norm gains just hurts (nanoGPT).
+    With optim.backbone_lr_scale below 1, everything but the classifier head (`models.head_name`)
+    gets its own groups at lr x backbone_lr_scale (discriminative fine-tuning rates)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    parts = [(named, optim.lr)]
+    if optim.backbone_lr_scale != 1:
+        head = head_name(model)
+        backbone = [(name, p) for name, p in named if not is_head(name, head)]
+        parts = [
+            (backbone, optim.lr * optim.backbone_lr_scale),
+            ([np for np in named if is_head(np[0], head)], optim.lr),
+        ]
+    groups = []
+    for params, lr in parts:
+        groups.append({"params": [p for _, p in params if p.dim() >= 2], "weight_decay": optim.weight_decay, "lr": lr})
+        groups.append({"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr})
+    return [group for group in groups if group["params"]]
 
 
 OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], Optimizer]] = {
@@ -38,9 +50,13 @@ SCHEDULERS: dict[str, Callable[[Optimizer, OptimConfig, int, int], LRScheduler]]
     "step": lambda opt, o, total, per_epoch: StepLR(opt, step_size=o.step_size * per_epoch, gamma=o.gamma),
     "cosine": lambda opt, o, total, per_epoch: CosineAnnealingLR(opt, T_max=total),
     # Warm up over the first 25% of steps (more on tiny runs: _warmup_fraction), then anneal to
-    # lr / 25e4; momentum stays as configured.
+    # lr / 25e4, each parameter group from its own rate; momentum stays as configured.
     "onecycle": lambda opt, o, total, per_epoch: OneCycleLR(
-        opt, max_lr=o.lr, total_steps=total, pct_start=_warmup_fraction(total), cycle_momentum=False
+        opt,
+        max_lr=[group["lr"] for group in opt.param_groups],
+        total_steps=total,
+        pct_start=_warmup_fraction(total),
+        cycle_momentum=False,
     ),
 }
 
@@ -58,7 +74,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> Optimizer:
         raise ConfigError(
             f"Invalid config field 'optim.nesterov': Nesterov needs optim.momentum > 0 (got {optim.momentum})"
         )
-    return build(_param_groups(model, optim.weight_decay), optim)
+    return build(_param_groups(model, optim), optim)
 
 
 def _warmup_fraction(total_steps: int) -> float:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from visionflow.config import PipelineConfig, decode_size
 from visionflow.errors import ConfigError
 from visionflow.manifest import DistributedRecord
 
@@ -26,18 +27,30 @@ class ModelSpec:
     mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # per channel, on [0, 1] pixels
     std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     test_flip: bool = False  # logits averaged with the mirror image's at evaluation and prediction
+    crop_pct: float = 1.0  # resize to input_size / crop_pct, center-crop input_size (config.decode_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelSpec":
-        values = {"test_flip": False, **values}  # specs saved before test_flip existed
+        values = {"test_flip": False, "crop_pct": 1.0, **values}  # specs saved before these existed
         known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
         missing = sorted(set(cls.__dataclass_fields__) - set(known))
         if missing:
             raise ConfigError(f"Model spec is missing {', '.join(missing)}")
         return cls(**known)
+
+    @classmethod
+    def of(cls, config: PipelineConfig, classes: Sequence[str]) -> "ModelSpec":
+        """The spec a resolved config trains for `classes` (fit fills in the normalization)."""
+        data = config.data
+        return cls(config.model.name, len(classes), data.image_size, list(classes), crop_pct=data.crop_pct)
+
+    @property
+    def decode_size(self) -> int:
+        """Pixels of the square images this model's input is center-cropped from."""
+        return decode_size(self.input_size, self.crop_pct)
 
     def build(self) -> nn.Module:
         from visionflow.models import build_model  # torch

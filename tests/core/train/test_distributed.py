@@ -241,6 +241,6 @@ def test_one_rank_nccl_through_torchrun(tiny_folder: Path, tmp_path: Path) -> No
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_two_ranks_on_two_gpus_with_sync_batchnorm(tiny_folder: Path, tmp_path: Path) -> None:
-    result = gpu_run(tiny_folder, tmp_path, 2, "resnet18")  # sync_batchnorm: on by default here
+    result = gpu_run(tiny_folder, tmp_path, 2, "resnet18_cifar")  # sync_batchnorm: on by default here
     assert result.distributed is not None and result.distributed.devices == ["cuda:0", "cuda:1"]
     load_model(tmp_path / "checkpoints" / "best.pt")  # SyncBatchNorm's state dict is BatchNorm's
