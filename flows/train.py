@@ -1,4 +1,4 @@
-"""The training flow: data -> validation -> normalization -> transform preview -> model ->
+"""The training flow: pretrained weights (model.weights) -> data -> validation -> normalization -> transform preview -> model ->
 training -> evaluation -> export -> manifest and artifacts -> champion decision (with
 output.champion set) -> gc of old runs (with output.keep_last or output.keep_days set). Every
 heavy step is a cached task (tasks/caching.py)."""
@@ -12,7 +12,8 @@ from tasks.caching import durable_results
 from tasks.champion import challenge_champion
 from tasks.data import compute_normalization, download_dataset, fingerprint_data, preview_transforms, validate_data
 from tasks.evaluation import evaluate_checkpoint, evaluate_with_leaked, export_checkpoint
-from tasks.model import describe_model
+from tasks.label_issues import search_label_issues
+from tasks.model import describe_model, locate_weights
 from tasks.run import collect_garbage, failure_recorded, finish_run, publish_run, start_run
 from tasks.training import train_model
 from visionflow.config import PipelineConfig
@@ -35,7 +36,7 @@ def run_name() -> str:
 @flow(name="train-pipeline", flow_run_name=run_name, validate_parameters=True)
 def train_pipeline(config: PipelineConfig) -> Manifest:
     """Train, evaluate and export an image classifier; returns the run's manifest."""
-    config = config.resolved()
+    config = locate_weights(config).resolved()  # pretrained weights first: they fill what the recipe would
     # Task runs are tagged with the dataset and model; cached results live under the output directory.
     with tags(f"dataset:{config.data.dataset}", f"model:{config.model.name}"), durable_results(config.output):
         location = download_dataset(config.data)
@@ -43,11 +44,13 @@ def train_pipeline(config: PipelineConfig) -> Manifest:
         run = start_run(config)
         with failure_recorded(run):  # a failing step marks the run failed in its manifest
             validated = validate_data(dataset, config.data, run.run_dir)
+            if config.label_issues.enabled:  # suspected mislabels, left out of training with on_issue drop-train
+                validated = search_label_issues(dataset, validated, config, run.run_dir)
             normalization = compute_normalization(dataset, validated, config.data)
             preview = preview_transforms(
                 dataset, validated, config.data, normalization, config.training.seed, run.run_dir
             )
-            model = describe_model(config.model.name, len(dataset.classes), config.data.image_size, run.run_dir)
+            model = describe_model(config.model, len(dataset.classes), config.data.image_size, run.run_dir)
             training = train_model(dataset, validated, config, normalization, run.run_dir, run.resume_from)
             used = training.used_config(config).data  # its loader resolved: evaluation reads the same way
             evaluation = evaluate_checkpoint(
