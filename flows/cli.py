@@ -106,11 +106,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
         near_duplicates=args.near_duplicates,
         **{key: value for key, value in near.items() if value is not None},
     )
+    issues = label_issues_of(info, args) if args.label_issues else None
     if args.json:
-        print_json(report.to_dict())
-    else:
-        print(report.format_text())
+        print_json({**report.to_dict(), **({"label_issues": issues.to_dict()} if issues else {})})
+        return 0
+    print(report.format_text())
+    if issues is not None:
+        from visionflow.tables import text_table
+
+        print(f"\nlabel issues: {len(issues.issues)} of {issues.num_train} train images ({issues.folds} folds)")
+        print(text_table(issues.table(LISTED_ISSUES)))
     return 0
+
+
+LISTED_ISSUES = 20  # suspects printed by validate --label-issues (--json gives them all)
+
+
+def label_issues_of(info: Any, args: argparse.Namespace) -> Any:
+    """validate --label-issues: the train split's suspects, the folds trained with --config's recipe."""
+    from visionflow.config import load_config
+    from visionflow.label_issues import find_issues
+
+    config = load_config(args.config, {"data.dataset": args.dataset, "data.data_dir": args.data_dir}).resolved()
+    return find_issues(info, config)
 
 
 def positive_int(text: str) -> int:
@@ -236,6 +254,7 @@ TRAIN_OVERRIDES = {  # CLI flag (argparse dest) -> dotted config field
     "nproc_per_node": "training.distributed.nproc_per_node",
     "nnodes": "training.distributed.nnodes",
     "rdzv_endpoint": "training.distributed.rdzv_endpoint",
+    "on_label_issue": "label_issues.on_issue",
 }
 
 
@@ -325,6 +344,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if args.refresh:
         overrides["output.refresh"] = True
+    if args.label_issues or args.on_label_issue:
+        overrides["label_issues.enabled"] = True
     config = load_config(args.config, overrides)
     check_paths(config)
     prefect_environment()
@@ -632,6 +653,15 @@ def add_validate_command(commands: argparse._SubParsersAction) -> None:
         help="with --near-duplicates: eval images with a near-duplicate in train are reported (report, default; "
         "drop-eval also counts what evaluation would leave out) or stop with an error (fail)",
     )
+    p.add_argument(
+        "--label-issues",
+        action="store_true",
+        help="also rank suspected mislabelled train images (cleanlab on out-of-fold predictions: trains "
+        "label_issues.folds models, cached under output.output_dir)",
+    )
+    p.add_argument(
+        "--config", metavar="FILE.yaml", help="with --label-issues: the recipe, model, epochs and folds to train with"
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=cmd_validate)
 
@@ -715,7 +745,7 @@ def add_scoring_commands(commands: argparse._SubParsersAction) -> None:
 
 def add_train_command(commands: argparse._SubParsersAction) -> None:
     """`train`: the training flow, with the config fields it overrides."""
-    from visionflow.config import MODEL_NAMES, RECIPES, Loader
+    from visionflow.config import MODEL_NAMES, RECIPES, Loader, OnLabelIssue
 
     p = commands.add_parser("train", help="run the training flow (cached steps, resumable with --run-name)")
     p.add_argument(
@@ -742,6 +772,12 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
         "--run-name", metavar="NAME", help="run directory name; an interrupted run with this name is resumed"
     )
     p.add_argument("--refresh", action="store_true", help="ignore cached results and recompute every step")
+    p.add_argument("--label-issues", action="store_true", help="search suspected mislabelled train images first")
+    p.add_argument(
+        "--on-label-issue",
+        choices=get_args(OnLabelIssue),
+        help="implies --label-issues: only report the suspects (report, default) or also train without them",
+    )
     p.add_argument(
         "--nproc-per-node",
         type=nproc_per_node,

@@ -57,8 +57,10 @@ class LabelIssueReport:
     def to_dict(self) -> dict[str, Any]:
         return {"num_train": self.num_train, "folds": self.folds, "issues": [asdict(issue) for issue in self.issues]}
 
-    def table(self) -> Table:
-        return Table.of(("file", "given", "suggested", "score", "suggested_probability"), map(asdict, self.issues))
+    def table(self, limit: int | None = None) -> Table:
+        """The first `limit` suspects (None: all), one row each."""
+        columns = ("file", "given", "suggested", "score", "suggested_probability")
+        return Table.of(columns, map(asdict, self.issues[:limit]))
 
 
 def fold_indices(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
