@@ -1,0 +1,195 @@
+"""Batch scoring throughput and memory (not a test). Run from the repo root:
+
+    .venv/bin/python bench/score.py [--images 20000] [--small 5000] [--model tudui]
+
+Images: ../shared/data/cifar10-mini's 6,000 JPEGs (32x32) replicated by symbolic links to N files in
+a temporary folder (the source is only read). Model: a seeded, untrained `--model` at 32 px, saved
+as an export (throughput does not depend on the weights). Everything else is the product's
+defaults (scoring.ScoreConfig: batch 64, shards of 1,024 rows, top-5, DataLoader workers = the
+usable cores, at most 8, device cpu).
+
+Variants, each in its own process (its peak RSS: os.wait4 of the child, Linux ru_maxrss, the
+largest process of its tree):
+- score: `scoring.score_images`, the core of `visionflow score` (hashing every file, decoding on
+  workers, the model, shards, the assembled CSV), at --small and at N images: the flat-RSS check;
+- plain: a torchvision ImageFolder-style loop on the same --small files, model and batch: a Dataset
+  opening each file with PIL, torchvision Resize/ToTensor/Normalize, a DataLoader with as many
+  workers, the model under inference_mode, top-5 kept in a list, a CSV written at the end.
+Then onnxruntime against PyTorch on the CPU: the same model (its `exports` ONNX file) on the same
+random batches of 64, forward passes only.
+images/s are over one run each (the CPUs are shared with other work: noisy).
+The last line is `score_vs_plain=<ratio at --small> onnx_vs_torch=<ratio> score_peak_rss_mb=<small>,<N>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SOURCE = REPO.parent / "shared" / "data" / "cifar10-mini"
+IMAGE_SIZE = 32
+ONNX_BATCHES = 32  # forward passes per runtime: ~2,000 images, a few seconds on 2 cores
+
+
+def replicate(target: Path, images: int) -> Path:
+    """target/<class>/ with `images` symbolic links cycling over cifar10-mini's files."""
+    files = sorted(SOURCE.glob("*/*/*.jpg"))
+    for copy, file in zip(range(images), itertools.cycle(files)):
+        link = target / file.parent.name / f"{copy:06d}-{file.name}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(file)
+    return target
+
+
+def make_model(name: str, folder: Path) -> Path:
+    import torch
+
+    from visionflow.checkpoints import export_model
+    from visionflow.train.records import ModelSpec
+
+    torch.manual_seed(0)
+    classes = sorted(p.name for p in (SOURCE / "train").iterdir())
+    spec = ModelSpec(name, len(classes), IMAGE_SIZE, classes, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
+    export_model(spec.build(), spec, folder)
+    return folder
+
+
+def score_variant(folder: Path, model: Path, table: Path) -> dict:
+    from visionflow.scoring import ScoreConfig, resolve_inputs, resolve_model, score_images
+
+    config = ScoreConfig(inputs=str(folder), checkpoint=str(model), table=str(table), device="cpu")
+    scoring_model = resolve_model(config.checkpoint, config.output_dir)
+    start = time.perf_counter()
+    summary = score_images(scoring_model, resolve_inputs(config.inputs), config)
+    seconds = time.perf_counter() - start
+    return {"images": summary.images, "seconds": seconds, "workers": config.num_workers}
+
+
+def plain_variant(folder: Path, model: Path, table: Path) -> dict:
+    """The loop users write by hand, on the same files, model and batch."""
+    import pandas as pd
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms as T
+
+    from visionflow.checkpoints import load_model
+    from visionflow.data.decoded import default_num_workers
+    from visionflow.scoring import ScoreConfig
+
+    network, spec = load_model(model)
+    transform = T.Compose(
+        [T.Resize((spec.input_size, spec.input_size)), T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    )
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))
+
+    class Files(Dataset):
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, index: int):
+            with Image.open(paths[index]) as image:
+                return transform(image.convert("RGB"))
+
+    batch = ScoreConfig.model_fields["batch_size"].default
+    start = time.perf_counter()
+    rows = []
+    with torch.inference_mode():
+        for images in DataLoader(Files(), batch_size=batch, num_workers=default_num_workers()):
+            probabilities, ranked = network(images).softmax(dim=1).topk(5)
+            rows += [[*r, *p] for r, p in zip(ranked.tolist(), probabilities.tolist())]
+    pd.DataFrame(rows).assign(path=paths).to_csv(table, index=False)
+    return {"images": len(paths), "seconds": time.perf_counter() - start}
+
+
+def onnx_vs_torch(model: Path, work: Path) -> dict:
+    import onnxruntime
+    import torch
+
+    from visionflow.checkpoints import load_model
+    from visionflow.exports import Probabilities, write_format
+
+    network, spec = load_model(model)
+    file = write_format("onnx", network, spec, work)
+    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    batches = [torch.randn(64, 3, spec.input_size, spec.input_size) for _ in range(ONNX_BATCHES)]
+    wrapped = Probabilities(network, spec.test_flip)
+    timings = {}
+    with torch.inference_mode():
+        for name, run in (("torch", wrapped), ("onnxruntime", lambda x: session.run(None, {"image": x.numpy()}))):
+            run(batches[0])  # warm-up
+            start = time.perf_counter()
+            for images in batches:
+                run(images)
+            timings[name] = len(batches) * 64 / (time.perf_counter() - start)
+    return timings
+
+
+def measure(variant: str, folder: Path, model: Path, table: Path) -> dict:
+    """`variant` in a child process; its result with the peak RSS (MB) and images/s."""
+    argv = [sys.executable, __file__, "--child", variant, str(folder), str(model), str(table)]
+    result_file = table.with_suffix(".json")
+    with open(result_file, "w") as out:
+        child = subprocess.Popen(argv, stdout=out)
+        _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"the {variant} variant on {folder} failed")
+    result = json.loads(result_file.read_text())
+    return {**result, "peak_rss_mb": usage.ru_maxrss / 1024, "images_per_second": result["images"] / result["seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20_000, help="replicated images (default 20,000)")
+    parser.add_argument("--small", type=int, default=5_000, help="the smaller scoring run (default 5,000)")
+    parser.add_argument("--model", default="tudui", help="architecture (default tudui)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        variant, folder, model, table = args.child
+        run = score_variant if variant == "score" else plain_variant
+        print(json.dumps(run(Path(folder), Path(model), Path(table))))
+        return
+    from visionflow.cores import usable_cores
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"cpu: {cpu}, {usable_cores()} usable cores; {args.model} at {IMAGE_SIZE} px", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
+        work = Path(tmp)
+        model = make_model(args.model, work / "model")
+        runs = {}
+        for images, variant in ((args.small, "score"), (args.small, "plain"), (args.images, "score")):
+            folder = work / f"inbox-{images}"
+            if not folder.exists():
+                replicate(folder, images)
+            runs[images, variant] = result = measure(variant, folder, model, work / f"{variant}-{images}.csv")
+            print(
+                f"{variant:5s} {images:>6,} images: {result['images_per_second']:,.0f} img/s "
+                f"({result['seconds']:.1f} s), peak RSS {result['peak_rss_mb']:,.0f} MB",
+                flush=True,
+            )
+        runtimes = onnx_vs_torch(model, work)
+    print(
+        f"forward only, batch 64: torch {runtimes['torch']:,.0f} img/s, "
+        f"onnxruntime {runtimes['onnxruntime']:,.0f} img/s"
+    )
+    ratio = runs[args.small, "score"]["images_per_second"] / runs[args.small, "plain"]["images_per_second"]
+    rss = f"{runs[args.small, 'score']['peak_rss_mb']:.0f},{runs[args.images, 'score']['peak_rss_mb']:.0f}"
+    print(
+        f"score_vs_plain={ratio:.2f} onnx_vs_torch={runtimes['onnxruntime'] / runtimes['torch']:.2f} "
+        f"score_peak_rss_mb={rss}"
+    )
+
+
+if __name__ == "__main__":
+    main()
