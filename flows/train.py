@@ -1,7 +1,7 @@
-"""The training flow: pretrained weights (model.weights) -> data -> validation -> normalization -> transform preview -> model ->
-training -> evaluation -> export -> manifest and artifacts -> champion decision (with
-output.champion set) -> gc of old runs (with output.keep_last or output.keep_days set). Every
-heavy step is a cached task (tasks/caching.py)."""
+"""The training flow: pretrained weights (with model.weights set) -> data -> validation ->
+normalization -> transform preview -> model -> training -> evaluation -> export -> manifest and
+artifacts -> champion decision (with output.champion set) -> gc of old runs (with output.keep_last
+or output.keep_days set). Every heavy step is a cached task (tasks/caching.py)."""
 
 from __future__ import annotations
 

@@ -31,13 +31,15 @@ from pydantic import (
     model_validator,
 )
 
-from visionflow.config import PipelineConfig
+from visionflow.config import MODEL_RENAMES, PipelineConfig, stored_config
 from visionflow.errors import ConfigError, field_problem
 from visionflow.fileio import atomic_write_json, user_cache_dir
 from visionflow.tables import CODE, NUMBER, TEXT, Table, markdown_table
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 2  # 2: typed model (1 was the untyped dict, its "manifest_version" is read as schema_version)
+# 2: typed model (1 was the untyped dict, its "manifest_version" is read as schema_version); 3: model
+# names as config.MODEL_RENAMES has them (older manifests are read with their names renamed).
+SCHEMA_VERSION = 3
 # interrupted: Ctrl-C, SIGTERM or a dead process; cancelled: by Prefect (UI, API); timed_out:
 # training.timeout_minutes. Rerunning a run that stopped in any of these ways resumes it.
 RunStatus = Literal["running", "completed", "failed", "interrupted", "cancelled", "timed_out"]
@@ -79,9 +81,14 @@ class DataRecord(_Record):
 class ModelRecord(_Record):
     """The architecture a run trained."""
 
-    name: str = Field(description="Model name from the registry.")
+    name: str = Field(description="model.name: the backbone.")
     num_parameters: int
     trainable_parameters: int
+    weights: str = Field("none", description="model.weights: what the run started from.")
+    weights_sha256: str | None = Field(None, description="sha256 of that weights file.")
+    head: str | None = Field(None, description="The classifier head layer, made for the dataset's classes.")
+    head_parameters: int | None = Field(None, description="Parameters of the head: all that trains while frozen.")
+    frozen: str = Field("nothing", description="What model.freeze_epochs freezes, and in which epochs.")
 
 
 class Milestone(_Record):
@@ -304,13 +311,19 @@ class Manifest(_Record):
     @classmethod
     def _upgrade(cls, values: Any) -> Any:
         """Schema 1 (untyped) manifests: `manifest_version` is the schema version; their
-        data.num_workers (a loader setting of that time, whose value meant something else) is dropped."""
+        data.num_workers (a loader setting of that time, whose value meant something else) is dropped.
+        Schemas before 3: model names of their time renamed (config.stored_config)."""
         if isinstance(values, dict) and "manifest_version" in values:
             values = {k: v for k, v in values.items() if k != "manifest_version"}
             values["schema_version"] = 1
             data = (values.get("config") or {}).get("data")
             if isinstance(data, dict):
                 data.pop("num_workers", None)
+        if isinstance(values, dict) and values.get("schema_version", SCHEMA_VERSION) < 3:
+            values = {**values, "config": stored_config(values.get("config") or {}, renamed=False)}
+            model = values.get("model")
+            if isinstance(model, dict) and model.get("name") in MODEL_RENAMES:
+                values["model"] = {**model, "name": MODEL_RENAMES[model["name"]]}
         return values
 
     @classmethod

@@ -156,12 +156,15 @@ class ModelSummary:
     trainable_parameters: int
     input_shape: list[int]
     layers: list[LayerSummary]
+    head: str  # the classifier head's name (`head_name`)
+    head_parameters: int
 
     def to_text(self) -> str:
         rows = tuple((r.name, r.kind, str(r.output_shape), r.num_parameters) for r in self.layers)
         layers = Table(("layer", "type", "output shape", "params"), rows, (TEXT, TEXT, TEXT, COUNT))
         total = f"total parameters: {self.num_parameters:,} (trainable {self.trainable_parameters:,})"
-        return text_table(layers) + "\n" + total
+        head = f"classifier head: {self.head} ({self.head_parameters:,} parameters)"
+        return "\n".join((text_table(layers), total, head))
 
 
 def summarize(model: nn.Module, input_size: int = 32) -> ModelSummary:
@@ -193,9 +196,12 @@ def summarize(model: nn.Module, input_size: int = 32) -> ModelSummary:
         model.train(was_training)
         for h in handles:
             h.remove()
+    head = head_name(model)
     return ModelSummary(
         num_parameters=sum(p.numel() for p in model.parameters()),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         input_shape=[1, 3, input_size, input_size],
         layers=layers,
+        head=head,
+        head_parameters=sum(p.numel() for name, p in model.named_parameters() if is_head(name, head)),
     )

@@ -12,20 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from visionflow.config import DataConfig, PipelineConfig, world_size
+from visionflow.config import DataConfig, ModelConfig, PipelineConfig, world_size
 from visionflow.data.changes import write_listing
 from visionflow.data.splits import DatasetInfo, Split
 from visionflow.data.validate import ValidationReport, validate_dataset
 from visionflow.fileio import atomic_write_json, atomic_write_text
 from visionflow.hparams import log_hparams
-from visionflow.manifest import Manifest
+from visionflow.manifest import Manifest, ModelRecord
 from visionflow.reports import render_near_duplicates, write_png, write_validation_csvs
 from visionflow.runs import RunLayout
 from visionflow.train.records import Callback, FitResult, ModelSpec
 
 if TYPE_CHECKING:
     from visionflow.evaluation import EvalReport
-    from visionflow.models import ModelSummary
 
 
 def validate_into(run_dir: Path | str, dataset: DatasetInfo, data: DataConfig) -> tuple[ValidationReport, DatasetInfo]:
@@ -88,17 +87,31 @@ def preview_into(run_dir: Path | str, train: Split, data: DataConfig, seed: int)
     return write_png(image, layout.preview)
 
 
-def describe_into(run_dir: Path | str, name: str, num_classes: int, image_size: int) -> ModelSummary:
-    """Build the model once: its layer summary to model.txt, its graph to TensorBoard."""
+def describe_into(run_dir: Path | str, model: ModelConfig, num_classes: int, image_size: int) -> ModelRecord:
+    """Build the model (resolved config) once: its layer summary, weights and what is frozen to
+    model.txt, its graph to TensorBoard; returns the manifest's record of it."""
     from visionflow.models import build_model, summarize
     from visionflow.tensorboard import log_model_graph
 
     layout = RunLayout(Path(run_dir))
-    model = build_model(name, num_classes)
-    summary = summarize(model, image_size)
-    atomic_write_text(layout.model_summary, summary.to_text() + "\n")
-    log_model_graph(layout.tensorboard, model, image_size)
-    return summary
+    network = build_model(model.name, num_classes)
+    summary = summarize(network, image_size)
+    frozen = "nothing"
+    if model.freeze_epochs:
+        frozen = f"all but the head {summary.head} in epochs 1-{model.freeze_epochs}, BatchNorm statistics included"
+    lines = (summary.to_text(), f"weights: {model.weights} (sha256 {model.weights_sha256})", f"frozen: {frozen}")
+    atomic_write_text(layout.model_summary, "\n".join(lines) + "\n")
+    log_model_graph(layout.tensorboard, network, image_size)
+    return ModelRecord(
+        name=model.name,
+        num_parameters=summary.num_parameters,
+        trainable_parameters=summary.trainable_parameters,
+        weights=model.weights,
+        weights_sha256=model.weights_sha256,
+        head=summary.head,
+        head_parameters=summary.head_parameters,
+        frozen=frozen,
+    )
 
 
 def train_run(

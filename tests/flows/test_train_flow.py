@@ -172,6 +172,7 @@ def test_artifacts_task_states_and_logs_in_prefect(first: dict[str, Any]) -> Non
 def test_task_runs_have_readable_names(first: dict[str, Any], tiny_data: Path) -> None:
     dataset = tiny_data.name  # the dataset spec's last path component
     assert task_run_names(first["prefect_flow_run_id"]) == {
+        "locate_weights": "locate weights none",
         "download_dataset": f"download {dataset}",
         "fingerprint_data": f"fingerprint {dataset}",
         "start_run": "start run",
