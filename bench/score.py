@@ -65,6 +65,8 @@ def make_model(name: str, folder: Path) -> Path:
 
 
 def score_variant(folder: Path, model: Path, table: Path) -> dict:
+    import torchvision  # noqa: F401 - imported before the clock starts, as the plain loop's (~2 s)
+
     from visionflow.scoring import ScoreConfig, resolve_inputs, resolve_model, score_images
 
     config = ScoreConfig(inputs=str(folder), checkpoint=str(model), table=str(table), device="cpu")
