@@ -17,7 +17,8 @@ largest process of its tree):
   workers, the model under inference_mode, top-5 kept in a list, a CSV written at the end.
 Then onnxruntime against PyTorch on the CPU: the same model (its `exports` ONNX file) on the same
 random batches of 64, forward passes only.
-images/s are over one run each (the CPUs are shared with other work: noisy).
+images/s are over one run each; on CPUs shared with other work they are noisy, so each variant's
+CPU seconds (user + system, its DataLoader workers included) are printed too.
 The last line is `score_vs_plain=<ratio at --small> onnx_vs_torch=<ratio> score_peak_rss_mb=<small>,<N>`.
 """
 
@@ -147,7 +148,14 @@ def measure(variant: str, folder: Path, model: Path, table: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"the {variant} variant on {folder} failed")
     result = json.loads(result_file.read_text())
-    return {**result, "peak_rss_mb": usage.ru_maxrss / 1024, "images_per_second": result["images"] / result["seconds"]}
+    cpu_seconds = usage.ru_utime + usage.ru_stime  # the child's and its reaped workers', the imports included
+    per_second = result["images"] / result["seconds"]
+    return {
+        **result,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "images_per_second": per_second,
+        "cpu_seconds": cpu_seconds,
+    }
 
 
 def main() -> None:
@@ -177,7 +185,8 @@ def main() -> None:
             runs[images, variant] = result = measure(variant, folder, model, work / f"{variant}-{images}.csv")
             print(
                 f"{variant:5s} {images:>6,} images: {result['images_per_second']:,.0f} img/s "
-                f"({result['seconds']:.1f} s), peak RSS {result['peak_rss_mb']:,.0f} MB",
+                f"({result['seconds']:.1f} s; {result['cpu_seconds']:.1f} CPU s in all), "
+                f"peak RSS {result['peak_rss_mb']:,.0f} MB",
                 flush=True,
             )
         runtimes = onnx_vs_torch(model, work)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from visionflow.errors import ConfigError, DatasetError, check_directory, path_error
+from visionflow.errors import CheckpointError, ConfigError, DatasetError, check_directory, one_line, path_error
 from visionflow.fileio import atomic_write, atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
@@ -107,7 +107,6 @@ class ScoreSummary:
 def model_path(checkpoint: str, output_dir: Path | str) -> Path:
     """The file or folder `checkpoint` names; `champion:SLOT` -> that slot's current version folder."""
     from visionflow.champion import read_champion, slot_path
-    from visionflow.errors import CheckpointError
 
     if not checkpoint.startswith(CHAMPION_PREFIX):
         return Path(checkpoint)
@@ -136,7 +135,7 @@ def _listed_paths(listing: Path) -> list[Path]:
     try:
         frame = pd.read_csv(listing) if listing.suffix == ".csv" else pd.read_parquet(listing)
     except ImportError as err:
-        raise ConfigError(f"Cannot read '{listing}': {err}; give a .csv listing instead") from None
+        raise ConfigError(f"Cannot read '{listing}': {one_line(err)}; give a .csv listing instead") from None
     if PATH_COLUMN not in frame.columns:
         raise DatasetError(
             f"Input listing '{listing}' has no '{PATH_COLUMN}' column: it has {', '.join(map(str, frame.columns))}"
@@ -238,15 +237,16 @@ class _ImageFiles:
         return torch.zeros(3, self.size, self.size), index, reason
 
 
-def _rows(chunk: _Chunk, scored: dict[int, Tensor], reasons: dict[int, str], model: ScoringModel, top_k: int) -> list:
-    """The chunk's rows in input order (`scored`: offset -> probabilities; `reasons`: offset -> why not)."""
+def _rows(chunk: _Chunk, scored: dict[int, tuple], reasons: dict[int, str], model: ScoringModel, top_k: int) -> list:
+    """The chunk's rows in input order (`scored`: offset -> (top class indices, their probabilities);
+    `reasons`: offset -> why it was not scored)."""
     classes, width = model.spec.class_names, len(table_columns(top_k))
     rows = []
     for offset, (path, sha) in enumerate(zip(chunk.paths, chunk.hashes)):
         row: list[Any] = [path, sha, OK if offset in scored else UNREADABLE, reasons.get(offset, ""), model.version]
         if offset in scored:
-            probabilities, ranked = scored[offset].topk(min(top_k, len(classes)))
-            row += [value for pair in zip((classes[i] for i in ranked), probabilities.tolist()) for value in pair]
+            ranked, probabilities = scored[offset]
+            row += [value for pair in zip((classes[i] for i in ranked), probabilities) for value in pair]
         rows.append(row + [None] * (width - len(row)))
     return rows
 
@@ -285,7 +285,8 @@ def _score_chunks(model: ScoringModel, pending: Sequence[_Chunk], config: ScoreC
             reasons.update({int(p) - first: reason for p, reason in zip(positions, why) if reason})
             if ok.any():
                 logits, kept = collect_logits(network, [(images[ok], positions[ok])], device, flip=model.spec.test_flip)
-                scored.update({int(p) - first: row for p, row in zip(kept, logits.softmax(dim=1))})
+                best, ranked = logits.softmax(dim=1).topk(min(config.top_k, logits.shape[1]))  # (B, K) each
+                scored.update(zip((int(p) - first for p in kept), zip(ranked.tolist(), best.tolist())))
         frame = pd.DataFrame(_rows(chunk, scored, reasons, model, config.top_k), columns=table_columns(config.top_k))
         atomic_write_text(chunk.shard, frame.to_csv(index=False))
         first += len(chunk.paths)
