@@ -592,6 +592,27 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _known_fields(values: Mapping[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """`values` without the keys `model` (and its sections, recursively) does not have."""
+    known = {}
+    for key, value in values.items():
+        if key in model.model_fields:
+            section = model.model_fields[key].annotation
+            if isinstance(value, Mapping) and isinstance(section, type) and issubclass(section, BaseModel):
+                value = _known_fields(value, section)
+            known[key] = value
+    return known
+
+
+def stored_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved config as a checkpoint stored it, flattened, with the fields added since it was
+    written at what they resolve to; fields of another version that this one does not have stay."""
+    added = flatten(
+        PipelineConfig.model_validate(_known_fields(values, PipelineConfig)).resolved().model_dump(mode="json")
+    )
+    return {**added, **flatten(values)}
+
+
 def free_fields(use: Literal["resume", "cache"]) -> frozenset[str]:
     """The config fields (whole dotted names, as `flatten` spells them) that may differ between two
     trainings taken for one: a checkpoint and the run resuming it (`use` "resume"), or two calls of

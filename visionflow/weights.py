@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -130,6 +133,19 @@ def _hub_file(url: str, download: bool) -> Path:
     return path
 
 
+def _unreachable(url: str) -> str | None:
+    """Why `url`'s host cannot be reached, when its name does not resolve and no proxy is set (a
+    proxy resolves names itself); None otherwise."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlsplit(url).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"{host}: {err.strerror or err}"
+    return None
+
+
 def _hf_file(hub_id: str, download: bool) -> Path:
     """timm's weights file of Hugging Face repo `hub_id` from the Hugging Face cache, downloaded when
     missing (and `download`)."""
@@ -140,10 +156,12 @@ def _hf_file(hub_id: str, download: bool) -> Path:
         return Path(hf_hub_download(hub_id, filename, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached: any of huggingface_hub's "not found locally" errors
         pass
-    url = f"https://huggingface.co/{hub_id}/resolve/main/{filename}"
+    url = f"{constants.ENDPOINT}/{hub_id}/resolve/main/{filename}"
     if download:
+        reason = _unreachable(url)  # huggingface_hub would retry an unreachable host for ~25 s
         try:
-            return Path(hf_hub_download(hub_id, filename))
+            if reason is None:
+                return Path(hf_hub_download(hub_id, filename))
         except Exception as err:  # noqa: BLE001 - offline, no such repo, refused: all end here
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(

@@ -31,7 +31,14 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from visionflow import checkpoints
 from visionflow.checkpoints import TrainingCheckpoint
-from visionflow.config import PipelineConfig, check_global_batch, flatten, free_fields, is_improvement
+from visionflow.config import (
+    PipelineConfig,
+    check_global_batch,
+    flatten,
+    free_fields,
+    is_improvement,
+    stored_fields,
+)
 from visionflow.data.decoded import FileSplit
 from visionflow.data.loaders import Batches, eval_batches, make_loader, sample_images, with_train_statistics
 from visionflow.data.transforms import BatchTransform
@@ -329,9 +336,7 @@ def _check_resumable(
     """Resuming must continue the same computation: same config (up to `config.free_fields`; the
     checkpoint's with the fields added since it was written at what they resolve to), same device
     type, same world size."""
-    stored_config = PipelineConfig.model_validate(stored.config).resolved()
-    before, now = flatten(stored_config.model_dump(mode="json")), flatten(config.model_dump(mode="json"))
-    free = free_fields("resume")
+    before, now, free = stored_fields(stored.config), flatten(config.model_dump(mode="json")), free_fields("resume")
     changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in free]
     if changed:
         diffs = ", ".join(f"{k} (checkpoint {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:3])
