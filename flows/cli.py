@@ -242,6 +242,9 @@ PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 TRAIN_OVERRIDES = {  # CLI flag (argparse dest) -> dotted config field
     "dataset": "data.dataset",
     "model": "model.name",
+    "weights": "model.weights",
+    "freeze_epochs": "model.freeze_epochs",
+    "image_size": "data.image_size",
     "recipe": "optim.recipe",
     "epochs": "training.epochs",
     "batch_size": "data.batch_size",
@@ -745,7 +748,7 @@ def add_scoring_commands(commands: argparse._SubParsersAction) -> None:
 
 def add_train_command(commands: argparse._SubParsersAction) -> None:
     """`train`: the training flow, with the config fields it overrides."""
-    from visionflow.config import MODEL_NAMES, RECIPES, Loader, OnLabelIssue
+    from visionflow.config import MODEL_NAMES, RECIPES, TIMM_PREFIX, Loader, OnLabelIssue
 
     p = commands.add_parser("train", help="run the training flow (cached steps, resumable with --run-name)")
     p.add_argument(
@@ -754,8 +757,27 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
         help="YAML config (sections data, model, optim, training, output); flags override it",
     )
     p.add_argument("--dataset", metavar="SPEC", help="'sample', 'cifar10', or a folder (default: sample)")
-    p.add_argument("--model", metavar="NAME", help=f"{' or '.join(MODEL_NAMES)} (default: tudui)")
-    p.add_argument("--recipe", metavar="NAME", help=f"{' or '.join(RECIPES)} (default: default)")
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help=f"{', '.join(MODEL_NAMES)}, a torchvision classification model (resnet50, convnext_tiny, ...) or "
+        f"{TIMM_PREFIX}<timm model> (default: tudui)",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="SOURCE",
+        help="initial weights: none, imagenet (the model's pretrained weights, cached or downloaded), a .pt/.pth/"
+        ".safetensors file, run:NAME or champion:SLOT (default: none)",
+    )
+    p.add_argument(
+        "--freeze-epochs", type=int, metavar="N", help="head-only epochs first (default: from the recipe; finetune: 1)"
+    )
+    p.add_argument("--image-size", type=int, metavar="PX", help="model input size (default: the weights' own, else 32)")
+    p.add_argument(
+        "--recipe",
+        metavar="NAME",
+        help=f"{' or '.join(RECIPES)} (default: finetune with --weights, else default)",
+    )
     p.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
     p.add_argument("--batch-size", type=int, metavar="N", help="images per optimizer step")
     p.add_argument(
