@@ -1,11 +1,14 @@
-"""The `score-images` flow on the session's Prefect API: a table, the class counts and the least
-confident images as artifacts, an unchanged rerun a cache hit; the `score-inbox` deployment of
-prefect.yaml: its parameters are a valid ScoreConfig and its trigger matches the event a promotion emits."""
+"""The `score-images` flow on the session's Prefect API (a real server): a table, the class counts
+and the least confident images as artifacts, an unchanged rerun a cache hit; the `score-inbox`
+deployment of prefect.yaml: deployed with `prefect deploy`, its trigger on the event a promotion
+emits, and a run of it taken by a process worker."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,13 +17,15 @@ import yaml
 from flows.score import score_images_flow
 from tasks.champion import PROMOTED_EVENT
 from tasks.scoring import CLASS_COUNTS_KEY, LOWEST_KEY
-from tests.helpers import REPO, artifact_data, artifact_keys, task_states
+from tests.flows.server_fixtures import PREFECT, run_worker_once
+from tests.helpers import REPO, artifact_data, artifact_keys, cli_env, task_states
 from visionflow.checkpoints import export_model
 from visionflow.scoring import ScoreConfig
 from visionflow.train.records import ModelSpec
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.timeout(300)]
 CLASSES = ["airplane", "automobile", "cat", "ship"]
+DEPLOYMENT = "score-images/score-inbox"
 
 
 @pytest.fixture
@@ -60,18 +65,47 @@ def test_scoring_flow_publishes_its_table_and_a_rerun_is_cached(config: ScoreCon
     assert task_states(str(again.state_details.flow_run_id))["score_task"] == "Cached"
 
 
-def test_score_inbox_deployment_scores_after_each_promotion() -> None:
-    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+def deployed() -> str:
+    """`prefect deploy --name score-inbox` from prefect.yaml, onto the session's API; the pool it names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    (deployment,) = [
+        d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"] if d["name"] == "score-inbox"
+    ]
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=deployment["work_pool"]["name"], type="process"))
+        except ObjectAlreadyExists:
+            pass
+    command = [PREFECT, "--no-prompt", "deploy", "--name", "score-inbox"]
+    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return deployment["work_pool"]["name"]
+
+
+@pytest.mark.slow
+def test_score_inbox_deployment_runs_on_a_worker_and_after_each_promotion(config: ScoreConfig, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
     from prefect.events.schemas.events import Resource
 
-    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-    (deployment,) = [d for d in deployments if d["name"] == "score-inbox"]
-    assert deployment["entrypoint"] == "flows/score.py:score_images_flow" and score_images_flow.name == "score-images"
-    config = ScoreConfig.model_validate(deployment["parameters"]["config"])
-    assert config.checkpoint == "champion:nightly" and deployment["enforce_parameter_schema"]
-    (trigger,) = [DeploymentEventTrigger.model_validate(t) for t in deployment["triggers"]]
-    assert trigger.expect == {PROMOTED_EVENT}
-    # the resource tasks/champion.py emits a promotion of the `nightly` slot with, and another slot's
-    promoted = {"prefect.resource.id": "visionflow.champion.nightly", "prefect.resource.name": "nightly"}
-    other = {"prefect.resource.id": "visionflow.champion.weekly", "prefect.resource.name": "weekly"}
-    assert trigger.match.includes([Resource(promoted)]) and not trigger.match.includes([Resource(other)])
+    pool = deployed()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        assert [s.schedule.cron for s in deployment.schedules] == ["30 5 * * *"]
+        assert ScoreConfig.model_validate(deployment.parameters["config"]).checkpoint == "champion:nightly"
+        (automation,) = [a for a in client.read_automations() if a.name.startswith("score-inbox")]
+        assert automation.trigger.expect == {PROMOTED_EVENT}
+        # the resource tasks/champion.py emits a promotion of the `nightly` slot with, and another slot's
+        promoted = {"prefect.resource.id": "visionflow.champion.nightly", "prefect.resource.name": "nightly"}
+        other = {"prefect.resource.id": "visionflow.champion.weekly", "prefect.resource.name": "weekly"}
+        assert automation.trigger.match.includes([Resource(promoted)])
+        assert not automation.trigger.match.includes([Resource(other)])
+
+        parameters = {"config": config.model_dump()}
+        flow_run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+        run_worker_once(SimpleNamespace(env=cli_env()), pool, REPO, tmp_path / "worker.log", timeout=180)
+        state = client.read_flow_run(flow_run.id).state
+    assert state is not None and state.is_completed(), (state, (tmp_path / "worker.log").read_text()[-3000:])
+    assert Path(config.table).is_file() and task_states(str(flow_run.id))["score_task"] in {"Completed", "Cached"}
