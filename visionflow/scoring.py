@@ -40,10 +40,10 @@ if TYPE_CHECKING:
 CHAMPION_PREFIX = "champion:"
 PATH_COLUMN = "path"  # the column of a CSV/Parquet input listing the files to score
 LIST_SUFFIXES = (".csv", ".parquet")  # an input file with one of these suffixes lists the images
-TABLE_SUFFIX = ".csv"
+TABLE_SUFFIX = ".csv"  # the table and its shards: pandas writes and reads it without pyarrow
 OK, UNREADABLE = "ok", "unreadable"  # the status column's values
 LOWEST_K = 16  # lowest-confidence images kept for the summary: one grid in the Prefect UI
-GLOB_CHARACTERS = frozenset("*?[")
+GLOB_CHARACTERS = frozenset("*?[")  # inputs holding one of these (and naming no file or folder) are a glob
 INPUTS_HELP = "a folder (searched recursively), a glob ('inbox/**/*.jpg'), or a .csv/.parquet file with a 'path' column"
 MODEL_HELP = "a training checkpoint (.pt), an export folder, or champion:SLOT (the champion under the output folder)"
 
