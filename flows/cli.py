@@ -318,10 +318,11 @@ def check_paths(config: Any) -> None:
 
 
 def check_before_run(config: Any) -> None:
-    """Reject a missing dataset, an unavailable device or a completed run's name before the flow
-    creates anything. CIFAR-10 is exempt from the dataset check: the flow downloads it. A global
-    batch that does not divide by the world size too."""
-    from visionflow.config import check_global_batch, world_size
+    """Reject a missing dataset, an unavailable device, a completed run's name or pretrained weights
+    that cannot be had (offline and not cached, a missing run) before the flow creates anything.
+    CIFAR-10 is exempt from the dataset check: the flow downloads it. A global batch that does not
+    divide by the world size too."""
+    from visionflow.config import WEIGHTS_NONE, check_global_batch, world_size
     from visionflow.data.splits import resolve_dataset
     from visionflow.runs import resumable_run
 
@@ -336,6 +337,10 @@ def check_before_run(config: Any) -> None:
 
         resolve_device(config.training.device)
     check_global_batch(config.data.batch_size, world_size(config.training.distributed))
+    if config.model.weights != WEIGHTS_NONE:
+        from visionflow.weights import locate  # torch
+
+        locate(config.model, config.output.output_dir)  # downloads what is missing: the flow finds it cached
     make_directory(config.output.output_dir, OUTPUT_EXPECTED)  # last: a failed check leaves nothing behind
 
 

@@ -115,10 +115,13 @@ def _hub_file(url: str, download: bool) -> Path:
         if not download:
             raise ConfigError(f"ImageNet weights '{name}' are not in {folder}: download {url} into that folder")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=False)
+            reason = _unreachable(url)  # then nothing is created on disk
+            if reason is None:
+                folder.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=False)
         except (OSError, RuntimeError) as err:  # URLError is an OSError; a hash mismatch a RuntimeError
             reason = str(getattr(err, "reason", err)).splitlines()[0]
+        if reason is not None:
             raise ConfigError(
                 f"ImageNet weights '{name}' are not in {folder} and cannot be downloaded ({reason}): "
                 f"place {name} in {folder} (from {url})"
