@@ -4,15 +4,15 @@
 
 Dataset: ../shared/data/hymenoptera_data/train (244 JPEGs, ~500x375) replicated by symbolic links
 to N images in a temporary folder (the source is only read), its own val split for evaluation.
-Model resnet18 at 224 px, everything else the product's defaults (the default recipe with its
+Model resnet18_cifar (the CIFAR-stem ResNet-18, called resnet18 when this bench was written) at 224 px, everything else the product's defaults (the default recipe with its
 on-device augmentation, training.precision / channels_last `auto`, data.num_workers None = the
 usable cores), except data.mean/std, given (ImageNet's) so that no variant pays a statistics pass
-over the split, and the batch: 16 by default (--batch), as visionflow's resnet18 keeps its 32-px
+over the split, and the batch: 16 by default (--batch), as resnet18_cifar keeps its 32-px
 stem (3x3 stride 1, no max-pool) at 224 px too: ~16x torchvision's FLOPs and activations per
 image, a 64-image step takes minutes on 2 cores and ~8 GB.
 
 Each variant runs in its own process, which builds the run as `engine.fit` does and then trains a
-bounded number of steps, not whole epochs (a 20,000-image epoch of resnet18 takes hours on 2
+bounded number of steps, not whole epochs (a 20,000-image epoch of resnet18_cifar takes hours on 2
 cores): `--warmup` steps (the stream loader's workers start, the memory loader is on the device),
 then `--steps` timed ones, training images/s over those. Before that, the memory variant decodes the
 split into RAM and writes its decoded cache (in the temporary data_dir; that time is printed, not
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 SOURCE = REPO.parent / "shared" / "data" / "hymenoptera_data"
 IMAGE_SIZE = 224
-MODEL = "resnet18"
+MODEL = "resnet18_cifar"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 

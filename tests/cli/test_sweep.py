@@ -15,7 +15,10 @@ from flows.cli import main
     [
         ("optim.lrr: [0.001]\n", "Invalid sweep key 'optim.lrr': no such config field. Choose from: optim.recipe,"),
         ("optim.lr: [0.001, 50]\n", "Sweep space: Invalid config field 'optim.lr': Input should be less than"),
-        ("model.name: [tudui, vgg]\n", "Invalid model 'vgg'. Choose from: resnet18, tudui"),
+        (
+            "model.name: [tudui, vgg]\n",
+            "Invalid model 'vgg' (did you mean vgg19, vgg16, vgg13?). Choose from: tudui, resnet18_cifar, ",
+        ),
         ("output.run_name: [a, b]\n", "Invalid sweep key 'output.run_name': the sweep sets the output fields"),
         ("optim.lr: {low: 0.001, high: 0.1}\n", "Sweep key 'optim.lr' is a range: grid needs a list of values"),
         ("optim.lr: {low: 0.1, high: 0.001}\n", "Invalid sweep field 'space.optim.lr"),

@@ -27,7 +27,10 @@ def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
     ("flags", "expected"),
     [
         (["--epochs", "0"], "Invalid config field 'training.epochs'"),
-        (["--model", "vgg"], "Invalid model 'vgg'. Choose from: resnet18, tudui"),
+        (
+            ["--model", "vgg"],
+            "Invalid model 'vgg' (did you mean vgg19, vgg16, vgg13?). Choose from: tudui, resnet18_cifar, ",
+        ),
         (["--lr", "-1"], "Invalid config field 'optim.lr'"),
         (["--device", "tpu"], "Invalid config field 'training.device'"),
         (["--loader", "fast"], "Invalid config field 'data.loader': Input should be 'auto', 'memory' or 'stream'"),

@@ -245,6 +245,9 @@ def test_nightly_schedule_and_deployments_are_registered(deployed: str, client: 
     assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     on_demand = client.read_deployment_by_name(ON_DEMAND)
     assert on_demand.schedules == [] and on_demand.concurrency_options.collision_strategy == "ENQUEUE"
+    finetune = client.read_deployment_by_name("train-pipeline/finetune-on-demand")
+    assert finetune.parameters["config"]["model"] == {"name": "resnet18", "weights": "imagenet"}
+    assert finetune.enforce_parameter_schema and finetune.schedules == []
     evaluate = client.read_deployment_by_name("evaluate-champion/evaluate-champion")
     assert evaluate.entrypoint == "flows/champion.py:champion_evaluation" and evaluate.enforce_parameter_schema
     sweep = client.read_deployment_by_name("sweep-pipeline/sweep-on-demand")
