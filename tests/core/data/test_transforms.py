@@ -6,7 +6,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionflow.data.transforms import CROP_PADDING, BatchTransform, augment_batch, eval_pipeline, mean_std, resize
+from visionflow.config import decode_size
+from visionflow.data import transforms
+from visionflow.data.transforms import (
+    CROP_PADDING,
+    BatchTransform,
+    augment_batch,
+    center_crop,
+    eval_pipeline,
+    mean_std,
+    random_resized_crop,
+    resize,
+)
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -147,3 +158,51 @@ def test_batch_transform_crops_with_its_padding():
     out = flips_only(images)
     mirrored = [torch.equal(o, p.flip(2)) for o, p in zip(out, plain)]
     assert all(m or torch.equal(o, p) for m, o, p in zip(mirrored, out, plain)) and 16 < sum(mirrored) < 48
+
+
+def test_evaluation_center_crops_the_decoded_split_as_the_pil_pipeline_crops_a_file():
+    # 224 px at crop_pct 0.875: decoded at 256, the central 224 (torchvision's resize 256 / crop 224)
+    assert decode_size(224, 0.875) == 256 and decode_size(299, 299 / 342) == 342 and decode_size(32, None) == 32
+    image = _images(1, 40)[0]
+    decoded = torch.from_numpy(np.array(resize(decode_size(28, 0.875))(_pil(image)))).permute(2, 0, 1)[None]
+    fast = BatchTransform(MEAN, STD, "cpu", size=28)(decoded)  # what evaluation feeds the model
+    slow = eval_pipeline(28, MEAN, STD, crop_pct=0.875)(_pil(image))  # what prediction feeds it
+    assert decoded.shape[-1] == 32 and fast.shape == (1, 3, 28, 28)
+    torch.testing.assert_close(fast[0], slow, atol=1e-5, rtol=0)
+    assert torch.equal(center_crop(decoded, 28), decoded[..., 2:30, 2:30])
+
+
+def test_a_training_crop_smaller_than_the_decoded_images_is_random():
+    images = _images(64, 12)
+    crops = augment_batch(images, torch.Generator().manual_seed(0), padding=0, size=8)  # RandomCrop(8), no padding
+    assert crops.shape == (64, 3, 8, 8)
+    windows = images.unfold(2, 8, 1).unfold(3, 8, 1)  # (N, 3, 5, 5, 8, 8): every 8x8 window
+    for image, crop in zip(windows, crops):
+        matches = [
+            (y, x) for y in range(5) for x in range(5) for c in (crop, crop.flip(-1)) if torch.equal(image[:, y, x], c)
+        ]
+        assert matches
+    assert len({tuple(c.flatten()[:8].tolist()) for c in crops}) > 32  # positions vary
+
+
+def test_random_resized_crop_of_the_whole_image_is_the_image_or_its_mirror(monkeypatch):
+    monkeypatch.setattr(transforms, "RESIZED_CROP_SCALE", (1.0, 1.0))
+    monkeypatch.setattr(transforms, "RESIZED_CROP_RATIO", (1.0, 1.0))
+    images = _images(32, 16)
+    out = random_resized_crop(images, torch.Generator().manual_seed(0), 16)
+    mirrored = [torch.equal(o.round().to(torch.uint8), i.flip(-1)) for o, i in zip(out, images)]
+    kept = [torch.equal(o.round().to(torch.uint8), i) for o, i in zip(out, images)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and 0 < sum(mirrored) < 32
+
+
+def test_random_resized_crops_are_seeded_sized_and_in_the_pixel_range():
+    images = _images(16, 64)
+    first = random_resized_crop(images, torch.Generator().manual_seed(3), 24)
+    assert first.shape == (16, 3, 24, 24) and first.dtype == torch.float32
+    assert torch.equal(first, random_resized_crop(images, torch.Generator().manual_seed(3), 24))
+    assert not torch.equal(first, random_resized_crop(images, torch.Generator().manual_seed(4), 24))
+    assert first.min() >= 0 and first.max() <= 255
+    train = BatchTransform(MEAN, STD, "cpu", torch.Generator().manual_seed(3), size=24, train_crop="random-resized")
+    torch.testing.assert_close(
+        train(images), BatchTransform(MEAN, STD, "cpu")(first.round().to(torch.uint8)), atol=0.02, rtol=0
+    )
