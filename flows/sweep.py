@@ -32,6 +32,7 @@ from tasks.data import (
     fingerprint_data,
     validate_data,
 )
+from tasks.model import locate_weights
 from tasks.prefect_compat import current_dask_scheduler
 from tasks.run import RunInfo
 from tasks.sweep import publish_sweep_summary, record_trial
@@ -144,7 +145,7 @@ def sweep_pipeline(base: PipelineConfig, sweep: SweepConfig) -> SweepResult:
     """Train `base` with each trial's values of `sweep.space`, `sweep.parallel` at a time on Dask;
     returns the ranked leaderboard. Fails only when no trial finished."""
     space = check_space(base, sweep)  # a bad key or value stops the sweep before any trial
-    base = absolute_paths(base)
+    base = locate_weights(absolute_paths(base))  # pretrained weights fill what they say before any recipe
     name, metric, root = sweep_name(sweep), sweep_metric(base, sweep), sweep_dir(base, sweep)
     root.mkdir(parents=True, exist_ok=True)
     proposer = TrialProposer(space, sweep, monitor_mode(metric))
