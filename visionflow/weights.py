@@ -11,6 +11,7 @@ Sources (config.ModelConfig.weights):
 - ``run:NAME``: that run's best.pt; ``champion:SLOT``: the slot's champion export.
 
 Every file is read weights-only (``torch.load(weights_only=True)`` or safetensors): nothing in it runs.
+torch is imported only where weights are read or fetched: `model.weights: none` costs a run nothing.
 """
 
 from __future__ import annotations
@@ -21,13 +22,9 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
-import torch
-from torch import nn
-
-from visionflow import checkpoints
 from visionflow.config import (
     MODEL_NAMES,
     TIMM_PREFIX,
@@ -39,8 +36,11 @@ from visionflow.config import (
     PipelineConfig,
 )
 from visionflow.errors import CheckpointError, ConfigError
-from visionflow.models import head_name, is_head
 from visionflow.runs import EXPORT_WEIGHTS, RunLayout, runs_root
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 _HASH_CHUNK = 1 << 20  # bytes read at a time when hashing a weights file
 
@@ -106,6 +106,8 @@ def default_meta(model_name: str) -> dict[str, Any]:
 def _hub_file(url: str, download: bool) -> Path:
     """`url`'s file in the torch hub cache, downloaded when missing (and `download`); a name carrying a
     sha256 prefix (resnet18-f37072fd.pth) must match the file's sha256."""
+    import torch
+
     name = url.rsplit("/", 1)[-1]
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     path = folder / name
@@ -189,6 +191,8 @@ def _imagenet(model_name: str, download: bool) -> tuple[Path, dict[str, Any]]:
 
 def _visionflow_meta(path: Path) -> dict[str, Any]:
     """The preprocessing a visionflow checkpoint or export records in its spec; {} for a plain state dict."""
+    from visionflow import checkpoints
+
     if path.suffix == ".safetensors":
         spec_file = path.with_suffix(".json")
         spec = json.loads(spec_file.read_text(encoding="utf-8")) if spec_file.is_file() else None
@@ -257,10 +261,14 @@ def with_weights(config: PipelineConfig, weights: PretrainedWeights | None) -> P
     return config.model_copy(update={"data": config.data.model_validate(data), "model": model})
 
 
-def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path | str) -> dict[str, "torch.Tensor"]:
     """The weights in a file: a .safetensors file, a visionflow training checkpoint's model, a
     training script's checkpoint with a "state_dict" or "model" entry, or a plain state dict;
     DistributedDataParallel's "module." prefix removed."""
+    import torch
+
+    from visionflow import checkpoints
+
     path = Path(path)
     if path.suffix == ".safetensors":
         state: Any = checkpoints.read_safetensors(path, "cpu")
@@ -278,10 +286,13 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in tensors.items()}
 
 
-def load_pretrained(model: nn.Module, weights: PretrainedWeights) -> None:
+def load_pretrained(model: "nn.Module", weights: PretrainedWeights) -> None:
     """Copy `weights` into `model`, all but its classifier head (`models.head_name`), which keeps its
     fresh initialization for the dataset's classes. Every other parameter and buffer must be in the
     file with its shape, and the file must still have the sha256 it was located with."""
+    from visionflow import checkpoints
+    from visionflow.models import head_name, is_head
+
     if file_sha256(weights.path) != weights.sha256:
         raise CheckpointError(f"Weights '{weights.path}' changed since they were located: run again")
     head = head_name(model)
