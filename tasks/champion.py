@@ -8,16 +8,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger, pause_flow_run, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.events import emit_event
+from prefect.exceptions import FlowPauseTimeout
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+from prefect.states import Running
+from pydantic import Field
 
 from tasks.artifacts import publish_image, publish_markdown, publish_table
 from tasks.data import DatasetRef, ValidatedData
 from tasks.names import run_name
 from tasks.run import RunInfo
-from visionflow.champion import RELIABILITY, challenge, champion_report_markdown, evaluate_champion
-from visionflow.config import PipelineConfig
+from visionflow.champion import RELIABILITY, Review, Reviewer, challenge, champion_report_markdown, evaluate_champion
+from visionflow.config import ChampionConfig, PipelineConfig
 from visionflow.manifest import ChampionDecision, Manifest
 
 DECISION_KEY = "champion-decision"
@@ -30,6 +36,14 @@ PROMOTED_EVENT = "visionflow.champion.promoted"
 # Emitted when a challenger failed a check of the gate: same resource, the decision as payload
 # (its `checks`, its `reason` naming the failed ones); an automation can alert on it.
 KEPT_EVENT = "visionflow.champion.kept"
+REVIEW_POLL_SECONDS = 5  # how soon an answer given in the UI resumes the paused run (one API read each)
+
+
+class ReviewForm(RunInput):
+    """The form a reviewer answers in the Prefect UI (Resume, on the paused flow run)."""
+
+    approve: bool = Field(False, description="On: promote the challenger. Off: keep the champion.")
+    reason: str = Field("", description="Why; recorded in the decision (say why when you reject).")
 
 
 def leaked_eval_files(dataset: DatasetRef, validated: ValidatedData) -> list[Path] | None:
@@ -41,13 +55,20 @@ def leaked_eval_files(dataset: DatasetRef, validated: ValidatedData) -> list[Pat
     return [root / relpath for relpath in validated.leaked]
 
 
-def publish_decision(decision: ChampionDecision, run_dir: str) -> None:
-    """The decision's artifacts (markdown; with checks, their table and the reliability diagrams),
-    its log line, and its event: promoted, or kept by a failed check."""
-    publish_markdown(DECISION_KEY, decision.to_markdown(), f"Champion '{decision.slot}': challenger {decision.outcome}")
+def publish_checks(decision: ChampionDecision, run_dir: str) -> None:
+    """With checks: their table and both models' reliability diagrams as artifacts."""
     if decision.checks:
         publish_table(CHECKS_KEY, decision.checks_table(), f"Champion '{decision.slot}': {decision.reason}")
         publish_image(RELIABILITY_KEY, Path(run_dir) / RELIABILITY, "Reliability: champion | challenger")
+
+
+def publish_decision(decision: ChampionDecision, run_dir: str) -> None:
+    """The decision's artifacts (markdown; with checks, their table and the reliability diagrams,
+    unless published for its review already), its log line, and its event: promoted, or kept by a
+    failed check or a review."""
+    publish_markdown(DECISION_KEY, decision.to_markdown(), f"Champion '{decision.slot}': challenger {decision.outcome}")
+    if decision.review is None:
+        publish_checks(decision, run_dir)
     get_run_logger().info(
         "champion '%s': challenger %s (%s; data: %s)",
         decision.slot,
@@ -55,7 +76,7 @@ def publish_decision(decision: ChampionDecision, run_dir: str) -> None:
         decision.reason,
         decision.data_changes or "no listing to compare",
     )
-    if decision.promoted or decision.checks:  # the flow run, its deployment and tags are related resources
+    if decision.promoted or decision.checks or decision.review:  # related: the flow run, its deployment, tags
         emit_event(
             PROMOTED_EVENT if decision.promoted else KEPT_EVENT,
             resource={
@@ -66,11 +87,46 @@ def publish_decision(decision: ChampionDecision, run_dir: str) -> None:
         )
 
 
+def reopen_flow_run() -> None:
+    """Set the flow run Running again after its pause timed out: the server refuses every other
+    state to a run whose pause expired (even Completed: it fails the run instead), and a decision
+    kept for want of an answer is not a failure."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Running(), force=True)
+
+
+def ask_reviewer(approval: ChampionConfig, run_dir: str) -> Reviewer:
+    """With champion.approval manual: pause the flow run for a reviewer's answer in the Prefect UI
+    (the form shows the decision and its checks, published as artifacts too) until
+    champion.approval_timeout_minutes."""
+
+    def review(decision: ChampionDecision) -> Review:
+        publish_checks(decision, run_dir)
+        title = f"Promote run `{decision.challenger_run}` into champion slot `{decision.slot}`?"
+        form = ReviewForm.with_initial_data(description=decision.to_markdown(title))
+        get_run_logger().info(
+            "champion '%s': challenger passed (%s); waiting up to %g minutes for a review (Resume in the UI)",
+            decision.slot,
+            decision.reason,
+            approval.approval_timeout_minutes,
+        )
+        timeout = max(1, round(approval.approval_timeout_minutes * 60))
+        try:
+            answer = pause_flow_run(wait_for_input=form, timeout=timeout, poll_interval=REVIEW_POLL_SECONDS)
+        except FlowPauseTimeout:
+            reopen_flow_run()
+            return Review.timed_out(approval.approval_timeout_minutes)
+        return Review(approved=answer.approve, reason=answer.reason.strip())
+
+    return review
+
+
 @task(cache_policy=NO_CACHE, task_run_name="challenge champion")
 def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedData, config: PipelineConfig) -> Manifest:
     """With output.champion set: judge the run against that slot's champion on its eval split
-    through champion.gates and promote it when it passes. Returns the run's manifest (with the
-    decision, if any). A kept challenger is a decision, not a failure: the run completes."""
+    through champion.gates and promote it when it passes (with champion.approval manual, and a
+    reviewer approves). Returns the run's manifest (with the decision, if any). A kept challenger
+    is a decision, not a failure: the run completes."""
     if config.output.champion is None:
         return Manifest.load(run.run_dir)
     decision = challenge(
@@ -83,6 +139,7 @@ def challenge_champion(run: RunInfo, dataset: DatasetRef, validated: ValidatedDa
         config.training.device,
         config.champion.gates,
         leaked_eval_files(dataset, validated),
+        ask_reviewer(config.champion, run.run_dir) if config.champion.approval == "manual" else None,
     )
     publish_decision(decision, run.run_dir)
     return Manifest.load(run.run_dir)  # now with the decision

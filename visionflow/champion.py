@@ -29,6 +29,10 @@ Decisions:
   a failed check keeps the champion and the reason names it with its figure and bound. With the
   gates off, "at least as good on the metric" promotes. The decision is also written to the run
   folder (``decision.json``, with the reliability diagrams ``reliability.png``).
+- With champion.approval manual, a promotion waits for a reviewer (`challenge`'s `review`), with
+  the slot unlocked meanwhile (an answer can take hours); it is promoted only when approved and
+  the slot still holds the champion it was judged against. A rejection or no answer in time keeps
+  the champion; the decision's ``review`` records the answer either way.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -61,6 +65,31 @@ DECISION = "decision.json"
 RELIABILITY = "reliability.png"  # in the run folder: both models' reliability diagrams (gates.reliability_diagram)
 UNGATED = GatesConfig(enabled=False)  # the rule before gates: at least as good on the metric
 KEEP_PREVIOUS = 2
+
+
+@dataclass(frozen=True)
+class Review:
+    """A reviewer's answer to a promotion (champion.approval manual): approved or not, and why; with
+    `answered` False nobody answered in time and `reason` says so."""
+
+    approved: bool
+    reason: str = ""
+    answered: bool = True
+
+    @classmethod
+    def timed_out(cls, minutes: float) -> Review:
+        return cls(approved=False, reason=f"no answer within {minutes:g} minutes", answered=False)
+
+    def summary(self) -> str:
+        """The answer in one phrase, as ChampionDecision.review records it."""
+        if not self.answered:
+            return self.reason
+        return f"{'approved' if self.approved else 'rejected'}: {self.reason or '(no reason given)'}"
+
+
+# Asks for a review of a decision to promote and returns the answer (tasks/champion.py pauses the
+# flow run for it).
+Reviewer = Callable[["ChampionDecision"], Review]
 
 
 @dataclass(frozen=True)
@@ -368,6 +397,23 @@ def record_decision(run_dir: Path | str, decision: ChampionDecision, output_dir:
     manifest.save(layout.root)
 
 
+def reviewed(
+    decision: ChampionDecision, review: Review, judged: Champion | None, current: Champion | None
+) -> ChampionDecision:
+    """The decision to promote after its review: promoted only when approved and the slot still
+    holds `judged`, the champion it was judged against (`current` is the slot's now)."""
+    summary = review.summary()
+    if not review.approved:
+        kept = "rejected in review" if review.answered else "not reviewed"
+        reason = f"{decision.reason}; {kept}: {review.reason or '(no reason given)'}"
+        return decision.model_copy(update={"promoted": False, "reason": reason, "review": summary})
+    if (judged and judged.version) != (current and current.version):
+        now = f"run {current.run_name}" if current else "empty"
+        reason = f"{decision.reason}; approved, but the slot's champion changed during the review (now {now})"
+        return decision.model_copy(update={"promoted": False, "reason": reason, "review": summary})
+    return decision.model_copy(update={"review": summary})
+
+
 def challenge(
     run_dir: Path | str,
     slot: str,
@@ -378,13 +424,22 @@ def challenge(
     device: str = "auto",
     gates: GatesConfig = UNGATED,
     leaked: Sequence[Path] | None = None,
+    review: Reviewer | None = None,
 ) -> ChampionDecision:
     """Judge the run in ``run_dir`` against the champion in ``slot`` (`judge`), promote it when
-    the decision says so, and record the decision in the run's manifest (``champion``)."""
+    the decision says so (and, with `review`, the reviewer approves), and record the decision in
+    the run's manifest (``champion``)."""
     # One challenger per slot from reading the champion to swapping it: two runs challenging one
     # slot at once (nightly and on-demand) queue, and the second is judged against the first.
-    with locked(Path(output_dir) / MODELS_SUBDIR / f".{slot}.lock"):
+    lock = Path(output_dir) / MODELS_SUBDIR / f".{slot}.lock"
+    with locked(lock):
         champion = read_champion(output_dir, slot)
         decision = judge(run_dir, slot, champion, metric, eval_split, data, device, gates, leaked)
+        if review is None or not decision.promoted:
+            record_decision(run_dir, decision, output_dir)
+            return decision
+    answer = review(decision)  # unlocked: other challengers of the slot are judged meanwhile
+    with locked(lock):
+        decision = reviewed(decision, answer, champion, read_champion(output_dir, slot))
         record_decision(run_dir, decision, output_dir)
     return decision

@@ -238,8 +238,9 @@ class ChampionDecision(_Record):
             ("check", "result", "figure", "rule", "threshold", "detail"), rows, (TEXT, TEXT, NUMBER, TEXT, NUMBER, TEXT)
         )
 
-    def to_markdown(self) -> str:
-        """A small report for the Prefect UI: the outcome, the reason, a score table and the checks."""
+    def to_markdown(self, title: str | None = None) -> str:
+        """A small report for the Prefect UI: the outcome (or `title`), the reason, a score table and
+        the checks."""
 
         def score(value: float | None) -> float | str:
             return "n/a" if value is None else value
@@ -252,7 +253,7 @@ class ChampionDecision(_Record):
         scores = Table(("model", "run", self.metric, "weights sha256"), rows, (TEXT, TEXT, NUMBER, CODE))
         return "\n".join(
             [
-                f"## Champion `{self.slot}`: challenger **{self.outcome}**",
+                f"## {title or f'Champion `{self.slot}`: challenger **{self.outcome}**'}",
                 "",
                 f"Reason: {self.reason}",
                 "",

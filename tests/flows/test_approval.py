@@ -1,0 +1,125 @@
+"""Approval of a promotion (champion.approval manual): the flow run pauses with Prefect's own
+pause and a form showing the gate's checks; an answer through the API approves (promoted) or
+rejects (kept, the reason recorded), no answer in time keeps the champion with the run completed;
+and once on a real `prefect server start`, a reviewer approves in the Prefect UI (headless Chromium).
+
+The champion learned colours under shifted labels, the challenger the right ones: the challenger
+clearly passes every check of the default gate, so each of its runs asks for a review."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.champion import DECISION_KEY
+from tests.helpers import artifact_data, tiny_config, train, wait_for
+from visionflow.champion import read_champion
+
+COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (128, 128, 128))  # one per class, easy to learn
+CLASSES = ("red", "green", "blue", "gray")
+EPOCHS = 3  # what tudui needs here to pass the default gate clearly (1.0 against 0.0 accuracy)
+RUN_SECONDS = 180  # a flow run to its end (or its pause) on a busy 2-core machine
+PAUSED = "Paused"
+
+
+def colour_dataset(root: Path, shift: int) -> Path:
+    """8 train and 4 val noisy 32 px images per class, class i in colour i + shift."""
+    rng = np.random.default_rng(shift)
+    for split, count in (("train", 8), ("val", 4)):
+        for index, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            colour = np.array(COLOURS[(index + shift) % len(COLOURS)])
+            for image in range(count):
+                pixels = np.clip(colour + rng.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{image}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The right and the shifted colours, and one output folder (its cached trainings) for the module."""
+    root = tmp_path_factory.mktemp("approval")
+    return {"right": colour_dataset(root / "right", 0), "shifted": colour_dataset(root / "shifted", 1), "out": root}
+
+
+def config(work: dict[str, Path], data: str, slot: str, run_name: str, **overrides: Any) -> Any:
+    values = {"output.champion": slot, "output.run_name": run_name, "training.epochs": EPOCHS, **overrides}
+    return tiny_config(work[data], work["out"] / "out", **values)
+
+
+def paused_run(client: Any, name: str) -> Any:
+    """The flow run named `name`, once it is paused (bounded wait)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    def read() -> Any:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+        return runs[0] if runs else None
+
+    return wait_for(
+        read,
+        lambda run: run is not None and run.state is not None and run.state.name == PAUSED,
+        RUN_SECONDS,
+        lambda run: f"flow run {name} not {PAUSED}: {run and run.state}",
+    )
+
+
+@contextmanager
+def in_background(config: Any) -> Iterator[Future[dict[str, Any]]]:
+    """The training flow run in a thread of this process, while the test answers its review."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(train, config)
+
+
+def review_form(client: Any, run: Any) -> str:
+    """The markdown above the paused run's form (the RunInput's description)."""
+    keyset = run.state.state_details.run_input_keyset
+    return client.read_flow_run_input(run.id, keyset["description"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_review_through_the_api_rejects_times_out_and_approves(work: dict[str, Path]) -> None:
+    from prefect.client.orchestration import get_client
+
+    slot = "api"
+    assert train(config(work, "shifted", slot, "champion-api"))["champion"]["promoted"]
+    with get_client(sync_client=True) as client:
+        with in_background(config(work, "right", slot, "rejected", **{"champion.approval": "manual"})) as done:
+            run = paused_run(client, "rejected")
+            form = review_form(client, run)
+            assert "Promote run `rejected` into champion slot `api`?" in form, form
+            for check in ("gain", "significance", "class recall", "class F1", "calibration"):
+                assert f"| {check} | pass |" in form, form
+            client.resume_flow_run(run.id, run_input={"approve": False, "reason": "  eval set too small  "})
+            rejected = done.result(timeout=RUN_SECONDS)["champion"]
+        assert rejected["outcome"] == "kept" and rejected["review"] == "rejected: eval set too small"
+        assert rejected["reason"] == "passed all 5 checks; rejected in review: eval set too small"
+        assert read_champion(work["out"] / "out", slot).run_name == "champion-api"
+
+        timeout = {"champion.approval": "manual", "champion.approval_timeout_minutes": 0.05}  # 3 s
+        start = time.monotonic()
+        manifest = train(config(work, "right", slot, "unanswered", **timeout))
+        unanswered = manifest["champion"]
+        assert time.monotonic() - start >= 3
+        assert unanswered["outcome"] == "kept" and unanswered["review"] == "no answer within 0.05 minutes"
+        assert manifest["status"] == "completed"
+        assert client.read_flow_run(manifest["prefect_flow_run_id"]).state.name == "Completed"
+
+        with in_background(config(work, "right", slot, "approved", **{"champion.approval": "manual"})) as done:
+            client.resume_flow_run(paused_run(client, "approved").id, run_input={"approve": True, "reason": "ok"})
+            manifest = done.result(timeout=RUN_SECONDS)
+        approved = manifest["champion"]
+        assert approved["outcome"] == "promoted" and approved["review"] == "approved: ok"
+        assert approved["reason"] == "passed all 5 checks"
+        assert read_champion(work["out"] / "out", slot).run_name == "approved"
+        assert "Review: approved: ok" in artifact_data(manifest["prefect_flow_run_id"], DECISION_KEY)
