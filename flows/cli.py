@@ -725,7 +725,9 @@ def add_scoring_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", metavar="INPUTS", help=INPUTS_HELP)
     p.add_argument("--checkpoint", default=fields["checkpoint"].default, metavar="PATH|champion:SLOT", help=MODEL_HELP)
-    p.add_argument("--table", default=fields["table"].default, metavar="FILE.csv", help="the table to write")
+    table = fields["table"]
+    table_help = f"{table.description} (default: {table.default})"
+    p.add_argument("--table", default=table.default, metavar="FILE", help=table_help)
     add_output_argument(p)
     for flag, name in (("--top-k", "top_k"), ("--batch-size", "batch_size"), ("--shard-size", "shard_size")):
         help_text = f"{fields[name].description} (default: {fields[name].default})"

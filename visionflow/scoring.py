@@ -8,12 +8,17 @@ Decisions:
   weights' sha256, so a promotion while scoring cannot mix two models in one table.
 - Memory stays flat in the number of images: files are decoded by DataLoader workers batch by
   batch with the model's own preprocessing (`evaluation.input_pipeline`), and rows are written
-  `shard_size` at a time to shards (`<table folder>/.<table name>.shards/`), each written
-  atomically and named by the sha256 of the model version, top-k and its files' paths and
-  contents. A rerun (after Ctrl-C or kill -9) scores only the shards that are missing; the
-  table is then assembled shard by shard.
+  to Parquet shards (`<table folder>/.<table name>.shards/`), each written atomically and named
+  by the sha256 of the model version, top-k and its files' paths and contents. A rerun (after
+  Ctrl-C or kill -9) scores only the shards that are missing; the table is then assembled shard
+  by shard (a Parquet row group each, or CSV rows).
+- Shard boundaries are content-defined: a file ends its shard when the hash of its path falls in
+  1 of `shard_size` values (`_ends_shard`), so adding, removing or changing one file rescores
+  only the shard it falls in (its neighbours keep their boundaries); shards hold `shard_size`
+  files on average.
 - One bad file never stops the batch: it is a row with status `unreadable` and the reason.
-- Tables are CSV (pandas); reading a Parquet list of paths needs pyarrow, which is not installed.
+- The table's suffix picks its format (`TABLE_FORMATS`): Parquet (typed: probabilities are
+  floats, missing values null) or CSV, written from the same shards.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, check_directory, one_line, path_error
-from visionflow.fileio import atomic_write, atomic_write_text, file_sha256
+from visionflow.fileio import atomic_write, file_sha256
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from torch import Tensor, nn
 
     from visionflow.train.records import ModelSpec
@@ -40,7 +46,9 @@ if TYPE_CHECKING:
 CHAMPION_PREFIX = "champion:"
 PATH_COLUMN = "path"  # the column of a CSV/Parquet input listing the files to score
 LIST_SUFFIXES = (".csv", ".parquet")  # an input file with one of these suffixes lists the images
-TABLE_SUFFIX = ".csv"  # the table and its shards: pandas writes and reads it without pyarrow
+# The table's formats, by its suffix; the first is the default: Parquet keeps the column types.
+TABLE_FORMATS = (".parquet", ".csv")
+SHARD_SUFFIX = ".parquet"  # shards are Parquet whatever the table's format: typed, read back exactly
 OK, UNREADABLE = "ok", "unreadable"  # the status column's values
 LOWEST_K = 16  # lowest-confidence images kept for the summary: one grid in the Prefect UI
 GLOB_CHARACTERS = frozenset("*?[")  # inputs holding one of these (and naming no file or folder) are a glob
@@ -55,12 +63,17 @@ class ScoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     inputs: str = Field(description=f"The images: {INPUTS_HELP}.")
     checkpoint: str = Field("champion:nightly", description=f"The model: {MODEL_HELP}.")
-    table: str = Field("artifacts/scores/scores.csv", description="The table to write (CSV).")
+    table: str = Field(
+        f"artifacts/scores/scores{TABLE_FORMATS[0]}",
+        description=f"The table to write; its suffix picks the format: {' or '.join(TABLE_FORMATS)}.",
+    )
     output_dir: str = Field("artifacts", description="Output folder whose models/<slot> champion:SLOT names.")
     top_k: int = Field(5, ge=1, description="Classes (and probabilities) per row, most probable first.")
     batch_size: int = Field(64, ge=1, description="Images per forward pass.")
-    # 1024 rows: a shard's write costs well under 1% of scoring it; a kill loses at most that much work.
-    shard_size: int = Field(1024, ge=1, description="Rows per shard: what a killed run may have to score again.")
+    # 1024 rows: a shard's write costs well under 1% of scoring it; a kill loses about that much work.
+    shard_size: int = Field(
+        1024, ge=1, description="Rows per shard on average: what a killed run may have to score again."
+    )
     num_workers: int | None = Field(None, ge=0, description="DataLoader decoding processes (None: cores, at most 8).")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N.")
 
@@ -131,11 +144,12 @@ def resolve_model(checkpoint: str, output_dir: Path | str) -> ScoringModel:
 
 def _listed_paths(listing: Path) -> list[Path]:
     import pandas as pd
+    from pyarrow import ArrowException
 
     try:
         frame = pd.read_csv(listing) if listing.suffix == ".csv" else pd.read_parquet(listing)
-    except ImportError as err:
-        raise ConfigError(f"Cannot read '{listing}': {one_line(err)}; give a .csv listing instead") from None
+    except (ValueError, ArrowException) as err:  # not CSV or not Parquet
+        raise DatasetError(f"Cannot read input listing '{listing}': {one_line(err)}") from None
     if PATH_COLUMN not in frame.columns:
         raise DatasetError(
             f"Input listing '{listing}' has no '{PATH_COLUMN}' column: it has {', '.join(map(str, frame.columns))}"
@@ -170,7 +184,7 @@ def resolve_inputs(inputs: str) -> list[Path]:
 
 @dataclass(frozen=True)
 class _Chunk:
-    """`shard_size` consecutive inputs: scored and written together as one shard."""
+    """Consecutive inputs up to a shard boundary (`_ends_shard`): scored and written as one shard."""
 
     paths: tuple[str, ...]
     hashes: tuple[str, ...]  # "" for a file that cannot be read
@@ -189,23 +203,46 @@ def shards_dir(table: Path) -> Path:
     return table.parent / f".{table.name}.shards"
 
 
-def _chunks(paths: Sequence[Path], table: Path, version: str, config: ScoreConfig) -> Iterator[_Chunk]:
-    """The inputs `shard_size` at a time, each with its shard file (named by what it holds)."""
+def _ends_shard(path: str, shard_size: int) -> bool:
+    """Whether the file `path` is the last of its shard: true for 1 in `shard_size` paths, by the
+    path's hash alone, so a file added, removed or changed moves no boundary but its own."""
+    return int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") % shard_size == 0
+
+
+def _chunks(paths: Sequence[Path], table: Path, version: str, config: ScoreConfig) -> list[_Chunk]:
+    """The inputs cut at content-defined boundaries, each chunk with its shard file (named by the
+    model version, the top-k and its files' paths and contents)."""
     from visionflow.data.images import thread_map
 
-    for start in range(0, len(paths), config.shard_size):
-        names = tuple(str(p) for p in paths[start : start + config.shard_size])
-        hashes = tuple(thread_map(_hash_or_blank, [Path(name) for name in names]))
+    names = [str(p) for p in paths]
+    hashes = thread_map(_hash_or_blank, list(paths))
+    ends = [index + 1 for index, name in enumerate(names[:-1]) if _ends_shard(name, config.shard_size)]
+    chunks = []
+    starts = [0, *ends] if names else []  # no inputs: no chunk
+    for start, end in zip(starts, [*ends, len(names)]):
         key = hashlib.sha256(f"{version}\0{config.top_k}\0".encode())
-        for name, sha in zip(names, hashes):
+        for name, sha in zip(names[start:end], hashes[start:end]):
             key.update(f"{name}\0{sha}\n".encode())
-        yield _Chunk(names, hashes, shards_dir(table) / f"{key.hexdigest()[:32]}{TABLE_SUFFIX}")
+        shard = shards_dir(table) / f"{key.hexdigest()[:32]}{SHARD_SUFFIX}"
+        chunks.append(_Chunk(tuple(names[start:end]), tuple(hashes[start:end]), shard))
+    return chunks
+
+
+def table_schema(top_k: int) -> pa.Schema:
+    """The table's columns and their types, top-k pairs from the most probable class on. Null: the
+    sha256 of a file that cannot be read, the reason of a scored file, the classes and
+    probabilities of an unscored one."""
+    import pyarrow as pa
+
+    text = [(name, pa.string()) for name in (PATH_COLUMN, "sha256", "status", "reason", "model_version")]
+    ranked = [(f"class_{rank}", pa.string()) for rank in range(1, top_k + 1)]
+    probabilities = [(f"probability_{rank}", pa.float64()) for rank in range(1, top_k + 1)]
+    return pa.schema(text + [column for pair in zip(ranked, probabilities) for column in pair])
 
 
 def table_columns(top_k: int) -> list[str]:
-    """The table's columns, top-k pairs from the most probable class on."""
-    ranked = [name for rank in range(1, top_k + 1) for name in (f"class_{rank}", f"probability_{rank}")]
-    return [PATH_COLUMN, "sha256", "status", "reason", "model_version", *ranked]
+    """The table's column names (`table_schema`)."""
+    return table_schema(top_k).names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,18 +274,27 @@ class _ImageFiles:
         return torch.zeros(3, self.size, self.size), index, reason
 
 
-def _rows(chunk: _Chunk, scored: dict[int, tuple], reasons: dict[int, str], model: ScoringModel, top_k: int) -> list:
+def _shard_table(chunk: _Chunk, scored: dict[int, tuple], reasons: dict[int, str], model: ScoringModel, top_k: int):
     """The chunk's rows in input order (`scored`: offset -> (top class indices, their probabilities);
-    `reasons`: offset -> why it was not scored)."""
-    classes, width = model.spec.class_names, len(table_columns(top_k))
+    `reasons`: offset -> why it was not scored) as a pyarrow table of `table_schema(top_k)`."""
+    import pyarrow as pa
+
+    schema, classes = table_schema(top_k), model.spec.class_names
     rows = []
     for offset, (path, sha) in enumerate(zip(chunk.paths, chunk.hashes)):
-        row: list[Any] = [path, sha, OK if offset in scored else UNREADABLE, reasons.get(offset, ""), model.version]
-        if offset in scored:
+        row: list[Any] = [
+            path,
+            sha or None,
+            UNREADABLE if offset in reasons else OK,
+            reasons.get(offset),
+            model.version,
+        ]
+        if offset not in reasons:
             ranked, probabilities = scored[offset]
             row += [value for pair in zip((classes[i] for i in ranked), probabilities) for value in pair]
-        rows.append(row + [None] * (width - len(row)))
-    return rows
+        rows.append(row + [None] * (len(schema) - len(row)))
+    columns = [pa.array(values, kind) for values, kind in zip(zip(*rows), schema.types)]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _batches(pending: Sequence[_Chunk], batch_size: int) -> list[list[int]]:
@@ -261,34 +307,43 @@ def _batches(pending: Sequence[_Chunk], batch_size: int) -> list[list[int]]:
     return batches
 
 
+def _score_chunk(batches: Iterator, chunk: _Chunk, first: int, model: ScoringModel, config: ScoreConfig, device):
+    """The chunk's shard: the model run on its batches, the next ones `batches` yields (`first`:
+    the position of the chunk's first file among those `batches` decodes)."""
+    from visionflow.train.engine import collect_logits
+
+    reasons: dict[int, str] = {}  # offset in the chunk -> why its file was not scored
+
+    def inputs() -> Iterator[tuple[Tensor, Tensor]]:
+        for _ in range(-(-len(chunk.paths) // config.batch_size)):  # ceil: the chunk's batches
+            images, positions, why = next(batches)
+            reasons.update({int(p) - first: reason for p, reason in zip(positions, why) if reason})
+            yield images, positions - first  # blank images of unreadable files too: no copy of the batch
+
+    # One call and one softmax per chunk: per-batch calls cost more than a blank image's forward pass.
+    logits, offsets = collect_logits(model.model, inputs(), device, flip=model.spec.test_flip)
+    best, ranked = logits.softmax(dim=1).topk(min(config.top_k, logits.shape[1]))  # (N, K) each
+    scored = dict(zip(offsets.tolist(), zip(ranked.tolist(), best.tolist())))
+    return _shard_table(chunk, scored, reasons, model, config.top_k)
+
+
 def _score_chunks(model: ScoringModel, pending: Sequence[_Chunk], config: ScoreConfig) -> None:
     """Decode the pending chunks' files on DataLoader workers, run the model, write each chunk's shard."""
-    import pandas as pd
-    import torch
+    import pyarrow.parquet as pq
     from torch.utils.data import DataLoader
 
     from visionflow.data.decoded import default_num_workers
     from visionflow.train.device import resolve_device
-    from visionflow.train.engine import collect_logits
 
     device = resolve_device(config.device)
-    network = model.model.to(device)
+    model.model.to(device)
     files = _ImageFiles([path for chunk in pending for path in chunk.paths], model.spec)
     workers = config.num_workers if config.num_workers is not None else default_num_workers()
     batches = iter(DataLoader(files, batch_sampler=_batches(pending, config.batch_size), num_workers=workers))
     first = 0  # position of the chunk's first file among all pending files
     for chunk in pending:
-        scored, reasons = {}, {}
-        for _ in range(-(-len(chunk.paths) // config.batch_size)):  # ceil: the chunk's batches
-            images, positions, why = next(batches)
-            ok = torch.tensor([not reason for reason in why], dtype=torch.bool)
-            reasons.update({int(p) - first: reason for p, reason in zip(positions, why) if reason})
-            if ok.any():
-                logits, kept = collect_logits(network, [(images[ok], positions[ok])], device, flip=model.spec.test_flip)
-                best, ranked = logits.softmax(dim=1).topk(min(config.top_k, logits.shape[1]))  # (B, K) each
-                scored.update(zip((int(p) - first for p in kept), zip(ranked.tolist(), best.tolist())))
-        frame = pd.DataFrame(_rows(chunk, scored, reasons, model, config.top_k), columns=table_columns(config.top_k))
-        atomic_write_text(chunk.shard, frame.to_csv(index=False))
+        shard = _score_chunk(batches, chunk, first, model, config, device)
+        atomic_write(chunk.shard, lambda handle, shard=shard: pq.write_table(shard, handle))
         first += len(chunk.paths)
 
 
@@ -296,25 +351,40 @@ def _score_chunks(model: ScoringModel, pending: Sequence[_Chunk], config: ScoreC
 # The table
 
 
-def _assemble(chunks: Sequence[_Chunk], table: Path, summary: ScoreSummary) -> None:
-    """Write the table from the shards, one shard in memory at a time, and count into `summary`."""
-    import io
+def _table_writer(table: Path, handle: Any, schema: pa.Schema) -> Any:
+    """A pyarrow writer of `table`'s format (its suffix, TABLE_FORMATS) onto `handle`."""
+    import pyarrow.csv
+    import pyarrow.parquet
 
-    import pandas as pd
+    if table.suffix == ".csv":
+        return pyarrow.csv.CSVWriter(handle, schema, write_options=pyarrow.csv.WriteOptions(quoting_style="needed"))
+    return pyarrow.parquet.ParquetWriter(handle, schema)
+
+
+def _count(shard: pa.Table, counts: Counter[str], summary: ScoreSummary) -> None:
+    """Add a shard's top-1 classes to `counts`, its unreadable files and least confident images to `summary`."""
+    frame = shard.select([PATH_COLUMN, "status", "class_1", "probability_1"]).to_pandas()
+    ok = frame[frame["status"] == OK]
+    counts.update(ok["class_1"])
+    summary.unreadable += len(frame) - len(ok)
+    least = ok.nsmallest(LOWEST_K, "probability_1")
+    found = [{"path": p, "class": c, "probability": float(v)} for p, _, c, v in least.itertuples(index=False)]
+    summary.lowest = heapq.nsmallest(LOWEST_K, summary.lowest + found, key=lambda row: row["probability"])
+
+
+def _assemble(chunks: Sequence[_Chunk], table: Path, top_k: int, summary: ScoreSummary) -> None:
+    """Write the table from the shards (a Parquet row group or CSV rows each), one shard in memory at
+    a time, and count into `summary`."""
+    import pyarrow.parquet as pq
 
     counts: Counter[str] = Counter()
 
     def write(handle: Any) -> None:
-        for index, chunk in enumerate(chunks):
-            text = chunk.shard.read_bytes()
-            handle.write(text if index == 0 else text.split(b"\n", 1)[1])  # one header
-            frame = pd.read_csv(io.BytesIO(text), keep_default_na=False, na_values={"probability_1": [""]})
-            ok = frame[frame["status"] == OK]
-            counts.update(ok["class_1"])
-            summary.unreadable += len(frame) - len(ok)
-            least = ok.nsmallest(LOWEST_K, "probability_1")[[PATH_COLUMN, "class_1", "probability_1"]]
-            found = [{"path": p, "class": c, "probability": float(v)} for p, c, v in least.itertuples(index=False)]
-            summary.lowest = heapq.nsmallest(LOWEST_K, summary.lowest + found, key=lambda row: row["probability"])
+        with _table_writer(table, handle, table_schema(top_k)) as writer:
+            for chunk in chunks:
+                shard = pq.read_table(chunk.shard)
+                writer.write_table(shard)
+                _count(shard, counts, summary)
 
     atomic_write(table, write)
     summary.class_counts = dict(sorted(counts.items()))
@@ -323,22 +393,22 @@ def _assemble(chunks: Sequence[_Chunk], table: Path, summary: ScoreSummary) -> N
 def _prune(chunks: Sequence[_Chunk], table: Path) -> None:
     """Remove the table's shards that no chunk of this run names (other inputs, models or top-k)."""
     current = {chunk.shard for chunk in chunks}
-    for stale in set(shards_dir(table).glob(f"*{TABLE_SUFFIX}")) - current:
+    for stale in set(shards_dir(table).glob(f"*{SHARD_SUFFIX}")) - current:
         stale.unlink(missing_ok=True)
 
 
 def score_images(model: ScoringModel, paths: Sequence[Path], config: ScoreConfig) -> ScoreSummary:
     """Score `paths` with `model` into `config.table`, reusing the shards an earlier call wrote."""
     table = Path(config.table)
-    if table.suffix != TABLE_SUFFIX:
-        raise ConfigError(f"Invalid table '{table}': expected a file name ending in {TABLE_SUFFIX}")
+    if table.suffix not in TABLE_FORMATS:
+        raise ConfigError(f"Invalid table '{table}': expected a file name ending in {' or '.join(TABLE_FORMATS)}")
     check_directory(table.parent, "a folder for the scores table", writable=True)
-    chunks = list(_chunks(paths, table, model.version, config))
+    chunks = _chunks(paths, table, model.version, config)
     pending = [chunk for chunk in chunks if not chunk.shard.is_file()]
     if pending:
         _score_chunks(model, pending, config)
     summary = ScoreSummary(str(table), model.version, len(paths), sum(len(c.paths) for c in pending), 0, {})
-    _assemble(chunks, table, summary)
+    _assemble(chunks, table, config.top_k, summary)
     _prune(chunks, table)
     return summary
 

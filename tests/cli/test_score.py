@@ -1,6 +1,6 @@
 """`visionflow score` as users run it: killed with kill -9 halfway (a real process, a real signal),
-then rerun, it scores only what is missing and writes the same table as one uninterrupted run; its
-summary as JSON; bad options are one line and exit 2."""
+then rerun, it scores only what is missing and writes the same table (Parquet, the same bytes) as
+one uninterrupted run; its summary as JSON; bad options are one line and exit 2."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from visionflow.checkpoints import export_model
 from visionflow.scoring import shards_dir
 from visionflow.train.records import ModelSpec
 
-SHARD = 8  # rows per shard: the 153 photos make 20 shards
+SHARD = 8  # rows per shard on average: the 153 photos make about 19 shards
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,9 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def listing(tmp_path_factory, hymenoptera: Path) -> Path:
-    """A CSV listing the 153 ants/bees photos of val/ (a few hundred pixels a side: decoding takes seconds)."""
-    path = tmp_path_factory.mktemp("score-inputs") / "listing.csv"
-    pd.DataFrame({"path": [str(p) for p in sorted((hymenoptera / "val").rglob("*.jpg"))]}).to_csv(path, index=False)
+    """A Parquet listing of the 153 ants/bees photos of val/ (a few hundred pixels a side: decoding takes seconds)."""
+    path = tmp_path_factory.mktemp("score-inputs") / "listing.parquet"
+    pd.DataFrame({"path": [str(p) for p in sorted((hymenoptera / "val").rglob("*.jpg"))]}).to_parquet(path)
     return path
 
 
@@ -47,7 +48,7 @@ def score_args(listing: Path, model: Path, table: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_kill_9_halfway_then_rerun_gives_the_uninterrupted_table(listing, model, tmp_path, capsys):
-    table = tmp_path / "killed" / "scores.csv"
+    table = tmp_path / "killed" / "scores.parquet"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         [*cli_command(), *score_args(listing, model, table)],
@@ -59,7 +60,7 @@ def test_kill_9_halfway_then_rerun_gives_the_uninterrupted_table(listing, model,
     )
     try:
         shards = wait_for(
-            lambda: list(shards_dir(table).glob("*.csv")) if process.poll() is None else None,
+            lambda: list(shards_dir(table).glob("*.parquet")) if process.poll() is None else None,
             lambda found: found is None or len(found) >= 2,
             timeout=120,
             failure=lambda found: f"no 2 shards written: {found}",
@@ -71,22 +72,27 @@ def test_kill_9_halfway_then_rerun_gives_the_uninterrupted_table(listing, model,
         process.wait(timeout=30)
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL and not table.exists()
-    done = len(list(shards_dir(table).glob("*.csv")))
-    images = len(pd.read_csv(listing))
-    assert 2 <= done < -(-images // SHARD)  # shards are written in order: the last, partial one is missing
+    done = {shard: pq.ParquetFile(shard).metadata.num_rows for shard in shards_dir(table).glob("*.parquet")}
+    images = len(pd.read_parquet(listing))
+    assert len(done) >= 2 and sum(done.values()) < images
 
     assert main(score_args(listing, model, table)) == 0
     resumed = json.loads(capsys.readouterr().out)
-    assert resumed["images"] == images and resumed["scored"] == images - done * SHARD
-    assert main(score_args(listing, model, tmp_path / "whole" / "scores.csv")) == 0
+    assert resumed["images"] == images and resumed["scored"] == images - sum(done.values())
+    assert set(done) < set(shards_dir(table).glob("*.parquet"))  # the finished shards were kept
+    whole = tmp_path / "whole" / "scores.parquet"
+    assert main(score_args(listing, model, whole)) == 0
     assert json.loads(capsys.readouterr().out)["scored"] == images
-    assert table.read_bytes() == (tmp_path / "whole" / "scores.csv").read_bytes()
+    assert table.read_bytes() == whole.read_bytes()
+    frame = pd.read_parquet(table)
+    assert len(frame) == images and (frame["status"] == "ok").all()
+    pd.testing.assert_frame_equal(frame, pd.read_parquet(whole))
 
 
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--table", "scores.parquet"], "ending in .csv"),
+        (["--table", "scores.txt"], "ending in .parquet or .csv"),
         (["--checkpoint", "champion:nightly"], "is empty"),
         (["--workers", "-1"], "'num_workers'"),
     ],

@@ -41,7 +41,7 @@ def config(tmp_path: Path, cifar_mini: Path) -> ScoreConfig:
     return ScoreConfig(
         inputs=str(inbox),
         checkpoint=str(tmp_path / "model"),
-        table=str(tmp_path / "scores" / "inbox.csv"),
+        table=str(tmp_path / "scores" / "inbox.parquet"),
         output_dir=str(tmp_path / "artifacts"),
         num_workers=0,
         device="cpu",
