@@ -130,7 +130,7 @@ def by_exclusions(validated: ValidatedData) -> tuple[str, ...]:
 
 def by_transform(data: DataConfig) -> tuple:
     """What normalization and the preview depend on in the data config (not the location or the batching)."""
-    return data.image_size, data.augment, data.crop_padding, data.mean, data.std
+    return data.image_size, data.augment, data.crop_padding, data.mean, data.std, data.crop_pct, data.train_crop
 
 
 # Downloads fail transiently: retried.

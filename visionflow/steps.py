@@ -81,7 +81,15 @@ def preview_into(run_dir: Path | str, train: Split, data: DataConfig, seed: int)
 
     layout = RunLayout(Path(run_dir))
     image = build_preview(
-        train, data.image_size, data.mean, data.std, bool(data.augment), seed, crop_padding=data.crop_padding
+        train,
+        data.image_size,
+        data.mean,
+        data.std,
+        bool(data.augment),
+        seed,
+        crop_padding=data.crop_padding,
+        crop_pct=data.crop_pct,
+        train_crop=data.train_crop,
     )
     log_image(layout.tensorboard, "data/transform_preview", image)
     return write_png(image, layout.preview)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from visionflow.config import decode_size
 from visionflow.data.images import load_rgb
 from visionflow.data.splits import Split
 from visionflow.data.transforms import CROP_PADDING, BatchTransform, eval_pipeline, resize
@@ -59,21 +60,30 @@ def build_preview(
     seed: int = 0,
     count: int = PREVIEW_COUNT,
     crop_padding: int = CROP_PADDING,
+    crop_pct: float = 1.0,
+    train_crop: str = "pad",
 ) -> Image.Image:
     """The preview grid for ``count`` seeded training images: one row per image with columns
     original | eval input | train input x2. ``mean``/``std`` are the normalization the run uses
     (``FitStart.spec`` / ``transforms.mean_std`` of the train split), ``augment`` the resolved
-    ``config.data.augment`` (with ``config.data.crop_padding``)."""
+    ``config.data.augment`` (with ``config.data.crop_padding`` or ``train_crop``), ``crop_pct``
+    the evaluation's center crop."""
     indices = preview_indices(split, count, seed)
     originals = [load_rgb(split.files[i]) for i in indices]
-    evaluated = torch.stack([eval_pipeline(image_size, mean, std)(image) for image in originals])  # (K, 3, S, S)
-    # uint8 (K, 3, S, S): the decoded-cache form the training loop starts from.
-    decoded = torch.stack(
-        [torch.from_numpy(np.array(resize(image_size)(image))).permute(2, 0, 1) for image in originals]
-    )
+    evaluate = eval_pipeline(image_size, mean, std, crop_pct)
+    evaluated = torch.stack([evaluate(image) for image in originals])  # (K, 3, S, S)
+    # uint8 (K, 3, D, D): the decoded-cache form the training loop starts from.
+    size = decode_size(image_size, crop_pct)
+    decoded = torch.stack([torch.from_numpy(np.array(resize(size)(image))).permute(2, 0, 1) for image in originals])
     generator = torch.Generator().manual_seed(seed)
     train_transform = BatchTransform(
-        mean, std, "cpu", augment=generator if augment else None, crop_padding=crop_padding
+        mean,
+        std,
+        "cpu",
+        augment=generator if augment else None,
+        crop_padding=crop_padding,
+        size=image_size,
+        train_crop=train_crop,
     )
     columns = [evaluated] + [train_transform(decoded) for _ in range(TRAIN_DRAWS)]  # each (K, 3, S, S)
     pixels = [_to_pixels(column, mean, std) for column in columns]
