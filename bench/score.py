@@ -1,6 +1,6 @@
 """Batch scoring throughput and memory (not a test). Run from the repo root:
 
-    .venv/bin/python bench/score.py [--images 20000] [--small 5000] [--model tudui]
+    .venv/bin/python bench/score.py [--images 20000] [--small 5000] [--pairs 3] [--model tudui]
 
 Images: ../shared/data/cifar10-mini's 6,000 JPEGs (32x32) replicated by symbolic links to N files in
 a temporary folder (the source is only read, once before any variant: all of them read it from the
@@ -11,16 +11,20 @@ usable cores, at most 8, device cpu).
 
 Variants, each in its own process (its peak RSS: os.wait4 of the child, Linux ru_maxrss, the
 largest process of its tree):
-- score: `scoring.score_images`, the core of `visionflow score` (hashing every file, decoding on
-  workers, the model, shards, the assembled CSV), at --small and at N images: the flat-RSS check;
-- plain: a torchvision ImageFolder-style loop on the same --small files, model and batch: a Dataset
-  opening each file with PIL, torchvision Resize/ToTensor/Normalize, a DataLoader with as many
-  workers, the model under inference_mode, top-5 kept in a list, a CSV written at the end.
+- score: `scoring.score_images`, the core of `visionflow score` (listing and hashing every file,
+  decoding on workers, the model, shards, the assembled Parquet table), at --small and at N
+  images: the flat-RSS check;
+- plain: a torchvision ImageFolder-style loop on the same --small files, model and batch: the
+  files listed, a Dataset opening each file with PIL, torchvision Resize/ToTensor/Normalize, a
+  DataLoader with as many workers, the model under inference_mode, top-5 kept in a list, a
+  Parquet table written at the end.
+score and plain run --pairs times in turn at --small (each pair's ratio, then their median), as
+the load of shared cores changes between minutes; then score once at N.
 Then onnxruntime against PyTorch on the CPU: the same model (its `exports` ONNX file) on the same
 random batches of 64, forward passes only.
 images/s are over one run each; on CPUs shared with other work they are noisy, so each variant's
 CPU seconds (user + system, its DataLoader workers included) are printed too.
-The last line is `score_vs_plain=<ratio at --small> onnx_vs_torch=<ratio> score_peak_rss_mb=<small>,<N>`.
+The last line is `score_vs_plain=<median ratio at --small> onnx_vs_torch=<ratio> score_peak_rss_mb=<small>,<N>`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,8 +79,16 @@ def make_model(name: str, folder: Path) -> Path:
 
 
 def score_variant(folder: Path, model: Path, table: Path) -> dict:
-    import torchvision  # noqa: F401 - imported before the clock starts, as the plain loop's (~2 s)
+    # What score_images imports on its first call, imported before the clock starts as the plain
+    # loop's imports are (torchvision ~2 s, visionflow.train.engine ~0.2 s on an idle core).
+    import pyarrow.parquet  # noqa: F401
+    import torch.utils.data  # noqa: F401
+    import torchvision  # noqa: F401
 
+    import visionflow.data.decoded  # noqa: F401
+    import visionflow.evaluation  # noqa: F401
+    import visionflow.train.device  # noqa: F401
+    import visionflow.train.engine  # noqa: F401
     from visionflow.scoring import ScoreConfig, resolve_inputs, resolve_model, score_images
 
     config = ScoreConfig(inputs=str(folder), checkpoint=str(model), table=str(table), device="cpu")
@@ -89,6 +102,7 @@ def score_variant(folder: Path, model: Path, table: Path) -> dict:
 def plain_variant(folder: Path, model: Path, table: Path) -> dict:
     """The loop users write by hand, on the same files, model and batch."""
     import pandas as pd
+    import pyarrow.parquet  # noqa: F401 - to_parquet's, imported before the clock as every other import
     import torch
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
@@ -102,6 +116,7 @@ def plain_variant(folder: Path, model: Path, table: Path) -> dict:
     transform = T.Compose(
         [T.Resize((spec.input_size, spec.input_size)), T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     )
+    start = time.perf_counter()
     paths = sorted(str(p) for p in folder.rglob("*.jpg"))
 
     class Files(Dataset):
@@ -113,13 +128,14 @@ def plain_variant(folder: Path, model: Path, table: Path) -> dict:
                 return transform(image.convert("RGB"))
 
     batch = ScoreConfig.model_fields["batch_size"].default
-    start = time.perf_counter()
     rows = []
     with torch.inference_mode():
         for images in DataLoader(Files(), batch_size=batch, num_workers=default_num_workers()):
             probabilities, ranked = network(images).softmax(dim=1).topk(5)
             rows += [[*r, *p] for r, p in zip(ranked.tolist(), probabilities.tolist())]
-    pd.DataFrame(rows).assign(path=paths).to_csv(table, index=False)
+    pd.DataFrame(rows, columns=[f"{kind}_{rank}" for kind in ("class", "probability") for rank in range(1, 6)]).assign(
+        path=paths
+    ).to_parquet(table)
     return {"images": len(paths), "seconds": time.perf_counter() - start}
 
 
@@ -166,10 +182,20 @@ def measure(variant: str, folder: Path, model: Path, table: Path) -> dict:
     }
 
 
+def report(variant: str, images: int, result: dict) -> None:
+    print(
+        f"{variant:5s} {images:>6,} images: {result['images_per_second']:,.0f} img/s "
+        f"({result['seconds']:.1f} s; {result['cpu_seconds']:.1f} CPU s in all), "
+        f"peak RSS {result['peak_rss_mb']:,.0f} MB; load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20_000, help="replicated images (default 20,000)")
     parser.add_argument("--small", type=int, default=5_000, help="the smaller scoring run (default 5,000)")
+    parser.add_argument("--pairs", type=int, default=3, help="score and plain runs in turn at --small (default 3)")
     parser.add_argument("--model", default="tudui", help="architecture (default tudui)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -186,28 +212,27 @@ def main() -> None:
         work = Path(tmp)
         model = make_model(args.model, work / "model")
         warm_page_cache()
-        runs = {}
-        for images, variant in ((args.small, "score"), (args.small, "plain"), (args.images, "score")):
-            folder = work / f"inbox-{images}"
-            if not folder.exists():
-                replicate(folder, images)
-            runs[images, variant] = result = measure(variant, folder, model, work / f"{variant}-{images}.csv")
-            print(
-                f"{variant:5s} {images:>6,} images: {result['images_per_second']:,.0f} img/s "
-                f"({result['seconds']:.1f} s; {result['cpu_seconds']:.1f} CPU s in all), "
-                f"peak RSS {result['peak_rss_mb']:,.0f} MB",
-                flush=True,
-            )
+        small, large = replicate(work / "inbox-small", args.small), replicate(work / "inbox-large", args.images)
+        ratios, small_rss = [], 0.0
+        for pair in range(args.pairs):
+            results = {}
+            for variant in ("score", "plain"):
+                results[variant] = measure(variant, small, model, work / f"{variant}-small-{pair}.parquet")
+                report(variant, args.small, results[variant])
+            ratios.append(results["score"]["images_per_second"] / results["plain"]["images_per_second"])
+            small_rss = max(small_rss, results["score"]["peak_rss_mb"])
+            print(f"pair {pair + 1}: score_vs_plain={ratios[-1]:.2f}", flush=True)
+        result = measure("score", large, model, work / "score-large.parquet")
+        report("score", args.images, result)
         runtimes = onnx_vs_torch(model, work)
     print(
         f"forward only, batch 64: torch {runtimes['torch']:,.0f} img/s, "
         f"onnxruntime {runtimes['onnxruntime']:,.0f} img/s"
     )
-    ratio = runs[args.small, "score"]["images_per_second"] / runs[args.small, "plain"]["images_per_second"]
-    rss = f"{runs[args.small, 'score']['peak_rss_mb']:.0f},{runs[args.images, 'score']['peak_rss_mb']:.0f}"
     print(
-        f"score_vs_plain={ratio:.2f} onnx_vs_torch={runtimes['onnxruntime'] / runtimes['torch']:.2f} "
-        f"score_peak_rss_mb={rss}"
+        f"score_vs_plain={statistics.median(ratios):.2f} "
+        f"onnx_vs_torch={runtimes['onnxruntime'] / runtimes['torch']:.2f} "
+        f"score_peak_rss_mb={small_rss:.0f},{result['peak_rss_mb']:.0f}"
     )
 
 
