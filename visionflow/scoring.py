@@ -39,6 +39,7 @@ from visionflow.fileio import atomic_write, file_sha256
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import torch
     from torch import Tensor, nn
 
     from visionflow.train.records import ModelSpec
@@ -274,7 +275,9 @@ class _ImageFiles:
         return torch.zeros(3, self.size, self.size), index, reason
 
 
-def _shard_table(chunk: _Chunk, scored: dict[int, tuple], reasons: dict[int, str], model: ScoringModel, top_k: int):
+def _shard_table(
+    chunk: _Chunk, scored: dict[int, tuple], reasons: dict[int, str], model: ScoringModel, top_k: int
+) -> pa.Table:
     """The chunk's rows in input order (`scored`: offset -> (top class indices, their probabilities);
     `reasons`: offset -> why it was not scored) as a pyarrow table of `table_schema(top_k)`."""
     import pyarrow as pa
@@ -307,7 +310,9 @@ def _batches(pending: Sequence[_Chunk], batch_size: int) -> list[list[int]]:
     return batches
 
 
-def _score_chunk(batches: Iterator, chunk: _Chunk, first: int, model: ScoringModel, config: ScoreConfig, device):
+def _score_chunk(
+    batches: Iterator, chunk: _Chunk, first: int, model: ScoringModel, config: ScoreConfig, device: torch.device
+) -> pa.Table:
     """The chunk's shard: the model run on its batches, the next ones `batches` yields (`first`:
     the position of the chunk's first file among those `batches` decodes)."""
     from visionflow.train.engine import collect_logits
@@ -320,7 +325,8 @@ def _score_chunk(batches: Iterator, chunk: _Chunk, first: int, model: ScoringMod
             reasons.update({int(p) - first: reason for p, reason in zip(positions, why) if reason})
             yield images, positions - first  # blank images of unreadable files too: no copy of the batch
 
-    # One call and one softmax per chunk: per-batch calls cost more than a blank image's forward pass.
+    # One call and one softmax per chunk, no masked copy of a batch: on cores busy decoding, each small
+    # per-batch op waits for threads (docs/performance.md); a blank image's forward pass costs less.
     logits, offsets = collect_logits(model.model, inputs(), device, flip=model.spec.test_flip)
     best, ranked = logits.softmax(dim=1).topk(min(config.top_k, logits.shape[1]))  # (N, K) each
     scored = dict(zip(offsets.tolist(), zip(ranked.tolist(), best.tolist())))
