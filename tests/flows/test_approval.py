@@ -8,6 +8,10 @@ clearly passes every check of the default gate, so each of its runs asks for a r
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,11 +21,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tasks.champion import DECISION_KEY
-from tests.helpers import artifact_data, tiny_config, train, wait_for
+from tests.flows.server_fixtures import CHROMIUM, PrefectServer, _devtools_port, _page_targets, prefect_server, run_cli
+from tests.helpers import artifact_data, background, cli_command, tail, tiny_config, train, wait_for
 from visionflow.champion import read_champion
+from visionflow.manifest import Manifest
 
 COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (128, 128, 128))  # one per class, easy to learn
 CLASSES = ("red", "green", "blue", "gray")
@@ -123,3 +130,131 @@ def test_a_review_through_the_api_rejects_times_out_and_approves(work: dict[str,
         assert approved["reason"] == "passed all 5 checks"
         assert read_champion(work["out"] / "out", slot).run_name == "approved"
         assert "Review: approved: ok" in artifact_data(manifest["prefect_flow_run_id"], DECISION_KEY)
+
+
+# One step of a review in the UI per call: open the Resume dialog, switch "Approve" on, type the
+# reason (an input event, as typing sends), then report the dialog ready with its text. A click
+# made while the page still renders can be lost, so each call redoes what is not done yet.
+_REVIEW_STEP = """(() => {
+  const reason = %s;
+  const dialog = document.querySelector('.p-modal[role=dialog]');
+  if (!dialog) {
+    const resume = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Resume');
+    if (resume) resume.click();
+    return {stage: resume ? 'opening the dialog' : 'no Resume button yet', text: ''};
+  }
+  const approve = dialog.querySelector('[role=switch]'), box = dialog.querySelector('textarea');
+  if (!approve || !box) return {stage: 'the form is loading', text: dialog.innerText};
+  if (approve.getAttribute('aria-checked') !== 'true') {
+    approve.click();
+    return {stage: 'switching Approve on', text: dialog.innerText};
+  }
+  if (box.value !== reason) {
+    box.value = reason;
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+    return {stage: 'typing the reason', text: dialog.innerText};
+  }
+  return {stage: 'ready', text: dialog.innerText};
+})()"""
+_SUBMIT = "[...document.querySelectorAll('.p-modal__footer button')].find(b => b.innerText.trim() === 'Submit').click()"
+_DIALOG_OPEN = "!!document.querySelector('.p-modal[role=dialog]')"
+
+
+def approve_in_chromium(url: str, profile: Path, reason: str, expect: tuple[str, ...], timeout: float = 120) -> str:
+    """Open the paused flow run's page `url` in headless Chromium, press Resume, switch Approve
+    on, type `reason` and, once the dialog shows every string of `expect`, press Submit; returns
+    the dialog's text once it has closed (the answer taken). Fails the test naming the step it was
+    at after `timeout` seconds."""
+    from websockets.sync.client import connect
+
+    profile.mkdir(parents=True)
+    log = profile.parent / "chromium.log"
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    args += ["--no-first-run", f"--user-data-dir={profile}", "--window-size=1280,2000", "--remote-debugging-port=0"]
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        return max(deadline - time.monotonic(), 1.0)
+
+    with background([*args, "about:blank"], os.environ, profile, log):
+        port = wait_for(lambda: _devtools_port(log), bool, left(), lambda _: f"no DevTools port:\n{tail(log)}")
+        pages = wait_for(lambda: _page_targets(port), bool, left(), lambda _: f"no page target:\n{tail(log)}")
+        ids = itertools.count(1)
+        with connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as socket_:
+
+            def evaluate(expression: str) -> Any:
+                request_id = next(ids)
+                params = {"expression": expression, "returnByValue": True}
+                socket_.send(json.dumps({"id": request_id, "method": "Runtime.evaluate", "params": params}))
+                while True:
+                    message = json.loads(socket_.recv(timeout=min(30.0, left())))
+                    if message.get("id") == request_id:
+                        return message.get("result", {}).get("result", {}).get("value")
+
+            def step() -> dict:
+                value = evaluate(_REVIEW_STEP % json.dumps(reason))
+                return value if isinstance(value, dict) else {"stage": "navigating", "text": ""}
+
+            socket_.send(json.dumps({"id": next(ids), "method": "Page.navigate", "params": {"url": url}}))
+            ready = wait_for(
+                step,
+                lambda state: state["stage"] == "ready" and all(item in state["text"] for item in expect),
+                left(),
+                lambda state: (
+                    f"{url}: {state['stage']}; missing {[i for i in expect if i not in state['text']]}:\n"
+                    f"{state['text'][:3000]}"
+                ),
+            )
+            evaluate(_SUBMIT)  # the dialog closes once the server took the answer: Chromium stays till then
+            wait_for(
+                lambda: evaluate(_DIALOG_OPEN),
+                lambda open_: open_ is False,
+                left(),
+                lambda _: f"{url}: the Resume dialog is still open after Submit",
+            )
+            return ready["text"]
+
+
+@pytest.fixture(scope="module")
+def server(work: dict[str, Path]) -> Iterator[PrefectServer]:
+    with prefect_server(work["out"] / "server") as running:
+        yield running
+
+
+def write_config(path: Path, config: Any) -> str:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return str(path)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_reviewer_approves_in_the_prefect_ui(work: dict[str, Path], server: PrefectServer) -> None:
+    from prefect.client.orchestration import SyncPrefectClient
+
+    slot, root = "ui", work["out"]
+    champion = write_config(root / "champion.yaml", config(work, "shifted", slot, "champion-ui"))
+    run_cli([*cli_command(), "train", "--config", champion], server.env, root, timeout=RUN_SECONDS)
+    manual = config(work, "right", slot, "reviewed-in-ui", **{"champion.approval": "manual"})
+    log = root / "reviewed-in-ui.log"
+    with (
+        background(
+            [*cli_command(), "train", "--config", write_config(root / "manual.yaml", manual)], server.env, root, log
+        ) as process,
+        SyncPrefectClient(server.api_url) as client,
+    ):
+        run = paused_run(client, "reviewed-in-ui")
+        text = approve_in_chromium(
+            f"{server.url}/runs/flow-run/{run.id}",
+            root / "chromium-profile",
+            "colours right",
+            ("Promote run reviewed-in-ui into champion slot ui?", "significance", "calibration", "Approve"),
+        )
+        assert "passed all 5 checks" in text
+        try:
+            assert process.wait(timeout=RUN_SECONDS) == 0, tail(log)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the approved run did not end within {RUN_SECONDS}s:\n{tail(log)}")
+    decision = Manifest.load(root / "out" / "runs" / "reviewed-in-ui").champion
+    assert decision.promoted and decision.review == "approved: colours right", decision
+    assert read_champion(root / "out", slot).run_name == "reviewed-in-ui"
