@@ -716,7 +716,7 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
 
 def add_scoring_commands(commands: argparse._SubParsersAction) -> None:
     """`score` and `export`: a model on many new images; a model for other runtimes."""
-    from visionflow.exports import ExportFormat
+    from visionflow.config import ExportFormat
     from visionflow.scoring import INPUTS_HELP, MODEL_HELP, ScoreConfig
 
     fields = ScoreConfig.model_fields

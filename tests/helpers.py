@@ -269,6 +269,17 @@ def copy_tiny_dataset(source: Path, target: Path, classes: Sequence[str], train:
 ENGINE_CLASSES = 4  # few classes: each gets a brightness band of its own to learn
 
 
+class KillAfter(records.Callback):
+    """A crash (KeyboardInterrupt) right after epoch `epoch` was checkpointed."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, metrics: records.EpochMetrics) -> None:
+        if metrics.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
 def engine_split(n: int, seed: int) -> SimpleNamespace:
     """A DecodedSplit-like object: class-dependent brightness so there is something to learn."""
     g = torch.Generator().manual_seed(seed)
@@ -307,6 +318,16 @@ def engine_fit(config: PipelineConfig, checkpoint_dir=None, resume_from=None, ca
 
 # ---------------------------------------------------------------------------------------------
 # The CLI as a subprocess, and run folders as it writes them
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`visionflow ARGV...` in this process: (exit code, stdout, stderr)."""
+    from flows.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
 
 SCRIPT = Path(sys.executable).parent / "visionflow"
 MB = 1_000_000

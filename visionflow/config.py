@@ -23,6 +23,9 @@ OnInvalid = Literal["skip", "fail"]  # data.on_invalid
 OnLeak = Literal["report", "drop-eval", "fail"]  # data.on_leak
 Approval = Literal["auto", "manual"]  # champion.approval
 OnLabelIssue = Literal["report", "drop-train"]  # label_issues.on_issue
+ExportFormat = Literal[
+    "onnx", "torchscript", "safetensors"
+]  # visionflow export --format (visionflow.exports), torch-free
 SweepMethod = Literal["grid", "random", "optuna"]  # a sweep's method (visionflow.sweep), here for the CLI's choices
 # data.near_duplicate_threshold's default: re-encoded, resized and lightly cropped copies correlate
 # above it, different photos of one scene below (rates: tests/core/data/test_near_duplicates.py).

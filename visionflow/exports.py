@@ -22,18 +22,18 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from visionflow.checkpoints import FORMAT_VERSION, export_model, load_checkpoint, load_model, weights_sha256
+from visionflow.config import ExportFormat
 from visionflow.errors import CheckpointError, ConfigError, DatasetError, make_directory
 from visionflow.fileio import atomic_write_json
 from visionflow.runs import EXPORT_SPEC, EXPORT_WEIGHTS
 from visionflow.train.records import ModelSpec
 
-ExportFormat = Literal["onnx", "torchscript", "safetensors"]
 EXPORT_FILES: dict[str, str] = {
     "onnx": "model.onnx",
     "torchscript": "model.torchscript.pt",

@@ -10,16 +10,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from flows.cli import main
-from tests.helpers import TINY_CLASSES, copy_tiny_dataset
+from tests.helpers import TINY_CLASSES, copy_tiny_dataset, run_main
 from visionflow.fileio import file_sha256
 from visionflow.models import build_model
-
-
-def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize(

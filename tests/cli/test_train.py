@@ -13,14 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from tests.helpers import REPO, copy_tiny_dataset, live_processes_with
-
-
-def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.helpers import REPO, copy_tiny_dataset, live_processes_with, run_main
 
 
 @pytest.mark.parametrize(

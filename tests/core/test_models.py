@@ -103,7 +103,11 @@ def test_the_standard_resnet18_costs_a_sixteenth_of_the_cifar_stem_at_224_px():
 
 @pytest.mark.parametrize(
     ("name", "close"),
-    [("resnet81", "resnet18"), ("timm/convnext_tinny", "convnext_tiny"), ("efficientnet_b9", "did you mean efficientnet_b")],
+    [
+        ("resnet81", "resnet18"),
+        ("timm/convnext_tinny", "convnext_tiny"),
+        ("efficientnet_b9", "did you mean efficientnet_b"),
+    ],
 )
 def test_an_unknown_name_in_the_config_is_one_line_with_close_matches(name, close):
     with pytest.raises(ConfigError) as caught:
@@ -125,7 +129,10 @@ def test_registry_names():
 def test_the_cli_and_the_flow_import_neither_torch_nor_pandas():
     # Only the steps that compute import torch (inside visionflow.steps), and only they use pandas:
     # a fully cached run never imports either (~2.5 s).
-    code = "import sys, flows.cli, flows.train; print(sorted({'torch', 'torchvision', 'pandas'} & set(sys.modules)))"
+    code = (
+        "import sys, flows.cli, flows.train; flows.cli.build_parser(); "  # every command's options, as `--help` builds them
+        "print(sorted({'torch', 'torchvision', 'pandas'} & set(sys.modules)))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import write_image
+from tests.helpers import KillAfter, write_image
 from visionflow import checkpoints
 from visionflow.config import build_config
 from visionflow.data.decoded import FileSplit, choose_loader, memory_budget_mb, open_split
@@ -21,7 +21,7 @@ from visionflow.errors import ConfigError
 from visionflow.models import build_model
 from visionflow.steps import fill_normalization
 from visionflow.train import engine
-from visionflow.train.records import Callback, ModelSpec
+from visionflow.train.records import ModelSpec
 from visionflow.train.rng import Generators, seed_everything
 
 CPU = torch.device("cpu")
@@ -84,15 +84,6 @@ def test_normalization_from_the_stream_equals_memory(mixed_dataset: DatasetInfo,
     stream = fill_normalization(mixed_dataset, _data(tmp_path / "other", loader="stream", num_workers=0))
     assert (memory.mean, memory.std) == (stream.mean, stream.std)
     assert not (tmp_path / "other").exists()  # the stream path writes no decoded cache
-
-
-class KillAfter(Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_epoch_end(self, metrics):
-        if metrics.epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def _fit(dataset: DatasetInfo, tmp_path: Path, loader: str, checkpoint_dir=None, resume_from=None, callbacks=()):

@@ -15,6 +15,7 @@ from torch import nn
 from tests.helpers import ENGINE_CLASSES as NUM_CLASSES
 from tests.helpers import ENGINE_EVAL as EVAL
 from tests.helpers import ENGINE_TRAIN as TRAIN
+from tests.helpers import KillAfter
 from tests.helpers import engine_config as _config
 from tests.helpers import engine_fit as _fit
 from visionflow import checkpoints
@@ -47,17 +48,6 @@ class Recorder(records.Callback):
 
     def on_fit_end(self, result):
         self.ends.append(result)
-
-
-class KillAfter(records.Callback):
-    """Simulates a crash right after epoch `epoch` was checkpointed."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_epoch_end(self, metrics):
-        if metrics.epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ENGINE_CLASSES, engine_config, engine_split
+from tests.helpers import ENGINE_CLASSES, KillAfter, engine_config, engine_split
 from visionflow import checkpoints
 from visionflow.config import build_config
 from visionflow.manifest import Manifest
 from visionflow.models import build_model
-from visionflow.train import engine, records
+from visionflow.train import engine
 from visionflow.train.optim import build_optimizer
 from visionflow.train.records import ModelSpec
 from visionflow.train.rng import seed_everything
@@ -26,17 +26,6 @@ BACKBONE = "mobilenet_v3_small"  # a torchvision backbone with BatchNorm, small 
 HEAD = "classifier.3."
 SPEC = ModelSpec(BACKBONE, ENGINE_CLASSES, 32, list("abcd"))
 TRAIN, EVAL = engine_split(32, 0), engine_split(16, 1)  # two batches of 16 per epoch
-
-
-class KillAfter(records.Callback):
-    """A crash right after epoch `epoch` was checkpointed."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_epoch_end(self, metrics):
-        if metrics.epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="module")
