@@ -17,7 +17,7 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.alerts import AUTOMATIONS_FILE, WEBHOOK_BLOCK, WEBHOOK_URL_ENV, load_automations
 from flows.cli import main
-from tasks.champion import PROMOTED_EVENT
+from tasks.champion import KEPT_EVENT, PROMOTED_EVENT
 from visionflow.errors import ConfigError
 
 NAMES = [
@@ -26,6 +26,7 @@ NAMES = [
     "visionflow-crash-loop",
     "visionflow-nightly-missing",
     "visionflow-champion-promoted",
+    "visionflow-champion-kept",
 ]
 
 
@@ -37,8 +38,8 @@ def test_automations_file_is_valid_for_prefects_client_and_server_models() -> No
     for automation in automations:
         # The server's model also compiles the Jinja subjects and bodies.
         ServerAutomation.model_validate(automation.model_dump(mode="json"))
-    failed, retry, loop, missing, promoted = automations
-    for alert in (failed, missing, promoted):
+    failed, retry, loop, missing, promoted, kept = automations
+    for alert in (failed, missing, promoted, kept):
         assert [(type(action), action.block_document_id) for action in alert.actions] == [(SendNotification, block)]
     # A crash is retried once the worker's second crash report is past, on attempts 1 and 2 only.
     assert retry.trigger.posture == "Proactive" and retry.trigger.within == timedelta(seconds=60)
@@ -55,14 +56,18 @@ def test_automations_file_is_valid_for_prefects_client_and_server_models() -> No
         assert automation.trigger.match_related == failed.trigger.match_related
     assert failed.trigger.posture == "Reactive"
     assert failed.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"}
-    missing, promoted = missing.trigger, promoted.trigger
+    missing, promoted, kept = missing.trigger, promoted.trigger, kept.trigger
     assert missing.posture == "Proactive" and missing.within == timedelta(hours=26)
     assert missing.expect == {"prefect.flow-run.Completed"}
     assert missing.match_related.root == {
         "prefect.resource.role": "deployment",
         "prefect.resource.name": "nightly-retrain",
     }
-    assert promoted.expect == {PROMOTED_EVENT}
+    assert promoted.expect == {PROMOTED_EVENT} and kept.expect == {KEPT_EVENT}
+    for champion in (promoted, kept):  # any slot's decision: its resource is visionflow.champion.<slot>
+        assert champion.posture == "Reactive" and champion.match.root == {
+            "prefect.resource.id": "visionflow.champion.*"
+        }
 
 
 def test_a_broken_automations_file_is_a_one_line_error(tmp_path: Path) -> None:
