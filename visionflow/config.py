@@ -448,7 +448,7 @@ class ChampionConfig(_Section):
     approval: Approval = Field(
         "auto",
         description="auto: promote when the gates pass; manual: then pause the flow run for a reviewer's "
-        "approval in the Prefect UI.",
+        "approval in the Prefect UI (the first champion of an empty slot too).",
     )
     approval_timeout_minutes: float = Field(
         1440, gt=0, description="With manual approval: keep the champion when nobody answers within this time."
