@@ -3,7 +3,9 @@ training (visionflow.label_issues), as files in the run folder and Prefect artif
 on_issue drop-train the training that follows leaves them out.
 
 Not cached as a task: each fold's probabilities are cached on disk by the core (keyed on the
-fold's files and the training fields), so a rerun only ranks and writes again.
+fold's files and the training fields), so a rerun only ranks and writes again. The folds train
+holding the device's slots, as training does (tasks.training.device_slots); a rerun whose folds
+are all cached takes them too, for as long as ranking takes.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from prefect.cache_policies import NO_CACHE
 from tasks.artifacts import publish_image, publish_table
 from tasks.caching import record_outcome
 from tasks.data import DatasetRef, ValidatedData
+from tasks.training import device_slots
 from visionflow.config import PipelineConfig
 from visionflow.data.fingerprint import fingerprint_dataset
 from visionflow.label_issues import GRID_LIMIT, GRID_NAME, find_issues, write_issues
+from visionflow.train.device_limits import device_claim
 
 ISSUES_KEY = "label-issues"  # the ranked suspects, a table artifact
 GRID_KEY = "label-issues-grid"  # the top GRID_LIMIT suspects' images
@@ -31,11 +35,13 @@ def search_label_issues(
 ) -> ValidatedData:
     """The validated data, with the suspects added to `excluded` under label_issues.on_issue drop-train."""
     info = validated.apply(dataset)
-    report = find_issues(info, config)
+    logger = get_run_logger()
+    with device_slots(device_claim(config.training), logger):  # the folds train on the run's device
+        report = find_issues(info, config)
     write_issues(report, info.train, run_dir)
     publish_table(ISSUES_KEY, report.table(), f"{len(report.issues)} suspected label issues of {report.num_train}")
     publish_image(GRID_KEY, Path(run_dir) / GRID_NAME, f"Top {GRID_LIMIT} suspects: true = given, pred = suggested")
-    get_run_logger().info(
+    logger.info(
         "label issues: %d of %d train images suspected (%d folds), %s",
         len(report.issues),
         report.num_train,
