@@ -251,7 +251,8 @@ def table_columns(top_k: int) -> list[str]:
 
 
 class _ImageFiles:
-    """A map-style dataset over image files: (model input, index, "" or why it cannot be read)."""
+    """A map-style dataset over image files: (model input, "" or why it cannot be read). No index:
+    batches come back in order, and each tensor a worker returns costs a socket connection."""
 
     def __init__(self, paths: Sequence[str], spec: ModelSpec) -> None:
         from visionflow.evaluation import input_pipeline
@@ -261,18 +262,18 @@ class _ImageFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+    def __getitem__(self, index: int) -> tuple[Tensor, str]:
         import torch
 
         from visionflow.data.images import UnreadableImage, load_rgb
 
         try:
-            return self.pipeline(load_rgb(self.paths[index])), index, ""
+            return self.pipeline(load_rgb(self.paths[index])), ""
         except UnreadableImage as err:
             reason = err.reason
         except OSError as err:  # missing, a folder, no permission
             reason = (err.strerror or type(err).__name__).lower()
-        return torch.zeros(3, self.size, self.size), index, reason
+        return torch.zeros(3, self.size, self.size), reason
 
 
 def _shard_table(
@@ -311,19 +312,22 @@ def _batches(pending: Sequence[_Chunk], batch_size: int) -> list[list[int]]:
 
 
 def _score_chunk(
-    batches: Iterator, chunk: _Chunk, first: int, model: ScoringModel, config: ScoreConfig, device: torch.device
+    batches: Iterator, chunk: _Chunk, model: ScoringModel, config: ScoreConfig, device: torch.device
 ) -> pa.Table:
-    """The chunk's shard: the model run on its batches, the next ones `batches` yields (`first`:
-    the position of the chunk's first file among those `batches` decodes)."""
+    """The chunk's shard: the model run on its batches, the next ones `batches` yields."""
+    import torch
+
     from visionflow.train.engine import collect_logits
 
     reasons: dict[int, str] = {}  # offset in the chunk -> why its file was not scored
 
     def inputs() -> Iterator[tuple[Tensor, Tensor]]:
+        offset = 0
         for _ in range(-(-len(chunk.paths) // config.batch_size)):  # ceil: the chunk's batches
-            images, positions, why = next(batches)
-            reasons.update({int(p) - first: reason for p, reason in zip(positions, why) if reason})
-            yield images, positions - first  # blank images of unreadable files too: no copy of the batch
+            images, why = next(batches)
+            reasons.update({offset + i: reason for i, reason in enumerate(why) if reason})
+            yield images, torch.arange(offset, offset + len(why))  # blank images of unreadable files too
+            offset += len(why)
 
     # One call and one softmax per chunk, no masked copy of a batch: on cores busy decoding, each small
     # per-batch op waits for threads (docs/performance.md); a blank image's forward pass costs less.
@@ -346,11 +350,9 @@ def _score_chunks(model: ScoringModel, pending: Sequence[_Chunk], config: ScoreC
     files = _ImageFiles([path for chunk in pending for path in chunk.paths], model.spec)
     workers = config.num_workers if config.num_workers is not None else default_num_workers()
     batches = iter(DataLoader(files, batch_sampler=_batches(pending, config.batch_size), num_workers=workers))
-    first = 0  # position of the chunk's first file among all pending files
     for chunk in pending:
-        shard = _score_chunk(batches, chunk, first, model, config, device)
+        shard = _score_chunk(batches, chunk, model, config, device)
         atomic_write(chunk.shard, lambda handle, shard=shard: pq.write_table(shard, handle))
-        first += len(chunk.paths)
 
 
 # ---------------------------------------------------------------------------------------------
