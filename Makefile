@@ -79,6 +79,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/distributed.py
 	$(BIN)/python bench/stream.py
+	$(BIN)/python bench/photos.py
+	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/label_issues.py
+	$(BIN)/python bench/score.py
 
 clean:
 	rm -rf $(VENV) artifacts/runs data/cache
