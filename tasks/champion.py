@@ -33,8 +33,9 @@ EVALUATION_KEY = "champion-evaluation"
 # Emitted when a run becomes a slot's champion; automations.yaml notifies on it. The resource is
 # the slot (visionflow.champion.<slot>); the payload is the decision (ChampionDecision.to_dict).
 PROMOTED_EVENT = "visionflow.champion.promoted"
-# Emitted when a challenger failed a check of the gate: same resource, the decision as payload
-# (its `checks`, its `reason` naming the failed ones); an automation can alert on it.
+# Emitted when a challenger failed a check of the gate or its review kept the champion: same
+# resource, the decision as payload (its `checks`, its `reason` naming the failed ones, its
+# `review`); automations.yaml notifies on it too.
 KEPT_EVENT = "visionflow.champion.kept"
 REVIEW_POLL_SECONDS = 5  # how soon an answer given in the UI resumes the paused run (one API read each)
 

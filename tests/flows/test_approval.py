@@ -35,6 +35,7 @@ CLASSES = ("red", "green", "blue", "gray")
 EPOCHS = 3  # what tudui needs here to pass the default gate clearly (1.0 against 0.0 accuracy)
 RUN_SECONDS = 180  # a flow run to its end (or its pause) on a busy 2-core machine
 PAUSED = "Paused"
+BOUNDED_REVIEW = {"approval": "manual", "approval_timeout_minutes": 3}  # answered at once; bounds a failing test
 
 
 def colour_dataset(root: Path, shift: int) -> Path:
@@ -63,33 +64,44 @@ def config(work: dict[str, Path], data: str, slot: str, run_name: str, **overrid
     return tiny_config(work[data], work["out"] / "out", **values)
 
 
-def paused_run(client: Any, name: str) -> Any:
-    """The flow run named `name`, once it is paused (bounded wait)."""
+def paused_run(client: Any, name: str) -> tuple[Any, str]:
+    """The flow run named `name` once it is paused with its form saved, and the form's markdown
+    (the RunInput's description). Prefect saves the form's schema, then its description, after
+    the run is Paused, and the server refuses an answer until the schema is there."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.exceptions import ObjectNotFound
 
-    def read() -> Any:
+    def read() -> tuple[Any, str | None]:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
-        return runs[0] if runs else None
+        if not runs or runs[0].state is None or runs[0].state.name != PAUSED:
+            return (runs[0] if runs else None), None
+        try:
+            keyset = runs[0].state.state_details.run_input_keyset
+            return runs[0], client.read_flow_run_input(runs[0].id, keyset["description"])
+        except ObjectNotFound:
+            return runs[0], None
 
     return wait_for(
         read,
-        lambda run: run is not None and run.state is not None and run.state.name == PAUSED,
+        lambda found: found[1] is not None,
         RUN_SECONDS,
-        lambda run: f"flow run {name} not {PAUSED}: {run and run.state}",
+        lambda found: f"flow run {name} not {PAUSED} with its form: {found[0] and found[0].state}",
     )
+
+
+def answer(client: Any, run: Any, approve: bool, reason: str) -> None:
+    """Resume the paused run with an answer through the API (as the UI's form does)."""
+    result = client.resume_flow_run(run.id, run_input={"approve": approve, "reason": reason})
+    assert result.status.value == "ACCEPT", result
 
 
 @contextmanager
 def in_background(config: Any) -> Iterator[Future[dict[str, Any]]]:
-    """The training flow run in a thread of this process, while the test answers its review."""
+    """The training flow run in a thread of this process, while the test answers its review (its
+    review times out at BOUNDED_REVIEW: a failing test does not wait for ever on the thread)."""
+    config = config.model_copy(update={"champion": config.champion.model_copy(update=BOUNDED_REVIEW)})
     with ThreadPoolExecutor(1) as pool:
         yield pool.submit(train, config)
-
-
-def review_form(client: Any, run: Any) -> str:
-    """The markdown above the paused run's form (the RunInput's description)."""
-    keyset = run.state.state_details.run_input_keyset
-    return client.read_flow_run_input(run.id, keyset["description"])
 
 
 @pytest.mark.slow
@@ -101,13 +113,12 @@ def test_a_review_through_the_api_rejects_times_out_and_approves(work: dict[str,
     slot = "api"
     assert train(config(work, "shifted", slot, "champion-api"))["champion"]["promoted"]
     with get_client(sync_client=True) as client:
-        with in_background(config(work, "right", slot, "rejected", **{"champion.approval": "manual"})) as done:
-            run = paused_run(client, "rejected")
-            form = review_form(client, run)
+        with in_background(config(work, "right", slot, "rejected")) as done:
+            run, form = paused_run(client, "rejected")
             assert "Promote run `rejected` into champion slot `api`?" in form, form
             for check in ("gain", "significance", "class recall", "class F1", "calibration"):
                 assert f"| {check} | pass |" in form, form
-            client.resume_flow_run(run.id, run_input={"approve": False, "reason": "  eval set too small  "})
+            answer(client, run, False, "  eval set too small  ")
             rejected = done.result(timeout=RUN_SECONDS)["champion"]
         assert rejected["outcome"] == "kept" and rejected["review"] == "rejected: eval set too small"
         assert rejected["reason"] == "passed all 5 checks; rejected in review: eval set too small"
@@ -122,8 +133,8 @@ def test_a_review_through_the_api_rejects_times_out_and_approves(work: dict[str,
         assert manifest["status"] == "completed"
         assert client.read_flow_run(manifest["prefect_flow_run_id"]).state.name == "Completed"
 
-        with in_background(config(work, "right", slot, "approved", **{"champion.approval": "manual"})) as done:
-            client.resume_flow_run(paused_run(client, "approved").id, run_input={"approve": True, "reason": "ok"})
+        with in_background(config(work, "right", slot, "approved")) as done:
+            answer(client, paused_run(client, "approved")[0], True, "ok")
             manifest = done.result(timeout=RUN_SECONDS)
         approved = manifest["champion"]
         assert approved["outcome"] == "promoted" and approved["review"] == "approved: ok"
@@ -243,7 +254,7 @@ def test_a_reviewer_approves_in_the_prefect_ui(work: dict[str, Path], server: Pr
         ) as process,
         SyncPrefectClient(server.api_url) as client,
     ):
-        run = paused_run(client, "reviewed-in-ui")
+        run, _ = paused_run(client, "reviewed-in-ui")
         text = approve_in_chromium(
             f"{server.url}/runs/flow-run/{run.id}",
             root / "chromium-profile",
