@@ -4,7 +4,8 @@
 
 Dataset: ../shared/data/hymenoptera_data/train (244 JPEGs, ~500x375) replicated by symbolic links
 to N images in a temporary folder (the source is only read), its own val split for evaluation.
-Model resnet18_cifar (the CIFAR-stem ResNet-18, called resnet18 when this bench was written) at 224 px, everything else the product's defaults (the default recipe with its
+Model resnet18_cifar (the CIFAR-stem ResNet-18, called resnet18 when this bench was written) at
+224 px, everything else the product's defaults (the default recipe with its
 on-device augmentation, training.precision / channels_last `auto`, data.num_workers None = the
 usable cores), except data.mean/std, given (ImageNet's) so that no variant pays a statistics pass
 over the split, and the batch: 16 by default (--batch), as resnet18_cifar keeps its 32-px

@@ -232,7 +232,9 @@ def test_weights_sha256_is_format_independent_and_content_sensitive(tmp_path, mo
 
 def test_wrong_architecture_lists_missing_unexpected_keys_on_one_line(tmp_path, model_and_spec):
     model, spec = model_and_spec
-    path = save_checkpoint(tmp_path / "c.pt", training_state(model, spec) | {"spec": make_spec("resnet18_cifar").to_dict()})
+    path = save_checkpoint(
+        tmp_path / "c.pt", training_state(model, spec) | {"spec": make_spec("resnet18_cifar").to_dict()}
+    )
     with pytest.raises(CheckpointError) as err:
         load_model(path)
     message = assert_one_line(err)

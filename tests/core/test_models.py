@@ -129,8 +129,9 @@ def test_registry_names():
 def test_the_cli_and_the_flow_import_neither_torch_nor_pandas():
     # Only the steps that compute import torch (inside visionflow.steps), and only they use pandas:
     # a fully cached run never imports either (~2.5 s).
+    # build_parser: every command's options, as `--help` builds them
     code = (
-        "import sys, flows.cli, flows.train; flows.cli.build_parser(); "  # every command's options, as `--help` builds them
+        "import sys, flows.cli, flows.train; flows.cli.build_parser(); "
         "print(sorted({'torch', 'torchvision', 'pandas'} & set(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
