@@ -38,6 +38,8 @@ CASES = {
     "diff RUN_A": (["diff", f"{BLOCKED}/a", f"{BLOCKED}/b"], BLOCKED),
     "gc --output": (["gc", "--output", BLOCKED], BLOCKED),
     "reproduce RUN_DIR": (["reproduce", BLOCKED], BLOCKED),
+    "score INPUTS": (["score", BLOCKED], BLOCKED),
+    "export --checkpoint": (["export", "--checkpoint", BLOCKED, "--format", "onnx", "--out", "out"], BLOCKED),
     "alerts apply --file": (["alerts", "apply", "--webhook-url", "http://127.0.0.1:9/", "--file", BLOCKED], BLOCKED),
 }
 NO_PATH_ARGUMENT = {"server"}  # its only argument is a port
