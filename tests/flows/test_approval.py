@@ -69,7 +69,7 @@ def paused_run(client: Any, name: str) -> tuple[Any, str]:
     (the RunInput's description). Prefect saves the form's schema, then its description, after
     the run is Paused, and the server refuses an answer until the schema is there."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import PrefectHTTPStatusError
 
     def read() -> tuple[Any, str | None]:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
@@ -78,7 +78,9 @@ def paused_run(client: Any, name: str) -> tuple[Any, str]:
         try:
             keyset = runs[0].state.state_details.run_input_keyset
             return runs[0], client.read_flow_run_input(runs[0].id, keyset["description"])
-        except ObjectNotFound:
+        except PrefectHTTPStatusError as err:  # 404 until the description is saved
+            if err.response.status_code != 404:
+                raise
             return runs[0], None
 
     return wait_for(
