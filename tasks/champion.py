@@ -10,17 +10,16 @@ from typing import Any
 
 from prefect import get_run_logger, pause_flow_run, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
 from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 from prefect.runtime import flow_run
-from prefect.states import Running
 from pydantic import Field
 
 from tasks.artifacts import publish_image, publish_markdown, publish_table
 from tasks.data import DatasetRef, ValidatedData
 from tasks.names import run_name
+from tasks.prefect_compat import reopen_expired_pause
 from tasks.run import RunInfo
 from visionflow.champion import RELIABILITY, Review, Reviewer, challenge, champion_report_markdown, evaluate_champion
 from visionflow.config import ChampionConfig, PipelineConfig
@@ -88,14 +87,6 @@ def publish_decision(decision: ChampionDecision, run_dir: str) -> None:
         )
 
 
-def reopen_flow_run() -> None:
-    """Set the flow run Running again after its pause timed out: the server refuses every other
-    state to a run whose pause expired (even Completed: it fails the run instead), and a decision
-    kept for want of an answer is not a failure."""
-    with get_client(sync_client=True) as client:
-        client.set_flow_run_state(flow_run.id, Running(), force=True)
-
-
 def ask_reviewer(approval: ChampionConfig, run_dir: str) -> Reviewer:
     """With champion.approval manual: pause the flow run for a reviewer's answer in the Prefect UI
     (the form shows the decision and its checks, published as artifacts too) until
@@ -115,7 +106,7 @@ def ask_reviewer(approval: ChampionConfig, run_dir: str) -> Reviewer:
         try:
             answer = pause_flow_run(wait_for_input=form, timeout=timeout, poll_interval=REVIEW_POLL_SECONDS)
         except FlowPauseTimeout:
-            reopen_flow_run()
+            reopen_expired_pause(flow_run.id)  # a decision kept for want of an answer is not a failure
             return Review.timed_out(approval.approval_timeout_minutes)
         return Review(approved=answer.approve, reason=answer.reason.strip())
 

@@ -1,7 +1,8 @@
 """Every use of Prefect internals (and prefect-dask's), in one place: private attributes, internal
-modules, the wording of its log lines, its on-disk result format, a runner's undocumented path.
-Each has a test in tests/tasks/test_prefect_compat.py that fails when an upgrade changes what it
-relies on; the rest of visionflow uses Prefect's public API only.
+modules, the wording of its log lines, its on-disk result format, a runner's undocumented path,
+a server behaviour worked around. Each has a test (in tests/tasks/test_prefect_compat.py, or named
+beside it) that fails when an upgrade changes what it relies on; the rest of visionflow uses
+Prefect's public API only.
 
 Prefect is imported inside the functions: flows/prefect_server.py reads `LEASE_STORAGE` before a
 command has chosen its API, and Prefect reads PREFECT_API_URL once, at import.
@@ -23,6 +24,19 @@ if TYPE_CHECKING:
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.locking.protocol import LockManager
     from prefect.results import ResultStore
+
+
+def reopen_expired_pause(flow_run_id: Any) -> None:
+    """Set a flow run Running again after its pause timed out. The server's behaviour this works
+    around is not documented: it refuses every later state to a run whose pause expired (even
+    Completed: it fails the run instead), so only a forced state lets the run go on. Tested by
+    tests/flows/test_approval.py (the timeout case: kept, and the run Completed)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Running(), force=True)
+
 
 # A server-internal module path, given as a setting: where the server keeps the leases of
 # concurrency slots (on disk in the Prefect home, so a restarted server still frees a slot whose
