@@ -145,13 +145,14 @@ def sweep_pipeline(base: PipelineConfig, sweep: SweepConfig) -> SweepResult:
     """Train `base` with each trial's values of `sweep.space`, `sweep.parallel` at a time on Dask;
     returns the ranked leaderboard. Fails only when no trial finished."""
     space = check_space(base, sweep)  # a bad key or value stops the sweep before any trial
-    base = locate_weights(absolute_paths(base))  # pretrained weights fill what they say before any recipe
+    base = absolute_paths(base)
     name, metric, root = sweep_name(sweep), sweep_metric(base, sweep), sweep_dir(base, sweep)
     root.mkdir(parents=True, exist_ok=True)
     proposer = TrialProposer(space, sweep, monitor_mode(metric))
     rows: list[TrialRow] = []
     manifests: dict[str, Manifest] = {}
     with tags(f"sweep:{name}", f"dataset:{base.data.dataset}"), durable_results(base.output):
+        base = locate_weights(base)  # pretrained weights fill what they say before any recipe
         data = base.resolved().data  # as the trials' training flows see it: their data steps are cached
         location = download_dataset(data)
         dataset = fingerprint_data(data, location)

@@ -36,9 +36,9 @@ def run_name() -> str:
 @flow(name="train-pipeline", flow_run_name=run_name, validate_parameters=True)
 def train_pipeline(config: PipelineConfig) -> Manifest:
     """Train, evaluate and export an image classifier; returns the run's manifest."""
-    config = locate_weights(config).resolved()  # pretrained weights first: they fill what the recipe would
     # Task runs are tagged with the dataset and model; cached results live under the output directory.
     with tags(f"dataset:{config.data.dataset}", f"model:{config.model.name}"), durable_results(config.output):
+        config = locate_weights(config).resolved()  # pretrained weights first: they fill what the recipe would
         location = download_dataset(config.data)
         dataset = fingerprint_data(config.data, location)
         run = start_run(config)
