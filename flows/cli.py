@@ -753,17 +753,10 @@ def add_scoring_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_export)
 
 
-def add_train_command(commands: argparse._SubParsersAction) -> None:
-    """`train`: the training flow, with the config fields it overrides."""
-    from visionflow.config import MODEL_NAMES, RECIPES, TIMM_PREFIX, Loader, OnLabelIssue
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """`train`'s model, the weights it starts from and the recipe it trains with."""
+    from visionflow.config import MODEL_NAMES, RECIPES, TIMM_PREFIX
 
-    p = commands.add_parser("train", help="run the training flow (cached steps, resumable with --run-name)")
-    p.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        help="YAML config (sections data, model, optim, training, output); flags override it",
-    )
-    p.add_argument("--dataset", metavar="SPEC", help="'sample', 'cifar10', or a folder (default: sample)")
     p.add_argument(
         "--model",
         metavar="NAME",
@@ -785,6 +778,20 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help=f"{' or '.join(RECIPES)} (default: finetune with --weights, else default)",
     )
+
+
+def add_train_command(commands: argparse._SubParsersAction) -> None:
+    """`train`: the training flow, with the config fields it overrides."""
+    from visionflow.config import Loader, OnLabelIssue
+
+    p = commands.add_parser("train", help="run the training flow (cached steps, resumable with --run-name)")
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML config (sections data, model, optim, training, output); flags override it",
+    )
+    p.add_argument("--dataset", metavar="SPEC", help="'sample', 'cifar10', or a folder (default: sample)")
+    add_model_arguments(p)
     p.add_argument("--epochs", type=int, metavar="N", help="passes over the training split")
     p.add_argument("--batch-size", type=int, metavar="N", help="images per optimizer step")
     p.add_argument(

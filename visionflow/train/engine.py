@@ -171,17 +171,15 @@ def train_one_epoch(
     timer: PhaseTimer | None = None,
     frozen: Sequence[nn.Module] = (),
 ) -> TrainStats:
-    """One pass over model-ready `batches`; the scheduler steps per batch; `grad_clip` 0 = off;
-    `stop` is checked after every batch (a held Ctrl-C or a deadline ends the epoch there);
-    `timer` (optional) gets the data, forward, backward, optimizer and callbacks time of each step;
-    `frozen` modules stay in eval mode (a frozen backbone's: its BatchNorm statistics do not move)."""
+    """One pass over model-ready `batches`; the scheduler steps per batch; `grad_clip` 0 = off; `stop`
+    is checked after every batch (a held Ctrl-C or a deadline ends the epoch there); `timer` gets each
+    step's phase times; `frozen` modules stay in eval mode (a frozen backbone's BatchNorm statistics)."""
     timer = timer or PhaseTimer(device)
     model.train()
     for module in frozen:
         module.eval()
-    # Running sums stay on the device: reading them (.item()) would sync every step.
-    loss_sum = torch.zeros((), device=device)  # sum of per-image losses
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    # Running sums (per-image losses, correct predictions) stay on the device: .item() would sync every step.
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device)
     images, listeners, start = 0, _step_listeners(callbacks), time.perf_counter()
     timer.restart()  # the phases are parts of this loop, as train_seconds times it
     for batch, (inputs, labels) in enumerate(batches, 1):
@@ -213,9 +211,8 @@ def train_one_epoch(
         timer.lap("callbacks")
     # Sums over every rank's slice in a distributed run; the epoch's one sync.
     totals = sum_over_ranks(torch.stack([loss_sum, correct.float(), torch.tensor(float(images), device=device)]))
-    loss_total, correct_total, images = totals.tolist()
-    images = int(images)
-    return TrainStats(loss_total / images, correct_total / images, images, time.perf_counter() - start, step)
+    loss_total, correct_total, count = totals.tolist()
+    return TrainStats(loss_total / count, correct_total / count, int(count), time.perf_counter() - start, step)
 
 
 @torch.no_grad()
@@ -555,8 +552,7 @@ def _run_epoch(
 ) -> EpochMetrics:
     """Train and evaluate one epoch, and fold its figures into `state`."""
     precision = config.training.precision
-    freeze_epochs = config.model.freeze_epochs
-    frozen = freeze_backbone(run.model, epoch <= freeze_epochs) if freeze_epochs else []
+    frozen = freeze_backbone(run.model, epoch <= config.model.freeze_epochs) if config.model.freeze_epochs else []
     start = time.perf_counter()
     stats = train_one_epoch(
         run.train_forward,
